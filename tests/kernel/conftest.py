@@ -1,0 +1,72 @@
+"""Fixtures of the differential tests: two copies of the same layer stack, one mounted by kernel overlayfs and
+one by unionfs, always torn down.
+
+``UNIONFS_DIFF_IMPL=fuse-overlayfs`` puts fuse-overlayfs in unionfs's place (to check the harness itself).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_diff import (  # noqa: E402
+    IMPL,
+    STD_LOWERS,
+    Layer,
+    StackPair,
+    build_template,
+    fuse_unavailable,
+    kernel_overlay_unavailable,
+)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"kernel differential tests: unionfs side played by {IMPL!r} (UNIONFS_DIFF_IMPL)"
+
+
+@pytest.fixture(scope="session")
+def overlay_ready(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skip (visibly) when kernel overlayfs or FUSE cannot be mounted here."""
+    reason = kernel_overlay_unavailable(tmp_path_factory.mktemp("overlay-probe"))
+    if reason is None:
+        reason = fuse_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+MakePair = Callable[..., StackPair]
+
+
+@pytest.fixture
+def make_pair(tmp_path: Path, overlay_ready: None) -> Iterator[MakePair]:
+    """``make_pair(lowers=STD_LOWERS, upper=None, mount=True)``: build the layers, clone them for each side,
+    mount both.  Every pair made is torn down at the end of the test, whatever happened."""
+    pairs: list[StackPair] = []
+
+    def make(lowers: Sequence[Layer] = STD_LOWERS, upper: Layer | None = None, *, mount: bool = True,
+             name: str | None = None) -> StackPair:
+        base = tmp_path / (name or f"pair{len(pairs)}")
+        template = build_template(base / "template", lowers, upper)
+        pair = StackPair(base, template)
+        pairs.append(pair)
+        if mount:
+            pair.mount()
+        return pair
+
+    yield make
+    problems = []
+    for pair in reversed(pairs):
+        problems.extend(pair.close())
+    if problems:
+        pytest.fail("teardown: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def pair(make_pair: MakePair) -> StackPair:
+    """The standard three-layer stack (:data:`kernel_diff.STD_LOWERS`, empty upper), mounted twice."""
+    return make_pair()

@@ -1,0 +1,125 @@
+"""The ``unionfs`` command: mount and umount (and the ``mount -t fuse.unionfs`` helper form)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .options import OptionError, parse
+from .preflight import MountError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+_MOUNT_HELP = """\
+Mount a stack of layer directories with Linux overlayfs semantics.
+
+  unionfs mount -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT
+
+The leftmost lowerdir is the top-most lower layer. Without upperdir/workdir (or with -o ro) the mount is
+read-only. Changes land in upperdir in the kernel's format (whiteouts are character devices 0/0, opaque
+directories carry the overlay.opaque xattr), so the kernel can mount the same layers.
+
+options (-o, comma separated, may be repeated):
+  lowerdir=DIR[:DIR...]   read-only layers, top-most first (escape a colon in a path as \\:)
+  upperdir=DIR            the writable layer
+  workdir=DIR             scratch directory on the same filesystem as upperdir, used for atomic changes
+  ro | rw                 mount read-only / read-write
+  userxattr               use user.overlay.* xattrs for markers (automatic when trusted.* is not allowed)
+  allow_other             let other users see the mount (the default when run as root)
+  noatime | atime         do not / do update access times (default: noatime)
+  timeout=SECONDS         how long the kernel may cache names and attributes (default 300)
+  debug                   log every request (with -f, to stderr)
+  Generic options such as dev, suid, exec, nodev, nosuid, noexec are accepted as mount(8) passes them.
+
+Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and from /etc/fstab.
+"""
+
+
+def _mount_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=_MOUNT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, comma separated (see above)")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground (do not detach)")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request; implies -f")
+    p.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
+    p.add_argument("source", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("mountpoint", help="directory to mount on")
+    return p
+
+
+def cmd_mount(argv: Sequence[str], prog: str = "unionfs mount") -> int:
+    args = _mount_parser(prog).parse_args(argv)
+    from .fuse import server  # imported here so that `--help` and option errors stay fast
+
+    try:
+        texts = list(args.options) + (["debug"] if args.debug else [])
+        spec = parse(texts)
+    except OptionError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
+        return server.run(spec, args.mountpoint, args.foreground or args.debug, args.log)
+    except MountError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except RuntimeError as exc:
+        return _fail(f"mounting {args.mountpoint} failed: {exc}", EXIT_FAILED)
+
+
+def cmd_umount(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="unionfs umount",
+        description="Unmount a unionfs mount and wait for its server to finish writing and exit.",
+    )
+    p.add_argument("mountpoint")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
+    args = p.parse_args(argv)
+    from .fuse import server
+
+    try:
+        server.unmount(args.mountpoint, args.timeout)
+    except MountError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    return 0
+
+
+COMMANDS = {
+    "mount": "mount a layer stack (unionfs mount --help)",
+    "umount": "unmount and wait for the server to exit",
+}
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"unionfs: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _usage() -> str:
+    lines = ["usage: unionfs COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Run `unionfs COMMAND --help` for details.",
+              "As a mount helper: unionfs SOURCE MOUNTPOINT -o OPTIONS (what mount.fuse3 runs)."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else EXIT_USAGE
+    cmd = args[0]
+    if cmd == "mount":
+        return cmd_mount(args[1:])
+    if cmd in ("umount", "unmount"):
+        return cmd_umount(args[1:])
+    if not cmd.startswith("-"):
+        # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
+        return cmd_mount(args, prog="unionfs")
+    print(_usage(), file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Atomic copy-up through the workdir: parents first, then data (holes kept), owner, mode, times and xattrs.
+
+Every object is built under a temporary name in ``workdir/work`` (the kernel's work directory) and renamed
+into the upper layer only when complete, so a crash never leaves a half-copied file visible.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import stat
+from collections.abc import Callable
+
+from . import _sys, whiteout
+from .layers import ROOT, Entry, Layer, Stack, join, split
+
+#: Name of the directory inside workdir= that holds objects under construction (as the kernel names it).
+WORK_SUBDIR = b"work"
+
+_CHUNK = 1 << 20
+
+
+class Workdir:
+    """The scratch directory inside ``workdir=``: temporary names, and clean-up of stale entries."""
+
+    def __init__(self, workdir: bytes) -> None:
+        self.path = os.path.join(workdir, WORK_SUBDIR)
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            st = os.lstat(self.path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, "workdir/work is not a directory", self.path) from None
+        self.fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.proc = b"/proc/self/fd/%d/" % self.fd
+        self._counter = itertools.count(1)
+        self._tag = b"%x" % os.getpid()
+
+    def tempname(self) -> bytes:
+        return b"#unionfs-%s-%x" % (self._tag, next(self._counter))
+
+    def clean(self) -> int:
+        """Remove everything left in the work directory by an earlier crash; returns how many entries."""
+        count = 0
+        for name in os.listdir(self.path):
+            self.discard(name)
+            count += 1
+        return count
+
+    def discard(self, name: bytes) -> None:
+        """Remove a temporary object (a whole tree for a directory)."""
+        full = os.path.join(self.path, name)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def copy_xattrs(src: bytes, dst: bytes, private: tuple[bytes, ...]) -> None:
+    """Copy every xattr except overlay-private ones; attributes the target refuses are skipped, as the
+    kernel skips them (e.g. ``user.*`` on symlinks)."""
+    for name in whiteout.listxattr(src):
+        if whiteout.xattr_from_disk(name, private) is None:
+            continue
+        value = whiteout.getxattr(src, name)
+        if value is None:
+            continue
+        try:
+            whiteout.setxattr(dst, name, value)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+                raise
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy ``size`` bytes, visiting only data extents so that holes stay holes."""
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src_fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            if exc.errno != errno.EINVAL:
+                raise
+            data, hole = off, size
+        else:
+            hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+        _copy_range(src_fd, dst_fd, data, min(hole, size) - data)
+        off = hole
+    os.ftruncate(dst_fd, size)
+
+
+def _copy_range(src_fd: int, dst_fd: int, off: int, count: int) -> None:
+    use_cfr = True
+    while count > 0:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), off, off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            buf = os.pread(src_fd, min(count, _CHUNK), off)
+            n = len(buf)
+            written = 0
+            while written < n:
+                written += os.pwrite(dst_fd, memoryview(buf)[written:], off + written)
+        if n == 0:
+            break
+        off += n
+        count -= n
+
+
+def _chown(name: bytes, dir_fd: int, st: os.stat_result) -> None:
+    try:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+
+
+class CopyUp:
+    """Copies objects from lower layers into the upper one, reporting each change through ``on_copied``."""
+
+    def __init__(self, stack: Stack, work: Workdir, on_copied: Callable[[Entry, Entry], None] | None = None) -> None:
+        assert stack.upper is not None
+        self.stack = stack
+        self.upper: Layer = stack.upper
+        self.work = work
+        self.on_copied = on_copied
+        self.fsync = True
+
+    def ensure_dir(self, entry: Entry) -> Entry:
+        """Make sure directory ``entry`` exists in the upper layer (copying up its ancestors first)."""
+        if entry.dirs and entry.dirs[0] == 0:
+            return entry
+        return self.copy_up(entry)
+
+    def parent_of(self, entry: Entry) -> Entry:
+        parent_path, _ = split(entry.path)
+        parent = self.stack.resolve(parent_path)
+        if parent is None or not parent.is_dir:
+            raise OSError(errno.ENOENT, "parent vanished during copy-up", parent_path)
+        return parent
+
+    def copy_up(self, entry: Entry, data: bool = True) -> Entry:
+        """Copy ``entry`` into the upper layer and return its new Entry; no-op when already there.
+
+        ``data=False`` copies metadata only (for opens with O_TRUNC, as the kernel does).
+        """
+        if entry.layer == 0 and self.stack.writable:
+            return entry
+        if entry.path == ROOT:
+            raise OSError(errno.EIO, "the upper root directory is missing")
+        try:
+            already = self.upper.lstat(entry.path)
+        except FileNotFoundError:
+            pass
+        else:
+            # Copied up since this Entry was resolved: describe what is there now.
+            if stat.S_ISDIR(already.st_mode) and stat.S_ISDIR(entry.st.st_mode):
+                return Entry(entry.path, 0, already, (0, *entry.dirs), entry.xw, False)
+            if not stat.S_ISDIR(already.st_mode) and not whiteout.is_whiteout_stat(already):
+                return Entry(entry.path, 0, already)
+        self.ensure_dir(self.parent_of(entry))
+        src = self.stack.layers[entry.layer]
+        st = entry.st
+        tmp = self.work.tempname()
+        wfd = self.work.fd
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(tmp, 0o700, dir_fd=wfd)
+                self._finish_meta(src, entry.path, tmp, st)
+            elif stat.S_ISREG(st.st_mode):
+                self._copy_file(src, entry.path, tmp, st, data)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(entry.path, dir_fd=src.fd)
+                os.symlink(target, tmp, dir_fd=wfd)
+                self._finish_meta(src, entry.path, tmp, st)
+            else:
+                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
+                self._finish_meta(src, entry.path, tmp, st)
+            _sys.renameat2(tmp, entry.path, _sys.RENAME_NOREPLACE, wfd, self.upper.fd)
+        except BaseException:
+            self.work.discard(tmp)
+            raise
+        new_st = self.upper.lstat(entry.path)
+        if stat.S_ISDIR(st.st_mode):
+            new = Entry(entry.path, 0, new_st, (0, *entry.dirs), entry.xw, False)
+        else:
+            new = Entry(entry.path, 0, new_st)
+        if self.on_copied is not None:
+            self.on_copied(entry, new)
+        return new
+
+    def _copy_file(self, src: Layer, path: bytes, tmp: bytes, st: os.stat_result, data: bool) -> None:
+        wfd = self.work.fd
+        sfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src.fd)
+        try:
+            dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+            try:
+                if data:
+                    copy_data(sfd, dfd, st.st_size)
+                self._finish_meta(src, path, tmp, st)
+                if self.fsync:
+                    os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+
+    def _finish_meta(self, src: Layer, path: bytes, tmp: bytes, st: os.stat_result) -> None:
+        """xattrs, owner, mode, then times (last, since the others touch ctime only)."""
+        wfd = self.work.fd
+        copy_xattrs(src.xpath(path), self.work.proc + tmp, self.stack.private_prefixes)
+        _chown(tmp, wfd, st)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=wfd)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)
+
+
+def replace_with_whiteout(upper: Layer, work: Workdir, path: bytes) -> None:
+    """Atomically put a whiteout where an upper object stands (a directory is exchanged, then removed)."""
+    tmp = work.tempname()
+    whiteout.make_whiteout(tmp, work.fd)
+    try:
+        st = upper.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            _sys.renameat2(tmp, path, _sys.RENAME_EXCHANGE, work.fd, upper.fd)
+        else:
+            os.rename(tmp, path, src_dir_fd=work.fd, dst_dir_fd=upper.fd)
+    finally:
+        work.discard(tmp)
+
+
+def move_to_work(upper: Layer, work: Workdir, path: bytes) -> bytes:
+    """Move an upper object into the work directory (to be discarded); returns its temporary name."""
+    tmp = work.tempname()
+    os.rename(path, tmp, src_dir_fd=upper.fd, dst_dir_fd=work.fd)
+    return tmp
+
+
+__all__ = ["CopyUp", "Workdir", "copy_data", "copy_xattrs", "join", "move_to_work", "replace_with_whiteout"]

@@ -1,0 +1,454 @@
+"""pyfuse3.Operations over a :class:`~unionfs.union.Union`: each handler maps inodes to the core and back."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from ..layers import Entry, join
+from ..union import WRITE_FLAGS, Union
+from .errors import boundary
+from .inodes import InodeTable, Node
+
+log = logging.getLogger("unionfs")
+
+T = TypeVar("T")
+
+#: reads and writes at least this large leave the event loop for a worker thread
+_BIG_IO = 1 << 20
+
+
+class FileHandle:
+    __slots__ = ("node", "fd", "layer", "writable")
+
+    def __init__(self, node: Node, fd: int, layer: int, writable: bool) -> None:
+        self.node = node
+        self.fd = fd
+        self.layer = layer
+        self.writable = writable
+
+
+class DirHandle:
+    __slots__ = ("node", "names", "entries")
+
+    def __init__(self, node: Node, names: list[tuple[bytes, int]]) -> None:
+        self.node = node
+        self.names = names
+        self.entries: dict[int, Entry | None] = {}
+
+
+class Operations(pyfuse3.Operations):
+    """The FUSE request handlers."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, union: Union, timeout: float = 300.0) -> None:
+        super().__init__()
+        self.union = union
+        self.timeout = timeout
+        self._copied: list[tuple[Entry, Entry]] = []
+        if union.copier is not None:
+            union.copier.on_copied = lambda old, new: self._copied.append((old, new))
+        root = union.root()
+        self.inodes = InodeTable([layer.dev for layer in union.stack.layers], root)
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self._mutex = trio.Lock()
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _apply_copied(self) -> None:
+        while self._copied:
+            old, new = self._copied.pop()
+            self.inodes.copied_up(old, new)
+
+    async def _mutate(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
+        """Run a core operation that changes the layers, one at a time.
+
+        Quick ones run inline (they cannot interleave with anything: no await); ones that may copy up or
+        walk trees run in a worker thread while holding the mutex, so no other change interleaves.
+        """
+        if not thread and not self._mutex.locked():
+            try:
+                return fn(*args)
+            finally:
+                self._apply_copied()
+        async with self._mutex:
+            try:
+                if thread:
+                    return await trio.to_thread.run_sync(fn, *args)
+                return fn(*args)
+            finally:
+                self._apply_copied()
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.inodes.get(ino)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _entry(self, ino: int) -> Entry:
+        node = self._node(ino)
+        if node.unlinked:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node.entry
+
+    def _attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        entry = node.entry
+        if st is None:
+            st = entry.st
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = st.st_mode
+        if node.unlinked:
+            a.st_nlink = 0
+        elif stat.S_ISDIR(st.st_mode) and entry.merged:
+            a.st_nlink = 1
+        else:
+            a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _stat_node(self, node: Node) -> os.stat_result:
+        """Fresh stat of what stands behind ``node`` (through an open file once it is unlinked)."""
+        if node.unlinked:
+            for h in self._files.values():
+                if h.node is node:
+                    return os.fstat(h.fd)
+            return node.entry.st
+        node.entry.st = self.union.lstat(node.entry)
+        return node.entry.st
+
+    def _reply_entry(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        """A new reference handed to the kernel (lookup, create, mkdir, mknod, symlink, link)."""
+        node = self.inodes.node_for(entry)
+        node.lookups += 1
+        return self._attrs(node)
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.timeout
+        return a
+
+    # -- lookup and attributes ----------------------------------------------------------------------------
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        parent = self._entry(parent_inode)
+        if name == b".":
+            return self._reply_entry(parent)
+        if name == b"..":
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        entry = self.union.lookup(parent, name)
+        if entry is None:
+            return self._negative()
+        return self._reply_entry(entry)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:  # type: ignore[override]
+        try:
+            for ino, nlookup in inode_list:
+                self.inodes.forget(ino, nlookup)
+        except Exception:
+            log.exception("forget failed")
+
+    @boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
+        node = self._node(inode)
+        return self._attrs(node, self._stat_node(node))
+
+    @boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> Any:
+        node = self._node(inode)
+        handle = self._files.get(fh) if fh is not None else None
+        entry = node.entry
+        copy = entry.layer != 0
+        if fields.update_size:
+            if handle is not None and handle.writable:
+                fd = handle.fd
+                await self._mutate(self.union.truncate, entry, attr.st_size, fd)
+            else:
+                entry = await self._mutate(self.union.truncate, entry, attr.st_size, thread=copy)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            entry = await self._mutate(self.union.chown, node.entry, uid, gid, thread=node.entry.layer != 0)
+        if fields.update_mode:
+            entry = await self._mutate(self.union.chmod, node.entry, attr.st_mode, thread=node.entry.layer != 0)
+        if fields.update_atime or fields.update_mtime:
+            atime = attr.st_atime_ns if fields.update_atime else None
+            mtime = attr.st_mtime_ns if fields.update_mtime else None
+            entry = await self._mutate(self.union.utimens, node.entry, atime, mtime,
+                                       thread=node.entry.layer != 0)
+        if node.unlinked and handle is not None:
+            return self._attrs(node, os.fstat(handle.fd))
+        return self._attrs(node, self._stat_node(node))
+
+    @boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.union.readlink(self._entry(inode))
+
+    @boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
+        sv = self.union.statvfs()
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                     "f_favail", "f_namemax"):
+            setattr(out, attr, getattr(sv, attr))
+        return out
+
+    # -- creating -----------------------------------------------------------------------------------------
+
+    def _parent_needs_copy(self, entry: Entry) -> bool:
+        return not entry.dirs or entry.dirs[0] != 0
+
+    @boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+        parent = self._entry(parent_inode)
+        entry = await self._mutate(self.union.mkdir, parent, name, mode, ctx.uid, ctx.gid,
+                                   thread=self._parent_needs_copy(parent))
+        return self._reply_entry(entry)
+
+    @boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> Any:
+        parent = self._entry(parent_inode)
+        entry = await self._mutate(self.union.mknod, parent, name, mode, rdev, ctx.uid, ctx.gid,
+                                   thread=self._parent_needs_copy(parent))
+        return self._reply_entry(entry)
+
+    @boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        parent = self._entry(parent_inode)
+        entry = await self._mutate(self.union.symlink, parent, name, target, ctx.uid, ctx.gid,
+                                   thread=self._parent_needs_copy(parent))
+        return self._reply_entry(entry)
+
+    @boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        node = self._node(inode)
+        if node.unlinked:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        parent = self._entry(new_parent_inode)
+        entry = await self._mutate(self.union.link, node.entry, parent, new_name, thread=True)
+        node.paths.append(entry.path)
+        self.inodes.by_path[entry.path] = node
+        node.lookups += 1
+        return self._attrs(node, self._stat_node(node))
+
+    @boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> Any:
+        parent = self._entry(parent_inode)
+        fd, entry = await self._mutate(self.union.create, parent, name, mode, flags, ctx.uid, ctx.gid,
+                                       thread=self._parent_needs_copy(parent))
+        attrs = self._reply_entry(entry)
+        node = self.inodes.get(attrs.st_ino)
+        return self._open_handle(node, fd, writable=True), attrs
+
+    # -- removing and renaming ----------------------------------------------------------------------------
+
+    def _gone(self, parent: Entry, name: bytes, removed: Entry) -> None:
+        path = join(parent.path, name)
+        node = self.inodes.by_path.get(path)
+        if node is None:
+            return
+        last = removed.is_dir or removed.st.st_nlink <= 1 or removed.layer != 0
+        self.inodes.unlinked(node, path, last)
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._entry(parent_inode)
+        removed = await self._mutate(self.union.unlink, parent, name, thread=self._parent_needs_copy(parent))
+        self._gone(parent, name, removed)
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._entry(parent_inode)
+        removed = await self._mutate(self.union.rmdir, parent, name, thread=True)
+        self._gone(parent, name, removed)
+
+    @boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old_parent = self._entry(parent_inode_old)
+        new_parent = self._entry(parent_inode_new)
+        old_path = join(old_parent.path, name_old)
+        new_path = join(new_parent.path, name_new)
+        moving = self.inodes.by_path.get(old_path)
+        target = self.inodes.by_path.get(new_path)
+        if moving is not None and moving is target:
+            return  # two names of one inode: rename(2) does nothing
+        moved, replaced = await self._mutate(self.union.rename, old_parent, name_old, new_parent, name_new,
+                                             flags, thread=True)
+        if moved.path == old_path:
+            return
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            assert replaced is not None
+            swap = b"\0exchange"
+            self.inodes.renamed(old_path, swap, None, moved.is_dir)
+            self.inodes.renamed(new_path, old_path, replaced, replaced.is_dir)
+            self.inodes.renamed(swap, new_path, moved, moved.is_dir)
+            return
+        if target is not None and replaced is not None:
+            last = replaced.is_dir or replaced.st.st_nlink <= 1 or replaced.layer != 0
+            self.inodes.unlinked(target, new_path, last)
+        self.inodes.renamed(old_path, new_path, moved, moved.is_dir)
+
+    # -- files --------------------------------------------------------------------------------------------
+
+    def _open_handle(self, node: Node, fd: int, writable: bool) -> pyfuse3.FileInfo:
+        fh = self._new_fh()
+        self._files[fh] = FileHandle(node, fd, node.entry.layer, writable)
+        node.opens += 1
+        info = pyfuse3.FileInfo(fh=fh)
+        info.keep_cache = True
+        return info
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+        node = self._node(inode)
+        if node.unlinked:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        writable = bool(flags & WRITE_FLAGS)
+        if writable:
+            fd = await self._mutate(self.union.open, node.entry, flags, thread=node.entry.layer != 0)
+        else:
+            fd = self.union.open(node.entry, flags)
+        return self._open_handle(node, fd, writable)
+
+    def _current(self, handle: FileHandle) -> int:
+        """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel."""
+        node = handle.node
+        if handle.layer != node.entry.layer and not node.unlinked:
+            fd = self.union.open(node.entry, os.O_RDONLY)
+            os.close(handle.fd)
+            handle.fd = fd
+            handle.layer = node.entry.layer
+        return handle.fd
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._files[fh]
+        fd = self._current(handle)
+        if size >= _BIG_IO:
+            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        return os.pread(fd, size, off)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files[fh]
+        if len(buf) >= _BIG_IO:
+            return await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off)
+        return os.pwrite(handle.fd, buf, off)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files[fh]
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        os.close(handle.fd)
+        self.inodes.release_open(handle.node)
+
+    # -- directories --------------------------------------------------------------------------------------
+
+    @boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if node.unlinked:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        listing = await trio.to_thread.run_sync(self.union.listdir, node.entry)
+        fh = self._new_fh()
+        self._dirs[fh] = DirHandle(node, [(name, layer) for name, (layer, _fmt) in listing.items()])
+        node.opens += 1
+        return fh
+
+    def _dir_child(self, handle: DirHandle, index: int) -> Entry | None:
+        """Entry of the index-th listed name, resolved once per handle (None when it vanished)."""
+        if index in handle.entries:
+            return handle.entries[index]
+        name, _layer = handle.names[index]
+        try:
+            entry = self.union.lookup(handle.node.entry, name)
+        except OSError:
+            entry = None
+        handle.entries[index] = entry
+        return entry
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        for index in range(start_id, len(handle.names)):
+            entry = self._dir_child(handle, index)
+            if entry is None:
+                continue
+            node = self.inodes.node_for(entry)
+            if not pyfuse3.readdir_reply(token, handle.names[index][0], self._attrs(node), index + 1):
+                if node.lookups == 0:
+                    self.inodes.forget(node.ino, 0)
+                return
+            node.lookups += 1
+            handle.entries.pop(index, None)
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        handle = self._dirs.pop(fh)
+        self.inodes.release_open(handle.node)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # -- xattrs -------------------------------------------------------------------------------------------
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.union.getxattr(self._entry(inode), name)
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.union.listxattr(self._entry(inode))
+
+    @boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        entry = self._entry(inode)
+        await self._mutate(self.union.setxattr, entry, name, value, thread=entry.layer != 0)
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        entry = self._entry(inode)
+        await self._mutate(self.union.removexattr, entry, name, thread=entry.layer != 0)

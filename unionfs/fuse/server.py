@@ -1,0 +1,301 @@
+"""Mount, serve and unmount: daemonizing, readiness, signals, and the pyfuse3 option set."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pyfuse3
+import trio
+
+from ..copyup import Workdir
+from ..layers import Stack
+from ..options import MountSpec
+from ..preflight import MountError, WorkdirLock, check
+from ..union import Union, default_format
+from .operations import Operations
+
+log = logging.getLogger("unionfs")
+
+
+def runtime_dir() -> str:
+    """Where servers leave their pid files (so ``unionfs umount`` can wait for the server to exit)."""
+    if os.geteuid() == 0:
+        return "/run/unionfs"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "unionfs") if base else f"/tmp/unionfs-{os.getuid()}"
+
+
+def pid_file(mountpoint: str) -> str:
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
+    return os.path.join(runtime_dir(), digest + ".pid")
+
+
+def fuse_options(spec: MountSpec) -> set[str]:
+    opts = {"fsname=" + spec.fsname, "subtype=unionfs", "default_permissions"}
+    if spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
+        opts.add("allow_other")
+    opts.add("atime" if spec.atime else "noatime")
+    if spec.readonly or not spec.writable:
+        opts.add("ro")
+    return opts
+
+
+class Mount:
+    """Everything one mount holds open: the lock, the layers, the workdir, the core."""
+
+    def __init__(self, spec: MountSpec, mountpoint: str) -> None:
+        self.spec = spec
+        self.mountpoint = mountpoint
+        mp = os.fsencode(os.path.abspath(mountpoint))
+        check(spec, mp)
+        self.lock: WorkdirLock | None = None
+        self.stale = 0
+        self.work: Workdir | None = None
+        writable = spec.writable
+        if writable:
+            assert spec.work is not None
+            self.lock = WorkdirLock(spec.work)
+        try:
+            if writable:
+                assert spec.work is not None
+                self.work = Workdir(spec.work)
+                self.stale = self.work.clean()
+                fmt = default_format(self.work.path, spec.userxattr)
+            else:
+                fmt = default_format(None, spec.userxattr)
+            self.stack = Stack(spec.layer_dirs(), writable, fmt)
+        except BaseException:
+            self.close()
+            raise
+        self.union = Union(self.stack, self.work)
+
+    def describe(self) -> str:
+        return (f"{self.mountpoint}: {len(self.stack.layers)} layers "
+                f"({'writable' if self.stack.writable else 'read-only'}), "
+                f"markers in {self.stack.fmt.value}.overlay.* xattrs")
+
+    def close(self) -> None:
+        if getattr(self, "stack", None) is not None:
+            self.stack.close()
+        if self.work is not None:
+            self.work.close()
+        if self.lock is not None:
+            self.lock.close()
+
+
+async def _serve(terminated: list[bool]) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for _sig in signals:
+                    terminated.append(True)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(mount: Mount) -> None:
+    """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
+    ops = Operations(mount.union, mount.spec.timeout)
+    pyfuse3.init(ops, mount.mountpoint, fuse_options(mount.spec))
+    terminated: list[bool] = []
+    log.info("mounted %s", mount.describe())
+    try:
+        yield_ready()
+        trio.run(_serve, terminated)
+    finally:
+        pyfuse3.close(unmount=bool(terminated))
+        mount.close()
+    log.info("unmounted %s", mount.mountpoint)
+
+
+_ready_fd: int | None = None
+
+
+def yield_ready() -> None:
+    """Tell a waiting parent process that the mount is in place."""
+    global _ready_fd
+    if _ready_fd is not None:
+        os.write(_ready_fd, b"ok\n")
+        os.close(_ready_fd)
+        _ready_fd = None
+
+
+def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s unionfs[%(process)d] %(levelname)s %(message)s")
+    if log_file:
+        h: logging.Handler = logging.FileHandler(log_file)
+    elif foreground:
+        h = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        h = logging.handlers.SysLogHandler(address="/dev/log")
+        fmt = logging.Formatter("unionfs[%(process)d]: %(levelname)s %(message)s")
+    else:
+        h = logging.NullHandler()
+    h.setFormatter(fmt)
+    root.addHandler(h)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def run(spec: MountSpec, mountpoint: str, foreground: bool, log_file: str | None = None) -> int:
+    """The ``mount`` verb: prepare, then serve here (``-f``) or in a background process."""
+    global _ready_fd
+    setup_logging(True, spec.debug, log_file)
+    if not foreground and not spec.debug:
+        logging.getLogger().setLevel(logging.WARNING)
+    os.umask(0)
+    mount = Mount(spec, mountpoint)
+    if foreground:
+        with _pidfile(mountpoint):
+            serve(mount)
+        return 0
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        os.close(rfd)
+        code = 0
+        try:
+            os.setsid()
+            _detach_stdio()
+            setup_logging(False, spec.debug, log_file)
+            if mount.work is not None and mount.stale:
+                log.info("removed %d stale entries from the work directory", mount.stale)
+            _ready_fd = wfd
+            with _pidfile(mountpoint):
+                serve(mount)
+        except BaseException as exc:  # report to the parent if it still waits, then die
+            code = 1
+            if _ready_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(_ready_fd, f"error: {exc}\n".encode())
+            log.exception("server failed")
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    mount.close()
+    msg = _read_all(rfd)
+    if msg.startswith("ok"):
+        return 0
+    os.waitpid(pid, 0)
+    raise MountError(msg.strip().removeprefix("error: ") or "the server exited before the mount was ready")
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        b = os.read(fd, 4096)
+        if not b:
+            break
+        chunks.append(b)
+        if b.endswith(b"\n"):
+            break
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+
+
+@contextlib.contextmanager
+def _pidfile(mountpoint: str) -> Iterator[None]:
+    path = pid_file(mountpoint)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        path = ""
+    try:
+        yield
+    finally:
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if len(fields) > 4 and _unescape(fields[4]) == os.fsencode(target):
+                return True
+    return False
+
+
+def _unescape(field: bytes) -> bytes:
+    if b"\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i : i + 1] == b"\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+            out.append(int(field[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def unmount(mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount and wait (up to ``timeout`` seconds) for the server to finish."""
+    if not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint}: not mounted")
+    pid = _read_pid(mountpoint)
+    pidfd = None
+    if pid is not None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if pidfd is not None:
+            os.close(pidfd)
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+        raise MountError(msg.removeprefix("fusermount3: "))
+    if pidfd is not None:
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MountError(f"the server (pid {pid}) did not exit within {timeout:g} s")
+                ready, _, _ = select.select([pidfd], [], [], left)
+                if ready:
+                    break
+        finally:
+            os.close(pidfd)
+
+
+def _read_pid(mountpoint: str) -> int | None:
+    try:
+        with open(pid_file(mountpoint)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None

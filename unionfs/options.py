@@ -1,0 +1,175 @@
+"""Mount options, parsed once into a frozen :class:`MountSpec` shared by the CLI and the server.
+
+The syntax is the kernel's and fuse-overlayfs's: ``lowerdir=L1:L2:...,upperdir=U,workdir=W`` (the leftmost
+lowerdir is the top-most lower layer, ``\\:`` escapes a colon inside a path), plus the generic options that
+``mount(8)`` and ``mount.fuse3`` add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+class OptionError(ValueError):
+    """A malformed or unknown mount option; the message is one line meant for the user."""
+
+
+#: Generic VFS options that mount(8)/mount.fuse3 pass along; they do not change our behaviour (the FUSE mount
+#: is always ``nodev``/``nosuid`` for non-root mounters and the kernel enforces exec flags itself).
+GENERIC_FLAGS = frozenset(
+    {
+        "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync", "auto", "noauto",
+        "user", "nouser", "users", "owner", "group", "defaults", "_netdev", "nofail", "lazytime",
+        "nolazytime", "silent", "loud", "dirsync", "mand", "nomand", "iversion", "noiversion",
+        "atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime", "diratime",
+        "nodiratime",
+    }
+)
+
+#: Kernel overlayfs options whose value we accept only where it names what we do anyway.
+KERNEL_FIXED = {
+    "redirect_dir": frozenset({"off", "nofollow"}),
+    "index": frozenset({"off"}),
+    "metacopy": frozenset({"off"}),
+    "xino": frozenset({"off", "auto"}),
+    "nfs_export": frozenset({"off"}),
+    "uuid": frozenset({"on", "off", "null", "auto"}),
+}
+
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MountSpec:
+    """Everything a mount needs, validated for syntax (not yet against the file system)."""
+
+    lowers: tuple[bytes, ...]
+    upper: bytes | None = None
+    work: bytes | None = None
+    readonly: bool = False
+    #: None: choose by what the upper filesystem allows; True/False: forced by ``-o userxattr``/``-o nouserxattr``
+    userxattr: bool | None = None
+    allow_other: bool | None = None
+    atime: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    fsname: str = "unionfs"
+    debug: bool = False
+
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None and not self.readonly
+
+    def layer_dirs(self) -> tuple[bytes, ...]:
+        """All layer directories, top-most first (the upper, when there is one, then the lowers)."""
+        top = (self.upper,) if self.upper is not None else ()
+        return top + self.lowers
+
+
+def split_lowerdir(value: str) -> list[str]:
+    """Split a lowerdir list on ``:`` honouring ``\\:`` and ``\\\\`` escapes."""
+    parts: list[str] = []
+    cur: list[str] = []
+    it = iter(value)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise OptionError("lowerdir ends with a lone backslash")
+            cur.append(nxt)
+        elif ch == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def split_options(text: str) -> list[str]:
+    """Split ``-o`` text on commas; a backslash escapes a comma inside a value."""
+    out: list[str] = []
+    cur: list[str] = []
+    escaped = False
+    for ch in text:
+        if escaped:
+            cur.append("\\" + ch if ch != "," else ",")
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if escaped:
+        cur.append("\\")
+    out.append("".join(cur))
+    return [o for o in out if o]
+
+
+def _abs(path: str, what: str) -> bytes:
+    if not path:
+        raise OptionError(f"{what} is empty")
+    return os.fsencode(os.path.abspath(path))
+
+
+def parse(option_texts: list[str]) -> MountSpec:
+    """Parse every ``-o`` argument (later ones override earlier ones) into a MountSpec."""
+    kw: dict[str, object] = {}
+    lowers: list[bytes] | None = None
+    for text in option_texts:
+        for opt in split_options(text):
+            key, sep, value = opt.partition("=")
+            if key == "lowerdir":
+                if not sep or not value:
+                    raise OptionError("lowerdir needs at least one directory: lowerdir=DIR[:DIR...]")
+                parts = split_lowerdir(value)
+                if any(not p for p in parts):
+                    raise OptionError(f"lowerdir has an empty entry: {value!r}")
+                lowers = [_abs(p, "lowerdir") for p in parts]
+            elif key in ("upperdir", "workdir"):
+                if not sep:
+                    raise OptionError(f"{key} needs a value: {key}=DIR")
+                kw["upper" if key == "upperdir" else "work"] = _abs(value, key)
+            elif key == "ro" and not sep:
+                kw["readonly"] = True
+            elif key == "rw" and not sep:
+                kw["readonly"] = False
+            elif key in ("userxattr", "nouserxattr") and not sep:
+                kw["userxattr"] = key == "userxattr"
+            elif key == "allow_other" and not sep:
+                kw["allow_other"] = True
+            elif key in ("atime", "relatime", "strictatime") and not sep:
+                kw["atime"] = True
+            elif key == "noatime" and not sep:
+                kw["atime"] = False
+            elif key in ("debug",) and not sep:
+                kw["debug"] = True
+            elif key == "timeout":
+                try:
+                    t = float(value)
+                except ValueError:
+                    raise OptionError(f"timeout needs a number of seconds, not {value!r}") from None
+                if not 0 <= t <= 86400:
+                    raise OptionError(f"timeout must be between 0 and 86400 seconds, not {value}")
+                kw["timeout"] = t
+            elif key == "fsname":
+                if not value:
+                    raise OptionError("fsname needs a value")
+                kw["fsname"] = value
+            elif key in KERNEL_FIXED:
+                if value not in KERNEL_FIXED[key]:
+                    allowed = "|".join(sorted(KERNEL_FIXED[key]))
+                    raise OptionError(f"{opt}: not supported; unionfs accepts only {key}={allowed}")
+            elif key in GENERIC_FLAGS and not sep or key.startswith("x-") or key in ("default_permissions",):
+                continue
+            else:
+                raise OptionError(f"unknown mount option {opt!r} (see 'unionfs mount --help')")
+    if lowers is None:
+        raise OptionError("missing lowerdir=DIR[:DIR...]: at least one lower layer is required")
+    upper = kw.get("upper")
+    work = kw.get("work")
+    if (upper is None) != (work is None):
+        raise OptionError("upperdir and workdir go together: give both for a writable mount, or neither")
+    return MountSpec(lowers=tuple(lowers), **kw)  # type: ignore[arg-type]

@@ -1,0 +1,94 @@
+"""Checks a MountSpec against the file system before anything is mounted or written.
+
+Every problem is a :class:`MountError` with a one-line message; nothing on disk is created or changed until
+all checks pass.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from .options import MountSpec
+
+
+class MountError(Exception):
+    """The mount cannot proceed; the message says why in one line."""
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+def _real(path: bytes) -> bytes:
+    return os.path.realpath(path)
+
+
+def _inside(child: bytes, parent: bytes) -> bool:
+    """Whether real path ``child`` is ``parent`` or lies below it."""
+    return child == parent or child.startswith(parent.rstrip(b"/") + b"/")
+
+
+def _check_dir(path: bytes, what: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"{what} {_show(path)}: no such directory") from None
+    except PermissionError:
+        raise MountError(f"{what} {_show(path)}: permission denied") from None
+    except OSError as exc:
+        raise MountError(f"{what} {_show(path)}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{what} {_show(path)}: not a directory")
+    return st
+
+
+def check(spec: MountSpec, mountpoint: bytes) -> None:
+    """Raise MountError for the first problem found."""
+    for lower in spec.lowers:
+        _check_dir(lower, "lowerdir")
+    layers = [("lowerdir", _real(p)) for p in spec.lowers]
+    if spec.upper is not None and spec.work is not None:
+        up = _check_dir(spec.upper, "upperdir")
+        wk = _check_dir(spec.work, "workdir")
+        if up.st_dev != wk.st_dev:
+            raise MountError(
+                f"workdir {_show(spec.work)} must be on the same filesystem as upperdir {_show(spec.upper)}"
+            )
+        ru, rw = _real(spec.upper), _real(spec.work)
+        if _inside(ru, rw) or _inside(rw, ru):
+            raise MountError("upperdir and workdir must be separate directories, neither inside the other")
+        for what, rl in layers:
+            for name, real in (("upperdir", ru), ("workdir", rw)):
+                if _inside(real, rl):
+                    raise MountError(f"{name} {_show(real)} is inside {what} {_show(rl)}")
+                if _inside(rl, real):
+                    raise MountError(f"{what} {_show(rl)} is inside {name} {_show(real)}")
+        if not spec.readonly and not os.access(spec.upper, os.W_OK | os.X_OK):
+            raise MountError(f"upperdir {_show(spec.upper)}: not writable by this user")
+        layers += [("upperdir", ru), ("workdir", rw)]
+    mst = _check_dir(mountpoint, "mountpoint")
+    del mst
+    rm = _real(mountpoint)
+    for what, real in layers:
+        if _inside(rm, real):
+            raise MountError(f"mountpoint {_show(mountpoint)} is inside {what} {_show(real)}")
+
+
+class WorkdirLock:
+    """An exclusive lock on workdir=, held by the server for the life of the mount."""
+
+    def __init__(self, workdir: bytes) -> None:
+        self.fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MountError(f"workdir {_show(workdir)} is in use by another mount") from None
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,165 @@
+"""Every on-disk encoding of whiteouts and opaque directories, read and written as the kernel does.
+
+Whiteouts: a character device 0/0 (what the kernel writes), or (kernel 6.7+) an empty regular file carrying
+the ``overlay.whiteout`` xattr inside a directory marked ``overlay.opaque=x``.  Opaque directories carry
+``overlay.opaque=y``.  The xattr namespace is ``trusted.`` normally and ``user.`` with ``-o userxattr``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import stat
+
+import xattr.pyxattr_compat as _xattr
+
+TRUSTED_PREFIX = b"trusted.overlay."
+USER_PREFIX = b"user.overlay."
+
+#: errnos meaning "this xattr is absent or unsupported here"; treated as "not set" when reading markers.
+_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES)
+
+
+class XattrFormat(enum.Enum):
+    """Which xattr namespace carries our markers."""
+
+    TRUSTED = "trusted"
+    USER = "user"
+
+    @property
+    def prefix(self) -> bytes:
+        return TRUSTED_PREFIX if self is XattrFormat.TRUSTED else USER_PREFIX
+
+    @property
+    def opaque(self) -> bytes:
+        return self.prefix + b"opaque"
+
+    @property
+    def whiteout(self) -> bytes:
+        return self.prefix + b"whiteout"
+
+
+def xattr_to_disk(name: bytes, prefixes: tuple[bytes, ...]) -> bytes:
+    """The on-disk name of a merged-view xattr: names in an honoured overlay namespace are escaped as the
+    kernel (6.7+) does, ``trusted.overlay.X`` being stored as ``trusted.overlay.overlay.X``."""
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return prefix + b"overlay." + name[len(prefix) :]
+    return name
+
+
+def xattr_from_disk(name: bytes, prefixes: tuple[bytes, ...]) -> bytes | None:
+    """The merged-view name of an on-disk xattr, or None for overlay-private ones that never show."""
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            rest = name[len(prefix) :]
+            if rest.startswith(b"overlay."):
+                return prefix + rest[len(b"overlay.") :]
+            return None
+    return name
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """A character device with device number 0/0 is a whiteout."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def getxattr(path: bytes, name: bytes) -> bytes | None:
+    """Value of one xattr of ``path`` (not following symlinks), or None when it is absent."""
+    try:
+        value: bytes = _xattr.getxattr(path, name, nofollow=True)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise
+    return value
+
+
+class DirMarks:
+    """What a directory's overlay xattrs say: opaque, or holding xattr-encoded whiteouts."""
+
+    __slots__ = ("opaque", "xwhiteouts")
+
+    def __init__(self, opaque: bool, xwhiteouts: bool) -> None:
+        self.opaque = opaque
+        self.xwhiteouts = xwhiteouts
+
+
+_PLAIN = DirMarks(False, False)
+
+
+def read_dir_marks(path: bytes, formats: tuple[XattrFormat, ...]) -> DirMarks:
+    """Read the opaque marker of directory ``path`` in each format we honour (first found wins)."""
+    for fmt in formats:
+        value = getxattr(path, fmt.opaque)
+        if value is None:
+            continue
+        if value == b"y":
+            return DirMarks(True, False)
+        if value == b"x":
+            return DirMarks(False, True)
+    return _PLAIN
+
+
+def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrFormat, ...]) -> bool:
+    """An empty regular file carrying ``overlay.whiteout`` (only looked for where the parent says ``x``)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+        return False
+    return any(getxattr(path, fmt.whiteout) is not None for fmt in formats)
+
+
+def make_whiteout(name: bytes, dir_fd: int) -> None:
+    """Create a kernel-format whiteout (char device 0/0, mode 0) named ``name`` in ``dir_fd``."""
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+def set_opaque(path: bytes, fmt: XattrFormat) -> None:
+    """Mark directory ``path`` opaque: lower directories of the same name are not merged into it."""
+    _xattr.setxattr(path, fmt.opaque, b"y", 0, True)
+
+
+def clear_opaque(path: bytes, fmt: XattrFormat) -> None:
+    try:
+        _xattr.removexattr(path, fmt.opaque, True)
+    except OSError as exc:
+        if exc.errno not in _ABSENT:
+            raise
+
+
+def listxattr(path: bytes) -> list[bytes]:
+    """Every on-disk xattr name of ``path`` (no symlink following); [] where xattrs are unsupported."""
+    try:
+        names: list[bytes] = _xattr.listxattr(path, nofollow=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise
+    return names
+
+
+def setxattr(path: bytes, name: bytes, value: bytes, flags: int = 0) -> None:
+    _xattr.setxattr(path, name, value, flags, True)
+
+
+def removexattr(path: bytes, name: bytes) -> None:
+    _xattr.removexattr(path, name, True)
+
+
+def probe_trusted(dir_path: bytes) -> bool:
+    """Whether ``trusted.*`` xattrs can be written in ``dir_path`` (needs CAP_SYS_ADMIN)."""
+    probe = os.path.join(dir_path, b".unionfs-xattr-probe-%d" % os.getpid())
+    try:
+        os.mkdir(probe)
+    except FileExistsError:
+        pass
+    try:
+        _xattr.setxattr(probe, TRUSTED_PREFIX + b"probe", b"y", 0, True)
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            os.rmdir(probe)
+        except OSError:
+            pass
