@@ -1135,6 +1135,7 @@ L1: dict[str, Entry] = {
     "shared.txt": "shared from l1\n",
     "dir/a": "dir/a from l1\n",
     "dir/wh": WHITEOUT,  # hides l2's dir/wh
+    "dir/whd": WHITEOUT,  # hides l2's directory dir/whd
     "opq": OPAQUE,  # hides l2's opq/*
     "opq/only1": "opq/only1 from l1\n",
     "link_to_top": Symlink("top.txt"),
@@ -1166,6 +1167,7 @@ L2: dict[str, Entry] = {
     "mid.txt": "mid from l2\n",
     "dir/b": "dir/b from l2\n",
     "dir/wh": "hidden by a whiteout in l1\n",
+    "dir/whd/leak": "hidden by a whiteout in l1; must not leak into a new dir/whd\n",
     "dir/sub/c": "dir/sub/c from l2\n",
     "opq/hidden": "hidden by opaque l1/opq\n",
     "filedir/inner": "l2 directory over a file in l3\n",
@@ -1189,3 +1191,6 @@ L3: dict[str, Entry] = {
 }
 
 STD_LOWERS: tuple[dict[str, Entry], ...] = (L1, L2, L3)
+
+#: A time in the "stable" range for utime operations (2001-01-01T00:00:00.123456789Z).
+OLD_NS = 978_307_200 * 10**9 + 123_456_789

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from ..layers import Entry, join
+from ..layers import ROOT, Entry, join, split
 from ..union import WRITE_FLAGS, Union
 from .errors import boundary
 from .inodes import InodeTable, Node
@@ -409,15 +409,26 @@ class Operations(pyfuse3.Operations):
         handle.entries[index] = entry
         return entry
 
+    def _dot_entries(self, handle: DirHandle) -> list[tuple[bytes, Node]]:
+        node = handle.node
+        parent = self.inodes.by_path.get(split(node.path)[0]) if node.path != ROOT else node
+        return [(b".", node), (b"..", parent if parent is not None else node)]
+
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
-        for index in range(start_id, len(handle.names)):
+        if start_id < 2:
+            # "." and "..": the kernel takes no lookup reference for these
+            for index, (name, node) in enumerate(self._dot_entries(handle)[start_id:], start_id):
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
+                    return
+            start_id = 2
+        for index in range(start_id - 2, len(handle.names)):
             entry = self._dir_child(handle, index)
             if entry is None:
                 continue
             node = self.inodes.node_for(entry)
-            if not pyfuse3.readdir_reply(token, handle.names[index][0], self._attrs(node), index + 1):
+            if not pyfuse3.readdir_reply(token, handle.names[index][0], self._attrs(node), index + 3):
                 if node.lookups == 0:
                     self.inodes.forget(node.ino, 0)
                 return
