@@ -6,7 +6,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -171,7 +171,8 @@ class Operations(pyfuse3.Operations):
             return self._negative()
         return self._reply_entry(entry)
 
-    def forget(self, inode_list: list[tuple[int, int]]) -> None:  # type: ignore[override]
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Drop kernel references; never raises."""
         try:
             for ino, nlookup in inode_list:
                 self.inodes.forget(ino, nlookup)
