@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import stat
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,12 +55,15 @@ class Sizes:
     tar_large: int  # number of large files in the tarball
     tar_large_mib: int
     lookup_paths: int  # distinct deep paths stat()ed per mount
+    deadline: int  # seconds one mount may stay up before its FUSE server is killed as hung
 
 
 FULL = Sizes(repeat=3, tree_files=10_000, tree_dirs=600, create_files=10_000, copyup_files=500, big_mib=1024,
-             fio_runtime=10, tar_small=5_000, tar_large=8, tar_large_mib=4, lookup_paths=16)
+             fio_runtime=10, tar_small=5_000, tar_large=8, tar_large_mib=4, lookup_paths=16,
+             deadline=900)
 QUICK = Sizes(repeat=2, tree_files=400, tree_dirs=40, create_files=500, copyup_files=100, big_mib=32,
-              fio_runtime=2, tar_small=300, tar_large=2, tar_large_mib=2, lookup_paths=8)
+              fio_runtime=2, tar_small=300, tar_large=2, tar_large_mib=2, lookup_paths=8,
+              deadline=120)
 
 
 class MountError(RuntimeError):
@@ -91,13 +96,16 @@ def short_reason(text: str, width: int = 60) -> str:
 # System helpers
 
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
 def mountpoints() -> set[str]:
     """Mount points currently listed in /proc/self/mountinfo (octal escapes decoded)."""
     points = set()
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            field = line.split(b" ")[4]
-            points.add(field.decode("unicode_escape").encode("latin-1").decode())
+            field = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), line.split(b" ")[4])
+            points.add(os.fsdecode(field))
     return points
 
 
@@ -515,11 +523,22 @@ class Env:
                 shutil.rmtree(scratch, ignore_errors=True)
                 mnt.rmdir()
             raise
+        # A hung server would hang the benchmark: past the deadline it is killed, which fails its pending
+        # requests (ENOTCONN) so that the workload ends with an error instead.
+        hung = threading.Event()
+        watchdog = threading.Timer(self.sizes.deadline, lambda: proc and (hung.set(), proc.kill()))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             if cold:
                 drop_caches()
             yield Mount(path=mnt, upper=upper, pid=proc.pid if proc else None)
+        except Exception as e:
+            if hung.is_set():
+                raise WorkloadError(f"{fs.name} killed: still busy after {self.sizes.deadline} s") from e
+            raise
         finally:
+            watchdog.cancel()
             fs.stop(mnt, proc)
             if not is_mounted(mnt):
                 shutil.rmtree(scratch, ignore_errors=True)

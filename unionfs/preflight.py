@@ -59,7 +59,9 @@ def check(spec: MountSpec, mountpoint: bytes) -> None:
             )
         ru, rw = _real(spec.upper), _real(spec.work)
         if _inside(ru, rw) or _inside(rw, ru):
-            raise MountError("upperdir and workdir must be separate directories, neither inside the other")
+            raise MountError(
+                f"upperdir {_show(ru)} and workdir {_show(rw)} must be separate directories, neither inside the other"
+            )
         for what, rl in layers:
             for name, real in (("upperdir", ru), ("workdir", rw)):
                 if _inside(real, rl):

@@ -410,34 +410,54 @@ class Union:
     def _xpath(self, entry: Entry) -> bytes:
         return self.stack.layers[entry.layer].xpath(entry.path)
 
+    def _disk_name(self, name: bytes) -> bytes:
+        return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
+
     def getxattr(self, entry: Entry, name: bytes) -> bytes:
-        disk = whiteout.xattr_to_disk(name, self.stack.private_prefixes)
-        value = whiteout.getxattr(self._xpath(entry), disk)
+        return self._getxattr(self._xpath(entry), name)
+
+    def getxattr_fd(self, fd: int, name: bytes) -> bytes:
+        """getxattr through an open upper-layer descriptor (an unlinked file)."""
+        return self._getxattr(fd, name)
+
+    def _getxattr(self, target: bytes | int, name: bytes) -> bytes:
+        value = whiteout.getxattr(target, self._disk_name(name))
         if value is None:
             raise OSError(errno.ENODATA, "No data available")
         return value
 
     def listxattr(self, entry: Entry) -> list[bytes]:
+        return self._listxattr(self._xpath(entry))
+
+    def listxattr_fd(self, fd: int) -> list[bytes]:
+        return self._listxattr(fd)
+
+    def _listxattr(self, target: bytes | int) -> list[bytes]:
         out = []
-        for disk in whiteout.listxattr(self._xpath(entry)):
+        for disk in whiteout.listxattr(target):
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
             if name is not None:
                 out.append(name)
         return out
 
     def setxattr(self, entry: Entry, name: bytes, value: bytes, flags: int = 0) -> Entry:
-        disk = whiteout.xattr_to_disk(name, self.stack.private_prefixes)
         entry = self.copy_up(entry)
-        whiteout.setxattr(self._xpath(entry), disk, value, flags)
+        whiteout.setxattr(self._xpath(entry), self._disk_name(name), value, flags)
         return entry
 
+    def setxattr_fd(self, fd: int, name: bytes, value: bytes) -> None:
+        whiteout.setxattr(fd, self._disk_name(name), value)
+
     def removexattr(self, entry: Entry, name: bytes) -> Entry:
-        disk = whiteout.xattr_to_disk(name, self.stack.private_prefixes)
+        disk = self._disk_name(name)
         if (entry.layer != 0 or not self.stack.writable) and whiteout.getxattr(self._xpath(entry), disk) is None:
             raise OSError(errno.ENODATA, "No data available")
         entry = self.copy_up(entry)
         whiteout.removexattr(self._xpath(entry), disk)
         return entry
+
+    def removexattr_fd(self, fd: int, name: bytes) -> None:
+        whiteout.removexattr(fd, self._disk_name(name))
 
 
 def default_format(upper: bytes | None, forced: bool | None) -> XattrFormat:

@@ -65,10 +65,15 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def getxattr(path: bytes, name: bytes) -> bytes | None:
+def _nofollow(target: bytes | int) -> bool:
+    """Paths are never followed through a final symlink; descriptors take no such flag."""
+    return not isinstance(target, int)
+
+
+def getxattr(path: bytes | int, name: bytes) -> bytes | None:
     """Value of one xattr of ``path`` (not following symlinks), or None when it is absent."""
     try:
-        value: bytes = _xattr.getxattr(path, name, nofollow=True)
+        value: bytes = _xattr.getxattr(path, name, nofollow=_nofollow(path))
     except OSError as exc:
         if exc.errno in _ABSENT:
             return None
@@ -127,10 +132,10 @@ def clear_opaque(path: bytes, fmt: XattrFormat) -> None:
             raise
 
 
-def listxattr(path: bytes) -> list[bytes]:
+def listxattr(path: bytes | int) -> list[bytes]:
     """Every on-disk xattr name of ``path`` (no symlink following); [] where xattrs are unsupported."""
     try:
-        names: list[bytes] = _xattr.listxattr(path, nofollow=True)
+        names: list[bytes] = _xattr.listxattr(path, nofollow=_nofollow(path))
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return []
@@ -138,12 +143,12 @@ def listxattr(path: bytes) -> list[bytes]:
     return names
 
 
-def setxattr(path: bytes, name: bytes, value: bytes, flags: int = 0) -> None:
-    _xattr.setxattr(path, name, value, flags, True)
+def setxattr(path: bytes | int, name: bytes, value: bytes, flags: int = 0) -> None:
+    _xattr.setxattr(path, name, value, flags, _nofollow(path))
 
 
-def removexattr(path: bytes, name: bytes) -> None:
-    _xattr.removexattr(path, name, True)
+def removexattr(path: bytes | int, name: bytes) -> None:
+    _xattr.removexattr(path, name, _nofollow(path))
 
 
 def probe_trusted(dir_path: bytes) -> bool:

@@ -6,6 +6,7 @@ one by unionfs, always torn down.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,17 @@ from kernel_diff import (  # noqa: E402
     fuse_unavailable,
     kernel_overlay_unavailable,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A terminated test run must still unmount what it mounted: turn SIGTERM into KeyboardInterrupt, upon
+    # which pytest runs fixture teardown.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -624,7 +624,8 @@ def _write_at(path: str, flags: int, data: bytes, offset: int | None = None) -> 
 
 
 def _read(path: str) -> Any:
-    fd = os.open(path, os.O_RDONLY)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         chunks = []
         while chunk := os.read(fd, 1 << 20):
@@ -1157,6 +1158,12 @@ L1: dict[str, Entry] = {
     "private/x": "private\n",
     "secret": File(b"secret\n", mode=0o600),
     "mine": File(b"owned by nobody\n", uid=65534, gid=65534),
+    "xattrs.txt": File(b"xattr names\n", xattrs=(
+        ("trusted.overlay.overlay.esc", b"escaped: shown as trusted.overlay.esc"),
+        ("trusted.overlay.private", b"overlay-private: hidden"),
+        ("user.overlay.u", b"shown as is without userxattr"),
+        ("user.plain", b"plain"),
+    )),
     "loop1": Symlink("loop2"),
     "loop2": Symlink("loop1"),
 }
@@ -1194,3 +1201,33 @@ STD_LOWERS: tuple[dict[str, Entry], ...] = (L1, L2, L3)
 
 #: A time in the "stable" range for utime operations (2001-01-01T00:00:00.123456789Z).
 OLD_NS = 978_307_200 * 10**9 + 123_456_789
+
+
+def run_ops_as(uid: int, gid: int, root: str | Path, ops: Sequence[Sequence[Any]]) -> list[Result]:
+    """Run ``ops`` under ``root`` in a forked child with the given (unprivileged) credentials."""
+    import pickle
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's code
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            payload = pickle.dumps([run_op(root, op) for op in ops])
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            payload = pickle.dumps(f"child failed: {exc!r}")
+        try:
+            with os.fdopen(w, "wb") as f:
+                f.write(payload)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        payload = f.read()
+    os.waitpid(pid, 0)
+    result = pickle.loads(payload)
+    if isinstance(result, str):
+        raise RuntimeError(result)
+    return result  # type: ignore[no-any-return]

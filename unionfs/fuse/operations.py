@@ -184,32 +184,46 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         return self._attrs(node, self._stat_node(node))
 
+    def _unlinked_fd(self, node: Node) -> int:
+        """An open upper-layer descriptor of an unlinked node: how its attributes are still reached."""
+        for h in self._files.values():
+            if h.node is node and h.layer == 0:
+                return h.fd
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
     @boundary
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> Any:
         node = self._node(inode)
         handle = self._files.get(fh) if fh is not None else None
-        entry = node.entry
-        copy = entry.layer != 0
+        if node.unlinked:
+            fd = self._unlinked_fd(node)
+            if fields.update_size:
+                os.ftruncate(fd, attr.st_size)
+            if fields.update_uid or fields.update_gid:
+                os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+            if fields.update_mode:
+                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+            if fields.update_atime or fields.update_mtime:
+                st = os.fstat(fd)
+                os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                                 attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+            return self._attrs(node, os.fstat(fd))
         if fields.update_size:
             if handle is not None and handle.writable:
-                fd = handle.fd
-                await self._mutate(self.union.truncate, entry, attr.st_size, fd)
+                await self._mutate(self.union.truncate, node.entry, attr.st_size, handle.fd)
             else:
-                entry = await self._mutate(self.union.truncate, entry, attr.st_size, thread=copy)
+                await self._mutate(self.union.truncate, node.entry, attr.st_size, thread=node.entry.layer != 0)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            entry = await self._mutate(self.union.chown, node.entry, uid, gid, thread=node.entry.layer != 0)
+            await self._mutate(self.union.chown, node.entry, uid, gid, thread=node.entry.layer != 0)
         if fields.update_mode:
-            entry = await self._mutate(self.union.chmod, node.entry, attr.st_mode, thread=node.entry.layer != 0)
+            await self._mutate(self.union.chmod, node.entry, attr.st_mode, thread=node.entry.layer != 0)
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            entry = await self._mutate(self.union.utimens, node.entry, atime, mtime,
-                                       thread=node.entry.layer != 0)
-        if node.unlinked and handle is not None:
-            return self._attrs(node, os.fstat(handle.fd))
+            await self._mutate(self.union.utimens, node.entry, atime, mtime, thread=node.entry.layer != 0)
         return self._attrs(node, self._stat_node(node))
 
     @boundary
@@ -449,18 +463,28 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.union.getxattr(self._entry(inode), name)
+        node = self._node(inode)
+        if node.unlinked:
+            return self.union.getxattr_fd(self._unlinked_fd(node), name)
+        return self.union.getxattr(node.entry, name)
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self.union.listxattr(self._entry(inode))
+        node = self._node(inode)
+        if node.unlinked:
+            return self.union.listxattr_fd(self._unlinked_fd(node))
+        return self.union.listxattr(node.entry)
 
     @boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        entry = self._entry(inode)
-        await self._mutate(self.union.setxattr, entry, name, value, thread=entry.layer != 0)
+        node = self._node(inode)
+        if node.unlinked:
+            return self.union.setxattr_fd(self._unlinked_fd(node), name, value)
+        await self._mutate(self.union.setxattr, node.entry, name, value, thread=node.entry.layer != 0)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        entry = self._entry(inode)
-        await self._mutate(self.union.removexattr, entry, name, thread=entry.layer != 0)
+        node = self._node(inode)
+        if node.unlinked:
+            return self.union.removexattr_fd(self._unlinked_fd(node), name)
+        await self._mutate(self.union.removexattr, node.entry, name, thread=node.entry.layer != 0)

@@ -159,6 +159,7 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
 def run(spec: MountSpec, mountpoint: str, foreground: bool, log_file: str | None = None) -> int:
     """The ``mount`` verb: prepare, then serve here (``-f``) or in a background process."""
     global _ready_fd
+    mountpoint = os.path.abspath(mountpoint)  # the server changes to / before mounting
     setup_logging(True, spec.debug, log_file)
     if not foreground and not spec.debug:
         logging.getLogger().setLevel(logging.WARNING)
@@ -225,7 +226,8 @@ def _pidfile(mountpoint: str) -> Iterator[None]:
     path = pid_file(mountpoint)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(path, "w") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
     except OSError:
         path = ""

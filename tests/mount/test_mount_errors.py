@@ -1,0 +1,224 @@
+"""Refused mounts: a one-line ``unionfs: error: ...`` naming the offending option or path, a non-zero exit, and
+nothing created or changed on disk (no ``work`` directory in workdir, upper untouched, nothing mounted)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from mounthelp import Layers, Mounts, is_mounted, snapshot
+
+pytestmark = pytest.mark.mount
+
+
+def expect_refusal(mounts: Mounts, layers: Layers, args: list[str | os.PathLike[str]], *mentions: object,
+                   mnt: Path | None = None, watch: tuple[Path, ...] = ()) -> str:
+    """Run ``unionfs mount ARGS``; check the refusal and that nothing changed; return the message."""
+    mnt = layers.mnt if mnt is None else mnt
+    dirs = (layers.l1, layers.l2, layers.upper, layers.work, layers.mnt, *watch)
+    before = snapshot(*dirs)
+    r = mounts.try_mount(*args, mnt=mnt)
+    assert r.returncode != 0, f"mount was accepted: {args}"
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
+    msg = lines[0]
+    assert msg.startswith("unionfs: error: "), msg
+    for m in mentions:
+        assert str(m) in msg, f"{m!r} not mentioned in {msg!r}"
+    assert not is_mounted(mnt)
+    assert not (layers.work / "work").exists(), "a refused mount created workdir/work"
+    assert snapshot(*dirs) == before, "a refused mount changed the layers"
+    return msg
+
+
+def test_unknown_option(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", layers.opts("frobnicate=3"), layers.mnt], "frobnicate")
+
+
+def test_unknown_flag(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", layers.opts("bogusflag"), layers.mnt], "bogusflag")
+
+
+def test_unsupported_kernel_option_value(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", layers.opts("redirect_dir=on"), layers.mnt], "redirect_dir")
+
+
+def test_empty_lowerdir(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", "lowerdir=", layers.mnt], "lowerdir")
+
+
+def test_lowerdir_with_empty_entry(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1}::{layers.l2}", layers.mnt], "lowerdir")
+
+
+def test_upperdir_without_workdir(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={layers.upper}", layers.mnt], "workdir")
+
+
+def test_workdir_without_upperdir(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},workdir={layers.work}", layers.mnt], "upperdir")
+
+
+def test_missing_lowerdir(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", f"upperdir={layers.upper},workdir={layers.work}", layers.mnt],
+                   "lowerdir")
+
+
+def test_no_options_at_all(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, [layers.mnt], "lowerdir")
+
+
+def test_lowerdir_missing(layers: Layers, mounts: Mounts) -> None:
+    missing = layers.base / "nope"
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1}:{missing},upperdir={layers.upper},"
+                                          f"workdir={layers.work}", layers.mnt], missing)
+    assert not missing.exists()
+
+
+def test_lowerdir_is_a_file(layers: Layers, mounts: Mounts) -> None:
+    f = layers.l1 / "top.txt"
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={f},upperdir={layers.upper},workdir={layers.work}",
+                                    layers.mnt], f)
+
+
+def test_upperdir_missing(layers: Layers, mounts: Mounts) -> None:
+    missing = layers.base / "no-upper"
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={missing},workdir={layers.work}",
+                                    layers.mnt], missing)
+    assert not missing.exists()
+
+
+def test_workdir_missing(layers: Layers, mounts: Mounts) -> None:
+    missing = layers.base / "no-work"
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={layers.upper},workdir={missing}",
+                                    layers.mnt], missing)
+    assert not missing.exists()
+
+
+def test_upper_inside_lower(layers: Layers, mounts: Mounts) -> None:
+    up = layers.l1 / "up"
+    up.mkdir()
+    msg = expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={up},workdir={layers.work}",
+                                          layers.mnt], up, "upperdir")
+    assert str(layers.l1) in msg
+
+
+def test_lower_inside_upper(layers: Layers, mounts: Mounts) -> None:
+    low = layers.upper / "low"
+    low.mkdir()
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={low},upperdir={layers.upper},workdir={layers.work}",
+                                    layers.mnt], low, "upperdir")
+
+
+def test_upper_is_lower(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={layers.l1},workdir={layers.work}",
+                                    layers.mnt], layers.l1)
+
+
+def test_workdir_inside_upper(layers: Layers, mounts: Mounts) -> None:
+    wk = layers.upper / "wk"
+    wk.mkdir()
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={layers.upper},workdir={wk}",
+                                    layers.mnt], "workdir")
+    assert os.listdir(wk) == []
+
+
+def test_upper_inside_workdir(layers: Layers, mounts: Mounts) -> None:
+    up = layers.work / "up"
+    up.mkdir()
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={up},workdir={layers.work}",
+                                    layers.mnt], "workdir")
+
+
+def test_workdir_inside_lower(layers: Layers, mounts: Mounts) -> None:
+    wk = layers.l2 / "wk"
+    wk.mkdir()
+    expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1}:{layers.l2},upperdir={layers.upper},"
+                                          f"workdir={wk}", layers.mnt], wk, "workdir")
+    assert os.listdir(wk) == []
+
+
+def test_mountpoint_inside_lower(layers: Layers, mounts: Mounts) -> None:
+    mnt = layers.l2 / "dir"
+    expect_refusal(mounts, layers, ["-o", layers.opts(), mnt], "mountpoint", mnt, mnt=mnt)
+
+
+def test_mountpoint_is_upper(layers: Layers, mounts: Mounts) -> None:
+    expect_refusal(mounts, layers, ["-o", layers.opts(), layers.upper], "mountpoint", layers.upper,
+                   mnt=layers.upper)
+
+
+def test_mountpoint_inside_workdir(layers: Layers, mounts: Mounts) -> None:
+    mnt = layers.work / "m"
+    mnt.mkdir()
+    expect_refusal(mounts, layers, ["-o", layers.opts(), mnt], "mountpoint", mnt, mnt=mnt)
+
+
+def test_mountpoint_missing(layers: Layers, mounts: Mounts) -> None:
+    mnt = layers.base / "no-mnt"
+    expect_refusal(mounts, layers, ["-o", layers.opts(), mnt], mnt, mnt=mnt)
+    assert not mnt.exists()
+
+
+def test_mountpoint_is_a_file(layers: Layers, mounts: Mounts) -> None:
+    mnt = layers.base / "file"
+    mnt.write_text("")
+    expect_refusal(mounts, layers, ["-o", layers.opts(), mnt], mnt, mnt=mnt)
+
+
+def test_workdir_in_use(layers: Layers, mounts: Mounts) -> None:
+    mounts.mount(layers.opts(), layers.mnt)
+    (layers.mnt / "while-mounted").write_text("x")
+    upper2 = layers.base / "upper2"
+    mnt2 = layers.base / "mnt2"
+    upper2.mkdir()
+    mnt2.mkdir()
+    work_before = snapshot(layers.work)
+    upper_before = snapshot(upper2)
+    r = mounts.try_mount("-o", f"lowerdir={layers.l2},upperdir={upper2},workdir={layers.work}", mnt2, mnt=mnt2)
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unionfs: error: "), r.stderr
+    assert str(layers.work) in lines[0] and "in use" in lines[0]
+    assert not is_mounted(mnt2)
+    assert snapshot(layers.work) == work_before
+    assert snapshot(upper2) == upper_before
+    # the first mount is unharmed
+    assert (layers.mnt / "while-mounted").read_text() == "x"
+    (layers.mnt / "after").write_text("y")
+    assert (layers.upper / "after").read_text() == "y"
+    mounts.umount(layers.mnt)
+
+
+def test_workdir_on_another_filesystem(tmp_path: Path, layers: Layers, mounts: Mounts, root_only: None) -> None:
+    fs = tmp_path / "tmpfs"
+    mounts.mount_tmpfs(fs)
+    wk = fs / "work"
+    wk.mkdir()
+    msg = expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={layers.upper},workdir={wk}",
+                                          layers.mnt], wk, watch=(wk,))
+    assert "filesystem" in msg
+    assert os.listdir(wk) == []
+
+
+def test_readonly_does_not_touch_workdir(layers: Layers, mounts: Mounts) -> None:
+    """With ``ro`` the upper and workdir are layers only: no ``work`` directory appears."""
+    before = snapshot(layers.upper, layers.work)
+    mounts.mount(layers.opts("ro"), layers.mnt)
+    assert (layers.mnt / "top.txt").read_text() == "from l1\n"
+    mounts.umount(layers.mnt)
+    assert snapshot(layers.upper, layers.work) == before
+
+
+@pytest.mark.parametrize("argv", [["-o", "LOWERS"], ["-x", "-o", "LOWERS", "MNT"]], ids=["no-mountpoint", "bad-flag"])
+def test_command_line_usage_errors(layers: Layers, mounts: Mounts, argv: list[str]) -> None:
+    """Malformed command lines (argparse's territory) exit 2 and change nothing."""
+    args = [a.replace("LOWERS", f"lowerdir={layers.l1}").replace("MNT", str(layers.mnt)) for a in argv]
+    before = snapshot(layers.l1, layers.upper, layers.work, layers.mnt)
+    r = mounts.try_mount(*args, mnt=layers.mnt)
+    assert r.returncode == 2
+    assert "error:" in r.stderr
+    assert not is_mounted(layers.mnt)
+    assert snapshot(layers.l1, layers.upper, layers.work, layers.mnt) == before
