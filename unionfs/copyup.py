@@ -195,7 +195,7 @@ class CopyUp:
             else:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=wfd)
                 self._finish_meta(src, entry.path, tmp, st)
-            _sys.renameat2(tmp, entry.path, _sys.RENAME_NOREPLACE, wfd, self.upper.fd)
+            self._rename_in(tmp, entry.path)
         except BaseException:
             self.work.discard(tmp)
             raise
@@ -207,6 +207,14 @@ class CopyUp:
         if self.on_copied is not None:
             self.on_copied(entry, new)
         return new
+
+    def _rename_in(self, tmp: bytes, path: bytes) -> None:
+        """Move a finished copy into place, keeping the parent's times as they were (as the kernel does:
+        a copy-up is not a change of the directory)."""
+        parent, _ = split(path)
+        pst = self.upper.lstat(parent)
+        _sys.renameat2(tmp, path, _sys.RENAME_NOREPLACE, self.work.fd, self.upper.fd)
+        os.utime(parent, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=self.upper.fd, follow_symlinks=False)
 
     def _copy_file(self, src: Layer, path: bytes, tmp: bytes, st: os.stat_result, data: bool) -> None:
         wfd = self.work.fd
@@ -225,10 +233,10 @@ class CopyUp:
             os.close(sfd)
 
     def _finish_meta(self, src: Layer, path: bytes, tmp: bytes, st: os.stat_result) -> None:
-        """xattrs, owner, mode, then times (last, since the others touch ctime only)."""
+        """Owner, xattrs, mode, then times: chown first, since it strips security.capability; times last."""
         wfd = self.work.fd
-        copy_xattrs(src.xpath(path), self.work.proc + tmp, self.stack.private_prefixes)
         _chown(tmp, wfd, st)
+        copy_xattrs(src.xpath(path), self.work.proc + tmp, self.stack.private_prefixes)
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)

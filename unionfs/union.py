@@ -17,7 +17,7 @@ from .layers import ROOT, Entry, Stack, check_name, join
 from .whiteout import XattrFormat
 
 #: open(2) flags that need the file in the upper layer
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 #: flags we never pass to the real open: the kernel resolved creation, and we write at the kernel's offsets
 _STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_TRUNC
 
@@ -113,6 +113,11 @@ class Union:
             build(path, upper_fd)
             self._fix_owner(path, upper_fd, owner, mode)
         else:
+            # Built in the workdir, the object cannot inherit from a set-group-ID parent: do it here.
+            if parent.st.st_mode & stat.S_ISGID:
+                owner = (owner[0], parent.st.st_gid)
+                if is_dir and mode is not None:
+                    mode |= stat.S_ISGID
             work = self._work()
             tmp = work.tempname()
             try:

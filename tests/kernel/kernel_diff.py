@@ -40,9 +40,11 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: Which implementation plays the "unionfs" side: ``unionfs`` (the default) or ``fuse-overlayfs``.
+#: Which implementation plays the "unionfs" side: ``unionfs`` (the default), ``fuse-overlayfs`` (to check the
+#: harness against another FUSE overlay), or ``kernel`` (the harness's self-test: kernel against kernel, where
+#: every test but the FUSE-specific command line one must pass).
 IMPL = os.environ.get("UNIONFS_DIFF_IMPL", "unionfs")
-IMPLS = ("unionfs", "fuse-overlayfs")
+IMPLS = ("unionfs", "fuse-overlayfs", "kernel")
 
 #: Options for the kernel mount: make the behaviours that kernel defaults could vary explicit.
 KERNEL_EXTRA_OPTS = "index=off,redirect_dir=off,metacopy=off"
@@ -853,7 +855,7 @@ class FuseMount(Mount):
 
     def __init__(self, side: Side, impl: str = IMPL) -> None:
         super().__init__(side)
-        if impl not in IMPLS:
+        if impl not in IMPLS or impl == "kernel":
             raise ValueError(f"UNIONFS_DIFF_IMPL must be one of {IMPLS}, not {impl!r}")
         self.impl = impl
         self.name = impl
@@ -953,6 +955,15 @@ class FuseMount(Mount):
         return problems
 
 
+def new_mount(side: Side, impl: str = IMPL) -> Mount:
+    """A mount of ``side`` by the implementation under test."""
+    if impl == "kernel":
+        m = KernelMount(side)
+        m.name = "kernel(self-test)"
+        return m
+    return FuseMount(side, impl)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Two stacks side by side
 # --------------------------------------------------------------------------------------------------------------
@@ -1002,7 +1013,7 @@ class StackPair:
         self.kside = Side.from_template(template, base / "kernel")
         self.uside = Side.from_template(template, base / "unionfs")
         self.kernel: Mount = KernelMount(self.kside)
-        self.unionfs: Mount = FuseMount(self.uside, impl)
+        self.unionfs: Mount = new_mount(self.uside, impl)
         self.impl = impl
         self._mounts: list[Mount] = [self.kernel, self.unionfs]
         self.watchdog_fired = False

@@ -81,11 +81,7 @@ def _cap_blob() -> bytes:
     return struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG copyup._finish_meta: copy_xattrs runs before os.chown, and chown(2) of a regular file strips "
-    "security.capability (ATTR_KILL_PRIV) even as root with an unchanged owner; the kernel copies xattrs and "
-    "sets the owner without killing privileges, so file capabilities survive copy-up there"))
-def test_copy_up_keeps_security_capability(make_env):
+def test_regression_copy_up_keeps_security_capability(make_env):
     env = make_env(lowers=[{"ping": File("elf", mode=0o755)}, {}])
     os.setxattr(env.lowers[0] / "ping", b"security.capability", _cap_blob())
     env.union.copy_up(env.entry("ping"))
@@ -169,11 +165,7 @@ def test_copy_up_parents_first_with_metadata(make_env):
     assert env.entry("a/b").dirs == (0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG copyup.CopyUp.copy_up: renaming the copied object into its upper parent bumps the parent's "
-    "mtime; the kernel restores the upper parent's atime/mtime after each copy-up (ovl_do_copy_up: "
-    "'Restore timestamps on parent'), so copied-up ancestors keep the lower directories' times"))
-def test_copy_up_parent_keeps_its_times(make_env):
+def test_regression_copy_up_parent_keeps_its_times(make_env):
     times = (T_ATIME, T_MTIME)
     env = make_env(lowers=[{"a": Dir({"b": Dir({"f": "x"}, times_ns=times)}, times_ns=times)}, {}])
     env.union.copy_up(env.entry("a/b/f"))

@@ -142,11 +142,7 @@ def test_create_in_setgid_directory_inherits_group(make_env):
     assert e.is_dir
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG union.Union._place: an object created over a whiteout is built in workdir/work, so in a set-group-ID "
-    "parent it gets the workdir's group and no S_ISGID (_owner() passed gid=-1 'chosen by the file system'); "
-    "the kernel gives it the parent's group and, for a directory, S_ISGID"))
-def test_mkdir_over_whiteout_in_setgid_directory_inherits_group(make_env):
+def test_regression_mkdir_over_whiteout_in_setgid_directory_inherits_group(make_env):
     env = make_env(upper={"d": Dir({"x": WHITEOUT}, mode=0o2775, gid=1234)}, lowers=[{"d": {"x": {}}}, {}])
     mkdir(env, "d/x", mode=0o755)
     st = os.lstat(env.upper / "d" / "x")
@@ -552,10 +548,7 @@ def test_open_trunc_copies_metadata_only(make_env, no_data_copy):
     assert no_data_copy == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG union.WRITE_FLAGS includes O_APPEND, so open(O_RDONLY|O_APPEND) of a lower file copies it up; the "
-    "kernel copies up only for FMODE_WRITE or O_TRUNC (ovl_open_flags_need_copy_up)"))
-def test_open_read_only_append_does_not_copy_up(make_env):
+def test_regression_open_read_only_append_does_not_copy_up(make_env):
     env = make_env(lowers=[{"f": "x"}, {}])
     fd = env.union.open(env.entry("f"), os.O_RDONLY | os.O_APPEND)
     os.close(fd)
