@@ -191,6 +191,25 @@ class Stack:
             return None
         return self._dir_entry(path, found)
 
+    def lookup_listed(self, parent: Entry, name: bytes, listed: tuple[int, int] | None) -> Entry | None:
+        """Resolve ``name`` knowing what a current merged listing of ``parent`` says of it: absent names are
+        missing, and a non-directory needs a single stat in the layer the listing found it in."""
+        if listed is None:
+            return None
+        layer, fmt = listed
+        if fmt == stat.S_IFDIR:
+            return self.lookup(parent, name)
+        path = join(parent.path, name)
+        try:
+            st = self.layers[layer].lstat(path)
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                return None
+            raise
+        if stat.S_IFMT(st.st_mode) != fmt and fmt:
+            return self.lookup(parent, name)
+        return Entry(path, layer, st)
+
     def resolve(self, path: bytes) -> Entry | None:
         """Resolve a whole merged path from the root."""
         entry = self.root()

@@ -21,7 +21,7 @@ _SPARE_BASE = 1 << 62
 class Node:
     """What the kernel knows as one inode."""
 
-    __slots__ = ("ino", "entry", "paths", "lookups", "opens", "unlinked")
+    __slots__ = ("ino", "entry", "paths", "lookups", "opens", "unlinked", "listing")
 
     def __init__(self, ino: int, entry: Entry) -> None:
         self.ino = ino
@@ -31,6 +31,8 @@ class Node:
         self.lookups = 0
         self.opens = 0
         self.unlinked = False
+        #: merged listing of a directory (name -> (layer, file type)), kept until something changes in it
+        self.listing: dict[bytes, tuple[int, int]] | None = None
 
     @property
     def path(self) -> bytes:

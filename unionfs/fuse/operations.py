@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from ..layers import ROOT, Entry, join, split
+from ..layers import ROOT, Entry, check_name, join, split
 from ..union import WRITE_FLAGS, Union
 from .errors import boundary
 from .inodes import InodeTable, Node
@@ -38,7 +38,7 @@ class FileHandle:
 class DirHandle:
     __slots__ = ("node", "names", "entries")
 
-    def __init__(self, node: Node, names: list[tuple[bytes, int]]) -> None:
+    def __init__(self, node: Node, names: list[tuple[bytes, tuple[int, int]]]) -> None:
         self.node = node
         self.names = names
         self.entries: dict[int, Entry | None] = {}
@@ -64,6 +64,8 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._mutex = trio.Lock()
+        #: counts changes to directory contents, so a listing read meanwhile is not cached
+        self._changes = 0
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -76,6 +78,15 @@ class Operations(pyfuse3.Operations):
         while self._copied:
             old, new = self._copied.pop()
             self.inodes.copied_up(old, new)
+            self._changed(split(new.path)[0])
+
+    def _changed(self, *dir_paths: bytes) -> None:
+        """Directories whose merged listing may differ now: drop what we cached of them."""
+        self._changes += 1
+        for path in dir_paths:
+            node = self.inodes.by_path.get(path)
+            if node is not None:
+                node.listing = None
 
     async def _mutate(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
         """Run a core operation that changes the layers, one at a time.
@@ -166,7 +177,12 @@ class Operations(pyfuse3.Operations):
             return self._reply_entry(parent)
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)
-        entry = self.union.lookup(parent, name)
+        pnode = self._node(parent_inode)
+        if pnode.listing is not None:
+            check_name(name)
+            entry = self.union.stack.lookup_listed(parent, name, pnode.listing.get(name))
+        else:
+            entry = self.union.lookup(parent, name)
         if entry is None:
             return self._negative()
         return self._reply_entry(entry)
@@ -249,6 +265,7 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(parent_inode)
         entry = await self._mutate(self.union.mkdir, parent, name, mode, ctx.uid, ctx.gid,
                                    thread=self._parent_needs_copy(parent))
+        self._changed(parent.path)
         return self._reply_entry(entry)
 
     @boundary
@@ -257,6 +274,7 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(parent_inode)
         entry = await self._mutate(self.union.mknod, parent, name, mode, rdev, ctx.uid, ctx.gid,
                                    thread=self._parent_needs_copy(parent))
+        self._changed(parent.path)
         return self._reply_entry(entry)
 
     @boundary
@@ -264,6 +282,7 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(parent_inode)
         entry = await self._mutate(self.union.symlink, parent, name, target, ctx.uid, ctx.gid,
                                    thread=self._parent_needs_copy(parent))
+        self._changed(parent.path)
         return self._reply_entry(entry)
 
     @boundary
@@ -273,6 +292,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         parent = self._entry(new_parent_inode)
         entry = await self._mutate(self.union.link, node.entry, parent, new_name, thread=True)
+        self._changed(parent.path)
         node.paths.append(entry.path)
         self.inodes.by_path[entry.path] = node
         node.lookups += 1
@@ -284,6 +304,7 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(parent_inode)
         fd, entry = await self._mutate(self.union.create, parent, name, mode, flags, ctx.uid, ctx.gid,
                                        thread=self._parent_needs_copy(parent))
+        self._changed(parent.path)
         attrs = self._reply_entry(entry)
         node = self.inodes.get(attrs.st_ino)
         return self._open_handle(node, fd, writable=True), attrs
@@ -302,12 +323,14 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._entry(parent_inode)
         removed = await self._mutate(self.union.unlink, parent, name, thread=self._parent_needs_copy(parent))
+        self._changed(parent.path)
         self._gone(parent, name, removed)
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._entry(parent_inode)
         removed = await self._mutate(self.union.rmdir, parent, name, thread=True)
+        self._changed(parent.path)
         self._gone(parent, name, removed)
 
     @boundary
@@ -323,6 +346,7 @@ class Operations(pyfuse3.Operations):
             return  # two names of one inode: rename(2) does nothing
         moved, replaced = await self._mutate(self.union.rename, old_parent, name_old, new_parent, name_new,
                                              flags, thread=True)
+        self._changed(old_parent.path, new_parent.path)
         if moved.path == old_path:
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -406,9 +430,14 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        listing = await trio.to_thread.run_sync(self.union.listdir, node.entry)
+        listing = node.listing
+        if listing is None:
+            before = self._changes
+            listing = await trio.to_thread.run_sync(self.union.listdir, node.entry)
+            if self._changes == before:  # nothing changed while it was being read: worth keeping
+                node.listing = listing
         fh = self._new_fh()
-        self._dirs[fh] = DirHandle(node, [(name, layer) for name, (layer, _fmt) in listing.items()])
+        self._dirs[fh] = DirHandle(node, list(listing.items()))
         node.opens += 1
         return fh
 
@@ -416,9 +445,9 @@ class Operations(pyfuse3.Operations):
         """Entry of the index-th listed name, resolved once per handle (None when it vanished)."""
         if index in handle.entries:
             return handle.entries[index]
-        name, _layer = handle.names[index]
+        name, listed = handle.names[index]
         try:
-            entry = self.union.lookup(handle.node.entry, name)
+            entry = self.union.stack.lookup_listed(handle.node.entry, name, listed)
         except OSError:
             entry = None
         handle.entries[index] = entry
