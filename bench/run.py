@@ -786,6 +786,9 @@ def run_workload(wl: Workload, backends: list[Backend], env: Env, repeat: int, r
                 values = wl.run(fs, env)
             except Exception as e:  # a failure on one file system must not stop the others
                 progress(f"{wl.name:8} rep {rep + 1}/{repeat} {fs.name:14} FAILED: {e}")
+                note = f"{fs.name} failed {wl.name}: {e}"
+                if note not in env.notes:
+                    env.notes.append(note)
                 for cell in cells:
                     cell.error = short_reason(str(e))
                 continue
@@ -794,6 +797,7 @@ def run_workload(wl: Workload, backends: list[Backend], env: Env, repeat: int, r
                 value = values.get(metric.key, "not measured")
                 if isinstance(value, str):
                     cell.error = value
+                    shown.append(f"{metric.label} n/a ({value})")
                 else:
                     cell.runs.append(value)
                     shown.append(f"{metric.label} {fmt_value(metric, value, scale_for(metric, [value]))}")
