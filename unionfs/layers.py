@@ -36,7 +36,7 @@ def split(path: bytes) -> tuple[bytes, bytes]:
 class Layer:
     """One directory of the stack, held open for the life of the mount."""
 
-    __slots__ = ("index", "path", "fd", "dev", "proc", "writable")
+    __slots__ = ("index", "path", "fd", "dev", "proc", "prefix", "writable")
 
     def __init__(self, index: int, path: bytes, writable: bool) -> None:
         self.index = index
@@ -45,9 +45,13 @@ class Layer:
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.fd).st_dev
         self.proc = b"/proc/self/fd/%d/" % self.fd
+        self.prefix = os.path.abspath(path).rstrip(b"/") + b"/"
 
     def xpath(self, rel: bytes) -> bytes:
-        """A path usable by calls without ``dir_fd`` support (xattrs): through /proc/self/fd."""
+        """A path usable by calls without ``dir_fd`` support (xattrs): the layer's own path, or through
+        /proc/self/fd where that would be longer than PATH_MAX."""
+        if len(self.prefix) + len(rel) < PATH_MAX:
+            return self.prefix + rel
         return self.proc + rel
 
     def lstat(self, rel: bytes) -> os.stat_result:

@@ -12,8 +12,6 @@ import errno
 import os
 import stat
 
-import xattr.pyxattr_compat as _xattr
-
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
 
@@ -65,15 +63,11 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _nofollow(target: bytes | int) -> bool:
-    """Paths are never followed through a final symlink; descriptors take no such flag."""
-    return not isinstance(target, int)
-
-
 def getxattr(path: bytes | int, name: bytes) -> bytes | None:
-    """Value of one xattr of ``path`` (not following symlinks), or None when it is absent."""
+    """Value of one xattr of ``path`` (never following a final symlink; a descriptor is used as it is),
+    or None when it is absent."""
     try:
-        value: bytes = _xattr.getxattr(path, name, nofollow=_nofollow(path))
+        value: bytes = os.getxattr(path, name, follow_symlinks=isinstance(path, int))
     except OSError as exc:
         if exc.errno in _ABSENT:
             return None
@@ -121,12 +115,12 @@ def make_whiteout(name: bytes, dir_fd: int) -> None:
 
 def set_opaque(path: bytes, fmt: XattrFormat) -> None:
     """Mark directory ``path`` opaque: lower directories of the same name are not merged into it."""
-    _xattr.setxattr(path, fmt.opaque, b"y", 0, True)
+    os.setxattr(path, fmt.opaque, b"y", 0, follow_symlinks=False)
 
 
 def clear_opaque(path: bytes, fmt: XattrFormat) -> None:
     try:
-        _xattr.removexattr(path, fmt.opaque, True)
+        os.removexattr(path, fmt.opaque, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in _ABSENT:
             raise
@@ -135,7 +129,7 @@ def clear_opaque(path: bytes, fmt: XattrFormat) -> None:
 def listxattr(path: bytes | int) -> list[bytes]:
     """Every on-disk xattr name of ``path`` (no symlink following); [] where xattrs are unsupported."""
     try:
-        names: list[bytes] = _xattr.listxattr(path, nofollow=_nofollow(path))
+        names = [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=isinstance(path, int))]
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return []
@@ -144,11 +138,11 @@ def listxattr(path: bytes | int) -> list[bytes]:
 
 
 def setxattr(path: bytes | int, name: bytes, value: bytes, flags: int = 0) -> None:
-    _xattr.setxattr(path, name, value, flags, _nofollow(path))
+    os.setxattr(path, name, value, flags, follow_symlinks=isinstance(path, int))
 
 
 def removexattr(path: bytes | int, name: bytes) -> None:
-    _xattr.removexattr(path, name, _nofollow(path))
+    os.removexattr(path, name, follow_symlinks=isinstance(path, int))
 
 
 def probe_trusted(dir_path: bytes) -> bool:
@@ -159,7 +153,7 @@ def probe_trusted(dir_path: bytes) -> bool:
     except FileExistsError:
         pass
     try:
-        _xattr.setxattr(probe, TRUSTED_PREFIX + b"probe", b"y", 0, True)
+        os.setxattr(probe, TRUSTED_PREFIX + b"probe", b"y", 0, follow_symlinks=False)
         return True
     except OSError:
         return False

@@ -64,8 +64,6 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._mutex = trio.Lock()
-        #: counts changes to directory contents, so a listing read meanwhile is not cached
-        self._changes = 0
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -82,7 +80,6 @@ class Operations(pyfuse3.Operations):
 
     def _changed(self, *dir_paths: bytes) -> None:
         """Directories whose merged listing may differ now: drop what we cached of them."""
-        self._changes += 1
         for path in dir_paths:
             node = self.inodes.by_path.get(path)
             if node is not None:
@@ -432,10 +429,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         listing = node.listing
         if listing is None:
-            before = self._changes
-            listing = await trio.to_thread.run_sync(self.union.listdir, node.entry)
-            if self._changes == before:  # nothing changed while it was being read: worth keeping
-                node.listing = listing
+            listing = node.listing = self.union.listdir(node.entry)
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node, list(listing.items()))
         node.opens += 1
