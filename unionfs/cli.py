@@ -88,6 +88,7 @@ def cmd_umount(argv: Sequence[str]) -> int:
 COMMANDS = {
     "mount": "mount a layer stack (unionfs mount --help)",
     "umount": "unmount and wait for the server to exit",
+    "snapshot": "build layer chains: prepare, mount, commit (unionfs snapshot --help)",
 }
 
 
@@ -114,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_mount(args[1:])
     if cmd in ("umount", "unmount"):
         return cmd_umount(args[1:])
+    if cmd == "snapshot":
+        from .snapshots.cli import main as snapshot_main
+
+        return snapshot_main(args[1:])
     if not cmd.startswith("-"):
         # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
         return cmd_mount(args, prog="unionfs")

@@ -45,8 +45,25 @@ def _check_dir(path: bytes, what: str) -> os.stat_result:
     return st
 
 
+FUSE_DEVICE = "/dev/fuse"
+
+
+def check_fuse_device(device: str = FUSE_DEVICE) -> None:
+    """The FUSE device must exist and be usable by this user (mode 0666 on a standard system)."""
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        raise MountError(f"{device} does not exist: install fuse3 and load the fuse module (modprobe fuse)") from None
+    if not os.access(device, os.R_OK | os.W_OK):
+        raise MountError(
+            f"{device} is mode {stat.S_IMODE(st.st_mode):04o} and not usable by uid {os.getuid()}; "
+            f"a standard system ships it 0666: run `chmod 0666 {device}` as root"
+        )
+
+
 def check(spec: MountSpec, mountpoint: bytes) -> None:
     """Raise MountError for the first problem found."""
+    check_fuse_device()
     for lower in spec.lowers:
         _check_dir(lower, "lowerdir")
     layers = [("lowerdir", _real(p)) for p in spec.lowers]

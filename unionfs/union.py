@@ -181,6 +181,8 @@ class Union:
         return self._place(build, parent, name, over, True, self._owner(parent, uid, gid), perm)
 
     def mknod(self, parent: Entry, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Entry:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise OSError(errno.EPERM, "a whiteout device cannot be created in the merged view")
         parent, over = self._prepare_new(parent, name)
 
         def build(p: bytes, dfd: int) -> None:
@@ -216,6 +218,19 @@ class Union:
                 work.discard(tmp)
         return self._upper_entry(path)
 
+    def link_alias(self, copy_path: bytes, alias: Entry) -> Entry:
+        """Keep a hard link through copy-up: ``alias`` (another name of a lower file whose copy now stands
+        at ``copy_path`` in the upper layer) becomes a link to that copy.  The kernel breaks such links;
+        here both names stay one file, and stay so after a remount."""
+        upper = self.stack.layers[0]
+        parent = self._copier().parent_of(alias)
+        parent = self._copier().ensure_dir(parent)
+        try:
+            os.link(copy_path, alias.path, src_dir_fd=upper.fd, dst_dir_fd=upper.fd, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        return self._upper_entry(alias.path)
+
     # -- opening ------------------------------------------------------------------------------------------
 
     def open(self, entry: Entry, flags: int) -> int:
@@ -227,7 +242,10 @@ class Union:
         layer = self.stack.layers[entry.layer]
         fd = os.open(entry.path, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=layer.fd)
         if flags & os.O_TRUNC:
-            os.ftruncate(fd, 0)
+            if flags & os.O_ACCMODE == os.O_RDONLY:  # Linux truncates even then
+                self.truncate(entry, 0)
+            else:
+                os.ftruncate(fd, 0)
         return fd
 
     # -- removing -----------------------------------------------------------------------------------------
@@ -426,10 +444,7 @@ class Union:
         return self._getxattr(fd, name)
 
     def _getxattr(self, target: bytes | int, name: bytes) -> bytes:
-        value = whiteout.getxattr(target, self._disk_name(name))
-        if value is None:
-            raise OSError(errno.ENODATA, "No data available")
-        return value
+        return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
 
     def listxattr(self, entry: Entry) -> list[bytes]:
         return self._listxattr(self._xpath(entry))

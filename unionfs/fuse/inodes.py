@@ -97,7 +97,7 @@ class InodeTable:
         ino = self.number(entry.st)
         node = self.nodes.get(ino)
         if node is not None and not node.unlinked and not stat.S_ISDIR(entry.st.st_mode):
-            # Another name of a hard-linked file.
+            # Another name of a hard-linked file: one inode (the caller keeps the names together on copy-up).
             node.paths.append(entry.path)
             self.by_path[entry.path] = node
             return node

@@ -38,9 +38,10 @@ class FileHandle:
 class DirHandle:
     __slots__ = ("node", "names", "entries")
 
-    def __init__(self, node: Node, names: list[tuple[bytes, tuple[int, int]]]) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.names = names
+        #: the merged listing this handle serves, taken at its first read
+        self.names: list[tuple[bytes, tuple[int, int]]] | None = None
         self.entries: dict[int, Entry | None] = {}
 
 
@@ -77,6 +78,25 @@ class Operations(pyfuse3.Operations):
             old, new = self._copied.pop()
             self.inodes.copied_up(old, new)
             self._changed(split(new.path)[0])
+            node = self.inodes.by_path.get(new.path)
+            if node is not None and old.st.st_nlink > 1 and not old.is_dir:
+                for path in list(node.paths):
+                    if path != new.path:
+                        self._keep_link(node, path)
+
+    def _keep_link(self, node: Node, path: bytes) -> None:
+        """Another known name of a file copied up: link it to the copy (hard links survive copy-up)."""
+        alias = self.union.stack.resolve(path)
+        if alias is not None and alias.layer != 0:
+            self.union.link_alias(node.entry.path, alias)
+            self._changed(split(path)[0])
+
+    def _node_for(self, entry: Entry) -> Node:
+        node = self.inodes.node_for(entry)
+        if (entry.layer != 0 and node.entry.layer == 0 and node.entry.path != entry.path
+                and self.union.stack.writable and not entry.is_dir):
+            self._keep_link(node, entry.path)
+        return node
 
     def _changed(self, *dir_paths: bytes) -> None:
         """Directories whose merged listing may differ now: drop what we cached of them."""
@@ -126,9 +146,7 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
         a.st_mode = st.st_mode
-        if node.unlinked:
-            a.st_nlink = 0
-        elif stat.S_ISDIR(st.st_mode) and entry.merged:
+        if stat.S_ISDIR(st.st_mode) and entry.merged and not node.unlinked:
             a.st_nlink = 1
         else:
             a.st_nlink = st.st_nlink
@@ -155,7 +173,7 @@ class Operations(pyfuse3.Operations):
 
     def _reply_entry(self, entry: Entry) -> pyfuse3.EntryAttributes:
         """A new reference handed to the kernel (lookup, create, mkdir, mknod, symlink, link)."""
-        node = self.inodes.node_for(entry)
+        node = self._node_for(entry)
         node.lookups += 1
         return self._attrs(node)
 
@@ -427,19 +445,21 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        listing = node.listing
-        if listing is None:
-            listing = node.listing = self.union.listdir(node.entry)
         fh = self._new_fh()
-        self._dirs[fh] = DirHandle(node, list(listing.items()))
+        self._dirs[fh] = DirHandle(node)
         node.opens += 1
         return fh
 
-    def _dir_child(self, handle: DirHandle, index: int) -> Entry | None:
+    def _listing(self, node: Node) -> dict[bytes, tuple[int, int]]:
+        if node.listing is None:
+            node.listing = self.union.listdir(node.entry)
+        return node.listing
+
+    def _dir_child(self, handle: DirHandle, names: list[tuple[bytes, tuple[int, int]]], index: int) -> Entry | None:
         """Entry of the index-th listed name, resolved once per handle (None when it vanished)."""
         if index in handle.entries:
             return handle.entries[index]
-        name, listed = handle.names[index]
+        name, listed = names[index]
         try:
             entry = self.union.stack.lookup_listed(handle.node.entry, name, listed)
         except OSError:
@@ -455,18 +475,23 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
+        if start_id == 0 or handle.names is None:
+            # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
+            handle.names = list(self._listing(handle.node).items())
+            handle.entries.clear()
+        names = handle.names
         if start_id < 2:
             # "." and "..": the kernel takes no lookup reference for these
             for index, (name, node) in enumerate(self._dot_entries(handle)[start_id:], start_id):
                 if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
                     return
             start_id = 2
-        for index in range(start_id - 2, len(handle.names)):
-            entry = self._dir_child(handle, index)
+        for index in range(start_id - 2, len(names)):
+            entry = self._dir_child(handle, names, index)
             if entry is None:
                 continue
-            node = self.inodes.node_for(entry)
-            if not pyfuse3.readdir_reply(token, handle.names[index][0], self._attrs(node), index + 3):
+            node = self._node_for(entry)
+            if not pyfuse3.readdir_reply(token, names[index][0], self._attrs(node), index + 3):
                 if node.lookups == 0:
                     self.inodes.forget(node.ino, 0)
                 return
@@ -494,9 +519,10 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self._node(inode)
-        if node.unlinked:
-            return self.union.listxattr_fd(self._unlinked_fd(node))
-        return self.union.listxattr(node.entry)
+        names = self.union.listxattr_fd(self._unlinked_fd(node)) if node.unlinked else self.union.listxattr(node.entry)
+        if ctx.uid != 0:  # trusted.* is listed for the superuser only, as the kernel lists it
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

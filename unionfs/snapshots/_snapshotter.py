@@ -1,0 +1,571 @@
+"""The snapshotter: containerd's snapshot lifecycle on directories served by unionfs.
+
+A store (the *root*) holds ``metadata.db`` and ``snapshots/<id>/{fs,work}``. An active snapshot's ``fs`` is the
+upper directory of its mount and ``work`` the workdir; its parents' ``fs`` directories, nearest first, are the
+lower layers. Committing changes metadata only: the key becomes the name, the kind becomes committed and the
+usage is frozen. Directory names never change after creation, so a chain is stable while it is in use.
+
+Crash safety comes from ordering:
+
+* prepare/view take the write lock, build the directories under a temporary name (``new-*``), insert the row,
+  rename the directory to its id and only then commit; on an error the transaction rolls back and the
+  directory goes. A crash leaves at most a directory no row refers to.
+* remove commits the deletion of the row first and deletes the directory afterwards (renamed to ``rm-*``
+  first, so that the deletion is claimed by one process). A crash leaves at most a directory no row refers to.
+* :meth:`Snapshotter.cleanup` removes such directories; :meth:`Snapshotter.fsck` reports (and repairs) every
+  disagreement between the rows and the directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+
+from . import _files, _filters
+from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ._store import Row, Store, Tx
+from ._types import Info, Kind, Mount, Usage, from_ns
+
+log = logging.getLogger("unionfs.snapshots")
+
+#: Environment variable naming the store, when no root is given explicitly.
+ROOT_ENV = "UNIONFS_ROOT"
+#: The most bytes a label's key and value may take together (containerd's limit).
+MAX_LABEL_BYTES = 4096
+#: The most bytes a key or name may take.
+MAX_KEY_BYTES = 4096
+
+#: The steps of prepare/view, commit and remove after which a crash leaves a distinct state. ``crash_hook``
+#: is called with each name as the step completes (tests use it to kill the process at that point).
+STEPS = (
+    "prepare.locked", "prepare.tempdir", "prepare.inserted", "prepare.renamed", "prepare.committed",
+    "commit.locked", "commit.usage", "commit.updated", "commit.committed",
+    "remove.locked", "remove.deleted", "remove.committed", "remove.renamed", "remove.deleting", "remove.done",
+)
+crash_hook: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if crash_hook is not None:
+        crash_hook(name)
+
+
+def default_root() -> str:
+    """``$UNIONFS_ROOT``, else ``$XDG_DATA_HOME/unionfs``, else ``~/.local/share/unionfs``."""
+    env = os.environ.get(ROOT_ENV)
+    if env:
+        return os.path.abspath(env)
+    data = os.environ.get("XDG_DATA_HOME")
+    if not data or not os.path.isabs(data):
+        data = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "unionfs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One disagreement :meth:`Snapshotter.fsck` found between the metadata and the directories."""
+
+    subject: str
+    problem: str
+    repairable: bool
+    repaired: bool = False
+
+    def __str__(self) -> str:
+        state = "repaired" if self.repaired else "can be repaired" if self.repairable else "cannot be repaired"
+        return f"{self.subject}: {self.problem} ({state})"
+
+    def to_json(self) -> dict[str, object]:
+        return {"subject": self.subject, "problem": self.problem, "repairable": self.repairable,
+                "repaired": self.repaired}
+
+
+def _check_key(key: object, what: str = "key") -> str:
+    if not isinstance(key, str):
+        raise InvalidArgument(f"{what} must be a string, not {type(key).__name__}")
+    if not key:
+        raise InvalidArgument(f"{what} must not be empty")
+    if "\0" in key:
+        raise InvalidArgument(f"{what} {key!r} contains a NUL character")
+    if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+        raise InvalidArgument(f"{what} is longer than {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in (labels or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument(f"label {k!r}: keys and values must be strings")
+        if not k:
+            raise InvalidArgument("a label key must not be empty")
+        if "\0" in k or "\0" in v:
+            raise InvalidArgument(f"label {k!r} contains a NUL character")
+        n = len(k.encode("utf-8", "surrogateescape")) + len(v.encode("utf-8", "surrogateescape"))
+        if n > MAX_LABEL_BYTES:
+            raise InvalidArgument(f"label {k!r}: key and value take {n} bytes, more than {MAX_LABEL_BYTES}")
+        out[k] = v
+    return out
+
+
+def _escape_lower(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def option_string(options: Iterable[str]) -> str:
+    """Join mount options into one ``-o`` argument (a comma inside a value is escaped as ``\\,``)."""
+    return ",".join(o.replace(",", "\\,") for o in options)
+
+
+def _probe_trusted(directory: str) -> bool:
+    """Whether this process can write ``trusted.*`` xattrs in ``directory`` (root, outside a user namespace)."""
+    fd, path = tempfile.mkstemp(prefix="probe-", dir=directory)
+    try:
+        os.setxattr(fd, "trusted.overlay.probe", b"y")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+class Snapshotter:
+    """Snapshots stored under ``root`` (default: :func:`default_root`).
+
+    Several Snapshotter objects, in one process or many, may use the same root at once: every change is one
+    SQLite transaction holding the database's write lock. ``timeout`` is how long (seconds) an operation
+    waits for another process's transaction to end.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
+        self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        if "\\" in self.root:
+            raise InvalidArgument(f"root {self.root!r}: a backslash in the path cannot be expressed in mount options")
+        self.snapshots_dir = os.path.join(self.root, "snapshots")
+        self.empty_dir = os.path.join(self.root, "empty")
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            for d, mode in ((self.snapshots_dir, 0o700), (self.empty_dir, 0o755)):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, mode)
+                    os.chmod(d, mode)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot create the store {self.root}: {exc.strerror}") from None
+        self._store = Store(os.path.join(self.root, "metadata.db"), timeout)
+        try:
+            with self._store.write() as tx:
+                xattr = tx.meta("xattr")
+                if xattr is None:
+                    xattr = "trusted" if _probe_trusted(self.snapshots_dir) else "user"
+                    tx.set_meta("xattr", xattr)
+            #: the xattr namespace of overlay markers in this store's layers: "trusted" or "user"
+            self.xattr = xattr
+        except BaseException:
+            self._store.close()
+            raise
+
+    # -- lifetime ----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the database; closing again does nothing, any other use afterwards fails."""
+        self._store.close()
+
+    def __enter__(self) -> Snapshotter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- paths -------------------------------------------------------------------------------------------------
+
+    def _dir(self, sid: int) -> str:
+        return os.path.join(self.snapshots_dir, str(sid))
+
+    def _fs(self, sid: int) -> str:
+        return os.path.join(self.snapshots_dir, str(sid), "fs")
+
+    def _work(self, sid: int) -> str:
+        return os.path.join(self.snapshots_dir, str(sid), "work")
+
+    # -- creating ----------------------------------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str | None = None, labels: Mapping[str, str] | None = None) -> list[Mount]:
+        """Create the active (writable) snapshot ``key`` on top of the committed snapshot ``parent`` (or
+        empty) and return how to mount it.
+
+        AlreadyExists when ``key`` is taken; NotFound when ``parent`` does not exist; FailedPrecondition when
+        ``parent`` is not committed."""
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str | None = None, labels: Mapping[str, str] | None = None) -> list[Mount]:
+        """Create the read-only view ``key`` of the committed snapshot ``parent`` and return how to mount it.
+
+        Errors as for :meth:`prepare`."""
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(self, kind: Kind, key: str, parent: str | None, labels: Mapping[str, str] | None) -> list[Mount]:
+        key = _check_key(key)
+        if parent is not None and parent != "":
+            _check_key(parent, "parent")
+        labels = _check_labels(labels)
+        made: str | None = None
+        try:
+            with self._store.write() as tx:
+                _step("prepare.locked")
+                if tx.get(key) is not None:
+                    raise AlreadyExists(f'snapshot "{key}" already exists')
+                ancestors: list[Row] = []
+                if parent:
+                    prow = tx.get(parent)
+                    if prow is None:
+                        raise NotFound(f'parent "{parent}" does not exist')
+                    if prow.kind != Kind.COMMITTED.value:
+                        raise FailedPrecondition(f'parent "{parent}" is {prow.kind}, not committed')
+                    ancestors = [prow, *tx.ancestors(prow.id)]
+                made = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
+                self._populate(made, ancestors[0].id if ancestors else None)
+                _step("prepare.tempdir")
+                usage = (0, 0) if kind is Kind.VIEW else (None, None)
+                sid = tx.insert(key, kind.value, ancestors[0].id if ancestors else None, labels, *usage)
+                _step("prepare.inserted")
+                final = self._dir(sid)
+                if os.path.lexists(final):
+                    # left by a crash before an earlier transaction committed (its id was never used)
+                    self._reclaim(final)
+                os.rename(made, final)
+                made = final
+                _files.fsync_dir(self.snapshots_dir)
+                _step("prepare.renamed")
+        except BaseException:
+            if made is not None:
+                with contextlib.suppress(OSError):
+                    _files.remove_tree(made)
+            raise
+        _step("prepare.committed")
+        return self._mounts(kind, sid, ancestors)
+
+    def _populate(self, tmp: str, parent_id: int | None) -> None:
+        fs = os.path.join(tmp, "fs")
+        os.mkdir(fs, 0o755)
+        os.chmod(fs, 0o755)
+        os.mkdir(os.path.join(tmp, "work"), 0o700)
+        if parent_id is None:
+            return
+        # The root of the merged view shows the upper directory's owner and mode: take the parent's.
+        try:
+            pst = os.stat(self._fs(parent_id))
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"the directory of the parent ({self._fs(parent_id)}) is missing; run `unionfs snapshot fsck`"
+            ) from None
+        with contextlib.suppress(PermissionError):
+            os.chown(fs, pst.st_uid, pst.st_gid)
+        with contextlib.suppress(PermissionError):
+            os.chmod(fs, stat.S_IMODE(pst.st_mode))
+
+    # -- committing --------------------------------------------------------------------------------------------
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        """Turn the active snapshot ``key`` into the committed snapshot ``name``, which can then be a parent.
+
+        The layer keeps its directory; its usage is measured now and frozen. The labels stay unless
+        ``labels`` is given, which replaces them. NotFound when ``key`` does not exist; FailedPrecondition when
+        it is not active; AlreadyExists when ``name`` is taken (also by ``key`` itself)."""
+        name = _check_key(name, "name")
+        key = _check_key(key)
+        new_labels = None if labels is None else _check_labels(labels)
+        with self._store.write() as tx:
+            _step("commit.locked")
+            row = tx.get(key)
+            if row is None:
+                raise NotFound(f'snapshot "{key}" does not exist')
+            if row.kind != Kind.ACTIVE.value:
+                raise FailedPrecondition(f'snapshot "{key}" is {row.kind}; only an active snapshot can be committed')
+            if tx.get(name) is not None:
+                raise AlreadyExists(f'snapshot "{name}" already exists')
+            try:
+                usage = _files.disk_usage(self._fs(row.id))
+            except FileNotFoundError:
+                raise FailedPrecondition(
+                    f'the directory of "{key}" is missing; run `unionfs snapshot fsck`'
+                ) from None
+            _step("commit.usage")
+            tx.commit_active(row.id, name, row.labels if new_labels is None else new_labels,
+                             usage.size, usage.inodes)
+            _step("commit.updated")
+        _step("commit.committed")
+
+    # -- removing ----------------------------------------------------------------------------------------------
+
+    def remove(self, key: str) -> None:
+        """Remove a snapshot of any kind, and its directory.
+
+        NotFound when ``key`` does not exist; FailedPrecondition when snapshots are built on it."""
+        key = _check_key(key)
+        with self._store.write() as tx:
+            _step("remove.locked")
+            row = tx.get(key)
+            if row is None:
+                raise NotFound(f'snapshot "{key}" does not exist')
+            n = tx.children(row.id)
+            if n:
+                raise FailedPrecondition(
+                    f'snapshot "{key}" has {n} {"child" if n == 1 else "children"}; remove {"it" if n == 1 else "them"}'
+                    " first"
+                )
+            tx.delete(row.id)
+            _step("remove.deleted")
+        _step("remove.committed")
+        try:
+            self._reclaim(self._dir(row.id), progress=True)
+        except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
+            log.warning("removed %s but could not delete %s: %s", key, self._dir(row.id), exc.strerror)
+        _step("remove.done")
+
+    def _reclaim(self, path: str, progress: bool = False) -> None:
+        """Claim ``path`` by renaming it to ``rm-*`` (only one process wins the rename), then delete it."""
+        trash = os.path.join(self.snapshots_dir, f"rm-{os.path.basename(path)}-{secrets.token_hex(4)}")
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        if progress:
+            _step("remove.renamed")
+        first = [progress]
+
+        def deleted() -> None:
+            if first[0]:
+                first[0] = False
+                _step("remove.deleting")
+
+        _files.remove_tree(trash, deleted)
+
+    # -- reading -----------------------------------------------------------------------------------------------
+
+    def _info(self, row: Row, parent: str | None) -> Info:
+        return Info(kind=Kind(row.kind), name=row.key, parent=parent, labels=dict(row.labels),
+                    created=from_ns(row.created_ns), updated=from_ns(row.updated_ns))
+
+    def _get(self, tx: Tx, key: str) -> Row:
+        row = tx.get(_check_key(key))
+        if row is None:
+            raise NotFound(f'snapshot "{key}" does not exist')
+        return row
+
+    def stat(self, key: str) -> Info:
+        """What is known about snapshot ``key`` (NotFound when there is none)."""
+        with self._store.read() as tx:
+            row = self._get(tx, key)
+            parent = tx.by_id(row.parent_id) if row.parent_id is not None else None
+            return self._info(row, parent.key if parent else None)
+
+    def walk(self, filters: Iterable[str] | str = ()) -> list[Info]:
+        """Every snapshot matching any of ``filters`` (see :mod:`unionfs.snapshots._filters`), by name."""
+        match = _filters.matcher([filters] if isinstance(filters, str) else filters)
+        with self._store.read() as tx:
+            rows = tx.all()
+        names = {r.id: r.key for r in rows}
+        infos = [self._info(r, names.get(r.parent_id) if r.parent_id is not None else None) for r in rows]
+        return [i for i in infos if match(i)]
+
+    def update(self, info: Info, fieldpaths: Iterable[str] = ()) -> Info:
+        """Change the labels of snapshot ``info.name``; returns the updated info.
+
+        Without field paths the labels become ``info.labels``. ``labels`` does the same; ``labels.KEY`` sets
+        that one label from ``info.labels`` (or deletes it when ``info.labels`` lacks it or holds an empty
+        value). Other fields cannot change: InvalidArgument."""
+        key = _check_key(info.name, "name")
+        paths = [fieldpaths] if isinstance(fieldpaths, str) else list(fieldpaths)
+        given = _check_labels(info.labels)
+        with self._store.write() as tx:
+            row = self._get(tx, key)
+            labels = dict(row.labels)
+            if not paths:
+                labels = dict(given)
+            for fp in paths:
+                if fp == "labels":
+                    labels = dict(given)
+                elif fp.startswith("labels.") and len(fp) > len("labels."):
+                    name = fp[len("labels."):]
+                    if given.get(name):
+                        labels[name] = given[name]
+                    else:
+                        labels.pop(name, None)
+                else:
+                    raise InvalidArgument(f'cannot update field "{fp}" of a snapshot; only labels can change')
+            _check_labels(labels)
+            tx.set_labels(row.id, labels)
+            row = self._get(tx, key)
+            parent = tx.by_id(row.parent_id) if row.parent_id is not None else None
+            return self._info(row, parent.key if parent else None)
+
+    def usage(self, key: str) -> Usage:
+        """Disk use of the snapshot's own layer: measured now for an active snapshot, as frozen at commit for a
+        committed one (zero for a view, which has no layer of its own)."""
+        with self._store.read() as tx:
+            row = self._get(tx, key)
+        if row.kind == Kind.ACTIVE.value:
+            try:
+                return _files.disk_usage(self._fs(row.id))
+            except FileNotFoundError:
+                raise FailedPrecondition(f'the directory of "{key}" is missing; run `unionfs snapshot fsck`') from None
+        return Usage(size=row.size or 0, inodes=row.inodes or 0)
+
+    # -- mounting ----------------------------------------------------------------------------------------------
+
+    def _chain(self, key: str) -> tuple[Row, list[Row]]:
+        with self._store.read() as tx:
+            row = self._get(tx, key)
+            if row.kind == Kind.COMMITTED.value:
+                raise FailedPrecondition(
+                    f'snapshot "{key}" is committed and cannot be mounted; mount a view of it '
+                    f"(`unionfs snapshot view KEY {key}`) or prepare on it"
+                )
+            return row, tx.ancestors(row.id)
+
+    def mounts(self, key: str) -> list[Mount]:
+        """How to mount the active snapshot or view ``key`` (FailedPrecondition for a committed one).
+
+        An active snapshot without parents is a read-write bind mount of its layer, a view of one layer a
+        read-only bind mount of that layer, anything else a ``fuse.unionfs`` mount of the chain."""
+        row, ancestors = self._chain(key)
+        return self._mounts(Kind(row.kind), row.id, ancestors)
+
+    def _xattr_options(self) -> tuple[str, ...]:
+        return ("userxattr",) if self.xattr == "user" else ()
+
+    def _mounts(self, kind: Kind, sid: int, ancestors: list[Row]) -> list[Mount]:
+        lowers = [self._fs(a.id) for a in ancestors]
+        if kind is Kind.ACTIVE:
+            if not lowers:
+                return [Mount("bind", self._fs(sid), ("rw", "rbind"))]
+            return [Mount("fuse.unionfs", "unionfs", (
+                "lowerdir=" + ":".join(map(_escape_lower, lowers)),
+                f"upperdir={self._fs(sid)}",
+                f"workdir={self._work(sid)}",
+                *self._xattr_options(),
+            ))]
+        if len(lowers) <= 1:
+            return [Mount("bind", lowers[0] if lowers else self._fs(sid), ("ro", "rbind"))]
+        return [Mount("fuse.unionfs", "unionfs",
+                      ("lowerdir=" + ":".join(map(_escape_lower, lowers)), *self._xattr_options()))]
+
+    def mount_options(self, key: str) -> list[str]:
+        """The ``unionfs mount -o`` options that serve ``mounts(key)`` with unionfs in every case.
+
+        A bind mount becomes a unionfs mount of that one directory: read-only for a view, and for an active
+        snapshot without parents a writable mount whose upper layer is the snapshot's layer above the store's
+        empty directory. Join them with :func:`option_string`."""
+        row, ancestors = self._chain(key)
+        lowers = [self._fs(a.id) for a in ancestors]
+        xattr = "userxattr" if self.xattr == "user" else "nouserxattr"
+        if row.kind == Kind.ACTIVE.value:
+            if not lowers:
+                os.makedirs(self.empty_dir, mode=0o755, exist_ok=True)
+                lowers = [self.empty_dir]
+            return ["lowerdir=" + ":".join(map(_escape_lower, lowers)),
+                    f"upperdir={self._fs(row.id)}", f"workdir={self._work(row.id)}", xattr]
+        if not lowers:
+            lowers = [self._fs(row.id)]
+        return ["lowerdir=" + ":".join(map(_escape_lower, lowers)), "ro", xattr]
+
+    # -- housekeeping ------------------------------------------------------------------------------------------
+
+    def cleanup(self) -> list[str]:
+        """Delete every entry of ``snapshots/`` that no snapshot refers to (left by a crash or an interrupted
+        remove); returns their names."""
+        with self._store.write() as tx:
+            claimed = self._claim_orphans(tx.ids())
+        for _name, path in claimed:
+            _files.remove_tree(path)
+        return [name for name, _path in claimed]
+
+    def _claim_orphans(self, ids: set[int]) -> list[tuple[str, str]]:
+        """Rename orphans to ``rm-*`` (under the write lock: no ``new-*`` or uncommitted ``<id>`` directory
+        of a running operation can exist meanwhile) and return (original name, new path)."""
+        claimed = []
+        with os.scandir(self.snapshots_dir) as it:
+            entries = sorted(e.name for e in it)
+        for name in entries:
+            if name.isdigit() and int(name) in ids:
+                continue
+            path = os.path.join(self.snapshots_dir, name)
+            if name.startswith("rm-"):
+                claimed.append((name, path))
+                continue
+            trash = os.path.join(self.snapshots_dir, f"rm-{name}-{secrets.token_hex(4)}")
+            try:
+                os.rename(path, trash)
+            except FileNotFoundError:
+                continue
+            claimed.append((name, trash))
+        return claimed
+
+    def fsck(self, repair: bool = False) -> list[Finding]:
+        """Every disagreement between the metadata and ``snapshots/``; with ``repair``, fix what can be fixed.
+
+        Found and repaired: directories no snapshot refers to (deleted), a missing ``work`` directory of an
+        active snapshot (recreated), a committed snapshot without frozen usage (measured). A snapshot whose
+        directory or layer is missing is unrecoverable: repair forgets it when nothing is built on it, and
+        only reports it otherwise. Database corruption is reported, never repaired."""
+        findings: list[Finding] = []
+        claimed: list[tuple[str, str]] = []
+        dropped: set[int] = set()
+        ctx = self._store.write() if repair else self._store.read()
+        with ctx as tx:
+            for problem in tx.integrity():
+                findings.append(Finding("metadata.db", problem, repairable=False))
+            rows = {r.id: r for r in tx.all()}
+            children: dict[int, int] = {}
+            for r in rows.values():
+                if r.parent_id is not None:
+                    children[r.parent_id] = children.get(r.parent_id, 0) + 1
+            for r in rows.values():
+                subject = f'snapshot "{r.key}" (snapshots/{r.id})'
+                parent = rows.get(r.parent_id) if r.parent_id is not None else None
+                if r.parent_id is not None and (parent is None or parent.kind != Kind.COMMITTED.value):
+                    what = "missing" if parent is None else parent.kind
+                    findings.append(Finding(subject, f"its parent (id {r.parent_id}) is {what}", repairable=False))
+                if not os.path.isdir(self._fs(r.id)):
+                    lost = "directory" if not os.path.isdir(self._dir(r.id)) else "layer directory fs"
+                    if children.get(r.id):
+                        findings.append(Finding(subject, f"its {lost} is missing and snapshots are built on it",
+                                                repairable=False))
+                        continue
+                    if repair:
+                        tx.delete(r.id)
+                        dropped.add(r.id)
+                    findings.append(Finding(subject, f"its {lost} is missing; the record is dropped",
+                                            repairable=True, repaired=repair))
+                    continue
+                if r.kind == Kind.ACTIVE.value and not os.path.isdir(self._work(r.id)):
+                    if repair:
+                        os.mkdir(self._work(r.id), 0o700)
+                    findings.append(Finding(subject, "its work directory is missing; it is recreated",
+                                            repairable=True, repaired=repair))
+                if r.kind == Kind.COMMITTED.value and (r.size is None or r.inodes is None):
+                    if repair:
+                        u = _files.disk_usage(self._fs(r.id))
+                        tx.set_usage(r.id, u.size, u.inodes)
+                    findings.append(Finding(subject, "its usage was never recorded; it is measured",
+                                            repairable=True, repaired=repair))
+            ids = set(rows) - dropped
+            with os.scandir(self.snapshots_dir) as it:  # (the directories of dropped records are reported above)
+                orphans = sorted(e.name for e in it if not (e.name.isdigit() and int(e.name) in set(rows)))
+            for name in orphans:
+                why = ("an interrupted deletion" if name.startswith("rm-") else
+                       "an interrupted creation" if name.startswith("new-") else "no snapshot refers to it")
+                findings.append(Finding(f"snapshots/{name}", f"orphan ({why}); it is deleted",
+                                        repairable=True, repaired=repair))
+            if repair:
+                claimed += self._claim_orphans(ids)
+        for _name, path in claimed:
+            _files.remove_tree(path)
+        return findings

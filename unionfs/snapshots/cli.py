@@ -1,0 +1,389 @@
+"""The ``unionfs snapshot`` command: containerd's ``ctr snapshots`` verbs on a local store, plus ``mount``,
+``tree``, ``cleanup`` and ``fsck``.
+
+Errors end the command with one line on stderr and an exit status telling the kind of error (see
+:data:`EXIT_STATUSES`); nothing here imports pyfuse3 or trio until ``mount`` hands over to ``unionfs mount``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+
+from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
+from ._snapshotter import ROOT_ENV, Snapshotter, option_string
+from ._types import Info, Kind
+
+PROG = "unionfs snapshot"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STATUSES = {cls: cls.exit_status for cls in (NotFound, AlreadyExists, FailedPrecondition, InvalidArgument)}
+
+_DESCRIPTION = f"""\
+Build and run layer chains: prepare a writable snapshot on a chain, mount it, change files, commit it as a
+new read-only layer, build the next one on it. The model and the verbs are containerd's snapshotter's; every
+mount is served by unionfs, so an ordinary user can do all of it.
+
+  {PROG} prepare build                  an active (writable) snapshot on nothing
+  {PROG} mount build /mnt/b             serve it; write into /mnt/b; then `unionfs umount /mnt/b`
+  {PROG} commit base build              a read-only layer named base (build is gone)
+  {PROG} prepare app base               the next writable snapshot, on base
+  {PROG} view look base                 a read-only view of base
+
+Keys of active snapshots and views and names of committed snapshots share one space. A committed snapshot
+cannot change; only committed snapshots can be parents; a snapshot with children cannot be removed.
+
+The store is --root DIR, else ${ROOT_ENV}, else $XDG_DATA_HOME/unionfs (~/.local/share/unionfs).
+
+exit status: 0 success, 1 other failure, 2 bad usage, 3 not found, 4 already exists,
+             5 failed precondition, 6 invalid argument (fsck: 0 clean, 1 repaired, 4 problems left)
+"""
+
+Handler = Callable[[Snapshotter, argparse.Namespace], int]
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _parse_labels(items: Sequence[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _mount_command(m_type: str, source: str, target: str, options: Sequence[str]) -> str:
+    opts = shlex.quote(option_string(options))
+    if m_type == "bind":
+        return f"mount -o {opts} {shlex.quote(source)} {shlex.quote(target)}"
+    return f"mount -t {shlex.quote(m_type)} -o {opts} {shlex.quote(source)} {shlex.quote(target)}"
+
+
+# -- verbs ---------------------------------------------------------------------------------------------------
+
+
+def _create(sn: Snapshotter, args: argparse.Namespace) -> int:
+    fn = sn.view if args.verb == "view" else sn.prepare
+    mounts = fn(args.key, args.parent, _parse_labels(args.label))
+    if args.mounts:
+        _print_json([m.to_json() for m in mounts])
+    if args.target:
+        for m in mounts:
+            print(_mount_command(m.type, m.source, args.target, m.options))
+    return 0
+
+
+def _commit(sn: Snapshotter, args: argparse.Namespace) -> int:
+    sn.commit(args.name, args.key, _parse_labels(args.label) if args.label else None)
+    return 0
+
+
+def _remove(sn: Snapshotter, args: argparse.Namespace) -> int:
+    status = 0
+    for key in args.keys:
+        try:
+            sn.remove(key)
+        except SnapshotError as exc:
+            _error(exc)
+            status = status or exc.exit_status
+    return status
+
+
+def _info_lines(info: Info) -> list[list[str]]:
+    rows = [["name", info.name], ["kind", info.kind.value], ["parent", info.parent or "-"],
+            ["created", info.created.isoformat() if info.created else "-"],
+            ["updated", info.updated.isoformat() if info.updated else "-"]]
+    labels = [f"{k}={v}" for k, v in sorted(info.labels.items())] or ["-"]
+    rows.append(["labels", labels[0]])
+    rows += [["", lab] for lab in labels[1:]]
+    return rows
+
+
+def _info(sn: Snapshotter, args: argparse.Namespace) -> int:
+    info = sn.stat(args.key)
+    if args.json:
+        _print_json(info.to_json())
+    else:
+        _table(_info_lines(info))
+    return 0
+
+
+def _label(sn: Snapshotter, args: argparse.Namespace) -> int:
+    if args.labels:
+        given = _parse_labels(args.labels)
+        current = sn.stat(args.key)
+        info = sn.update(Info(kind=current.kind, name=args.key, labels=given), [f"labels.{k}" for k in given])
+    else:
+        info = sn.stat(args.key)
+    if args.json:
+        _print_json(dict(info.labels))
+    else:
+        for k, v in sorted(info.labels.items()):
+            print(f"{k}={v}")
+    return 0
+
+
+def _usage(sn: Snapshotter, args: argparse.Namespace) -> int:
+    keys = args.keys or [i.name for i in sn.walk()]
+    usages = [(k, sn.usage(k)) for k in keys]
+    if args.json:
+        _print_json({k: u.to_json() for k, u in usages})
+        return 0
+    rows = [["KEY", "SIZE", "INODES"]]
+    for k, u in usages:
+        rows.append([k, str(u.size) if args.bytes else _human(u.size), str(u.inodes)])
+    _table(rows)
+    return 0
+
+
+def _list(sn: Snapshotter, args: argparse.Namespace) -> int:
+    infos = sn.walk(args.filter)
+    if args.json:
+        _print_json([i.to_json() for i in infos])
+        return 0
+    _table([["KEY", "PARENT", "KIND"]] + [[i.name, i.parent or "", i.kind.value] for i in infos])
+    return 0
+
+
+def _mounts(sn: Snapshotter, args: argparse.Namespace) -> int:
+    mounts = sn.mounts(args.key)
+    if args.json:
+        _print_json([dict(m.to_json(), target=args.target) for m in mounts])
+        return 0
+    for m in mounts:
+        print(_mount_command(m.type, m.source, args.target, m.options))
+    return 0
+
+
+def _mount(sn: Snapshotter, args: argparse.Namespace) -> int:
+    options = sn.mount_options(args.key)
+    sn.close()  # the server is forked from this process: it must not inherit the database connection
+    from .. import cli as unionfs_cli  # pyfuse3 and trio load only now, and only in unionfs.fuse
+
+    argv = ["-o", option_string(options)]
+    for extra in args.options:
+        argv += ["-o", extra]
+    argv += (["-f"] if args.foreground else []) + (["-d"] if args.debug else [])
+    argv += ["--log", args.log] if args.log else []
+    return unionfs_cli.cmd_mount([*argv, args.mountpoint], prog=f"{PROG} mount")
+
+
+def _tree_lines(infos: list[Info]) -> list[str]:
+    by_name = {i.name: i for i in infos}
+    kids: dict[str | None, list[Info]] = {}
+    for i in infos:
+        parent = i.parent if i.parent in by_name else None
+        kids.setdefault(parent, []).append(i)
+    for group in kids.values():
+        group.sort(key=lambda i: i.name)
+
+    def label(i: Info) -> str:
+        return i.name if i.kind is Kind.COMMITTED else f"{i.name} ({i.kind.value})"
+
+    out: list[str] = []
+    # (node, lead, branch); a node that is a root or a last child and has exactly one child continues
+    # straight down at the same depth, so long chains do not march off to the right.
+    stack: list[tuple[Info, str, str]] = [(i, "", "") for i in reversed(kids.get(None, []))]
+    while stack:
+        node, lead, branch = stack.pop()
+        out.append(lead + branch + label(node))
+        children = kids.get(node.name, [])
+        if len(children) == 1 and branch in ("", "└─ "):
+            stack.append((children[0], lead, "└─ "))
+            continue
+        cont = lead + {"├─ ": "│  ", "└─ ": "   "}.get(branch, "")
+        for n, child in reversed(list(enumerate(children))):
+            stack.append((child, cont, "└─ " if n == len(children) - 1 else "├─ "))
+    return out
+
+
+def _tree_json(infos: list[Info]) -> list[dict[str, object]]:
+    by_name = {i.name: i for i in infos}
+    children: dict[str, list[dict[str, object]]] = {i.name: [] for i in infos}
+    roots: list[dict[str, object]] = []
+    for i in infos:
+        node: dict[str, object] = {"name": i.name, "kind": i.kind.value, "children": children[i.name]}
+        (children[i.parent] if i.parent is not None and i.parent in by_name else roots).append(node)
+    return roots
+
+
+def _tree(sn: Snapshotter, args: argparse.Namespace) -> int:
+    infos = sn.walk()
+    if args.json:
+        _print_json(_tree_json(infos))
+    else:
+        for line in _tree_lines(infos):
+            print(line)
+    return 0
+
+
+def _cleanup(sn: Snapshotter, args: argparse.Namespace) -> int:
+    removed = sn.cleanup()
+    if args.json:
+        _print_json(removed)
+    else:
+        for name in removed:
+            print(f"removed snapshots/{name}")
+    return 0
+
+
+def _fsck(sn: Snapshotter, args: argparse.Namespace) -> int:
+    findings = sn.fsck(repair=args.repair)
+    left = [f for f in findings if not f.repaired]
+    if args.json:
+        _print_json({"clean": not findings, "findings": [f.to_json() for f in findings]})
+    elif not findings:
+        print(f"{sn.root}: no problems found")
+    else:
+        for f in findings:
+            print(f)
+        if left and not args.repair and any(f.repairable for f in left):
+            print(f"run `{PROG} fsck --repair` to repair what can be repaired", file=sys.stderr)
+    if not findings:
+        return 0
+    return 4 if left else 1
+
+
+# -- parser --------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    root_help = f"the store (default: ${ROOT_ENV}, else $XDG_DATA_HOME/unionfs, else ~/.local/share/unionfs)"
+    p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", metavar="DIR", help=root_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument("--json", action="store_true", help="print JSON")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name: str, fn: Handler, help: str, *, aliases: Sequence[str] = (), read: bool = False,
+             description: str | None = None) -> argparse.ArgumentParser:
+        parents = [common, reading] if read else [common]
+        sp = sub.add_parser(name, help=help, aliases=list(aliases), parents=parents,
+                            description=description or help[:1].upper() + help[1:] + ".",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=fn, verb=name)
+        return sp
+
+    for name, what in (("prepare", "an active (writable) snapshot"), ("view", "a read-only view")):
+        sp = verb(name, _create, f"create {what} KEY on the committed snapshot PARENT",
+                  description=f"Create {what} KEY on the committed snapshot PARENT (or on nothing).\n"
+                  f"Mount it with `{PROG} mount KEY MOUNTPOINT`.")
+        sp.add_argument("key", metavar="KEY")
+        sp.add_argument("parent", metavar="PARENT", nargs="?")
+        sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE", help="set a label")
+        sp.add_argument("-t", "--target", metavar="DIR", help="print the mount command for mounting on DIR")
+        sp.add_argument("--mounts", action="store_true", help="print the mount spec as JSON")
+
+    sp = verb("commit", _commit, "commit the active snapshot KEY as the read-only snapshot NAME",
+              description="Commit the active snapshot KEY as the read-only snapshot NAME, usable as a parent.\n"
+              "KEY ceases to exist; its layer and labels stay (unless --label is given, which replaces them).\n"
+              "Unmount it first: changes made after the commit are not part of the frozen usage.")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE", help="set a label")
+
+    sp = verb("rm", _remove, "remove snapshots", aliases=("remove", "delete", "del"),
+              description="Remove snapshots and their layers; a snapshot with children cannot be removed.")
+    sp.add_argument("keys", metavar="KEY", nargs="+")
+
+    sp = verb("info", _info, "show what is known about a snapshot", read=True)
+    sp.add_argument("key", metavar="KEY")
+
+    sp = verb("label", _label, "show or change the labels of a snapshot", read=True,
+              description="Set labels of snapshot KEY (an empty VALUE removes the label) and print them all;\n"
+              "without labels, print them.")
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("labels", metavar="KEY=VALUE", nargs="*")
+
+    sp = verb("usage", _usage, "show the disk use of snapshots' own layers", read=True,
+              description="Show the disk use of snapshots' own layers (all snapshots without KEY): bytes\n"
+              "allocated (st_blocks * 512) and inodes, hard links counted once. Frozen at commit for committed\n"
+              "snapshots, measured now for active ones.")
+    sp.add_argument("keys", metavar="KEY", nargs="*")
+    sp.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
+
+    sp = verb("ls", _list, "list snapshots", aliases=("list",), read=True,
+              description="List snapshots. --filter selects (several are or-ed), e.g.\n"
+              "  kind==committed   parent==base   name~=^build-   labels.\"unionfs.io/role\"==base,kind!=view")
+    sp.add_argument("--filter", action="append", default=[], metavar="FILTER", help="only matching snapshots")
+
+    sp = verb("mounts", _mounts, "print the mount command (or spec) of a snapshot on TARGET", read=True)
+    sp.add_argument("target", metavar="TARGET")
+    sp.add_argument("key", metavar="KEY")
+
+    sp = verb("mount", _mount, "mount an active snapshot or a view with unionfs",
+              description="Mount the active snapshot or view KEY on MOUNTPOINT, served by unionfs (also for what\n"
+              "`mounts` describes as a bind mount). Returns once the mount is ready; unmount with\n"
+              "`unionfs umount MOUNTPOINT`. An active snapshot can be mounted once at a time.")
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="further unionfs mount options (see `unionfs mount --help`)")
+    sp.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    sp.add_argument("-d", "--debug", action="store_true", help="log every request; implies -f")
+    sp.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
+
+    verb("tree", _tree, "draw the chains of snapshots", read=True,
+         description="Draw the chains: children below their parent; a chain without branches goes straight down.")
+    verb("cleanup", _cleanup, "delete directories no snapshot refers to", read=True,
+         description="Delete directories in the store that no snapshot refers to (left by a crash).")
+    sp = verb("fsck", _fsck, "check the store against the directories on disk", read=True,
+              description="Report disagreements between the metadata and the directories on disk; --repair\n"
+              "fixes what can be fixed. Exit status: 0 clean, 1 all problems repaired, 4 problems left.")
+    sp.add_argument("--repair", action="store_true", help="repair what can be repaired")
+    return p
+
+
+def _error(exc: SnapshotError) -> None:
+    print(f"{PROG}: {exc.kind}: {exc}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``unionfs snapshot ARGV...``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        with Snapshotter(args.root) as sn:
+            status: int = args.func(sn, args)
+            return status
+    except SnapshotError as exc:
+        _error(exc)
+        return exc.exit_status
+    except sqlite3.Error as exc:
+        print(f"{PROG}: error: the metadata database: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
