@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from . import _sys, whiteout
 from .layers import ROOT, Entry, Layer, Stack, join, split
+from .ownership import OVERRIDE_XATTR, encode_override
 
 #: Name of the directory inside workdir= that holds objects under construction (as the kernel names it).
 WORK_SUBDIR = b"work"
@@ -126,12 +127,15 @@ def _copy_range(src_fd: int, dst_fd: int, off: int, count: int) -> None:
         count -= n
 
 
-def _chown(name: bytes, dir_fd: int, st: os.stat_result) -> None:
+def _chown(name: bytes, dir_fd: int, st: os.stat_result) -> bool:
+    """Give the copy the original's owner; False where this user may not (rootless)."""
     try:
         os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
     except PermissionError:
         if os.geteuid() == 0:
             raise
+        return False
+    return True
 
 
 class CopyUp:
@@ -144,6 +148,8 @@ class CopyUp:
         self.work = work
         self.on_copied = on_copied
         self.fsync = True
+        #: where the owner cannot be kept (rootless), record it in the override xattr (xattr_permissions)
+        self.owner_xattr = False
 
     def ensure_dir(self, entry: Entry) -> Entry:
         """Make sure directory ``entry`` exists in the upper layer (copying up its ancestors first)."""
@@ -235,8 +241,10 @@ class CopyUp:
     def _finish_meta(self, src: Layer, path: bytes, tmp: bytes, st: os.stat_result) -> None:
         """Owner, xattrs, mode, then times: chown first, since it strips security.capability; times last."""
         wfd = self.work.fd
-        _chown(tmp, wfd, st)
+        owned = _chown(tmp, wfd, st)
         copy_xattrs(src.xpath(path), self.work.proc + tmp, self.stack.private_prefixes)
+        if not owned and self.owner_xattr and not stat.S_ISLNK(st.st_mode):
+            whiteout.setxattr(self.work.proc + tmp, OVERRIDE_XATTR, encode_override(st.st_uid, st.st_gid, st.st_mode))
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from .ownership import IdMapError, Ownership, parse_idmap
+
 
 class OptionError(ValueError):
     """A malformed or unknown mount option; the message is one line meant for the user."""
@@ -55,6 +57,7 @@ class MountSpec:
     timeout: float = DEFAULT_TIMEOUT
     fsname: str = "unionfs"
     debug: bool = False
+    ownership: Ownership = Ownership()
 
     @property
     def writable(self) -> bool:
@@ -117,6 +120,7 @@ def _abs(path: str, what: str) -> bytes:
 def parse(option_texts: list[str]) -> MountSpec:
     """Parse every ``-o`` argument (later ones override earlier ones) into a MountSpec."""
     kw: dict[str, object] = {}
+    owner_kw: dict[str, object] = {}
     lowers: list[bytes] | None = None
     for text in option_texts:
         for opt in split_options(text):
@@ -154,6 +158,21 @@ def parse(option_texts: list[str]) -> MountSpec:
                 if not 0 <= t <= 86400:
                     raise OptionError(f"timeout must be between 0 and 86400 seconds, not {value}")
                 kw["timeout"] = t
+            elif key in ("uidmapping", "gidmapping"):
+                try:
+                    owner_kw["uidmap" if key == "uidmapping" else "gidmap"] = parse_idmap(value, key)
+                except IdMapError as exc:
+                    raise OptionError(str(exc)) from None
+            elif key == "squash_to_root" and not sep:
+                owner_kw["squash_uid"] = owner_kw["squash_gid"] = 0
+            elif key in ("squash_to_uid", "squash_to_gid"):
+                if not value.isdigit():
+                    raise OptionError(f"{key} needs a numeric id, not {value!r}")
+                owner_kw["squash_uid" if key == "squash_to_uid" else "squash_gid"] = int(value)
+            elif key == "xattr_permissions":
+                if value not in ("", "1", "2"):
+                    raise OptionError(f"xattr_permissions takes no value (or 1), not {value!r}")
+                owner_kw["xattr_permissions"] = True
             elif key == "fsname":
                 if not value:
                     raise OptionError("fsname needs a value")
@@ -172,4 +191,6 @@ def parse(option_texts: list[str]) -> MountSpec:
     work = kw.get("work")
     if (upper is None) != (work is None):
         raise OptionError("upperdir and workdir go together: give both for a writable mount, or neither")
+    if owner_kw:
+        kw["ownership"] = Ownership(**owner_kw)  # type: ignore[arg-type]
     return MountSpec(lowers=tuple(lowers), **kw)  # type: ignore[arg-type]

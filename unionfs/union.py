@@ -14,6 +14,7 @@ from collections.abc import Callable
 from . import _sys, whiteout
 from .copyup import CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .layers import ROOT, Entry, Stack, check_name, join
+from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
 from .whiteout import XattrFormat
 
 #: open(2) flags that need the file in the upper layer
@@ -29,13 +30,20 @@ def _erofs() -> OSError:
 class Union:
     """A mounted stack: resolution plus every operation that changes the merged view."""
 
-    def __init__(self, stack: Stack, work: Workdir | None, on_copied: Callable[[Entry, Entry], None] | None = None):
+    def __init__(self, stack: Stack, work: Workdir | None, on_copied: Callable[[Entry, Entry], None] | None = None,
+                 ownership: Ownership | None = None):
         self.stack = stack
         self.work = work
+        self.ownership = ownership or Ownership()
+        #: names hidden from the merged view's xattrs besides the overlay-private ones
+        self.hidden_xattrs: frozenset[bytes] = (
+            frozenset({OVERRIDE_XATTR}) if self.ownership.xattr_permissions else frozenset()
+        )
         self.copier: CopyUp | None = None
         if stack.writable:
             assert work is not None
             self.copier = CopyUp(stack, work, on_copied)
+            self.copier.owner_xattr = self.ownership.xattr_permissions
         self.euid = os.geteuid()
         self.egid = os.getegid()
 
@@ -52,6 +60,19 @@ class Union:
 
     def lstat(self, entry: Entry) -> os.stat_result:
         return self.stack.layers[entry.layer].lstat(entry.path)
+
+    def shown(self, entry: Entry, st: os.stat_result) -> tuple[int, int, int]:
+        """(uid, gid, st_mode) as the merged view shows ``st``, the stat of ``entry``'s object."""
+        mode = st.st_mode
+        uid, gid = st.st_uid, st.st_gid
+        if self.ownership.xattr_permissions and not stat.S_ISLNK(mode):
+            value = whiteout.getxattr(self.stack.layers[entry.layer].xpath(entry.path), OVERRIDE_XATTR)
+            stored = decode_override(value) if value is not None else None
+            if stored is not None:
+                uid, gid = stored[0], stored[1]
+                mode = stat.S_IFMT(mode) | stored[2]
+        uid, gid = self.ownership.show(uid, gid)
+        return uid, gid, mode
 
     def readlink(self, entry: Entry) -> bytes:
         return os.readlink(entry.path, dir_fd=self.stack.layers[entry.layer].fd)
@@ -402,7 +423,13 @@ class Union:
         return entry
 
     def chown(self, entry: Entry, uid: int, gid: int) -> Entry:
+        """chown of the merged view (ids as it shows them; -1 leaves one unchanged)."""
         entry = self.copy_up(entry)
+        if self.ownership.xattr_permissions and not stat.S_ISLNK(entry.st.st_mode):
+            cur_uid, cur_gid, mode = self.shown(entry, self.lstat(entry))
+            self._store_override(entry, cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode)
+            return entry
+        uid, gid = self.ownership.to_disk(uid, gid)
         os.chown(entry.path, uid, gid, dir_fd=self._upper_fd(), follow_symlinks=False)
         return entry
 
@@ -410,8 +437,15 @@ class Union:
         if stat.S_ISLNK(entry.st.st_mode):
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         entry = self.copy_up(entry)
+        if self.ownership.xattr_permissions:
+            uid, gid, _mode = self.shown(entry, self.lstat(entry))
+            self._store_override(entry, uid, gid, mode)
+            return entry
         os.chmod(entry.path, stat.S_IMODE(mode), dir_fd=self._upper_fd())
         return entry
+
+    def _store_override(self, entry: Entry, uid: int, gid: int, mode: int) -> None:
+        whiteout.setxattr(self._xpath(entry), OVERRIDE_XATTR, encode_override(uid, gid, mode))
 
     def utimens(self, entry: Entry, atime_ns: int | None, mtime_ns: int | None) -> Entry:
         entry = self.copy_up(entry)
@@ -434,6 +468,8 @@ class Union:
         return self.stack.layers[entry.layer].xpath(entry.path)
 
     def _disk_name(self, name: bytes) -> bytes:
+        if name in self.hidden_xattrs:
+            raise OSError(errno.EPERM, "this xattr holds the stored owner and mode")
         return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
 
     def getxattr(self, entry: Entry, name: bytes) -> bytes:
@@ -456,7 +492,7 @@ class Union:
         out = []
         for disk in whiteout.listxattr(target):
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
-            if name is not None:
+            if name is not None and name not in self.hidden_xattrs:
                 out.append(name)
         return out
 

@@ -65,6 +65,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._mutex = trio.Lock()
+        self._plain_owners = union.ownership.identity
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -145,13 +146,16 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
-        a.st_mode = st.st_mode
+        if self._plain_owners or node.unlinked:
+            a.st_mode = st.st_mode
+            a.st_uid = st.st_uid
+            a.st_gid = st.st_gid
+        else:
+            a.st_uid, a.st_gid, a.st_mode = self.union.shown(entry, st)
         if stat.S_ISDIR(st.st_mode) and entry.merged and not node.unlinked:
             a.st_nlink = 1
         else:
             a.st_nlink = st.st_nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize

@@ -77,7 +77,7 @@ class Mount:
         except BaseException:
             self.close()
             raise
-        self.union = Union(self.stack, self.work)
+        self.union = Union(self.stack, self.work, ownership=spec.ownership)
 
     def describe(self) -> str:
         return (f"{self.mountpoint}: {len(self.stack.layers)} layers "
@@ -142,7 +142,10 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s unionfs[%(process)d] %(levelname)s %(message)s")
     if log_file:
-        h: logging.Handler = logging.FileHandler(log_file)
+        try:
+            h: logging.Handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise MountError(f"cannot open the log file {log_file}: {exc.strerror}") from None
     elif foreground:
         h = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
