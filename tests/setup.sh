@@ -5,15 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux kmod "$@")
+# Debian's own Python 3 (3.11 on bookworm) is the default: every user of the machine can run it, which the
+# tests that run as an unprivileged user need. PYTHON=... picks another interpreter.
+packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux kmod python3 python3-venv python3-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-PY=${PYTHON:-python3}
-if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-    missing+=(python3-venv python3-dev)
-fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     SUDO=""
@@ -22,6 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+PY=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $("$PY" --version)" >&2
     "$PY" -m venv .venv

@@ -30,10 +30,18 @@ options (-o, comma separated, may be repeated):
   allow_other             let other users see the mount (the default when run as root)
   noatime | atime         do not / do update access times (default: noatime)
   timeout=SECONDS         how long the kernel may cache names and attributes (default 300)
+  uidmapping=IN:OUT:N[:IN:OUT:N...]   show on-disk ids OUT.. as IN.. (gidmapping= likewise for groups)
+  squash_to_root | squash_to_uid=N | squash_to_gid=N   show every file as owned by one id
+  xattr_permissions       keep owners and modes a chown/chmod asks for (and those a rootless copy-up
+                          cannot keep) in the user.containers.override_stat xattr
   debug                   log every request (with -f, to stderr)
   Generic options such as dev, suid, exec, nodev, nosuid, noexec are accepted as mount(8) passes them.
 
 Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and from /etc/fstab.
+
+Rootless: an ordinary user can mount (through fusermount3) and write; whiteouts are character devices 0/0
+(allowed to every user since Linux 5.8) and opaque directories use user.overlay.opaque when trusted.* xattrs
+cannot be written; the kernel reads such layers with -o userxattr.
 """
 
 

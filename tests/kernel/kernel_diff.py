@@ -349,6 +349,10 @@ def file_type(mode: int) -> str:
     return f"?{mode:o}"
 
 
+def _en(code: int | None) -> str:
+    return errno.errorcode.get(code, str(code)) if code is not None else "?"
+
+
 def stable_mtime(st: os.stat_result) -> int | None:
     return st.st_mtime_ns if st.st_mtime_ns < STABLE_BEFORE_NS else None
 
@@ -370,7 +374,7 @@ def read_xattrs(
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
-        return f"listxattr: {errno.errorcode.get(exc.errno, exc.errno)}"
+        return f"listxattr: {_en(exc.errno)}"
     out: list[tuple[str, Any]] = []
     for name in sorted(names):
         if not name.startswith(tuple(prefixes)) or name in ignore:
@@ -378,7 +382,7 @@ def read_xattrs(
         try:
             out.append((name, os.getxattr(path, name, follow_symlinks=False)))
         except OSError as exc:
-            out.append((name, f"getxattr: {errno.errorcode.get(exc.errno, exc.errno)}"))
+            out.append((name, f"getxattr: {_en(exc.errno)}"))
     return tuple(out)
 
 
@@ -442,7 +446,7 @@ def snapshot_tree(root: str | Path, *, stable_only: bool = True, hash_content: b
     inodes: dict[str, tuple[int, int]] = {}
     for rel, path, st in _walk(root):
         if isinstance(st, OSError):
-            out[rel] = Node(type=f"error {errno.errorcode.get(st.errno, st.errno)}")
+            out[rel] = Node(type=f"error {_en(st.errno)}")
             continue
         node = stat_node(st, stable_only=stable_only)
         extra: dict[str, Any] = {"xattrs": read_xattrs(path)}
@@ -452,7 +456,7 @@ def snapshot_tree(root: str | Path, *, stable_only: bool = True, hash_content: b
             elif node.type == "symlink":
                 extra["target"] = os.readlink(path)
         except OSError as exc:
-            extra["sha"] = f"error {errno.errorcode.get(exc.errno, exc.errno)}"
+            extra["sha"] = f"error {_en(exc.errno)}"
         if node.type != "dir" and st.st_nlink > 1:
             inodes[rel] = (st.st_dev, st.st_ino)
         out[rel] = dataclasses.replace(node, **extra)
@@ -472,7 +476,7 @@ def snapshot_upper(upper: str | Path, *, stable_only: bool = True) -> dict[str, 
     ignore = KERNEL_ONLY_XATTRS | {OPAQUE_XATTR}
     for rel, path, st in _walk(upper):
         if isinstance(st, OSError):
-            out[rel] = Node(type=f"error {errno.errorcode.get(st.errno, st.errno)}")
+            out[rel] = Node(type=f"error {_en(st.errno)}")
             continue
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             out[rel] = Node(type="whiteout")
@@ -617,8 +621,13 @@ def _small(data: bytes) -> Any:
     return data if len(data) <= 256 else ("sha", hashlib.sha256(data).hexdigest()[:16], len(data))
 
 
+#: Every open by an operation is non-blocking, so that opening a FIFO never waits for the other end (it fails
+#: with ENXIO for writing instead); regular files and directories ignore the flag.
+NB = os.O_NONBLOCK
+
+
 def _write_at(path: str, flags: int, data: bytes, offset: int | None = None) -> int:
-    fd = os.open(path, flags)
+    fd = os.open(path, flags | NB)
     try:
         return os.pwrite(fd, data, offset) if offset is not None else os.write(fd, data)
     finally:
@@ -626,8 +635,7 @@ def _write_at(path: str, flags: int, data: bytes, offset: int | None = None) -> 
 
 
 def _read(path: str) -> Any:
-    # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag).
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | NB)
     try:
         chunks = []
         while chunk := os.read(fd, 1 << 20):
@@ -638,7 +646,7 @@ def _read(path: str) -> Any:
 
 
 def _open_close(path: str, flags: str | int, mode: int = 0o644) -> None:
-    os.close(os.open(path, parse_flags(flags), mode))
+    os.close(os.open(path, parse_flags(flags) | NB, mode))
 
 
 def _filtered_listxattr(path: str) -> list[str]:
@@ -652,7 +660,8 @@ def _exec(path: str) -> int:
 #: name -> function(root, *args).  Paths are relative to the mount root; symlink targets are taken as given.
 OPS: dict[str, Callable[..., Any]] = {
     "create": lambda r, p, data=b"", mode=0o644: _create(_join(r, p), data, mode),
-    "create_excl": lambda r, p, mode=0o644: _open_close(_join(r, p), os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode),
+    "create_excl": lambda r, p, mode=0o644: _open_close(_join(r, p), os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                                                        mode),
     "open": lambda r, p, flags="O_RDONLY", mode=0o644: _open_close(_join(r, p), flags, mode),
     "write": lambda r, p, offset, data: _write_at(_join(r, p), os.O_WRONLY, data, offset),
     "append": lambda r, p, data: _write_at(_join(r, p), os.O_WRONLY | os.O_APPEND, data),
@@ -687,7 +696,7 @@ OPS: dict[str, Callable[..., Any]] = {
 
 
 def _create(path: str, data: bytes, mode: int) -> int:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | NB, mode)
     try:
         return os.write(fd, data)
     finally:
@@ -704,11 +713,15 @@ def run_op(root: str | Path, op: Sequence[Any]) -> Result:
         return ("err", errname(exc))
 
 
+#: Operations whose argument at this index is a mode, shown in octal.
+_MODE_ARG = {"chmod": 1, "mkdir": 1, "mkfifo": 1, "mknod": 1, "create": 2, "create_excl": 1}
+
+
 def format_op(op: Sequence[Any]) -> str:
     name, *args = op
     shown = []
-    for a in args:
-        r = repr(a)
+    for i, a in enumerate(args):
+        r = oct(a) if _MODE_ARG.get(name) == i and isinstance(a, int) else repr(a)
         shown.append(r if len(r) <= 60 else r[:40] + f"...<{len(r)} chars>")
     return f"{name}({', '.join(shown)})"
 
@@ -910,10 +923,8 @@ class FuseMount(Mount):
 
     def unmount(self) -> None:
         mnt = str(self.side.mnt)
-        if self.impl == "unionfs":
-            cmd = [sys.executable, "-m", "unionfs", "umount", mnt]
-        else:
-            cmd = ["fusermount3", "-u", mnt]
+        cmd = ([sys.executable, "-m", "unionfs", "umount", mnt] if self.impl == "unionfs"
+               else ["fusermount3", "-u", mnt])
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=unionfs_env(), cwd=str(REPO_ROOT))
         if res.returncode != 0:
             raise MountError(f"{shlex.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}\n"
@@ -1062,10 +1073,15 @@ class StackPair:
         out = ""
         if self.watchdog_fired:
             out += f"\n  (the watchdog aborted the FUSE connection after {WATCHDOG_SECONDS}s: the server hung)"
-        if isinstance(self.unionfs, FuseMount) and self.unionfs.proc is not None:
-            rc = self.unionfs.proc.poll()
-            if rc is not None and self.unionfs.mounted:
-                out += f"\n  ({self.impl} server died with status {rc}; output:\n{self.unionfs.server_log()})"
+        for m in self._mounts:
+            if not isinstance(m, FuseMount) or m.proc is None:
+                continue
+            rc = m.proc.poll()
+            log = m.server_log()
+            if rc is not None and m.mounted:
+                out += f"\n  ({m.impl} server died with status {rc}; its output:\n{log})"
+            elif "Traceback" in log or "rror" in log:
+                out += f"\n  ({m.impl} server output:\n{log})"
         return out
 
     # -- operations
@@ -1189,8 +1205,6 @@ L2: dict[str, Entry] = {
     "dir/sub/c": "dir/sub/c from l2\n",
     "opq/hidden": "hidden by opaque l1/opq\n",
     "filedir/inner": "l2 directory over a file in l3\n",
-    "hl1": File(b"hard linked in l2\n", mode=0o600, uid=1000),
-    "hl2": Hardlink("hl1"),
     "deep/er/est/file": "deep file in l2\n",
     "emptydir": DIR,
 }
@@ -1209,6 +1223,15 @@ L3: dict[str, Entry] = {
 }
 
 STD_LOWERS: tuple[dict[str, Entry], ...] = (L1, L2, L3)
+
+#: The standard stack plus two names of one inode in l2 (kept apart so that hard-link differences show in the
+#: hard-link tests only).
+HARDLINK_LOWERS: tuple[dict[str, Entry], ...] = (
+    L1,
+    {**L2, "hl1": File(b"hard linked in l2\n", mode=0o600, uid=1000), "hl2": Hardlink("hl1"),
+     "dir/hl3": Hardlink("hl1")},
+    L3,
+)
 
 #: A time in the "stable" range for utime operations (2001-01-01T00:00:00.123456789Z).
 OLD_NS = 978_307_200 * 10**9 + 123_456_789

@@ -46,8 +46,6 @@ def _cases() -> list[tuple[str, tuple]]:  # type: ignore[type-arg]
         ("dir/sub", ("chmod", 0o711)),
         ("pipe", ("chmod", 0o600)),
         ("pipe", ("chown", 7, 8)),
-        ("hl1", ("append", b"through hl1")),
-        ("hl2", ("chmod", 0o644)),
         ("big", ("write", 300_000, b"in the middle")),
         ("exe", ("chmod", 0o700)),
     ]
@@ -89,14 +87,6 @@ def test_copy_up_of_a_symlink_keeps_its_target(pair: StackPair) -> None:
     pair.assert_same_upper()
     for upper in (pair.kside.upper, pair.uside.upper):
         assert os.readlink(upper / "link_to_top") == "top.txt"
-
-
-def test_copy_up_breaks_a_lower_hard_link(pair: StackPair) -> None:
-    pair.assert_ops([
-        ("append", "hl1", b"changed"), ("read", "hl1"), ("read", "hl2"), ("stat", "hl1"), ("stat", "hl2"),
-    ])
-    pair.assert_same_tree()
-    pair.assert_same_upper()
 
 
 def test_reading_does_not_copy_up(pair: StackPair) -> None:

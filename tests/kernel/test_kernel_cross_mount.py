@@ -48,7 +48,6 @@ CROSS_OPS = [
     ("unlink", "deep/er/other"),
     ("rmdir", "emptydir"),
     ("create", "emptydir", b"a file now"),
-    ("append", "hl1", b"broken link"),
     ("mkdir", "dir/whd"),
     ("create", "deep/er/est/file2", b"deep"),
     ("rename", "dangling", "deep/dangling"),

@@ -169,7 +169,7 @@ def test_unprivileged_caller_gets_the_same_permission_errors(traversable_tmp: Pa
     u = run_ops_as(NOBODY, NOBODY, pair.unionfs.root, AS_NOBODY)
     assert ("err", "EACCES") in k and ("err", "EPERM") in k, k  # premise: the table does exercise both
     mismatches = [f"  #{i} {format_op(op)}: kernel={a!r} {pair.impl}={b!r}"
-                  for i, (op, a, b) in enumerate(zip(AS_NOBODY, k, u)) if a != b]
+                  for i, (op, a, b) in enumerate(zip(AS_NOBODY, k, u, strict=True)) if a != b]
     if mismatches:
         raise AssertionError(f"as uid {NOBODY}, {len(mismatches)} of {len(AS_NOBODY)} operation(s) differ:\n"
                              + "\n".join(mismatches) + pair.context())

@@ -15,7 +15,7 @@ def _uppers(pair: StackPair) -> dict[str, dict]:  # type: ignore[type-arg]
     return {"kernel": snapshot_upper(pair.kside.upper), pair.impl: snapshot_upper(pair.uside.upper)}
 
 
-@pytest.mark.parametrize("path", ["top.txt", "dir/b", "dir/sub/c", "link_to_top", "pipe", "hl1", "owned"])
+@pytest.mark.parametrize("path", ["top.txt", "dir/b", "dir/sub/c", "link_to_top", "pipe", "owned"])
 def test_unlink_of_a_lower_object_leaves_a_whiteout(pair: StackPair, path: str) -> None:
     pair.expect(("unlink", path), ("ok", None))
     pair.expect(("lstat", path), "ENOENT")
@@ -100,7 +100,6 @@ def test_mkdir_of_a_new_directory_is_not_opaque(pair: StackPair) -> None:
         ("dir/b", "dir/c"),  # over an existing file in the same dir
         ("link_to_top", "dir/link"),  # a symlink
         ("pipe", "opq/pipe"),  # a fifo into an opaque lower dir
-        ("hl1", "hl2"),  # onto another name of the same lower inode
         ("owned", "dir/wh"),  # onto a name whited out in a lower layer
         ("bottom.txt", "xdir/f"),
     ],
@@ -178,6 +177,12 @@ def test_hard_link_to_a_lower_file_copies_it_up_once(pair: StackPair) -> None:
     ])
     pair.assert_same_tree()
     pair.assert_same_upper()
+
+
+def test_write_through_a_new_hard_link_of_a_lower_file_updates_its_times(pair: StackPair) -> None:
+    pair.assert_ops([("link", "dir/c", "c2"), ("write", "c2", 3, b"XYZ")])
+    pair.assert_same_tree()
+    pair.assert_ops([("stat", "c2"), ("stat", "dir/c")])
 
 
 def test_hard_link_names_share_an_inode_on_each_side(pair: StackPair) -> None:

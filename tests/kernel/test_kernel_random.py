@@ -2,8 +2,9 @@
 mounts: every result and errno must match, then the merged views and the upper layers.
 
 Reproducible: examples are derandomized (the same on every run).  ``UNIONFS_DIFF_EXAMPLES`` sets how many
-(default 25) and ``UNIONFS_DIFF_SHRINK=1`` lets hypothesis shrink a failure to a minimal sequence (slow: every
-attempt mounts two stacks).
+(default 25), ``UNIONFS_DIFF_SEED=N`` explores other sequences (still reproducible for a given N), and
+``UNIONFS_DIFF_SHRINK=1`` lets hypothesis shrink a failure to a minimal sequence (slow: every attempt mounts two
+stacks).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from kernel_diff import (
     DIR,
+    OLD_NS,
     OPAQUE,
     WHITEOUT,
     File,
@@ -79,6 +81,13 @@ op_strategy = st.one_of(
     st.tuples(st.just("rename"), names, names),
     st.tuples(st.just("link"), names, names),
     st.tuples(st.just("symlink"), st.sampled_from(["a", "d1", "../a", "missing"]), names),
+    st.tuples(st.just("renameat2"), names, names,
+              st.sampled_from(["RENAME_NOREPLACE", "RENAME_EXCHANGE"])),
+    st.tuples(st.just("mkfifo"), names),
+    st.tuples(st.just("setxattr"), names, st.sampled_from(["user.r", "user.s", "trusted.overlay.r"]), data),
+    st.tuples(st.just("removexattr"), names, st.sampled_from(["user.r", "trusted.overlay.r"])),
+    st.tuples(st.just("utime"), names, st.just(OLD_NS), st.integers(OLD_NS, OLD_NS + 10**9)),
+    st.tuples(st.just("chown"), names, st.sampled_from([0, 1000]), st.sampled_from([0, 1000])),
     st.tuples(st.just("read"), names),
     st.tuples(st.just("listdir"), names),
     st.tuples(st.just("lstat"), names),
@@ -86,6 +95,9 @@ op_strategy = st.one_of(
 
 EXAMPLES = int(os.environ.get("UNIONFS_DIFF_EXAMPLES", "25"))
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("UNIONFS_DIFF_SHRINK") else [])
+SEED = os.environ.get("UNIONFS_DIFF_SEED")
+#: Derandomized by default; a given seed instead when UNIONFS_DIFF_SEED is set.
+with_seed = seed(int(SEED)) if SEED is not None else (lambda f: f)
 
 
 @pytest.fixture
@@ -93,9 +105,10 @@ def random_template(tmp_path: Path, overlay_ready: None) -> Template:
     return build_template(tmp_path / "template", RANDOM_LOWERS)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=PHASES,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None, phases=PHASES,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
+@with_seed
 @given(ops=st.lists(op_strategy, min_size=10, max_size=30))
 def test_random_operation_sequences_match_the_kernel(tmp_path: Path, random_template: Template, ops) -> None:  # type: ignore[no-untyped-def]
     base = tmp_path / f"example{next(_counter)}"

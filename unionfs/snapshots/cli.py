@@ -261,7 +261,7 @@ def _fsck(sn: Snapshotter, args: argparse.Namespace) -> int:
         for f in findings:
             print(f)
         if left and not args.repair and any(f.repairable for f in left):
-            print(f"run `{PROG} fsck --repair` to repair what can be repaired", file=sys.stderr)
+            print(f"{PROG}: run `{PROG} fsck --repair` to repair what can be repaired", file=sys.stderr)
     if not findings:
         return 0
     return 4 if left else 1
