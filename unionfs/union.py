@@ -80,6 +80,16 @@ class Union:
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
         return self.stack.listdir(entry)
 
+    def fsync_dir(self, entry: Entry) -> None:
+        """Make a directory's entries durable (its upper copy; lower layers never change)."""
+        if entry.layer != 0 or not self.stack.writable:
+            return
+        fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.stack.layers[0].fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.stack.layers[0].xpath(ROOT))
 

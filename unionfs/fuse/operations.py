@@ -428,10 +428,6 @@ class Operations(pyfuse3.Operations):
         return os.pwrite(handle.fd, buf, off)
 
     @boundary
-    async def flush(self, fh: int) -> None:
-        return None
-
-    @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._files[fh]
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
@@ -509,7 +505,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        await trio.to_thread.run_sync(self.union.fsync_dir, self._dirs[fh].node.entry)
 
     # -- xattrs -------------------------------------------------------------------------------------------
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 
 from . import _files, _filters
@@ -112,6 +113,10 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidArgument(f"label {k!r}: key and value take {n} bytes, more than {MAX_LABEL_BYTES}")
         out[k] = v
     return out
+
+
+def _a(kind: str) -> str:
+    return {"view": "a view", "active": "active"}.get(kind, kind)
 
 
 def _escape_lower(path: str) -> str:
@@ -227,7 +232,7 @@ class Snapshotter:
                     if prow is None:
                         raise NotFound(f'parent "{parent}" does not exist')
                     if prow.kind != Kind.COMMITTED.value:
-                        raise FailedPrecondition(f'parent "{parent}" is {prow.kind}, not committed')
+                        raise FailedPrecondition(f'parent "{parent}" is {_a(prow.kind)}, not committed')
                     ancestors = [prow, *tx.ancestors(prow.id)]
                 made = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
                 self._populate(made, ancestors[0].id if ancestors else None)
@@ -281,15 +286,18 @@ class Snapshotter:
         name = _check_key(name, "name")
         key = _check_key(key)
         new_labels = None if labels is None else _check_labels(labels)
-        with self._store.write() as tx:
+        with contextlib.ExitStack() as held, self._store.write() as tx:  # the lock outlives the transaction
             _step("commit.locked")
             row = tx.get(key)
             if row is None:
                 raise NotFound(f'snapshot "{key}" does not exist')
             if row.kind != Kind.ACTIVE.value:
-                raise FailedPrecondition(f'snapshot "{key}" is {row.kind}; only an active snapshot can be committed')
+                raise FailedPrecondition(
+                    f'snapshot "{key}" is {_a(row.kind)}; only an active snapshot can be committed'
+                )
             if tx.get(name) is not None:
                 raise AlreadyExists(f'snapshot "{name}" already exists')
+            held.enter_context(self._not_mounted(row, "commit"))
             try:
                 usage = _files.disk_usage(self._fs(row.id))
             except FileNotFoundError:
@@ -309,11 +317,13 @@ class Snapshotter:
 
         NotFound when ``key`` does not exist; FailedPrecondition when snapshots are built on it."""
         key = _check_key(key)
-        with self._store.write() as tx:
+        with contextlib.ExitStack() as held, self._store.write() as tx:  # the lock outlives the transaction
             _step("remove.locked")
             row = tx.get(key)
             if row is None:
                 raise NotFound(f'snapshot "{key}" does not exist')
+            if row.kind == Kind.ACTIVE.value:
+                held.enter_context(self._not_mounted(row, "remove"))
             n = tx.children(row.id)
             if n:
                 raise FailedPrecondition(
@@ -328,6 +338,26 @@ class Snapshotter:
         except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
             log.warning("removed %s but could not delete %s: %s", key, self._dir(row.id), exc.strerror)
         _step("remove.done")
+
+    @contextlib.contextmanager
+    def _not_mounted(self, row: Row, verb: str) -> Iterator[None]:
+        """Hold the workdir lock of active snapshot ``row`` (the one a unionfs server holds while it serves
+        the snapshot): FailedPrecondition when it is mounted, and no mount can start meanwhile."""
+        try:
+            fd = os.open(self._work(row.id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:  # fsck's business; nothing can be mounted without it
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FailedPrecondition(
+                    f'snapshot "{row.key}" is mounted; unmount it before you {verb} it'
+                ) from None
+            yield
+        finally:
+            os.close(fd)
 
     def _reclaim(self, path: str, progress: bool = False) -> None:
         """Claim ``path`` by renaming it to ``rm-*`` (only one process wins the rename), then delete it."""
