@@ -249,19 +249,6 @@ class Union:
                 work.discard(tmp)
         return self._upper_entry(path)
 
-    def link_alias(self, copy_path: bytes, alias: Entry) -> Entry:
-        """Keep a hard link through copy-up: ``alias`` (another name of a lower file whose copy now stands
-        at ``copy_path`` in the upper layer) becomes a link to that copy.  The kernel breaks such links;
-        here both names stay one file, and stay so after a remount."""
-        upper = self.stack.layers[0]
-        parent = self._copier().parent_of(alias)
-        parent = self._copier().ensure_dir(parent)
-        try:
-            os.link(copy_path, alias.path, src_dir_fd=upper.fd, dst_dir_fd=upper.fd, follow_symlinks=False)
-        except FileExistsError:
-            pass
-        return self._upper_entry(alias.path)
-
     # -- opening ------------------------------------------------------------------------------------------
 
     def open(self, entry: Entry, flags: int) -> int:

@@ -1,7 +1,15 @@
 """Fixtures of the differential tests: two copies of the same layer stack, one mounted by kernel overlayfs and
 one by unionfs, always torn down.
 
-``UNIONFS_DIFF_IMPL=fuse-overlayfs`` puts fuse-overlayfs in unionfs's place (to check the harness itself).
+Run (as root, on a kernel with overlayfs; skipped with the reason otherwise)::
+
+    python -m pytest tests/kernel                      # or: -m kernel
+    UNIONFS_DIFF_IMPL=fuse-overlayfs python -m pytest tests/kernel   # another FUSE overlay in unionfs's place
+    UNIONFS_DIFF_IMPL=kernel python -m pytest tests/kernel           # self-test: kernel against kernel
+
+Other knobs: ``UNIONFS_DIFF_EXAMPLES``, ``UNIONFS_DIFF_SEED``, ``UNIONFS_DIFF_SHRINK`` (the random test),
+``UNIONFS_DIFF_TIMEOUT`` (seconds before a hung FUSE connection is aborted, default 120) and
+``UNIONFS_DIFF_MOUNT_TIMEOUT`` (seconds to wait for a mount, default 30).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ FIXED_EPOCH_NS = 946_684_800 * 10**9
 #: Timestamps older than this (2001-09-09) were set on purpose; newer ones come from the clock.
 STABLE_BEFORE_NS = 10**18
 
-#: Kernel-only on-disk xattrs that unionfs need not write (the brief of the upper format comparison).
+#: Kernel-only on-disk xattrs that unionfs need not write; upper layer comparisons leave them out.
 KERNEL_ONLY_XATTRS = frozenset({"trusted.overlay.origin", "trusted.overlay.uuid", "trusted.overlay.impure"})
 OPAQUE_XATTR = "trusted.overlay.opaque"
 

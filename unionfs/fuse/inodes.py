@@ -96,8 +96,9 @@ class InodeTable:
             return node
         ino = self.number(entry.st)
         node = self.nodes.get(ino)
-        if node is not None and not node.unlinked and not stat.S_ISDIR(entry.st.st_mode):
-            # Another name of a hard-linked file: one inode (the caller keeps the names together on copy-up).
+        if (node is not None and not node.unlinked and not stat.S_ISDIR(entry.st.st_mode)
+                and (node.entry.st.st_dev, node.entry.st.st_ino) == (entry.st.st_dev, entry.st.st_ino)):
+            # Another name of a hard-linked file: one inode.
             node.paths.append(entry.path)
             self.by_path[entry.path] = node
             return node

@@ -81,23 +81,17 @@ class Operations(pyfuse3.Operations):
             self._changed(split(new.path)[0])
             node = self.inodes.by_path.get(new.path)
             if node is not None and old.st.st_nlink > 1 and not old.is_dir:
-                for path in list(node.paths):
-                    if path != new.path:
-                        self._keep_link(node, path)
+                for path in [p for p in node.paths if p != new.path]:
+                    self._break_link(node, path)
 
-    def _keep_link(self, node: Node, path: bytes) -> None:
-        """Another known name of a file copied up: link it to the copy (hard links survive copy-up)."""
-        alias = self.union.stack.resolve(path)
-        if alias is not None and alias.layer != 0:
-            self.union.link_alias(node.entry.path, alias)
-            self._changed(split(path)[0])
-
-    def _node_for(self, entry: Entry) -> Node:
-        node = self.inodes.node_for(entry)
-        if (entry.layer != 0 and node.entry.layer == 0 and node.entry.path != entry.path
-                and self.union.stack.writable and not entry.is_dir):
-            self._keep_link(node, entry.path)
-        return node
+    def _break_link(self, node: Node, path: bytes) -> None:
+        """Copy-up broke a lower hard link (as on the kernel): ``path`` still names the lower file, so the
+        kernel must look it up again and get an inode of its own."""
+        self.inodes.unlinked(node, path, last_link=False)
+        parent_path, name = split(path)
+        parent = self.inodes.by_path.get(parent_path)
+        if parent is not None:
+            pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
 
     def _changed(self, *dir_paths: bytes) -> None:
         """Directories whose merged listing may differ now: drop what we cached of them."""
@@ -177,9 +171,9 @@ class Operations(pyfuse3.Operations):
 
     def _reply_entry(self, entry: Entry) -> pyfuse3.EntryAttributes:
         """A new reference handed to the kernel (lookup, create, mkdir, mknod, symlink, link)."""
-        node = self._node_for(entry)
+        node = self.inodes.node_for(entry)
         node.lookups += 1
-        return self._attrs(node)
+        return self._attrs(node, entry.st)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -361,8 +355,8 @@ class Operations(pyfuse3.Operations):
         new_path = join(new_parent.path, name_new)
         moving = self.inodes.by_path.get(old_path)
         target = self.inodes.by_path.get(new_path)
-        if moving is not None and moving is target:
-            return  # two names of one inode: rename(2) does nothing
+        if moving is not None and moving is target and moving.entry.layer == 0:
+            return  # two names of one upper inode: rename(2) does nothing
         moved, replaced = await self._mutate(self.union.rename, old_parent, name_old, new_parent, name_new,
                                              flags, thread=True)
         self._changed(old_parent.path, new_parent.path)
@@ -490,8 +484,8 @@ class Operations(pyfuse3.Operations):
             entry = self._dir_child(handle, names, index)
             if entry is None:
                 continue
-            node = self._node_for(entry)
-            if not pyfuse3.readdir_reply(token, names[index][0], self._attrs(node), index + 3):
+            node = self.inodes.node_for(entry)
+            if not pyfuse3.readdir_reply(token, names[index][0], self._attrs(node, entry.st), index + 3):
                 if node.lookups == 0:
                     self.inodes.forget(node.ino, 0)
                 return

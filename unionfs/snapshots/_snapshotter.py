@@ -43,7 +43,7 @@ MAX_LABEL_BYTES = 4096
 #: The most bytes a key or name may take.
 MAX_KEY_BYTES = 4096
 
-#: The steps of prepare/view, commit and remove after which a crash leaves a distinct state. ``crash_hook``
+#: The steps of prepare (and view), commit and remove after which a crash leaves a distinct state. ``crash_hook``
 #: is called with each name as the step completes (tests use it to kill the process at that point).
 STEPS = (
     "prepare.locked", "prepare.tempdir", "prepare.inserted", "prepare.renamed", "prepare.committed",
@@ -165,11 +165,14 @@ class Snapshotter:
             raise FailedPrecondition(f"cannot create the store {self.root}: {exc.strerror}") from None
         self._store = Store(os.path.join(self.root, "metadata.db"), timeout)
         try:
-            with self._store.write() as tx:
-                xattr = tx.meta("xattr")
-                if xattr is None:
-                    xattr = "trusted" if _probe_trusted(self.snapshots_dir) else "user"
-                    tx.set_meta("xattr", xattr)
+            with self._store.read() as rtx:
+                xattr = rtx.meta("xattr")
+            if xattr is None:  # a new store: decided once, by whoever gets the write lock first
+                with self._store.write() as tx:
+                    xattr = tx.meta("xattr")
+                    if xattr is None:
+                        xattr = "trusted" if _probe_trusted(self.snapshots_dir) else "user"
+                        tx.set_meta("xattr", xattr)
             #: the xattr namespace of overlay markers in this store's layers: "trusted" or "user"
             self.xattr = xattr
         except BaseException:
@@ -235,7 +238,7 @@ class Snapshotter:
                         raise FailedPrecondition(f'parent "{parent}" is {_a(prow.kind)}, not committed')
                     ancestors = [prow, *tx.ancestors(prow.id)]
                 made = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
-                self._populate(made, ancestors[0].id if ancestors else None)
+                self._populate(made, kind, ancestors[0].id if ancestors else None)
                 _step("prepare.tempdir")
                 usage = (0, 0) if kind is Kind.VIEW else (None, None)
                 sid = tx.insert(key, kind.value, ancestors[0].id if ancestors else None, labels, *usage)
@@ -256,11 +259,12 @@ class Snapshotter:
         _step("prepare.committed")
         return self._mounts(kind, sid, ancestors)
 
-    def _populate(self, tmp: str, parent_id: int | None) -> None:
+    def _populate(self, tmp: str, kind: Kind, parent_id: int | None) -> None:
         fs = os.path.join(tmp, "fs")
         os.mkdir(fs, 0o755)
         os.chmod(fs, 0o755)
-        os.mkdir(os.path.join(tmp, "work"), 0o700)
+        if kind is Kind.ACTIVE:
+            os.mkdir(os.path.join(tmp, "work"), 0o700)
         if parent_id is None:
             return
         # The root of the merged view shows the upper directory's owner and mode: take the parent's.

@@ -193,6 +193,9 @@ class Store:
             time.sleep(0.01)
 
     def _migrate(self) -> None:
+        (current,) = self.db.execute("PRAGMA user_version").fetchone()
+        if current == SCHEMA_VERSION:
+            return
         with self.write():
             (version,) = self.db.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
