@@ -222,3 +222,9 @@ def test_command_line_usage_errors(layers: Layers, mounts: Mounts, argv: list[st
     assert "error:" in r.stderr
     assert not is_mounted(layers.mnt)
     assert snapshot(layers.l1, layers.upper, layers.work, layers.mnt) == before
+
+
+def test_regression_unwritable_log_file(layers: Layers, mounts: Mounts, tmp_path: Path) -> None:
+    # An unopenable --log FILE used to end in a Python traceback.
+    log = tmp_path / "no-such-dir" / "unionfs.log"
+    expect_refusal(mounts, layers, ["--log", log, "-o", layers.opts(), layers.mnt], "log file", log)
