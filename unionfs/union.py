@@ -17,6 +17,8 @@ from .layers import ROOT, Entry, Stack, check_name, join
 from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
 from .whiteout import XattrFormat
 
+DEFAULT_ACL = b"system.posix_acl_default"
+
 #: open(2) flags that need the file in the upper layer
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 #: flags we never pass to the real open: the kernel resolved creation, and we write at the kernel's offsets
@@ -184,6 +186,13 @@ class Union:
         return self.work
 
     # -- creating -----------------------------------------------------------------------------------------
+
+    def creation_mode(self, parent: Entry, mode: int, umask: int) -> int:
+        """The mode a new object gets: the caller's umask applies unless ``parent`` has a default ACL, which
+        the file system then applies itself (the kernel leaves both to us once ACLs are enabled)."""
+        if umask and whiteout.getxattr(self._xpath(parent), DEFAULT_ACL) is None:
+            return mode & ~umask
+        return mode
 
     def create(self, parent: Entry, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Entry]:
         """Create and open a regular file; returns (fd, entry)."""

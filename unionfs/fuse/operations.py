@@ -50,7 +50,9 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
-    enable_acl = False
+    #: the kernel checks and caches POSIX ACLs (one getxattr per inode instead of one per `ls -l`); the umask
+    #: then reaches us to apply (Union.creation_mode)
+    enable_acl = True
 
     def __init__(self, union: Union, timeout: float = 300.0) -> None:
         super().__init__()
@@ -276,6 +278,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        mode = self.union.creation_mode(parent, mode, ctx.umask)
         entry = await self._mutate(self.union.mkdir, parent, name, mode, ctx.uid, ctx.gid,
                                    thread=self._parent_needs_copy(parent))
         self._changed(parent.path)
@@ -285,6 +288,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        mode = self.union.creation_mode(parent, mode, ctx.umask)
         entry = await self._mutate(self.union.mknod, parent, name, mode, rdev, ctx.uid, ctx.gid,
                                    thread=self._parent_needs_copy(parent))
         self._changed(parent.path)
@@ -315,6 +319,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        mode = self.union.creation_mode(parent, mode, ctx.umask)
         fd, entry = await self._mutate(self.union.create, parent, name, mode, flags, ctx.uid, ctx.gid,
                                        thread=self._parent_needs_copy(parent))
         self._changed(parent.path)
