@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what unionfs needs on a Debian machine: system packages (as root, or through sudo) and a Python
 # virtual environment in .venv with the project and its test tools. Safe to run again: it only installs
-# what is missing.
+# what is missing. UNIONFS_SETUP_SYSTEM_ONLY=1 stops after the system packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian's own Python 3 (3.11 on bookworm) is the default: every user of the machine can run it, which the
 # tests that run as an unprivileged user need. PYTHON=... picks another interpreter.
-packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux kmod python3 python3-venv python3-dev "$@")
+# uidmap (newuidmap) lets the rootless pass (tests/run-rootless.sh) map a range of ids into its user namespace.
+packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux uidmap kmod python3 python3-venv python3-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -19,6 +20,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+[ "${UNIONFS_SETUP_SYSTEM_ONLY:-0}" = 1 ] && exit 0
 
 PY=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then

@@ -1,15 +1,21 @@
 """Fixtures of the differential tests: two copies of the same layer stack, one mounted by kernel overlayfs and
 one by unionfs, always torn down.
 
-Run (as root, on a kernel with overlayfs; skipped with the reason otherwise)::
+Run (as root, or as the root of a user namespace, on a kernel with overlayfs; skipped with the reason
+otherwise)::
 
     python -m pytest tests/kernel                      # or: -m kernel
     UNIONFS_DIFF_IMPL=fuse-overlayfs python -m pytest tests/kernel   # another FUSE overlay in unionfs's place
     UNIONFS_DIFF_IMPL=kernel python -m pytest tests/kernel           # self-test: kernel against kernel
+    UNIONFS_TEST_XATTR=user python -m pytest tests/kernel            # the rootless format (-o userxattr) as root
+    sudo bash tests/run-rootless.sh                    # rootless: as an ordinary user in its own user namespace
 
 Other knobs: ``UNIONFS_DIFF_EXAMPLES``, ``UNIONFS_DIFF_SEED``, ``UNIONFS_DIFF_SHRINK`` (the random test),
-``UNIONFS_DIFF_TIMEOUT`` (seconds before a hung FUSE connection is aborted, default 120) and
-``UNIONFS_DIFF_MOUNT_TIMEOUT`` (seconds to wait for a mount, default 30).
+``UNIONFS_DIFF_TIMEOUT`` (seconds before a hung FUSE connection is aborted, default 120),
+``UNIONFS_DIFF_MOUNT_TIMEOUT`` (seconds to wait for a mount, default 30), ``UNIONFS_TEST_XATTR`` (``trusted`` or
+``user``: the overlay marker format, by default ``user`` exactly when ``trusted.*`` cannot be written) and
+``UNIONFS_TEST_FOREIGN_LAYER`` (a directory owned by ids outside the user namespace the tests run in, which
+tests/run-rootless.sh makes).
 """
 
 from __future__ import annotations
@@ -64,14 +70,15 @@ MakePair = Callable[..., StackPair]
 
 @pytest.fixture
 def make_pair(tmp_path: Path, overlay_ready: None) -> Iterator[MakePair]:
-    """``make_pair(lowers=STD_LOWERS, upper=None, mount=True)``: build the layers, clone them for each side,
-    mount both.  Every pair made is torn down at the end of the test, whatever happened."""
+    """``make_pair(lowers=STD_LOWERS, upper=None, mount=True, shared=())``: build the layers, clone them for each
+    side (``shared`` lower layers, existing directories, go below them uncloned), mount both.  Every pair made is
+    torn down at the end of the test, whatever happened."""
     pairs: list[StackPair] = []
 
     def make(lowers: Sequence[Layer] = STD_LOWERS, upper: Layer | None = None, *, mount: bool = True,
-             name: str | None = None) -> StackPair:
+             name: str | None = None, shared: Sequence[Path] = ()) -> StackPair:
         base = tmp_path / (name or f"pair{len(pairs)}")
-        template = build_template(base / "template", lowers, upper)
+        template = build_template(base / "template", lowers, upper, shared)
         pair = StackPair(base, template)
         pairs.append(pair)
         if mount:

@@ -2,6 +2,8 @@
 
 This module holds everything the tests in this directory share:
 
+* the on-disk format both sides write: overlay markers in ``trusted.overlay.*``, or in ``user.overlay.*`` with
+  both sides mounted ``-o userxattr`` when the tests cannot write ``trusted.*`` (:data:`XATTR_NS`);
 * a declarative description of layers (:class:`File`, :class:`Dir`, :class:`Symlink`, :class:`Whiteout`,
   :class:`Fifo`, :class:`Hardlink`) and :func:`build_tree` / :func:`clone_tree` to lay them out on disk;
 * mounting: :class:`KernelMount` (kernel overlayfs) and :class:`FuseMount` (unionfs, or fuse-overlayfs when
@@ -46,8 +48,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 IMPL = os.environ.get("UNIONFS_DIFF_IMPL", "unionfs")
 IMPLS = ("unionfs", "fuse-overlayfs", "kernel")
 
-#: Options for the kernel mount: make the behaviours that kernel defaults could vary explicit.
-KERNEL_EXTRA_OPTS = "index=off,redirect_dir=off,metacopy=off"
 
 MOUNT_TIMEOUT = float(os.environ.get("UNIONFS_DIFF_MOUNT_TIMEOUT", "30"))
 #: After this many seconds a stack pair aborts its FUSE connection, so a hung server fails the test instead
@@ -59,9 +59,62 @@ FIXED_EPOCH_NS = 946_684_800 * 10**9
 #: Timestamps older than this (2001-09-09) were set on purpose; newer ones come from the clock.
 STABLE_BEFORE_NS = 10**18
 
+
+
+def _trusted_xattrs_writable() -> bool:
+    """Whether this process may write ``trusted.*`` xattrs where the layers are made (the temporary directory):
+    root may, an ordinary user or the root of a user namespace may not."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="unionfs-xattr-probe-") as d:
+            os.setxattr(d, "trusted.overlay.probe", b"y")
+    except OSError:
+        return False
+    return True
+
+
+#: Whether the layer builder can write ``trusted.*`` xattrs; when it cannot, the ``trusted.*`` xattrs a layer
+#: description names are left out (both sides get the same layers all the same).
+TRUSTED_WRITABLE = _trusted_xattrs_writable()
+
+#: The xattr namespace of the overlay markers: ``trusted`` (the kernel's default, for root) or ``user`` (both sides
+#: mounted with ``-o userxattr``: the rootless format).  ``UNIONFS_TEST_XATTR=user|trusted`` forces it; by default
+#: it is ``user`` exactly when ``trusted.*`` cannot be written (in a user namespace: tests/run-rootless.sh).
+XATTR_NS = os.environ.get("UNIONFS_TEST_XATTR") or ("trusted" if TRUSTED_WRITABLE else "user")
+if XATTR_NS not in ("trusted", "user"):
+    raise ValueError(f"UNIONFS_TEST_XATTR must be 'trusted' or 'user', not {XATTR_NS!r}")
+USERXATTR = XATTR_NS == "user"
+#: The overlay-private prefix in force: markers live there, and user-set names below it are stored escaped.
+OVL = f"{XATTR_NS}.overlay."
+#: The other namespace's overlay prefix: ordinary xattrs for these mounts.
+OTHER_OVL = "trusted.overlay." if USERXATTR else "user.overlay."
+
+def _in_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+#: Whether this process runs in a user namespace (the kernel pass of tests/run-rootless.sh).
+IN_USER_NAMESPACE = _in_user_namespace()
+#: Whether the kernel's merged view is a reference for inode identity.  Not in a user namespace: there kernel
+#: overlayfs cannot encode file handles of lower objects (that takes CAP_DAC_READ_SEARCH in the initial
+#: namespace), so a copy-up records an empty origin; the copy then shows its upper inode's number once the kernel
+#: has dropped the cached inode, and a name made by link(2) from a lower file shows another number than the
+#: first name meanwhile.  Merged-view snapshots then leave out which names share an inode (``linkgroup``); the
+#: upper layers on disk still compare it.
+MERGED_INODES_COMPARABLE = not IN_USER_NAMESPACE
+
+#: Options for the kernel mount: make the behaviours that kernel defaults could vary explicit.  With userxattr the
+#: kernel takes no redirect_dir but ``nofollow`` (redirects neither made nor followed: the same as ``off`` here).
+KERNEL_EXTRA_OPTS = f"index=off,redirect_dir={'nofollow' if USERXATTR else 'off'},metacopy=off"
+
 #: Kernel-only on-disk xattrs that unionfs need not write; upper layer comparisons leave them out.
-KERNEL_ONLY_XATTRS = frozenset({"trusted.overlay.origin", "trusted.overlay.uuid", "trusted.overlay.impure"})
-OPAQUE_XATTR = "trusted.overlay.opaque"
+KERNEL_ONLY_XATTRS = frozenset({OVL + "origin", OVL + "uuid", OVL + "impure"})
+OPAQUE_XATTR = OVL + "opaque"
 
 #: xattr namespaces compared (others, like security.* and system.*, depend on the host).
 XATTR_PREFIXES = ("user.", "trusted.")
@@ -141,9 +194,15 @@ def _as_entry(value: Entry) -> File | Dir | Symlink | Whiteout | Fifo | Hardlink
     return value
 
 
+def _settable(xattrs: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``xattrs`` less the ``trusted.*`` ones when this process cannot write those (see :data:`TRUSTED_WRITABLE`)."""
+    return [(n, v) for n, v in xattrs if TRUSTED_WRITABLE or not n.startswith("trusted.")]
+
+
 def build_tree(root: Path, layer: Layer, *, time_base_ns: int = FIXED_EPOCH_NS) -> None:
     """Create ``root`` holding what ``layer`` describes.  Parent directories are implied; every object gets
-    a fixed (old, hence "stable") timestamp unless it names one."""
+    a fixed (old, hence "stable") timestamp unless it names one.  Opaque directories get the marker of
+    :data:`XATTR_NS`; ``trusted.*`` xattrs are left out where they cannot be written."""
     root.mkdir(parents=True, exist_ok=True)
     entries = {p.strip("/"): _as_entry(v) for p, v in layer.items()}
     for p in list(entries):
@@ -161,7 +220,7 @@ def build_tree(root: Path, layer: Layer, *, time_base_ns: int = FIXED_EPOCH_NS) 
             path.mkdir()
             os.chmod(path, entry.mode)
             os.chown(path, entry.uid, entry.gid)
-            for name, value in entry.xattrs:
+            for name, value in _settable(entry.xattrs):
                 os.setxattr(path, name, value)
             if entry.opaque:
                 os.setxattr(path, OPAQUE_XATTR, b"y")
@@ -176,7 +235,7 @@ def build_tree(root: Path, layer: Layer, *, time_base_ns: int = FIXED_EPOCH_NS) 
                     f.truncate(entry.size)
             os.chown(path, entry.uid, entry.gid)
             os.chmod(path, entry.mode)
-            for name, value in entry.xattrs:
+            for name, value in _settable(entry.xattrs):
                 os.setxattr(path, name, value)
             ns = entry.mtime_ns if entry.mtime_ns is not None else default_ns
             os.utime(path, ns=(ns, ns))
@@ -278,10 +337,13 @@ def _copy_file_sparse(src: Path, dst: Path) -> None:
 
 @dataclasses.dataclass
 class Template:
-    """Layers built once on disk (``l1`` .. ``lN`` and ``upper``), cloned for every mount that needs them."""
+    """Layers built once on disk (``l1`` .. ``lN`` and ``upper``), cloned for every mount that needs them; below
+    them, ``shared`` lower layers that are used as they are by every mount (layers the tests cannot copy, such as
+    one owned by ids outside their user namespace)."""
 
     root: Path
     nlowers: int
+    shared: tuple[Path, ...] = ()
 
     def lower(self, i: int) -> Path:
         return self.root / f"l{i + 1}"
@@ -291,12 +353,14 @@ class Template:
         return self.root / "upper"
 
 
-def build_template(root: Path, lowers: Sequence[Layer], upper: Layer | None = None) -> Template:
-    """Lay out ``lowers`` (first = top-most) and the initial ``upper`` layer under ``root``."""
+def build_template(root: Path, lowers: Sequence[Layer], upper: Layer | None = None,
+                   shared: Sequence[Path] = ()) -> Template:
+    """Lay out ``lowers`` (first = top-most) and the initial ``upper`` layer under ``root``; ``shared`` lower
+    layers (existing directories, never written) go below ``lowers``."""
     for i, layer in enumerate(lowers):
         build_tree(root / f"l{i + 1}", layer, time_base_ns=FIXED_EPOCH_NS + i * 10**13)
     build_tree(root / "upper", upper or {}, time_base_ns=FIXED_EPOCH_NS + 9 * 10**13)
-    return Template(root, len(lowers))
+    return Template(root, len(lowers), tuple(shared))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -440,7 +504,8 @@ def snapshot_tree(root: str | Path, *, stable_only: bool = True, hash_content: b
     """A comparable description of the tree at ``root`` (a merged view): relative path -> :class:`Node` with
     type, permission bits, owner, size, content hash, symlink target, device numbers, ``user.*``/``trusted.*``
     xattrs, mtime (only if stable, unless ``stable_only=False``), nlink of non-directories, and which names
-    are hard links of each other.  Errors while reading an object are recorded in the node."""
+    are hard links of each other (unless :data:`MERGED_INODES_COMPARABLE` is false).  Errors while reading an
+    object are recorded in the node."""
     root = Path(root)
     out: dict[str, Node] = {}
     inodes: dict[str, tuple[int, int]] = {}
@@ -457,7 +522,7 @@ def snapshot_tree(root: str | Path, *, stable_only: bool = True, hash_content: b
                 extra["target"] = os.readlink(path)
         except OSError as exc:
             extra["sha"] = f"error {_en(exc.errno)}"
-        if node.type != "dir" and st.st_nlink > 1:
+        if node.type != "dir" and st.st_nlink > 1 and MERGED_INODES_COMPARABLE:
             inodes[rel] = (st.st_dev, st.st_ino)
         out[rel] = dataclasses.replace(node, **extra)
     for rel, group in _link_groups(inodes).items():
@@ -467,9 +532,10 @@ def snapshot_tree(root: str | Path, *, stable_only: bool = True, hash_content: b
 
 def snapshot_upper(upper: str | Path, *, stable_only: bool = True) -> dict[str, Node]:
     """The on-disk form of an upper layer: like :func:`snapshot_tree`, plus whiteouts (type ``whiteout``,
-    nothing else recorded: the kernel's are hard links with nlink > 1) and the raw value of
-    ``trusted.overlay.opaque`` on directories.  Kernel-only xattrs (origin, uuid, impure) are left out;
-    escaped user-set ones (``trusted.overlay.overlay.X``) are kept."""
+    nothing else recorded: the kernel's are hard links with nlink > 1) and the raw value of the opaque marker
+    (:data:`OPAQUE_XATTR`: ``trusted.overlay.opaque``, or ``user.overlay.opaque`` in the rootless format) on
+    directories.  Kernel-only xattrs (origin, uuid, impure) are left out; escaped user-set ones
+    (``trusted.overlay.overlay.X``, ``user.overlay.overlay.X``) are kept."""
     upper = Path(upper)
     out: dict[str, Node] = {}
     inodes: dict[str, tuple[int, int]] = {}
@@ -797,13 +863,16 @@ class Side:
         for i in range(template.nlowers):
             clone_tree(template.lower(i), root / f"l{i + 1}")
             lowers.append(root / f"l{i + 1}")
+        lowers.extend(template.shared)
         clone_tree(template.upper, root / "upper")
         (root / "work").mkdir()
         (root / "mnt").mkdir()
         return cls(root, lowers, root / "upper", root / "work", root / "mnt")
 
-    def options(self) -> str:
-        return (f"lowerdir={':'.join(map(str, self.lowers))},upperdir={self.upper},workdir={self.work}")
+    def options(self, userxattr: bool = USERXATTR) -> str:
+        """The mount options of this stack (with ``userxattr`` in the rootless format)."""
+        opts = f"lowerdir={':'.join(map(str, self.lowers))},upperdir={self.upper},workdir={self.work}"
+        return opts + ",userxattr" if userxattr else opts
 
 
 class Mount:
@@ -878,7 +947,7 @@ class FuseMount(Mount):
         self._count = 0
 
     def command(self) -> list[str]:
-        opts = self.side.options()
+        opts = self.side.options(userxattr=USERXATTR and self.impl == "unionfs")
         if self.impl == "unionfs":
             return [sys.executable, "-m", "unionfs", "mount", "-f", "-o", opts, str(self.side.mnt)]
         return ["fuse-overlayfs", "-f", "-o", opts, str(self.side.mnt)]
@@ -983,7 +1052,8 @@ def new_mount(side: Side, impl: str = IMPL) -> Mount:
 def kernel_overlay_unavailable(probe_dir: Path) -> str | None:
     """Why kernel overlayfs cannot be used here, or None if a probe mount works."""
     if os.geteuid() != 0:
-        return "kernel overlayfs differential tests need root (mount(2) of overlay)"
+        return ("kernel overlayfs differential tests need root, or the root of a user namespace (mount(2) of "
+                "overlay); tests/run-rootless.sh runs them in one")
     try:
         with open("/proc/filesystems") as f:
             if not any(line.split()[-1:] == ["overlay"] for line in f):
@@ -995,7 +1065,8 @@ def kernel_overlay_unavailable(probe_dir: Path) -> str | None:
         d.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
         ["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir={side_dirs[0]},upperdir={side_dirs[1]},workdir={side_dirs[2]}", str(side_dirs[3])],
+         f"lowerdir={side_dirs[0]},upperdir={side_dirs[1]},workdir={side_dirs[2]}"
+         + (",userxattr" if USERXATTR else ""), str(side_dirs[3])],
         capture_output=True, text=True, timeout=30)
     if res.returncode != 0:
         return f"probe mount of kernel overlayfs failed: {res.stderr.strip()}"
@@ -1186,9 +1257,9 @@ L1: dict[str, Entry] = {
     "secret": File(b"secret\n", mode=0o600),
     "mine": File(b"owned by nobody\n", uid=65534, gid=65534),
     "xattrs.txt": File(b"xattr names\n", xattrs=(
-        ("trusted.overlay.overlay.esc", b"escaped: shown as trusted.overlay.esc"),
-        ("trusted.overlay.private", b"overlay-private: hidden"),
-        ("user.overlay.u", b"shown as is without userxattr"),
+        (OVL + "overlay.esc", f"escaped: shown as {OVL}esc".encode()),
+        (OVL + "private", b"overlay-private: hidden"),
+        (OTHER_OVL + "u", b"the other namespace's overlay xattr: shown as is"),
         ("user.plain", b"plain"),
     )),
     "loop1": Symlink("loop2"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from kernel_diff import (
     OLD_NS,
+    OVL,
     KernelMount,
     StackPair,
     assert_same,
@@ -34,7 +35,7 @@ CROSS_OPS = [
     ("chmod", "owned", 0o600),
     ("chown", "xdir/f", 77, 78),
     ("setxattr", "bottom.txt", "user.x", b"1"),
-    ("setxattr", "shared.txt", "trusted.overlay.esc", b"escaped"),
+    ("setxattr", "shared.txt", OVL + "esc", b"escaped"),  # stored escaped
     ("setxattr", "xdir", "user.dx", b"on a dir"),
     ("rename", "bottom.txt", "dir/bottom"),
     ("link", "shared.txt", "shared.link"),

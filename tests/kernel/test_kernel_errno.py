@@ -9,7 +9,7 @@ from __future__ import annotations
 import stat
 
 import pytest
-from kernel_diff import StackPair, format_op
+from kernel_diff import OVL, StackPair, format_op
 
 pytestmark = pytest.mark.kernel
 
@@ -159,7 +159,7 @@ ERRNO_TABLE: dict[str, list[tuple[tuple, object]]] = {  # type: ignore[type-arg]
         (("getxattr", "owned", "user.none"), "ENODATA"),
         (("removexattr", "owned", "user.none"), "ENODATA"),
         (("setxattr", "owned", "user.none", b"x", 2), "ENODATA"),  # XATTR_REPLACE of a missing one
-        (("getxattr", "opq", "trusted.overlay.opaque"), "ENODATA"),  # private, hidden
+        (("getxattr", "opq", OVL + "opaque"), "ENODATA"),  # private, hidden
         (("getxattr", "dir", "user.none"), "ENODATA"),
     ],
     "ELOOP": [

@@ -21,13 +21,25 @@ from pathlib import Path
 from unionfs.fuse.server import pid_file
 
 PY = sys.executable
-BIN = Path(sys.executable).parent
-UNIONFS_EXE = BIN / "unionfs"
+
+
+def _unionfs_exe() -> Path:
+    """The ``unionfs`` command: beside the interpreter (a venv), else the one on PATH (the rootless pass runs the
+    system interpreter with the packages on PYTHONPATH and the command in a directory of its own)."""
+    beside = Path(sys.executable).parent / "unionfs"
+    if beside.exists():
+        return beside
+    found = shutil.which("unionfs")
+    return Path(found) if found else beside
+
+
+UNIONFS_EXE = _unionfs_exe()
+BIN = UNIONFS_EXE.parent
 DEADLINE = 15.0
 
 
 def env_with_bin() -> dict[str, str]:
-    """The environment with the venv's bin directory (holding the ``unionfs`` executable) first on PATH."""
+    """The environment with the directory of the ``unionfs`` executable first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     return env

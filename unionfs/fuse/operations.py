@@ -50,8 +50,8 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
-    #: the kernel checks and caches POSIX ACLs (one getxattr per inode instead of one per `ls -l`); the umask
-    #: then reaches us to apply (Union.creation_mode)
+    #: the kernel checks access against POSIX ACLs too, as overlayfs does; the umask then reaches us to apply
+    #: (Union.creation_mode)
     enable_acl = True
 
     def __init__(self, union: Union, timeout: float = 300.0) -> None:
