@@ -1,0 +1,116 @@
+"""Ownership policy: id mappings, squashing, and owners/modes stored in the override xattr."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+import pytest
+from unit_tree import File
+
+from unionfs.options import OptionError, parse
+from unionfs.ownership import (
+    OVERFLOW_ID,
+    OVERRIDE_XATTR,
+    IdMapError,
+    Ownership,
+    decode_override,
+    encode_override,
+    parse_idmap,
+)
+from unionfs.union import Union
+
+
+def test_idmap_maps_ranges_both_ways() -> None:
+    m = parse_idmap("0:1000:1:1:100000:65536", "uidmapping")
+    assert m.to_inside(1000) == 0
+    assert m.to_inside(100000) == 1
+    assert m.to_inside(100041) == 42
+    assert m.to_outside(0) == 1000
+    assert m.to_outside(42) == 100041
+
+
+def test_idmap_unmapped_ids() -> None:
+    m = parse_idmap("0:1000:1", "uidmapping")
+    assert m.to_inside(5) == OVERFLOW_ID
+    with pytest.raises(OSError) as exc:
+        m.to_outside(7)
+    assert exc.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("text", ["", "0:1000", "0:a:1", "0:1000:0", "-1:5:1"])
+def test_idmap_rejects_malformed(text: str) -> None:
+    with pytest.raises(IdMapError):
+        parse_idmap(text, "uidmapping")
+
+
+def test_options_build_the_policy() -> None:
+    spec = parse(["lowerdir=/a,uidmapping=0:1000:1,gidmapping=0:1000:1,squash_to_gid=5,xattr_permissions"])
+    own = spec.ownership
+    assert own.uidmap is not None and own.uidmap.to_inside(1000) == 0
+    assert own.squash_gid == 5 and own.squash_uid is None
+    assert own.xattr_permissions
+    assert not own.identity
+    assert parse(["lowerdir=/a"]).ownership.identity
+    assert parse(["lowerdir=/a,squash_to_root"]).ownership.show(1234, 99) == (0, 0)
+
+
+@pytest.mark.parametrize("opt", ["uidmapping=1:2", "squash_to_uid=x", "xattr_permissions=yes"])
+def test_options_reject_bad_ownership_values(opt: str) -> None:
+    with pytest.raises(OptionError):
+        parse([f"lowerdir=/a,{opt}"])
+
+
+def test_show_and_to_disk_round_trip() -> None:
+    own = Ownership(uidmap=parse_idmap("0:1000:10", "u"), gidmap=parse_idmap("0:2000:10", "g"))
+    assert own.show(1003, 2004) == (3, 4)
+    assert own.to_disk(3, 4) == (1003, 2004)
+    assert own.to_disk(-1, 4) == (-1, 2004)
+
+
+def test_override_encoding() -> None:
+    assert encode_override(0, 5, stat.S_IFREG | 0o4755) == b"0:5:04755"
+    assert decode_override(b"0:5:04755") == (0, 5, 0o4755)
+    assert decode_override(b"garbage") is None
+
+
+def _union(env: Any, ownership: Ownership) -> Union:
+    return Union(env.stack, env.work, ownership=ownership)
+
+
+def test_xattr_permissions_chown_and_chmod_are_stored_not_applied(make_env: Any) -> None:
+    env = make_env(lowers=[{"f": File(b"x", mode=0o644, uid=0, gid=0)}, {}])
+    union = _union(env, Ownership(xattr_permissions=True))
+    entry = union.chown(env.entry("f"), 1234, 4321)
+    entry = union.chmod(entry, 0o600)
+    st = os.lstat(env.upper / "f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o644), "the file itself is unchanged"
+    assert os.getxattr(env.upper / "f", OVERRIDE_XATTR) == b"1234:4321:0600"
+    assert union.shown(entry, st) == (1234, 4321, stat.S_IFREG | 0o600)
+    assert OVERRIDE_XATTR not in union.listxattr(entry), "the stored owner is private"
+    with pytest.raises(OSError) as exc:
+        union.setxattr(entry, OVERRIDE_XATTR, b"0:0:0777")
+    assert exc.value.errno == errno.EPERM
+
+
+def test_rootless_copy_up_records_the_owner_it_cannot_keep(make_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = make_env(lowers=[{"f": File(b"data", mode=0o640, uid=0, gid=0)}, {}])
+    union = _union(env, Ownership(xattr_permissions=True))
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", refuse)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    entry = union.copy_up(env.entry("f"))
+    assert os.getxattr(env.upper / "f", OVERRIDE_XATTR) == b"0:0:0640"
+    assert union.shown(entry, os.lstat(env.upper / "f"))[:2] == (0, 0)
+
+
+def test_identity_policy_shows_disk_owners(make_env: Any) -> None:
+    env = make_env(lowers=[{"f": File(b"x", uid=77, gid=88)}, {}])
+    union = _union(env, Ownership())
+    entry = env.entry("f")
+    assert union.shown(entry, entry.st)[:2] == (77, 88)
