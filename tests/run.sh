@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing (tests/setup.sh), then runs lint, type checks and the whole
-# test suite (unit, real mounts, differential against kernel overlayfs). Run it as root so that the kernel
-# side of the differential tests can mount; extra arguments go to pytest.
+# test suite (unit, real mounts, differential against kernel overlayfs), and then the rootless pass
+# (tests/run-rootless.sh: the real-mount and differential suites again as an unprivileged user). Run it as root
+# so that the kernel side of the differential tests can mount; extra arguments go to pytest (the main run only).
+# It fails when either run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
@@ -10,4 +12,12 @@ echo "== ruff" >&2
 echo "== mypy" >&2
 .venv/bin/mypy
 echo "== pytest" >&2
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || status=$?
+if [ "$(id -u)" -eq 0 ]; then
+    echo "== rootless pass" >&2
+    UNIONFS_TEST_PYTHON=.venv/bin/python bash tests/run-rootless.sh || status=$((status ? status : 1))
+else
+    echo "== rootless pass: skipped (it needs root to create its user and open /dev/fuse to it)" >&2
+fi
+exit "$status"

@@ -7,15 +7,14 @@ otherwise)::
     python -m pytest tests/kernel                      # or: -m kernel
     UNIONFS_DIFF_IMPL=fuse-overlayfs python -m pytest tests/kernel   # another FUSE overlay in unionfs's place
     UNIONFS_DIFF_IMPL=kernel python -m pytest tests/kernel           # self-test: kernel against kernel
-    UNIONFS_TEST_XATTR=user python -m pytest tests/kernel            # the rootless format (-o userxattr) as root
     sudo bash tests/run-rootless.sh                    # rootless: as an ordinary user in its own user namespace
 
 Other knobs: ``UNIONFS_DIFF_EXAMPLES``, ``UNIONFS_DIFF_SEED``, ``UNIONFS_DIFF_SHRINK`` (the random test),
 ``UNIONFS_DIFF_TIMEOUT`` (seconds before a hung FUSE connection is aborted, default 120),
 ``UNIONFS_DIFF_MOUNT_TIMEOUT`` (seconds to wait for a mount, default 30), ``UNIONFS_TEST_XATTR`` (``trusted`` or
-``user``: the overlay marker format, by default ``user`` exactly when ``trusted.*`` cannot be written) and
-``UNIONFS_TEST_FOREIGN_LAYER`` (a directory owned by ids outside the user namespace the tests run in, which
-tests/run-rootless.sh makes).
+``user``: the overlay marker format, by default ``user`` exactly when ``trusted.*`` cannot be written; the
+rootless pass sets it) and ``UNIONFS_TEST_FOREIGN_LAYER`` (a directory owned by ids outside the user namespace the
+tests run in, which tests/run-rootless.sh makes).
 """
 
 from __future__ import annotations

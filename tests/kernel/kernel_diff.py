@@ -48,7 +48,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 IMPL = os.environ.get("UNIONFS_DIFF_IMPL", "unionfs")
 IMPLS = ("unionfs", "fuse-overlayfs", "kernel")
 
-
 MOUNT_TIMEOUT = float(os.environ.get("UNIONFS_DIFF_MOUNT_TIMEOUT", "30"))
 #: After this many seconds a stack pair aborts its FUSE connection, so a hung server fails the test instead
 #: of hanging it.
@@ -58,7 +57,6 @@ WATCHDOG_SECONDS = float(os.environ.get("UNIONFS_DIFF_TIMEOUT", "120"))
 FIXED_EPOCH_NS = 946_684_800 * 10**9
 #: Timestamps older than this (2001-09-09) were set on purpose; newer ones come from the clock.
 STABLE_BEFORE_NS = 10**18
-
 
 
 def _trusted_xattrs_writable() -> bool:
@@ -90,6 +88,7 @@ OVL = f"{XATTR_NS}.overlay."
 #: The other namespace's overlay prefix: ordinary xattrs for these mounts.
 OTHER_OVL = "trusted.overlay." if USERXATTR else "user.overlay."
 
+
 def _in_user_namespace() -> bool:
     try:
         with open("/proc/self/uid_map") as f:
@@ -100,13 +99,17 @@ def _in_user_namespace() -> bool:
 
 #: Whether this process runs in a user namespace (the kernel pass of tests/run-rootless.sh).
 IN_USER_NAMESPACE = _in_user_namespace()
-#: Whether the kernel's merged view is a reference for inode identity.  Not in a user namespace: there kernel
-#: overlayfs cannot encode file handles of lower objects (that takes CAP_DAC_READ_SEARCH in the initial
-#: namespace), so a copy-up records an empty origin; the copy then shows its upper inode's number once the kernel
-#: has dropped the cached inode, and a name made by link(2) from a lower file shows another number than the
-#: first name meanwhile.  Merged-view snapshots then leave out which names share an inode (``linkgroup``); the
-#: upper layers on disk still compare it.
-MERGED_INODES_COMPARABLE = not IN_USER_NAMESPACE
+#: Whether kernel overlayfs records where a copied-up object came from (a file handle of the lower object in
+#: the ``origin`` xattr), which keeps its inode number.  Not in a user namespace: encoding file handles takes
+#: CAP_DAC_READ_SEARCH in the initial namespace, so a copy-up records an empty origin; the copy then shows its
+#: upper inode's number once the kernel has dropped the cached inode, and a name made by link(2) from a lower
+#: file shows another number than the first name meanwhile.
+KERNEL_KEEPS_ORIGIN = not IN_USER_NAMESPACE
+#: Whether the kernel's merged view is a reference for which names share an inode: only where it keeps origins,
+#: and not in the user.* format, where symlinks, FIFOs and devices (which cannot carry user.* xattrs) get no
+#: origin either.  Otherwise merged-view snapshots leave ``linkgroup`` out; the upper layers on disk still
+#: compare it.
+MERGED_INODES_COMPARABLE = KERNEL_KEEPS_ORIGIN and not USERXATTR
 
 #: Options for the kernel mount: make the behaviours that kernel defaults could vary explicit.  With userxattr the
 #: kernel takes no redirect_dir but ``nofollow`` (redirects neither made nor followed: the same as ``off`` here).

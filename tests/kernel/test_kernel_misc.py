@@ -204,6 +204,8 @@ FOREIGN_OPS = [
 
 
 def _foreign_layer_unusable() -> str | None:
+    if not IN_USER_NAMESPACE:
+        return "not in a user namespace, where every owner is mapped (tests/run-rootless.sh runs it in one)"
     if not FOREIGN_LAYER:
         return "no layer owned by ids outside this user namespace (tests/run-rootless.sh makes one)"
     try:
@@ -218,7 +220,7 @@ def _foreign_layer_unusable() -> str | None:
 
 @pytest.mark.skipif(_foreign_layer_unusable() is not None, reason=str(_foreign_layer_unusable()))
 @pytest.mark.xfail(
-    strict=True,
+    strict=True, raises=AssertionError,
     reason="unionfs bug: an object whose owner is outside the user namespace shows as the overflow id 65534, and "
     "unionfs then treats it as owned by 65534, which this namespace maps: the kernel's permission checks "
     "(default_permissions) let the namespace's root chmod, write and create in it, and copy-up chowns the copy "
@@ -228,7 +230,8 @@ def _foreign_layer_unusable() -> str | None:
 def test_objects_owned_by_ids_outside_the_user_namespace(make_pair) -> None:  # type: ignore[no-untyped-def]
     pair = make_pair([{"top": "top\n"}], shared=[Path(str(FOREIGN_LAYER))])
     k = [run_op(pair.kernel.root, op) for op in FOREIGN_OPS]
-    assert ("err", "EOVERFLOW") in k and ("err", "EPERM") in k, k  # premise: the kernel refuses the copy-ups
+    if not (("err", "EOVERFLOW") in k and ("err", "EPERM") in k):  # not an AssertionError: no xfail for this
+        pytest.fail(f"premise: the kernel refuses the copy-ups and changes: {k}")
     u = [run_op(pair.unionfs.root, op) for op in FOREIGN_OPS]
     mismatches = [f"  #{i} {format_op(op)}: kernel={a!r} {pair.impl}={b!r}"
                   for i, (op, a, b) in enumerate(zip(FOREIGN_OPS, k, u, strict=True)) if a != b]
@@ -292,12 +295,6 @@ def test_cli_mount_returns_when_ready_and_umount_waits_for_the_server(tmp_path: 
             os.kill(pid, 9)
 
 
-@pytest.mark.xfail(
-    IN_USER_NAMESPACE, strict=True,
-    reason="unionfs bug: the root of a user namespace has euid 0, so runtime_dir() (unionfs/fuse/server.py) picks "
-    "/run/unionfs, which it cannot create or write; the server then runs without a pid file, and `unionfs umount` "
-    "returns without waiting for it to exit",
-)
 def test_background_server_leaves_the_pid_file_umount_waits_on(tmp_path: Path, overlay_ready: None) -> None:
     """``unionfs umount`` waits for the server through the pid file the server leaves: it must be there (the test
     above can pass without it when the server happens to exit fast)."""
@@ -305,15 +302,17 @@ def test_background_server_leaves_the_pid_file_umount_waits_on(tmp_path: Path, o
         pytest.skip(f"UNIONFS_DIFF_IMPL={IMPL}: the pid file is unionfs's")
     template = build_template(tmp_path / "template", [{"a": "lower a\n"}])
     side = Side.from_template(template, tmp_path / "side")
-    where = subprocess.run(
-        [sys.executable, "-c", "import sys; from unionfs.fuse.server import pid_file; print(pid_file(sys.argv[1]))",
-         str(side.mnt)], capture_output=True, text=True, timeout=60, env=unionfs_env(), check=True,
-    ).stdout.strip()
     try:
         res = subprocess.run([sys.executable, "-m", "unionfs", "mount", "-o", side.options(), str(side.mnt)],
                              capture_output=True, text=True, timeout=60, env=unionfs_env(), cwd=str(REPO_ROOT),
                              stdin=subprocess.DEVNULL)
-        assert res.returncode == 0, f"mount failed ({res.returncode}): {res.stderr}"
+        if res.returncode != 0:
+            pytest.fail(f"mount failed ({res.returncode}): {res.stderr}")
+        # (regression: in a user namespace the server used to try only /run/unionfs, and leave no pid file)
+        where = subprocess.run(
+            [sys.executable, "-c", "import sys; from unionfs.fuse.server import pid_file; print(pid_file(sys.argv[1]))",
+             str(side.mnt)], capture_output=True, text=True, timeout=60, env=unionfs_env(), check=True,
+        ).stdout.strip()
         servers = _servers_for(side.mnt)
         assert os.path.exists(where), f"no pid file at {where} (servers: {servers})"
         assert int(Path(where).read_text()) in servers, f"{where} names no server of this mount ({servers})"

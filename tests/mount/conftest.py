@@ -37,12 +37,6 @@ def fuse_ready() -> None:
 
 
 @pytest.fixture
-def root_only() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-
-
-@pytest.fixture
 def base(fuse_ready: None) -> Iterator[Path]:
     """A fresh directory every user can traverse (so that other uids can reach mounts made in it)."""
     d = Path(tempfile.mkdtemp(prefix="unionfs-mount-test-"))

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import pytest
+
 from unionfs.fuse.server import pid_file
 
 PY = sys.executable
@@ -36,6 +38,12 @@ def _unionfs_exe() -> Path:
 UNIONFS_EXE = _unionfs_exe()
 BIN = UNIONFS_EXE.parent
 DEADLINE = 15.0
+
+
+def needs_root(why: str) -> pytest.MarkDecorator:
+    """Skip the test, saying why, unless it runs as root (the rootless pass, tests/run-rootless.sh, runs the
+    suite as an ordinary user)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=f"needs root: {why}")
 
 
 def env_with_bin() -> dict[str, str]:

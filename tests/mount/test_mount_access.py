@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from mounthelp import Layers, Mounts, errno_of, mount_of, run, snapshot
+from mounthelp import Layers, Mounts, errno_of, mount_of, needs_root, run, snapshot
 
 pytestmark = pytest.mark.mount
 
@@ -72,7 +72,8 @@ def _as_uid_1000(*argv: str) -> subprocess.CompletedProcess[str]:
     return run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", *argv])
 
 
-def test_other_users_see_the_mount(layers: Layers, mounts: Mounts, root_only: None) -> None:
+@needs_root("allow_other is the default for root only, and the test reads the mount as uid 1000 (setpriv)")
+def test_other_users_see_the_mount(layers: Layers, mounts: Mounts) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv is not installed")
     secret = layers.l2 / "secret"

@@ -4,6 +4,9 @@ nothing created or changed on disk (no ``work`` directory in workdir, upper unto
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -192,10 +195,27 @@ def test_workdir_in_use(layers: Layers, mounts: Mounts) -> None:
     mounts.umount(layers.mnt)
 
 
-def test_workdir_on_another_filesystem(tmp_path: Path, layers: Layers, mounts: Mounts, root_only: None) -> None:
-    fs = tmp_path / "tmpfs"
-    mounts.mount_tmpfs(fs)
-    wk = fs / "work"
+@pytest.fixture
+def other_fs(tmp_path: Path, layers: Layers, mounts: Mounts) -> Iterator[Path]:
+    """A fresh directory on another filesystem than the layers: a tmpfs mounted for the test (as root), else one
+    in /dev/shm when that is another filesystem (an ordinary user cannot mount one)."""
+    if os.geteuid() == 0:
+        fs = tmp_path / "tmpfs"
+        mounts.mount_tmpfs(fs)
+        yield fs
+        return
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != layers.upper.stat().st_dev):
+        pytest.skip("needs root to mount a tmpfs, or a writable /dev/shm on another filesystem than the layers")
+    d = Path(tempfile.mkdtemp(prefix="unionfs-mount-test-", dir=shm))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_workdir_on_another_filesystem(other_fs: Path, layers: Layers, mounts: Mounts) -> None:
+    wk = other_fs / "work"
     wk.mkdir()
     msg = expect_refusal(mounts, layers, ["-o", f"lowerdir={layers.l1},upperdir={layers.upper},workdir={wk}",
                                           layers.mnt], wk, watch=(wk,))

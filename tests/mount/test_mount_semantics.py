@@ -7,12 +7,13 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounthelp import Layers, Mounts, errno_of, is_mounted, pid_alive, server_pid
+from mounthelp import Layers, Mounts, errno_of, is_mounted, needs_root, pid_alive, server_pid
 
 pytestmark = pytest.mark.mount
 
@@ -260,6 +261,26 @@ def test_shared_mmap_sees_writes(mnt: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["chosen", "userxattr"])
+def test_on_disk_markers(layers: Layers, mounts: Mounts, forced: bool) -> None:
+    """A deletion leaves a character device 0/0 (which any user may make), and a directory made where one was
+    deleted is opaque: ``trusted.overlay.opaque`` when the server may write trusted.* xattrs (root), else
+    ``user.overlay.opaque`` (rootless), which ``-o userxattr`` forces."""
+    mounts.mount(layers.opts(*(["userxattr"] if forced else [])), layers.mnt)
+    (layers.mnt / "top.txt").unlink()
+    (layers.mnt / "dir" / "deep.txt").unlink()
+    (layers.mnt / "dir").rmdir()
+    (layers.mnt / "dir").mkdir()
+    assert os.listdir(layers.mnt / "dir") == []
+    mounts.umount(layers.mnt)
+    st = os.lstat(layers.upper / "top.txt")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, f"top.txt in the upper layer: {st}"
+    ns = "user" if forced or os.geteuid() != 0 else "trusted"
+    assert os.getxattr(layers.upper / "dir", f"{ns}.overlay.opaque") == b"y"
+    markers = [n for n in os.listxattr(layers.upper / "dir") if n.endswith(".overlay.opaque")]
+    assert markers == [f"{ns}.overlay.opaque"], markers
+
+
 def test_statfs(mnt: Path, layers: Layers) -> None:
     sv = os.statvfs(mnt)
     up = os.statvfs(layers.upper)
@@ -359,7 +380,8 @@ def _walk(mnt: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def test_forget_after_drop_caches(mnt: Path, layers: Layers, root_only: None) -> None:
+@needs_root("writes /proc/sys/vm/drop_caches to make the kernel forget inodes")
+def test_forget_after_drop_caches(mnt: Path, layers: Layers) -> None:
     # 2000 files in a lower layer, 1000 created through the mount
     lower_tree = layers.l2 / "many"
     lower_tree.mkdir()
@@ -405,7 +427,8 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_memory_bounded_after_forget(mnt: Path, layers: Layers, root_only: None) -> None:
+@needs_root("writes /proc/sys/vm/drop_caches to make the kernel forget inodes")
+def test_memory_bounded_after_forget(mnt: Path, layers: Layers) -> None:
     """Looking up ever new names and letting the kernel forget them must not grow the server without bound."""
     pid = server_pid(mnt)
     assert pid is not None

@@ -27,17 +27,26 @@ from .operations import Operations
 log = logging.getLogger("unionfs")
 
 
-def runtime_dir() -> str:
-    """Where servers leave their pid files (so ``unionfs umount`` can wait for the server to exit)."""
-    if os.geteuid() == 0:
-        return "/run/unionfs"
+def runtime_dirs() -> list[str]:
+    """Where servers leave their pid files (so ``unionfs umount`` can wait for the server to exit), in order
+    of preference: the first one writable is used (root in a user namespace cannot write /run)."""
+    dirs = ["/run/unionfs"] if os.geteuid() == 0 else []
     base = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(base, "unionfs") if base else f"/tmp/unionfs-{os.getuid()}"
+    if base:
+        dirs.append(os.path.join(base, "unionfs"))
+    dirs.append(f"/tmp/unionfs-{os.getuid()}")
+    return dirs
+
+
+def pid_files(mountpoint: str) -> list[str]:
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
+    return [os.path.join(d, digest + ".pid") for d in runtime_dirs()]
 
 
 def pid_file(mountpoint: str) -> str:
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
-    return os.path.join(runtime_dir(), digest + ".pid")
+    """The pid file of the server of ``mountpoint``: the one that exists, else where it would be written."""
+    candidates = pid_files(mountpoint)
+    return next((p for p in candidates if os.path.exists(p)), candidates[0])
 
 
 def fuse_options(spec: MountSpec) -> set[str]:
@@ -93,17 +102,22 @@ class Mount:
             self.lock.close()
 
 
-async def _serve(terminated: list[bool]) -> None:
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> None:
     async with trio.open_nursery() as nursery:
 
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(*_SIGNALS) as signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what arrived meanwhile is delivered now
+                task_status.started()
                 async for _sig in signals:
                     terminated.append(True)
                     pyfuse3.terminate()
                     return
 
-        nursery.start_soon(on_signals)
+        await nursery.start(on_signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -111,13 +125,16 @@ async def _serve(terminated: list[bool]) -> None:
 def serve(mount: Mount) -> None:
     """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
     ops = Operations(mount.union, mount.spec.timeout)
+    # A signal between the mount and the handler's installation must not kill us with the mount left behind.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     pyfuse3.init(ops, mount.mountpoint, fuse_options(mount.spec))
     terminated: list[bool] = []
     log.info("mounted %s", mount.describe())
     try:
         yield_ready()
-        trio.run(_serve, terminated)
+        trio.run(_serve, terminated, mask)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pyfuse3.close(unmount=bool(terminated))
         mount.close()
     log.info("unmounted %s", mount.mountpoint)
@@ -226,14 +243,17 @@ def _detach_stdio() -> None:
 
 @contextlib.contextmanager
 def _pidfile(mountpoint: str) -> Iterator[None]:
-    path = pid_file(mountpoint)
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    path = ""
+    for candidate in pid_files(mountpoint):
+        try:
+            os.makedirs(os.path.dirname(candidate), mode=0o700, exist_ok=True)
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
-    except OSError:
-        path = ""
+        path = candidate
+        break
     try:
         yield
     finally:
@@ -299,8 +319,10 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> None:
 
 
 def _read_pid(mountpoint: str) -> int | None:
-    try:
-        with open(pid_file(mountpoint)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+    for path in pid_files(mountpoint):
+        try:
+            with open(path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return None
