@@ -64,6 +64,34 @@ def show_tree(stack: Stack, names: list[str]) -> None:
     walk(stack.root(), 0)
 
 
+def listing(root: Path) -> list[tuple[str, int, int]]:
+    """(path, file type, size) of everything under ``root``, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out.append((str(p.relative_to(root)), stat.S_IFMT(st.st_mode), st.st_size if p.is_file() else 0))
+    return sorted(out)
+
+
+def kernel_view(opts: str, mnt: Path, seen: list[tuple[str, int, int]], tmp: str) -> None:
+    """Mount the same layers, upper directory included, with kernel overlayfs and compare the views."""
+    if os.geteuid() != 0:
+        print("\n(As root, the demo would now mount the same layers with kernel overlayfs and compare.)")
+        return
+    print("\nThe same layers and upper directory under kernel overlayfs:")
+    print("$ mount -t overlay overlay -o " + opts.replace(tmp, "$T") + " $T/merged")
+    done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  (kernel overlayfs is not available here: {done.stderr.strip()})")
+        return
+    try:
+        print("  the kernel shows the same tree as unionfs did:", listing(mnt) == seen)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 def run(*args: str) -> None:
     subprocess.run([PY, "-m", "unionfs", *args], check=True)
 
@@ -114,9 +142,11 @@ def main() -> int:
                     kind = f"file, {st.st_size} bytes"
                 print(f"  {rel}: {kind}")
             print("\nThe base layer is untouched:", (d["base"] / "etc/os-release").exists())
+            seen = listing(m)
         finally:
             print("\n$ unionfs umount $T/merged")
             run("umount", str(m))
+        kernel_view(opts, m, seen, tmp)
     print("Done: the demo folder has been removed.")
     return 0
 
