@@ -3,7 +3,8 @@
 The repository and the interpreter's packages may sit where other users cannot read them (a clone in a private
 home, a venv whose ``python`` is a link into /root/.pyenv). So this copies, into ``DEST``:
 
-* ``src/``: ``pyproject.toml``, ``unionfs/`` and ``tests/`` (what pytest runs, with the project's configuration);
+* ``src/``: ``pyproject.toml``, ``unionfs/``, ``tests/`` and ``examples/`` (what pytest runs, with the
+  project's configuration);
 * ``site/``: every package from outside the standard library that unionfs and the test suite import (found by
   importing them here, pytest's plugins included), each with its ``*.dist-info`` so that pytest still finds its
   plugins through their entry points;
@@ -30,7 +31,7 @@ ENTRY_MODULES = (
     "unionfs.cli", "unionfs.fuse.server", "pyfuse3", "trio", "xattr", "pytest", "hypothesis",
     "hypothesis.strategies",
 )
-PROJECT = ("pyproject.toml", "unionfs", "tests")
+PROJECT = ("pyproject.toml", "unionfs", "tests", "examples")
 #: Loaded by the interpreter's own start-up hooks (a ``.pth`` file), not by unionfs or the tests.
 SKIP_MODULES = frozenset({"_distutils_hack"})
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
