@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 
 from . import _sys, whiteout
-from .layers import ROOT, Entry, Layer, Stack, join, split
+from .layers import ROOT, Entry, Layer, Stack, split
 from .ownership import OVERRIDE_XATTR, encode_override
 
 #: Name of the directory inside workdir= that holds objects under construction (as the kernel names it).
@@ -271,4 +271,4 @@ def move_to_work(upper: Layer, work: Workdir, path: bytes) -> bytes:
     return tmp
 
 
-__all__ = ["CopyUp", "Workdir", "copy_data", "copy_xattrs", "join", "move_to_work", "replace_with_whiteout"]
+__all__ = ["CopyUp", "Workdir", "copy_data", "copy_xattrs", "move_to_work", "replace_with_whiteout"]

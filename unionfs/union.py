@@ -463,11 +463,6 @@ class Union:
         os.utime(entry.path, ns=(atime_ns, mtime_ns), dir_fd=upper_fd, follow_symlinks=False)
         return entry
 
-    def refresh(self, entry: Entry) -> Entry:
-        """The same Entry with a fresh stat of its top-most object."""
-        entry.st = self.lstat(entry)
-        return entry
-
     # -- xattrs -------------------------------------------------------------------------------------------
 
     def _xpath(self, entry: Entry) -> bytes:

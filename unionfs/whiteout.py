@@ -118,14 +118,6 @@ def set_opaque(path: bytes, fmt: XattrFormat) -> None:
     os.setxattr(path, fmt.opaque, b"y", 0, follow_symlinks=False)
 
 
-def clear_opaque(path: bytes, fmt: XattrFormat) -> None:
-    try:
-        os.removexattr(path, fmt.opaque, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _ABSENT:
-            raise
-
-
 def listxattr(path: bytes | int) -> list[bytes]:
     """Every on-disk xattr name of ``path`` (no symlink following); [] where xattrs are unsupported."""
     try:

@@ -125,13 +125,9 @@ def test_is_xattr_whiteout_requires_empty_regular_file_with_mark(tmp_path):
     assert not whiteout.is_xattr_whiteout(os.fsencode(bare), os.lstat(bare), fmts)
 
 
-def test_set_and_clear_opaque(tmp_path):
-    p = os.fsencode(tmp_path)
-    whiteout.set_opaque(p, XattrFormat.TRUSTED)
+def test_set_opaque(tmp_path):
+    whiteout.set_opaque(os.fsencode(tmp_path), XattrFormat.TRUSTED)
     assert os.getxattr(tmp_path, OPAQUE) == b"y"
-    whiteout.clear_opaque(p, XattrFormat.TRUSTED)
-    whiteout.clear_opaque(p, XattrFormat.TRUSTED)  # absent: no error
-    assert OPAQUE.decode() not in os.listxattr(tmp_path)
 
 
 def test_getxattr_absent_is_none(tmp_path):

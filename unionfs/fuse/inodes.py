@@ -58,9 +58,6 @@ class InodeTable:
         self.by_path[ROOT] = self.root
         self._remap[(root.st.st_dev, root.st.st_ino)] = pyfuse3.ROOT_INODE
 
-    def __len__(self) -> int:
-        return len(self.nodes)
-
     def number(self, st: os.stat_result) -> int:
         """Our inode number for a real object."""
         key = (st.st_dev, st.st_ino)
@@ -88,7 +85,8 @@ class InodeTable:
         if node is not None and node.ino != pyfuse3.ROOT_INODE:
             same = stat.S_IFMT(node.entry.st.st_mode) == stat.S_IFMT(entry.st.st_mode)
             if same and not node.unlinked:
-                node.entry = entry if node.entry.path == entry.path else node.entry
+                if node.entry.path == entry.path:
+                    node.entry = entry
                 return node
             self._drop_path(node, entry.path)
         elif node is not None:
@@ -99,8 +97,7 @@ class InodeTable:
         if (node is not None and not node.unlinked and not stat.S_ISDIR(entry.st.st_mode)
                 and (node.entry.st.st_dev, node.entry.st.st_ino) == (entry.st.st_dev, entry.st.st_ino)):
             # Another name of a hard-linked file: one inode.
-            node.paths.append(entry.path)
-            self.by_path[entry.path] = node
+            self.add_path(node, entry.path)
             return node
         if node is not None:
             # The real inode number was reused by a new object while the old node is still referenced.
@@ -109,6 +106,11 @@ class InodeTable:
         self.nodes[ino] = node
         self.by_path[entry.path] = node
         return node
+
+    def add_path(self, node: Node, path: bytes) -> None:
+        """``path`` is one more name of ``node`` (a hard link)."""
+        node.paths.append(path)
+        self.by_path[path] = node
 
     def copied_up(self, old: Entry, new: Entry) -> None:
         """An object moved to the upper layer: it keeps its number, now reached through the copy."""

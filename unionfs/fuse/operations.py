@@ -272,35 +272,31 @@ class Operations(pyfuse3.Operations):
 
     # -- creating -----------------------------------------------------------------------------------------
 
-    def _parent_needs_copy(self, entry: Entry) -> bool:
-        return not entry.dirs or entry.dirs[0] != 0
+    async def _change_in(self, parent: Entry, fn: Callable[..., T], *args: Any) -> T:
+        """Run a core call that adds or removes a name in ``parent`` (in a worker thread when the parent must
+        be copied up first), then drop what was cached of its listing."""
+        result = await self._mutate(fn, parent, *args, thread=not parent.dirs or parent.dirs[0] != 0)
+        self._changed(parent.path)
+        return result
 
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
-        entry = await self._mutate(self.union.mkdir, parent, name, mode, ctx.uid, ctx.gid,
-                                   thread=self._parent_needs_copy(parent))
-        self._changed(parent.path)
-        return self._reply_entry(entry)
+        return self._reply_entry(await self._change_in(parent, self.union.mkdir, name, mode, ctx.uid, ctx.gid))
 
     @boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
-        entry = await self._mutate(self.union.mknod, parent, name, mode, rdev, ctx.uid, ctx.gid,
-                                   thread=self._parent_needs_copy(parent))
-        self._changed(parent.path)
-        return self._reply_entry(entry)
+        return self._reply_entry(
+            await self._change_in(parent, self.union.mknod, name, mode, rdev, ctx.uid, ctx.gid))
 
     @boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
-        entry = await self._mutate(self.union.symlink, parent, name, target, ctx.uid, ctx.gid,
-                                   thread=self._parent_needs_copy(parent))
-        self._changed(parent.path)
-        return self._reply_entry(entry)
+        return self._reply_entry(await self._change_in(parent, self.union.symlink, name, target, ctx.uid, ctx.gid))
 
     @boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
@@ -310,8 +306,7 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(new_parent_inode)
         entry = await self._mutate(self.union.link, node.entry, parent, new_name, thread=True)
         self._changed(parent.path)
-        node.paths.append(entry.path)
-        self.inodes.by_path[entry.path] = node
+        self.inodes.add_path(node, entry.path)
         node.lookups += 1
         return self._attrs(node, self._stat_node(node))
 
@@ -320,9 +315,7 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
-        fd, entry = await self._mutate(self.union.create, parent, name, mode, flags, ctx.uid, ctx.gid,
-                                       thread=self._parent_needs_copy(parent))
-        self._changed(parent.path)
+        fd, entry = await self._change_in(parent, self.union.create, name, mode, flags, ctx.uid, ctx.gid)
         attrs = self._reply_entry(entry)
         node = self.inodes.get(attrs.st_ino)
         return self._open_handle(node, fd, writable=True), attrs
@@ -340,8 +333,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._entry(parent_inode)
-        removed = await self._mutate(self.union.unlink, parent, name, thread=self._parent_needs_copy(parent))
-        self._changed(parent.path)
+        removed = await self._change_in(parent, self.union.unlink, name)
         self._gone(parent, name, removed)
 
     @boundary

@@ -278,7 +278,7 @@ def _unescape(field: bytes) -> bytes:
     out = bytearray()
     i = 0
     while i < len(field):
-        if field[i : i + 1] == b"\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+        if field[i : i + 1] == b"\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
             out.append(int(field[i + 1 : i + 4], 8))
             i += 4
         else:
