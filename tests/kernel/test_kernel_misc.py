@@ -286,13 +286,18 @@ def test_cli_mount_returns_when_ready_and_umount_waits_for_the_server(tmp_path: 
             assert not _servers_for(side.mnt), "umount returned before the server exited"
         assert (side.upper / "new").read_bytes() == b"new"
     finally:
-        if is_mounted(side.mnt, "fuse"):
-            subprocess.run(["fusermount3", "-u", "-z", str(side.mnt)], capture_output=True, timeout=30)
-        deadline = time.monotonic() + 5
-        while _servers_for(side.mnt) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in _servers_for(side.mnt):
-            os.kill(pid, 9)
+        _unmount_and_reap(side.mnt)
+
+
+def _unmount_and_reap(mnt: Path) -> None:
+    """Teardown: lazily unmount ``mnt`` and make sure no server of it survives."""
+    if is_mounted(mnt, "fuse"):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+    deadline = time.monotonic() + 5
+    while _servers_for(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in _servers_for(mnt):
+        os.kill(pid, 9)
 
 
 def test_background_server_leaves_the_pid_file_umount_waits_on(tmp_path: Path, overlay_ready: None) -> None:
@@ -317,10 +322,4 @@ def test_background_server_leaves_the_pid_file_umount_waits_on(tmp_path: Path, o
         assert os.path.exists(where), f"no pid file at {where} (servers: {servers})"
         assert int(Path(where).read_text()) in servers, f"{where} names no server of this mount ({servers})"
     finally:
-        if is_mounted(side.mnt, "fuse"):
-            subprocess.run(["fusermount3", "-u", "-z", str(side.mnt)], capture_output=True, timeout=30)
-        deadline = time.monotonic() + 5
-        while _servers_for(side.mnt) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in _servers_for(side.mnt):
-            os.kill(pid, 9)
+        _unmount_and_reap(side.mnt)
