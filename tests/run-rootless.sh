@@ -105,16 +105,22 @@ mkdir "$run/tmp" "$run/home"
 chown -R "$uid:$gid" "$run"
 
 # A lower layer owned by an id outside the user namespace of the kernel pass (the host's root), as a system
-# directory under a rootless stack is: file, dir/inner, and pub/ (0777) holding pub/mine, the user's own.
+# directory under a rootless stack is: file, private (0600), dir/inner, empty/, pub/ (0777) holding pub/mine,
+# the user's own, and tmp/ (1777) holding the host root's tmp/theirs and the user's tmp/own.
 foreign=$run/foreign
-mkdir -m 0755 "$foreign" "$foreign/dir"
-mkdir -m 0777 "$foreign/pub"
+mkdir -m 0755 "$foreign" "$foreign/dir" "$foreign/empty"
+mkdir -m 0777 "$foreign/pub" "$foreign/tmp"
 chmod 0777 "$foreign/pub"
+chmod 1777 "$foreign/tmp"
 echo "the host's root owns me" >"$foreign/file"
+echo "only the host's root reads me" >"$foreign/private"
 echo "in a directory of the host's root" >"$foreign/dir/inner"
 echo "the test user's, in a directory of the host's root" >"$foreign/pub/mine"
-chmod 0644 "$foreign/file" "$foreign/dir/inner" "$foreign/pub/mine"
-chown "$uid:$gid" "$foreign/pub/mine"
+echo "the host's root's, in a sticky directory" >"$foreign/tmp/theirs"
+echo "the test user's, in a sticky directory" >"$foreign/tmp/own"
+chmod 0644 "$foreign/file" "$foreign/dir/inner" "$foreign/pub/mine" "$foreign/tmp/theirs" "$foreign/tmp/own"
+chmod 0600 "$foreign/private"
+chown "$uid:$gid" "$foreign/pub/mine" "$foreign/tmp/own"
 
 src=$run/stage/src
 user_env=(

@@ -150,6 +150,8 @@ class CopyUp:
         self.fsync = True
         #: where the owner cannot be kept (rootless), record it in the override xattr (xattr_permissions)
         self.owner_xattr = False
+        #: tells objects whose owner this user namespace does not map: those are never copied up (EOVERFLOW)
+        self.unmapped: Callable[[Entry], object] | None = None
 
     def ensure_dir(self, entry: Entry) -> Entry:
         """Make sure directory ``entry`` exists in the upper layer (copying up its ancestors first)."""
@@ -184,6 +186,9 @@ class CopyUp:
             if not stat.S_ISDIR(already.st_mode) and not whiteout.is_whiteout_stat(already):
                 return Entry(entry.path, 0, already)
         self.ensure_dir(self.parent_of(entry))
+        if self.unmapped is not None and self.unmapped(entry):
+            # the copy could not be given its owner; the kernel refuses such a copy-up the same way
+            raise OSError(errno.EOVERFLOW, "owner not mapped in this user namespace: no copy-up", entry.path)
         src = self.stack.layers[entry.layer]
         st = entry.st
         tmp = self.work.tempname()

@@ -15,6 +15,7 @@ from . import _sys, whiteout
 from .copyup import CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .layers import ROOT, Entry, Stack, check_name, join
 from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
+from .userns import Unmapped, UserNamespace
 from .whiteout import XattrFormat
 
 DEFAULT_ACL = b"system.posix_acl_default"
@@ -48,6 +49,11 @@ class Union:
             self.copier.owner_xattr = self.ownership.xattr_permissions
         self.euid = os.geteuid()
         self.egid = os.getegid()
+        #: owners this user namespace does not map (see unionfs.userns); the ownership options, when given,
+        #: decide owners themselves
+        self.userns = UserNamespace.current()
+        if self.copier is not None and self.ownership.identity and not self.userns.initial:
+            self.copier.unmapped = self.unmapped
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -59,6 +65,13 @@ class Union:
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "Not a directory")
         return self.stack.lookup(parent, name)
+
+    def unmapped(self, entry: Entry) -> Unmapped | None:
+        """Which ids of a lower object's owner this user namespace does not map (None: both mapped, or the
+        object is in the upper layer, where the server's own system calls meet the kernel's checks)."""
+        if self.userns.initial or not self.ownership.identity or (entry.layer == 0 and self.stack.writable):
+            return None
+        return self.userns.unmapped(self.stack.layers[entry.layer].fd, entry.path, entry.st)
 
     def lstat(self, entry: Entry) -> os.stat_result:
         return self.stack.layers[entry.layer].lstat(entry.path)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kernel_diff import (
@@ -17,6 +18,7 @@ from kernel_diff import (
     OTHER_OVL,
     OVL,
     REPO_ROOT,
+    Result,
     Side,
     StackPair,
     build_template,
@@ -187,19 +189,22 @@ def test_unprivileged_caller_gets_the_same_permission_errors(traversable_tmp: Pa
 # -- objects owned by ids outside the user namespace ---------------------------------------------------------------
 
 #: A directory that tests/run-rootless.sh lays out as root for its kernel pass, where the host's root is outside
-#: the user namespace: ``file``, ``dir/`` (0755) with ``dir/inner``, ``pub/`` (0777) with ``pub/mine``, all the
-#: host root's but ``pub/mine``, which is the test user's (root in the namespace).
+#: the user namespace: ``file``, ``private`` (0600), ``dir/`` (0755) with ``dir/inner``, ``empty/``, ``pub/``
+#: (0777) with ``pub/mine``, ``tmp/`` (1777) with ``tmp/theirs`` and ``tmp/own``: all the host root's but
+#: ``pub/mine`` and ``tmp/own``, which are the test user's (root in the namespace).
 FOREIGN_LAYER = os.environ.get("UNIONFS_TEST_FOREIGN_LAYER")
 
 FOREIGN_OPS = [
     ("lstat", "file"), ("lstat", "dir"), ("lstat", "pub"), ("lstat", "pub/mine"), ("read", "file"),
-    ("listdir", "dir"), ("access", "file", W_OK),
+    ("listdir", "dir"), ("read", "private"), ("listdir", "tmp"),
     ("chmod", "file", 0o600), ("chown", "file", 0, 0), ("utime", "file", OLD_NS, OLD_NS),
     ("open", "file", "O_WRONLY"), ("setxattr", "file", "user.x", b"1"), ("truncate", "file", 1),
     ("create", "dir/new", b"n"), ("chmod", "dir", 0o700), ("mkdir", "dir/sub"),
     ("create", "pub/new", b"n"), ("chmod", "pub/mine", 0o600), ("append", "pub/mine", b"+"),
     ("setxattr", "pub/mine", "user.m", b"1"), ("rename", "pub/mine", "moved"), ("link", "file", "file.link"),
-    ("unlink", "dir/inner"), ("unlink", "file"), ("lstat", "file"),
+    ("unlink", "dir/inner"), ("unlink", "tmp/theirs"), ("unlink", "tmp/own"), ("rename", "tmp/theirs", "t2"),
+    ("rename", "file", "file2"), ("mkdir", "tmp/d"), ("rmdir", "empty"), ("unlink", "file"), ("lstat", "file"),
+    ("lstat", "empty"),
 ]
 
 
@@ -218,27 +223,40 @@ def _foreign_layer_unusable() -> str | None:
     return None
 
 
+def _compare_foreign(pair, ops: list[tuple[Any, ...]]) -> list[Result]:  # type: ignore[no-untyped-def]
+    k = [run_op(pair.kernel.root, op) for op in ops]
+    u = [run_op(pair.unionfs.root, op) for op in ops]
+    mismatches = [f"  #{i} {format_op(op)}: kernel={a!r} {pair.impl}={b!r}"
+                  for i, (op, a, b) in enumerate(zip(ops, k, u, strict=True)) if a != b]
+    assert not mismatches, (f"{len(mismatches)} of {len(ops)} operation(s) differ:\n"
+                            + "\n".join(mismatches) + pair.context())
+    return k
+
+
+@pytest.mark.skipif(_foreign_layer_unusable() is not None, reason=str(_foreign_layer_unusable()))
+def test_objects_owned_by_ids_outside_the_user_namespace(make_pair) -> None:  # type: ignore[no-untyped-def]
+    """An object whose owner is outside the user namespace shows as the overflow id 65534, which this namespace
+    maps too: no capability of the namespace applies to it (EPERM/EACCES by its mode bits alone, even for the
+    namespace's root), and it is never copied up (EOVERFLOW); deleting it from a writable directory works.
+    (regression: unionfs treated it as owned by the namespace's 65534 and copied it up with that owner)"""
+    pair = make_pair([{"top": "top\n"}], shared=[Path(str(FOREIGN_LAYER))])
+    k = _compare_foreign(pair, FOREIGN_OPS)
+    assert ("err", "EOVERFLOW") in k and ("err", "EPERM") in k and ("err", "EACCES") in k, (
+        f"premise: the kernel refuses copy-ups and changes: {k}")
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
 @pytest.mark.skipif(_foreign_layer_unusable() is not None, reason=str(_foreign_layer_unusable()))
 @pytest.mark.xfail(
     strict=True, raises=AssertionError,
-    reason="unionfs bug: an object whose owner is outside the user namespace shows as the overflow id 65534, and "
-    "unionfs then treats it as owned by 65534, which this namespace maps: the kernel's permission checks "
-    "(default_permissions) let the namespace's root chmod, write and create in it, and copy-up chowns the copy "
-    "to the namespace's 65534, another owner on disk; kernel overlayfs refuses (EPERM/EACCES: no capability over "
-    "an unmapped owner; EOVERFLOW: no copy-up of an object owned by an unmapped id)",
+    reason="known difference: with default_permissions the kernel answers access(2) itself from the owner unionfs "
+    "reports (65534, mapped here) and the caller's capabilities, without asking the server; reporting the owner as "
+    "unmapped instead would make the kernel refuse to delete such objects (EOVERFLOW), a worse difference",
 )
-def test_objects_owned_by_ids_outside_the_user_namespace(make_pair) -> None:  # type: ignore[no-untyped-def]
+def test_access_to_objects_owned_by_ids_outside_the_user_namespace(make_pair) -> None:  # type: ignore[no-untyped-def]
     pair = make_pair([{"top": "top\n"}], shared=[Path(str(FOREIGN_LAYER))])
-    k = [run_op(pair.kernel.root, op) for op in FOREIGN_OPS]
-    if not (("err", "EOVERFLOW") in k and ("err", "EPERM") in k):  # not an AssertionError: no xfail for this
-        pytest.fail(f"premise: the kernel refuses the copy-ups and changes: {k}")
-    u = [run_op(pair.unionfs.root, op) for op in FOREIGN_OPS]
-    mismatches = [f"  #{i} {format_op(op)}: kernel={a!r} {pair.impl}={b!r}"
-                  for i, (op, a, b) in enumerate(zip(FOREIGN_OPS, k, u, strict=True)) if a != b]
-    assert not mismatches, (f"{len(mismatches)} of {len(FOREIGN_OPS)} operation(s) differ:\n"
-                            + "\n".join(mismatches) + pair.context())
-    pair.assert_same_tree()
-    pair.assert_same_upper()
+    _compare_foreign(pair, [("access", "file", W_OK), ("access", "private", R_OK), ("access", "dir", W_OK)])
 
 
 # -- command line ------------------------------------------------------------------------------------------------

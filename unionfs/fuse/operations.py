@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from .. import userns
 from ..layers import ROOT, Entry, check_name, join, split
 from ..union import WRITE_FLAGS, Union
+from ..userns import R_OK, W_OK, X_OK, Caller
 from .errors import boundary
 from .inodes import InodeTable, Node
 
@@ -23,6 +25,10 @@ T = TypeVar("T")
 
 #: reads and writes at least this large leave the event loop for a worker thread
 _BIG_IO = 1 << 20
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
 class FileHandle:
@@ -121,6 +127,29 @@ class Operations(pyfuse3.Operations):
             finally:
                 self._apply_copied()
 
+    # -- objects whose owner this user namespace does not map (unionfs.userns) ----------------------------------
+    # The kernel checked every request against the ids we report, with the caller's capabilities; those do not
+    # apply to such objects, so their mode bits are checked again here, as kernel overlayfs checks them.
+
+    def _may(self, ctx: pyfuse3.RequestContext, entry: Entry, mask: int = 0, owner: bool = False) -> None:
+        ids = self.union.unmapped(entry)
+        if ids is None:
+            return
+        if owner:
+            userns.require_owner(_caller(ctx), entry.st, ids)
+        if mask:
+            userns.require(_caller(ctx), entry.st, ids, mask)
+
+    def _may_remove(self, ctx: pyfuse3.RequestContext, parent: Entry, name: bytes) -> None:
+        """Removing or replacing ``name`` in ``parent``: write access to it, and the sticky bit's rule."""
+        self._may(ctx, parent, W_OK | X_OK)
+        if self.union.userns.initial or not parent.st.st_mode & stat.S_ISVTX:
+            return
+        victim = self.union.lookup(parent, name)
+        ids = self.union.unmapped(victim) if victim is not None else None
+        if victim is not None and ids is not None:
+            userns.require_sticky(_caller(ctx), parent.st, self.union.unmapped(parent), victim.st, ids)
+
     def _node(self, ino: int) -> Node:
         try:
             return self.inodes.get(ino)
@@ -188,6 +217,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        self._may(ctx, parent, X_OK)
         if name == b".":
             return self._reply_entry(parent)
         if name == b"..":
@@ -240,6 +270,15 @@ class Operations(pyfuse3.Operations):
                 os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                                  attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
             return self._attrs(node, os.fstat(fd))
+        entry = node.entry
+        if fields.update_uid or fields.update_gid or fields.update_mode:
+            self._may(ctx, entry, owner=True)
+        if fields.update_size and (handle is None or not handle.writable):
+            self._may(ctx, entry, W_OK)
+        if (fields.update_atime or fields.update_mtime) and (ids := self.union.unmapped(entry)) is not None:
+            userns.require_times(_caller(ctx), entry.st, ids,
+                          (attr.st_atime_ns if fields.update_atime else None,
+                           attr.st_mtime_ns if fields.update_mtime else None))
         if fields.update_size:
             if handle is not None and handle.writable:
                 await self._mutate(self.union.truncate, node.entry, attr.st_size, handle.fd)
@@ -282,6 +321,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        self._may(ctx, parent, W_OK | X_OK)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
         return self._reply_entry(await self._change_in(parent, self.union.mkdir, name, mode, ctx.uid, ctx.gid))
 
@@ -289,6 +329,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        self._may(ctx, parent, W_OK | X_OK)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
         return self._reply_entry(
             await self._change_in(parent, self.union.mknod, name, mode, rdev, ctx.uid, ctx.gid))
@@ -296,6 +337,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        self._may(ctx, parent, W_OK | X_OK)
         return self._reply_entry(await self._change_in(parent, self.union.symlink, name, target, ctx.uid, ctx.gid))
 
     @boundary
@@ -304,6 +346,9 @@ class Operations(pyfuse3.Operations):
         if node.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
         parent = self._entry(new_parent_inode)
+        if (ids := self.union.unmapped(node.entry)) is not None:
+            userns.require_link_source(_caller(ctx), node.entry.st, ids)
+        self._may(ctx, parent, W_OK | X_OK)
         entry = await self._mutate(self.union.link, node.entry, parent, new_name, thread=True)
         self._changed(parent.path)
         self.inodes.add_path(node, entry.path)
@@ -314,6 +359,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
+        self._may(ctx, parent, W_OK | X_OK)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
         fd, entry = await self._change_in(parent, self.union.create, name, mode, flags, ctx.uid, ctx.gid)
         attrs = self._reply_entry(entry)
@@ -333,12 +379,14 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._entry(parent_inode)
+        self._may_remove(ctx, parent, name)
         removed = await self._change_in(parent, self.union.unlink, name)
         self._gone(parent, name, removed)
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._entry(parent_inode)
+        self._may_remove(ctx, parent, name)
         removed = await self._mutate(self.union.rmdir, parent, name, thread=True)
         self._changed(parent.path)
         self._gone(parent, name, removed)
@@ -352,6 +400,10 @@ class Operations(pyfuse3.Operations):
         new_path = join(new_parent.path, name_new)
         moving = self.inodes.by_path.get(old_path)
         target = self.inodes.by_path.get(new_path)
+        self._may_remove(ctx, old_parent, name_old)
+        self._may_remove(ctx, new_parent, name_new)
+        if moving is not None and moving.entry.is_dir and old_parent.path != new_parent.path:
+            self._may(ctx, moving.entry, W_OK)  # its ".." changes
         if moving is not None and moving is target and moving.entry.layer == 0:
             return  # two names of one upper inode: rename(2) does nothing
         moved, replaced = await self._mutate(self.union.rename, old_parent, name_old, new_parent, name_new,
@@ -387,6 +439,8 @@ class Operations(pyfuse3.Operations):
         if node.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
         writable = bool(flags & WRITE_FLAGS)
+        acc = flags & os.O_ACCMODE
+        self._may(ctx, node.entry, (R_OK if acc != os.O_WRONLY else 0) | (W_OK if writable else 0))
         if writable:
             fd = await self._mutate(self.union.open, node.entry, flags, thread=node.entry.layer != 0)
         else:
@@ -436,6 +490,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._may(ctx, node.entry, R_OK)
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         node.opens += 1
@@ -520,11 +575,19 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.unlinked:
             return self.union.setxattr_fd(self._unlinked_fd(node), name, value)
+        self._may_set_xattr(ctx, node.entry, name)
         await self._mutate(self.union.setxattr, node.entry, name, value, thread=node.entry.layer != 0)
+
+    def _may_set_xattr(self, ctx: pyfuse3.RequestContext, entry: Entry, name: bytes) -> None:
+        if name.startswith(b"user."):
+            self._may(ctx, entry, W_OK)
+        elif name.startswith(b"system.posix_acl_"):
+            self._may(ctx, entry, owner=True)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
         if node.unlinked:
             return self.union.removexattr_fd(self._unlinked_fd(node), name)
+        self._may_set_xattr(ctx, node.entry, name)
         await self._mutate(self.union.removexattr, node.entry, name, thread=node.entry.layer != 0)
