@@ -15,6 +15,14 @@ echo "== pytest" >&2
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || status=$?
 if [ "$(id -u)" -eq 0 ]; then
+    # The differential suites of lookup, errors and random operations again, with the lower layers prescanned
+    # at mount (-o prescan: lookups answered from a table): they must see exactly what the kernel sees.
+    echo "== pytest: differential suites again with -o prescan" >&2
+    UNIONFS_DIFF_OPTIONS=prescan .venv/bin/python -m pytest -q -p no:cacheprovider tests/kernel/test_kernel_lookup.py \
+        tests/kernel/test_kernel_errno.py tests/kernel/test_kernel_random.py tests/kernel/test_kernel_copy_up.py \
+        || status=$((status ? status : 1))
+fi
+if [ "$(id -u)" -eq 0 ]; then
     echo "== rootless pass" >&2
     UNIONFS_TEST_PYTHON=.venv/bin/python bash tests/run-rootless.sh || status=$((status ? status : 1))
 else

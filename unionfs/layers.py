@@ -10,10 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from . import whiteout
 from .whiteout import XattrFormat
+
+if TYPE_CHECKING:
+    from .prescan import LowerTable
 
 ROOT = b"."
 
@@ -127,6 +131,8 @@ class Stack:
         )
         #: xattr prefixes hidden (escaped) in the merged view
         self.private_prefixes: tuple[bytes, ...] = tuple(f.prefix for f in self.read_formats)
+        #: the lower layers resolved at mount (``-o prescan``), or None: probe them at each lookup
+        self.table: LowerTable | None = None
 
     @property
     def upper(self) -> Layer | None:
@@ -142,6 +148,20 @@ class Stack:
         entry = self._dir_entry(ROOT, [(i, self.layers[i].lstat(ROOT)) for i in range(len(self.layers))])
         assert entry is not None
         return entry
+
+    def lower_root(self) -> Entry | None:
+        """The root of the lower layers' merged view (None for a writable stack with no lower layer)."""
+        first = 1 if self.writable else 0
+        return self._dir_entry(ROOT, [(i, self.layers[i].lstat(ROOT)) for i in range(first, len(self.layers))])
+
+    def prescan(self, progress: Callable[[int], None] | None = None) -> int:
+        """Resolve the lower layers once and answer later lookups from that (see unionfs.prescan); returns the
+        number of lower paths."""
+        from .prescan import LowerTable
+
+        self.table = None
+        self.table = LowerTable(self, progress)
+        return len(self.table)
 
     def _dir_entry(self, path: bytes, found: Iterable[tuple[int, os.stat_result]]) -> Entry | None:
         """Build a directory entry from directories found top-down, honouring opaque markers."""
@@ -169,6 +189,8 @@ class Stack:
         With ``skip_upper`` the upper layer is ignored: the answer says what lies beneath it (used to decide
         whether a removal must leave a whiteout).
         """
+        if self.table is not None:
+            return self._lookup_prescanned(parent, name, skip_upper)
         path = join(parent.path, name)
         found: list[tuple[int, os.stat_result]] = []
         for i in parent.dirs:
@@ -194,6 +216,41 @@ class Stack:
         if not found:
             return None
         return self._dir_entry(path, found)
+
+    def _lookup_prescanned(self, parent: Entry, name: bytes, skip_upper: bool) -> Entry | None:
+        """:meth:`lookup` with the lower layers answered by the prescanned table: the same rules, applied to
+        the upper layer here and to the lower ones at mount."""
+        assert self.table is not None
+        path = join(parent.path, name)
+        dirs = parent.dirs
+        upper_st: os.stat_result | None = None
+        if self.writable and dirs and dirs[0] == 0:
+            has_lower = len(dirs) > 1
+            if not skip_upper:
+                upper = self.layers[0]
+                try:
+                    st = upper.lstat(path)
+                except OSError as exc:
+                    if exc.errno not in _MISSING:
+                        raise
+                else:
+                    if whiteout.is_whiteout_stat(st) or (
+                        0 in parent.xw and whiteout.is_xattr_whiteout(upper.xpath(path), st, self.read_formats)
+                    ):
+                        return None
+                    if not stat.S_ISDIR(st.st_mode):
+                        return Entry(path, 0, st)
+                    upper_st = st
+        else:
+            has_lower = bool(dirs)
+        lower = self.table.entry(self, path) if has_lower else None
+        if upper_st is None:
+            return lower
+        marks = whiteout.read_dir_marks(self.layers[0].xpath(path), self.read_formats)
+        xw = frozenset({0}) if marks.xwhiteouts else frozenset()
+        if marks.opaque or lower is None or not lower.is_dir:
+            return Entry(path, 0, upper_st, (0,), xw, marks.opaque)
+        return Entry(path, 0, upper_st, (0, *lower.dirs), xw | lower.xw, False)
 
     def lookup_listed(self, parent: Entry, name: bytes, listed: tuple[int, int] | None) -> Entry | None:
         """Resolve ``name`` knowing what a current merged listing of ``parent`` says of it: absent names are

@@ -58,6 +58,8 @@ class MountSpec:
     fsname: str = "unionfs"
     debug: bool = False
     ownership: Ownership = Ownership()
+    #: resolve the lower layers once at mount (unionfs.prescan)
+    prescan: bool = False
 
     @property
     def writable(self) -> bool:
@@ -150,6 +152,8 @@ def parse(option_texts: list[str]) -> MountSpec:
                 kw["atime"] = False
             elif key in ("debug",) and not sep:
                 kw["debug"] = True
+            elif key == "prescan" and not sep:
+                kw["prescan"] = True
             elif key == "timeout":
                 try:
                     t = float(value)

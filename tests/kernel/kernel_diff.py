@@ -46,6 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: harness against another FUSE overlay), or ``kernel`` (the harness's self-test: kernel against kernel, where
 #: every test but the FUSE-specific command line one must pass).
 IMPL = os.environ.get("UNIONFS_DIFF_IMPL", "unionfs")
+#: more mount options for unionfs (e.g. ``prescan``: tests/run.sh runs part of the suite again with it)
+EXTRA_OPTIONS = os.environ.get("UNIONFS_DIFF_OPTIONS", "")
 IMPLS = ("unionfs", "fuse-overlayfs", "kernel")
 
 MOUNT_TIMEOUT = float(os.environ.get("UNIONFS_DIFF_MOUNT_TIMEOUT", "30"))
@@ -952,6 +954,8 @@ class FuseMount(Mount):
     def command(self) -> list[str]:
         opts = self.side.options(userxattr=USERXATTR and self.impl == "unionfs")
         if self.impl == "unionfs":
+            if EXTRA_OPTIONS:
+                opts += "," + EXTRA_OPTIONS
             return [sys.executable, "-m", "unionfs", "mount", "-f", "-o", opts, str(self.side.mnt)]
         return ["fuse-overlayfs", "-f", "-o", opts, str(self.side.mnt)]
 

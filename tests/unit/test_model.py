@@ -10,6 +10,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env
@@ -268,12 +269,15 @@ def test_initial_view_matches_hand_computed_model(tmp_path):
         env.close()
 
 
+@pytest.mark.parametrize("prescan", [False, True], ids=["probing", "prescan"])
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), steps=st.integers(1, 30))
-def test_random_ops_match_model(data, steps):
+def test_random_ops_match_model(prescan, data, steps):
     with tempfile.TemporaryDirectory(prefix="unionfs-model-") as tmp:
         env = Env(Path(tmp) / "env", UPPER, [L1, L2])
         try:
+            if prescan:
+                env.stack.prescan()
             model = Model()
             drv = Driver(env)
             for i in range(steps):

@@ -139,6 +139,13 @@ def test_allow_other_and_debug():
     assert spec.allow_other is True and spec.debug is True
 
 
+def test_prescan_flag():
+    assert parse([BASE + ",prescan"]).prescan is True
+    assert parse([BASE]).prescan is False
+    with pytest.raises(OptionError):
+        parse([BASE + ",prescan=yes"])
+
+
 @pytest.mark.parametrize("value,ok", [("0", True), ("2.5", True), ("86400", True), ("-1", False),
                                       ("86401", False), ("soon", False)])
 def test_timeout(value, ok):

@@ -83,6 +83,11 @@ class Mount:
             else:
                 fmt = default_format(None, spec.userxattr)
             self.stack = Stack(spec.layer_dirs(), writable, fmt)
+            self.prescanned: tuple[int, float] | None = None
+            if spec.prescan:
+                started = time.monotonic()
+                count = self.stack.prescan(lambda n: log.warning("prescan: %d lower paths so far", n))
+                self.prescanned = (count, time.monotonic() - started)
         except BaseException:
             self.close()
             raise
@@ -91,7 +96,9 @@ class Mount:
     def describe(self) -> str:
         return (f"{self.mountpoint}: {len(self.stack.layers)} layers "
                 f"({'writable' if self.stack.writable else 'read-only'}), "
-                f"markers in {self.stack.fmt.value}.overlay.* xattrs")
+                f"markers in {self.stack.fmt.value}.overlay.* xattrs"
+                + (f"; prescanned {self.prescanned[0]} lower paths in {self.prescanned[1]:.2f}s"
+                   if self.prescanned else ""))
 
     def close(self) -> None:
         if getattr(self, "stack", None) is not None:

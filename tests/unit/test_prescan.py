@@ -1,0 +1,118 @@
+"""``-o prescan``: lookups answered from a table of the lower layers made at mount must resolve exactly as the
+probing lookups do, over random stacks with whiteouts (both kinds), opaque directories and type conflicts,
+before and after changes in the upper layer."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env, Symlink
+
+from unionfs.layers import ROOT, Entry, Stack, join
+
+NAMES = ["a", "b"]
+
+
+def _node(depth: int, xw_ok: bool) -> st.SearchStrategy[Any]:
+    leaves: list[st.SearchStrategy[Any]] = [st.sampled_from(["f1", "f2"]), st.just(WHITEOUT),
+                                            st.just(Symlink("t"))]
+    if xw_ok:
+        leaves.append(st.just(XWHITEOUT))
+    leaf = st.one_of(*leaves)
+    if depth == 0:
+        return leaf
+    return st.one_of(_dir(depth - 1), _dir(depth - 1), leaf)  # directories twice as often: they make the cases
+
+
+def _dir(depth: int) -> st.SearchStrategy[Dir]:
+    """A directory, plain, opaque, or holding xattr whiteouts (the two markers share one xattr)."""
+    return st.sampled_from(["plain", "opaque", "xw"]).flatmap(
+        lambda kind: st.dictionaries(st.sampled_from(NAMES), _node(depth, kind == "xw"), max_size=2).map(
+            lambda ch: Dir(ch, opaque=kind == "opaque", xwhiteouts=kind == "xw")))
+
+
+LAYER = st.dictionaries(st.sampled_from(NAMES), _node(2, False), min_size=1, max_size=2)
+
+
+def _describe(entry: Entry | None) -> Any:
+    if entry is None:
+        return None
+    return (entry.layer, stat.S_IFMT(entry.st.st_mode), entry.st.st_ino, entry.dirs, sorted(entry.xw),
+            entry.opaque)
+
+
+def _all_resolutions(stack: Stack) -> dict[bytes, Any]:
+    """Every path a walk over the given stack reaches by lookup of every candidate name, with its Entry."""
+    out: dict[bytes, Any] = {}
+    todo = [stack.root()]
+    while todo:
+        parent = todo.pop()
+        for name in (n.encode() for n in NAMES):
+            child = stack.lookup(parent, name)
+            out[join(parent.path, name)] = _describe(child)
+            below = stack.lookup(parent, name, skip_upper=True)
+            out[join(parent.path, name) + b" (below upper)"] = _describe(below)
+            if child is not None and child.is_dir:
+                todo.append(child)
+    return out
+
+
+def _compare(env: Env) -> None:
+    env.stack.table = None
+    probed = _all_resolutions(env.stack)
+    count = env.stack.prescan()
+    assert count >= 1
+    try:
+        assert _all_resolutions(env.stack) == probed
+    finally:
+        env.stack.table = None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(upper=LAYER, lowers=st.lists(LAYER, min_size=1, max_size=3), writable=st.booleans())
+def test_prescanned_lookups_resolve_as_probing_ones(upper: dict[str, Any], lowers: list[dict[str, Any]],
+                                                    writable: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="unionfs-prescan-") as tmp:
+        env = Env(Path(tmp) / "env", upper, lowers, writable=writable)
+        try:
+            _compare(env)
+        finally:
+            env.close()
+
+
+def test_prescan_sees_upper_changes_and_copy_up(make_env: Any) -> None:
+    env = make_env(upper={}, lowers=[{"d": Dir({"x": "1"}, xwhiteouts=True), "f": "1"},
+                                     {"d": {"x": "2", "y": "2"}, "o": {"z": "z"}}])
+    env.stack.prescan()
+    assert env.stack.table is not None
+    assert env.names("d") == {"x", "y"}
+    env.union.copy_up(env.entry("d/x"))
+    env.union.unlink(*env.parent("d/y"))
+    env.union.mkdir(env.entry(""), b"new", stat.S_IFDIR | 0o755, 0, 0)
+    assert env.entry("d/x").layer == 0
+    assert env.resolve("d/y") is None
+    assert env.entry("new").dirs == (0,)
+    assert env.entry("d").dirs == (0, 1, 2)
+    with_table = env.tree()
+    env.stack.table = None
+    assert env.tree() == with_table
+
+
+def test_prescan_counts_lower_paths(make_env: Any) -> None:
+    env = make_env(upper={"u": "u"}, lowers=[{"a": {"b": "1"}, "w": WHITEOUT}, {"w": "hidden", "c": "2"}])
+    assert env.stack.prescan() == 4  # ".", "a", "a/b", "c"
+    assert set(env.stack.table.paths) == {ROOT, b"a", b"a/b", b"c"}
+
+
+def test_prescan_missing_lower_object_counts_as_absent(make_env: Any) -> None:
+    """A lower layer changed under the mount (not allowed, as for overlayfs): the name vanishes, no error."""
+    env = make_env(lowers=[{"f": "1"}, {}])
+    env.stack.prescan()
+    os.unlink(env.lowers[0] / "f")
+    assert env.resolve("f") is None
