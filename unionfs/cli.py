@@ -36,7 +36,7 @@ options (-o, comma separated, may be repeated):
                           cannot keep) in the user.containers.override_stat xattr
   prescan                 walk the lower layers once at mount and answer lookups in them from memory:
                           lookups cost the same through hundreds of layers as through one; costs mount time
-                          and ~150 bytes per lower path; lower layers must not change while mounted
+                          and ~100 bytes per lower path; lower layers must not change while mounted
   debug                   log every request (with -f, to stderr)
   Generic options such as dev, suid, exec, nodev, nosuid, noexec are accepted as mount(8) passes them.
 

@@ -9,7 +9,7 @@ the merged view of the lower layers is walked once at mount, through the same re
 upper layer (one ``lstat``), the table, and stats the one lower object it names.
 
 Lower layers must not change while mounted (overlayfs requires the same); with this option a name added to a
-lower layer after the mount stays unseen until the next mount.  Memory: about 100-200 bytes per lower path.
+lower layer after the mount stays unseen until the next mount.  Memory: about 100 bytes per lower path.
 """
 
 from __future__ import annotations
