@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 FS_NAMES = ("kernel", "fuse-overlayfs", "unionfs")
@@ -123,7 +124,7 @@ def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
     """Run a command and raise WorkloadError (with the tail of its stderr) if it fails."""
     kw.setdefault("stdout", subprocess.DEVNULL)
     kw.setdefault("stderr", subprocess.PIPE)
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+    proc: subprocess.CompletedProcess[bytes] = subprocess.run(cmd, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace") if proc.stderr else ""
         raise WorkloadError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail(err, 3)}")
@@ -258,9 +259,10 @@ class FuseServer(Backend):
 
     def stop(self, mnt: Path, proc: subprocess.Popen[bytes] | None) -> None:
         if is_mounted(mnt):
-            quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-            if subprocess.run(["fusermount3", "-u", str(mnt)], **quiet).returncode != 0:
-                subprocess.run(["fusermount3", "-uz", str(mnt)], **quiet)
+            for flags in ("-u", "-uz"):  # lazily if busy
+                if subprocess.run(["fusermount3", flags, str(mnt)], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+                    break
         if proc is None:
             return
         try:
@@ -339,7 +341,7 @@ def merged_view(layers: list[Path]) -> tuple[list[str], list[str]]:
     stack: list[tuple[str, list[Path]]] = [("", list(layers))]
     while stack:
         rel, roots = stack.pop()
-        seen: dict[str, list] = {}  # name -> [kind, [roots holding it as a directory], sealed]
+        seen: dict[str, list[Any]] = {}  # name -> [kind, [roots holding it as a directory], sealed]
         for root in roots:
             with os.scandir(os.path.join(root, rel)) as it:
                 for e in it:
@@ -526,7 +528,12 @@ class Env:
         # A hung server would hang the benchmark: past the deadline it is killed, which fails its pending
         # requests (ENOTCONN) so that the workload ends with an error instead.
         hung = threading.Event()
-        watchdog = threading.Timer(self.sizes.deadline, lambda: proc and (hung.set(), proc.kill()))
+        def kill_hung() -> None:
+            if proc is not None:
+                hung.set()
+                proc.kill()
+
+        watchdog = threading.Timer(self.sizes.deadline, kill_hung)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -574,7 +581,8 @@ WORKLOADS: list[Workload] = []
 
 
 def workload(name: str, title: str, *metrics: Metric, needs_server: bool = False,
-             tools: tuple[str, ...] = ()) -> Callable[[Callable[[Backend, Env], Result]], Callable]:
+             tools: tuple[str, ...] = ()) -> Callable[[Callable[[Backend, Env], Result]],
+                                                       Callable[[Backend, Env], Result]]:
     def register(fn: Callable[[Backend, Env], Result]) -> Callable[[Backend, Env], Result]:
         WORKLOADS.append(Workload(name, title, metrics, fn, needs_server, tools))
         return fn

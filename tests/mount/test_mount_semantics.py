@@ -201,6 +201,48 @@ def test_regression_unlinked_open_file_xattrs(mnt: Path) -> None:
         os.close(fd)
 
 
+def test_missing_xattr_remembered_until_set(mnt: Path, layers: Layers) -> None:
+    """The server remembers names a getxattr found missing; a setxattr (on a lower file: after copy-up), a
+    second name of the same file, and removing the name again must all show through."""
+
+    def missing(path: Path, name: str) -> bool:
+        try:
+            os.getxattr(path, name)
+        except OSError as e:
+            assert e.errno == errno.ENODATA, e
+            return True
+        return False
+
+    (layers.l2 / "dir" / "deep.txt").chmod(0o644)
+    os.setxattr(layers.l2 / "dir" / "deep.txt", "user.lower", b"low")
+    for path in (mnt / "bottom.txt", mnt / "dir" / "deep.txt"):  # lower files: the setxattr copies them up
+        assert missing(path, "user.x") and missing(path, "user.x")
+        os.setxattr(path, "user.x", b"1")
+        assert os.getxattr(path, "user.x") == b"1"
+        os.removexattr(path, "user.x")
+        assert missing(path, "user.x")
+    assert os.getxattr(mnt / "dir" / "deep.txt", "user.lower") == b"low"
+
+    new = mnt / "new.txt"
+    new.write_text("new\n")
+    os.link(new, mnt / "alias.txt")
+    assert missing(new, "user.y") and missing(mnt / "alias.txt", "user.y")
+    os.setxattr(mnt / "alias.txt", "user.y", b"2")
+    assert os.getxattr(new, "user.y") == b"2"
+
+    # A copy-up by something else than setxattr (a write) reaches the copy, which keeps the lower xattrs.
+    top = mnt / "top.txt"
+    os.setxattr(layers.l1 / "top.txt", "user.kept", b"k")  # before the mount first sees it
+    assert missing(top, "user.z")
+    with open(top, "a") as f:
+        f.write("more\n")
+    assert missing(top, "user.z")
+    assert os.getxattr(top, "user.kept") == b"k"
+    os.setxattr(top, "user.z", b"3")
+    assert os.getxattr(top, "user.z") == b"3"
+    assert os.getxattr(layers.upper / "top.txt", "user.z") == b"3"
+
+
 def test_unlinked_open_lower_file(mnt: Path, layers: Layers) -> None:
     path = mnt / "bottom.txt"
     fd = os.open(path, os.O_RDWR)

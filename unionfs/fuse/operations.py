@@ -26,6 +26,16 @@ T = TypeVar("T")
 #: reads and writes at least this large leave the event loop for a worker thread
 _BIG_IO = 1 << 20
 
+_names: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+
+
+def _intern_names(names: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """One shared tuple per set of missing xattr names (nearly every node has the same one or two)."""
+    key = tuple(sorted(set(names)))
+    if len(_names) > 1024:
+        _names.clear()
+    return _names.setdefault(key, key)
+
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.pid)
@@ -560,7 +570,20 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.unlinked:
             return self.union.getxattr_fd(self._unlinked_fd(node), name)
-        return self.union.getxattr(node.entry, name)
+        # The kernel caches no xattrs for FUSE: `ls -l` asks for security.selinux and system.posix_acl_access
+        # of every file on every run, and every write asks for security.capability. A name found missing
+        # stays missing until a setxattr through this node or a change of the real object (copy-up).
+        st = node.entry.st
+        absent = node.xattr_absent
+        if absent is not None and name in absent[2] and absent[0] == st.st_dev and absent[1] == st.st_ino:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        try:
+            return self.union.getxattr(node.entry, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                known = absent[2] if absent is not None and absent[:2] == (st.st_dev, st.st_ino) else ()
+                node.xattr_absent = (st.st_dev, st.st_ino, _intern_names((*known, name)))
+            raise
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -576,7 +599,11 @@ class Operations(pyfuse3.Operations):
         if node.unlinked:
             return self.union.setxattr_fd(self._unlinked_fd(node), name, value)
         self._may_set_xattr(ctx, node.entry, name)
-        await self._mutate(self.union.setxattr, node.entry, name, value, thread=node.entry.layer != 0)
+        node.xattr_absent = None
+        try:
+            await self._mutate(self.union.setxattr, node.entry, name, value, thread=node.entry.layer != 0)
+        finally:
+            node.xattr_absent = None  # a getxattr may have run while a worker thread copied up and set
 
     def _may_set_xattr(self, ctx: pyfuse3.RequestContext, entry: Entry, name: bytes) -> None:
         if name.startswith(b"user."):
