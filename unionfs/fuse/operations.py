@@ -565,18 +565,28 @@ class Operations(pyfuse3.Operations):
 
     # -- xattrs -------------------------------------------------------------------------------------------
 
-    @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # The kernel caches no xattrs for FUSE: `ls -l` asks for security.selinux and system.posix_acl_access
+        # of every file on every run, and every write asks for security.capability. A name found missing
+        # stays missing until a setxattr through this node or a change of the real object (copy-up). This
+        # answer is the hot path of a warm `ls -l`, so it comes first, without the error boundary's
+        # coroutine (nothing in it can raise but the FUSEError it means to).
+        node = self.inodes.nodes.get(inode)
+        if node is not None and not node.unlinked:
+            absent = node.xattr_absent
+            if absent is not None and name in absent[2]:
+                st = node.entry.st
+                if absent[0] == st.st_dev and absent[1] == st.st_ino:
+                    raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self._getxattr(inode, name)
+
+    @boundary
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         node = self._node(inode)
         if node.unlinked:
             return self.union.getxattr_fd(self._unlinked_fd(node), name)
-        # The kernel caches no xattrs for FUSE: `ls -l` asks for security.selinux and system.posix_acl_access
-        # of every file on every run, and every write asks for security.capability. A name found missing
-        # stays missing until a setxattr through this node or a change of the real object (copy-up).
         st = node.entry.st
         absent = node.xattr_absent
-        if absent is not None and name in absent[2] and absent[0] == st.st_dev and absent[1] == st.st_ino:
-            raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return self.union.getxattr(node.entry, name)
         except OSError as exc:
