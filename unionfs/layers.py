@@ -145,6 +145,12 @@ class Stack:
     # -- resolution ---------------------------------------------------------------------------------------
 
     def root(self) -> Entry:
+        if self.table is not None:
+            lower = self.table.entry(self, ROOT)
+            if self.writable:
+                return self._over_lower(ROOT, self.layers[0].lstat(ROOT), lower)
+            assert lower is not None
+            return lower
         entry = self._dir_entry(ROOT, [(i, self.layers[i].lstat(ROOT)) for i in range(len(self.layers))])
         assert entry is not None
         return entry
@@ -246,6 +252,10 @@ class Stack:
         lower = self.table.entry(self, path) if has_lower else None
         if upper_st is None:
             return lower
+        return self._over_lower(path, upper_st, lower)
+
+    def _over_lower(self, path: bytes, upper_st: os.stat_result, lower: Entry | None) -> Entry:
+        """The Entry of upper directory ``path`` above what the lower layers show there (prescanned)."""
         marks = whiteout.read_dir_marks(self.layers[0].xpath(path), self.read_formats)
         xw = frozenset({0}) if marks.xwhiteouts else frozenset()
         if marks.opaque or lower is None or not lower.is_dir:

@@ -49,7 +49,7 @@ def _describe(entry: Entry | None) -> Any:
 
 def _all_resolutions(stack: Stack) -> dict[bytes, Any]:
     """Every path a walk over the given stack reaches by lookup of every candidate name, with its Entry."""
-    out: dict[bytes, Any] = {}
+    out: dict[bytes, Any] = {ROOT: _describe(stack.root())}
     todo = [stack.root()]
     while todo:
         parent = todo.pop()
