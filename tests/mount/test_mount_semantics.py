@@ -243,6 +243,30 @@ def test_missing_xattr_remembered_until_set(mnt: Path, layers: Layers) -> None:
     assert os.getxattr(layers.upper / "top.txt", "user.z") == b"3"
 
 
+def test_regression_missing_xattr_memory_follows_the_file_not_the_node(layers: Layers, mounts: Mounts) -> None:
+    """Two names of one upper file can be two nodes (the kernel's node of an unlinked open name, and a fresh
+    one for the other name): an xattr set through one must show through the other (regression: the memory of
+    missing names was kept per node, and the second name kept answering ENODATA)."""
+    (layers.upper / "a").write_bytes(b"linked\n")
+    os.link(layers.upper / "a", layers.upper / "b")
+    mounts.mount(layers.opts(), layers.mnt)
+    mnt = layers.mnt
+    fd = os.open(mnt / "a", os.O_RDWR)
+    try:
+        os.unlink(mnt / "a")
+        with pytest.raises(OSError) as exc:
+            os.getxattr(mnt / "b", "user.q")
+        assert exc.value.errno == errno.ENODATA
+        os.setxattr(fd, "user.q", b"v")
+        assert os.getxattr(mnt / "b", "user.q") == b"v"
+        os.removexattr(mnt / "b", "user.q")
+        os.setxattr(mnt / "b", "user.r", b"w")
+        assert os.getxattr(fd, "user.r") == b"w"
+    finally:
+        os.close(fd)
+    mounts.umount(mnt)
+
+
 def test_unlinked_open_lower_file(mnt: Path, layers: Layers) -> None:
     path = mnt / "bottom.txt"
     fd = os.open(path, os.O_RDWR)

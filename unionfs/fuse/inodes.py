@@ -21,7 +21,7 @@ _SPARE_BASE = 1 << 62
 class Node:
     """What the kernel knows as one inode."""
 
-    __slots__ = ("ino", "entry", "paths", "lookups", "opens", "unlinked", "listing", "xattr_absent")
+    __slots__ = ("ino", "entry", "paths", "lookups", "opens", "unlinked", "listing")
 
     def __init__(self, ino: int, entry: Entry) -> None:
         self.ino = ino
@@ -33,9 +33,6 @@ class Node:
         self.unlinked = False
         #: merged listing of a directory (name -> (layer, file type)), kept until something changes in it
         self.listing: dict[bytes, tuple[int, int]] | None = None
-        #: xattr names a getxattr found missing (ENODATA), with the (st_dev, st_ino) of the real object asked:
-        #: valid while node.entry is still that object and no setxattr went through this node
-        self.xattr_absent: tuple[int, int, tuple[bytes, ...]] | None = None
 
     @property
     def path(self) -> bytes:

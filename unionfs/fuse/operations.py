@@ -26,15 +26,41 @@ T = TypeVar("T")
 #: reads and writes at least this large leave the event loop for a worker thread
 _BIG_IO = 1 << 20
 
-_names: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+#: how many real objects the memory of missing xattr names covers before it starts again
+_ABSENT_MAX = 1 << 16
 
 
-def _intern_names(names: tuple[bytes, ...]) -> tuple[bytes, ...]:
-    """One shared tuple per set of missing xattr names (nearly every node has the same one or two)."""
-    key = tuple(sorted(set(names)))
-    if len(_names) > 1024:
-        _names.clear()
-    return _names.setdefault(key, key)
+class AbsentXattrs:
+    """xattr names a getxattr found missing, per real object (st_dev, st_ino), so that asking again needs no
+    system call. The kernel caches no xattrs for FUSE: `ls -l` asks for security.selinux and
+    system.posix_acl_access of every file on every run, and every write asks for security.capability.
+
+    Keyed by the real object, not by node: one upper file may have two nodes (a name the kernel has not looked
+    up yet, beside an unlinked open one). Forgotten for an object whenever an xattr of it changes through us,
+    and whenever a name is created or removed (an inode number may be reused).
+    """
+
+    __slots__ = ("_names", "_sets")
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[int, int], tuple[bytes, ...]] = {}
+        #: one shared tuple per set of names (nearly every object has the same one or two)
+        self._sets: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+
+    def known(self, st: os.stat_result, name: bytes) -> bool:
+        names = self._names.get((st.st_dev, st.st_ino))
+        return names is not None and name in names
+
+    def add(self, st: os.stat_result, name: bytes) -> None:
+        key = (st.st_dev, st.st_ino)
+        names = tuple(sorted({*self._names.get(key, ()), name}))
+        if len(self._names) >= _ABSENT_MAX:
+            self._names.clear()
+            self._sets.clear()
+        self._names[key] = self._sets.setdefault(names, names)
+
+    def forget(self, st: os.stat_result) -> None:
+        self._names.pop((st.st_dev, st.st_ino), None)
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
@@ -83,6 +109,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._mutex = trio.Lock()
+        self._absent = AbsentXattrs()
         self._plain_owners = union.ownership.identity
 
     # -- plumbing -----------------------------------------------------------------------------------------
@@ -95,6 +122,7 @@ class Operations(pyfuse3.Operations):
     def _apply_copied(self) -> None:
         while self._copied:
             old, new = self._copied.pop()
+            self._absent.forget(new.st)
             self.inodes.copied_up(old, new)
             self._changed(split(new.path)[0])
             node = self.inodes.by_path.get(new.path)
@@ -209,6 +237,11 @@ class Operations(pyfuse3.Operations):
             return node.entry.st
         node.entry.st = self.union.lstat(node.entry)
         return node.entry.st
+
+    def _reply_new(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        """The reply for an object just created (its inode number may have been another object's)."""
+        self._absent.forget(entry.st)
+        return self._reply_entry(entry)
 
     def _reply_entry(self, entry: Entry) -> pyfuse3.EntryAttributes:
         """A new reference handed to the kernel (lookup, create, mkdir, mknod, symlink, link)."""
@@ -333,7 +366,7 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(parent_inode)
         self._may(ctx, parent, W_OK | X_OK)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
-        return self._reply_entry(await self._change_in(parent, self.union.mkdir, name, mode, ctx.uid, ctx.gid))
+        return self._reply_new(await self._change_in(parent, self.union.mkdir, name, mode, ctx.uid, ctx.gid))
 
     @boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -341,14 +374,14 @@ class Operations(pyfuse3.Operations):
         parent = self._entry(parent_inode)
         self._may(ctx, parent, W_OK | X_OK)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
-        return self._reply_entry(
+        return self._reply_new(
             await self._change_in(parent, self.union.mknod, name, mode, rdev, ctx.uid, ctx.gid))
 
     @boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._entry(parent_inode)
         self._may(ctx, parent, W_OK | X_OK)
-        return self._reply_entry(await self._change_in(parent, self.union.symlink, name, target, ctx.uid, ctx.gid))
+        return self._reply_new(await self._change_in(parent, self.union.symlink, name, target, ctx.uid, ctx.gid))
 
     @boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
@@ -372,13 +405,14 @@ class Operations(pyfuse3.Operations):
         self._may(ctx, parent, W_OK | X_OK)
         mode = self.union.creation_mode(parent, mode, ctx.umask)
         fd, entry = await self._change_in(parent, self.union.create, name, mode, flags, ctx.uid, ctx.gid)
-        attrs = self._reply_entry(entry)
+        attrs = self._reply_new(entry)
         node = self.inodes.get(attrs.st_ino)
         return self._open_handle(node, fd, writable=True), attrs
 
     # -- removing and renaming ----------------------------------------------------------------------------
 
     def _gone(self, parent: Entry, name: bytes, removed: Entry) -> None:
+        self._absent.forget(removed.st)  # its inode number may be given to a new object
         path = join(parent.path, name)
         node = self.inodes.by_path.get(path)
         if node is None:
@@ -428,6 +462,8 @@ class Operations(pyfuse3.Operations):
             self.inodes.renamed(new_path, old_path, replaced, replaced.is_dir)
             self.inodes.renamed(swap, new_path, moved, moved.is_dir)
             return
+        if replaced is not None:
+            self._absent.forget(replaced.st)
         if target is not None and replaced is not None:
             last = replaced.is_dir or replaced.st.st_nlink <= 1 or replaced.layer != 0
             self.inodes.unlinked(target, new_path, last)
@@ -566,18 +602,12 @@ class Operations(pyfuse3.Operations):
     # -- xattrs -------------------------------------------------------------------------------------------
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        # The kernel caches no xattrs for FUSE: `ls -l` asks for security.selinux and system.posix_acl_access
-        # of every file on every run, and every write asks for security.capability. A name found missing
-        # stays missing until a setxattr through this node or a change of the real object (copy-up). This
-        # answer is the hot path of a warm `ls -l`, so it comes first, without the error boundary's
-        # coroutine (nothing in it can raise but the FUSEError it means to).
+        # A name found missing stays missing until it is set (AbsentXattrs). This answer is the hot path of a
+        # warm `ls -l`, so it comes first, without the error boundary's coroutine (nothing in it can raise
+        # but the FUSEError it means to).
         node = self.inodes.nodes.get(inode)
-        if node is not None and not node.unlinked:
-            absent = node.xattr_absent
-            if absent is not None and name in absent[2]:
-                st = node.entry.st
-                if absent[0] == st.st_dev and absent[1] == st.st_ino:
-                    raise pyfuse3.FUSEError(errno.ENODATA)
+        if node is not None and not node.unlinked and self._absent.known(node.entry.st, name):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         return await self._getxattr(inode, name)
 
     @boundary
@@ -585,14 +615,12 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.unlinked:
             return self.union.getxattr_fd(self._unlinked_fd(node), name)
-        st = node.entry.st
-        absent = node.xattr_absent
+        entry = node.entry
         try:
-            return self.union.getxattr(node.entry, name)
+            return self.union.getxattr(entry, name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
-                known = absent[2] if absent is not None and absent[:2] == (st.st_dev, st.st_ino) else ()
-                node.xattr_absent = (st.st_dev, st.st_ino, _intern_names((*known, name)))
+                self._absent.add(entry.st, name)
             raise
 
     @boundary
@@ -607,13 +635,15 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
         if node.unlinked:
-            return self.union.setxattr_fd(self._unlinked_fd(node), name, value)
+            fd = self._unlinked_fd(node)
+            self._absent.forget(os.fstat(fd))
+            return self.union.setxattr_fd(fd, name, value)
         self._may_set_xattr(ctx, node.entry, name)
-        node.xattr_absent = None
+        self._absent.forget(node.entry.st)
         try:
             await self._mutate(self.union.setxattr, node.entry, name, value, thread=node.entry.layer != 0)
         finally:
-            node.xattr_absent = None  # a getxattr may have run while a worker thread copied up and set
+            self._absent.forget(node.entry.st)  # a getxattr may have run while a worker thread copied up and set
 
     def _may_set_xattr(self, ctx: pyfuse3.RequestContext, entry: Entry, name: bytes) -> None:
         if name.startswith(b"user."):
