@@ -145,7 +145,7 @@ class Stack:
     # -- resolution ---------------------------------------------------------------------------------------
 
     def root(self) -> Entry:
-        if self.table is not None:
+        if self.table is not None and self.table.covers(ROOT):
             lower = self.table.entry(self, ROOT)
             if self.writable:
                 return self._over_lower(ROOT, self.layers[0].lstat(ROOT), lower)
@@ -195,7 +195,7 @@ class Stack:
         With ``skip_upper`` the upper layer is ignored: the answer says what lies beneath it (used to decide
         whether a removal must leave a whiteout).
         """
-        if self.table is not None:
+        if self.table is not None and self.table.covers(parent.path):
             return self._lookup_prescanned(parent, name, skip_upper)
         path = join(parent.path, name)
         found: list[tuple[int, os.stat_result]] = []

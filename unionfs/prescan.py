@@ -40,7 +40,9 @@ class LowerTable:
 
     def __init__(self, stack: Stack, progress: Callable[[int], None] | None = None) -> None:
         self.paths: dict[bytes, int | DirInfo] = {}
-        self.first = 1 if stack.writable else 0
+        #: directories this process may not read or search (EACCES/EPERM): lookups in them probe the layers
+        #: at lookup time, and fail there as they would without the table
+        self.closed: set[bytes] = set()
         root = stack.lower_root()
         if root is None:
             return
@@ -49,22 +51,32 @@ class LowerTable:
         report = 10000
         while todo:
             parent = todo.pop()
-            for name, (layer, fmt) in stack.listdir(parent).items():
-                path = join(parent.path, name)
-                if fmt != stat.S_IFDIR:
-                    self.paths[path] = layer
-                    continue
-                child = stack.lookup(parent, name)
-                if child is None:
-                    continue
-                if not child.is_dir:
-                    self.paths[path] = child.layer
-                    continue
-                self.paths[path] = DirInfo(child.dirs, child.xw or _NO_XW, child.opaque)
-                todo.append(child)
+            try:
+                self._scan(stack, parent, todo)
+            except PermissionError:
+                self.closed.add(parent.path)
             if progress is not None and len(self.paths) >= report:
                 progress(len(self.paths))
                 report = len(self.paths) + 10000
+
+    def _scan(self, stack: Stack, parent: Entry, todo: list[Entry]) -> None:
+        for name, (layer, fmt) in stack.listdir(parent).items():
+            path = join(parent.path, name)
+            if fmt != stat.S_IFDIR:
+                self.paths[path] = layer
+                continue
+            child = stack.lookup(parent, name)
+            if child is None:
+                continue
+            if not child.is_dir:
+                self.paths[path] = child.layer
+                continue
+            self.paths[path] = DirInfo(child.dirs, child.xw or _NO_XW, child.opaque)
+            todo.append(child)
+
+    def covers(self, path: bytes) -> bool:
+        """Whether lookups in directory ``path`` can be answered from the table (it was scanned whole)."""
+        return isinstance(self.paths.get(path), DirInfo) and path not in self.closed
 
     def __len__(self) -> int:
         return len(self.paths)
