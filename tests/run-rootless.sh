@@ -106,7 +106,8 @@ chown -R "$uid:$gid" "$run"
 
 # A lower layer owned by an id outside the user namespace of the kernel pass (the host's root), as a system
 # directory under a rootless stack is: file, private (0600), dir/inner, empty/, pub/ (0777) holding pub/mine,
-# the user's own, and tmp/ (1777) holding the host root's tmp/theirs and the user's tmp/own.
+# the user's own, tmp/ (1777) holding the host root's tmp/theirs and the user's tmp/own, and the user's mine/
+# holding the host root's symlink mine/link and FIFO mine/fifo.
 foreign=$run/foreign
 mkdir -m 0755 "$foreign" "$foreign/dir" "$foreign/empty"
 mkdir -m 0777 "$foreign/pub" "$foreign/tmp"
@@ -120,7 +121,11 @@ echo "the host's root's, in a sticky directory" >"$foreign/tmp/theirs"
 echo "the test user's, in a sticky directory" >"$foreign/tmp/own"
 chmod 0644 "$foreign/file" "$foreign/dir/inner" "$foreign/pub/mine" "$foreign/tmp/theirs" "$foreign/tmp/own"
 chmod 0600 "$foreign/private"
-chown "$uid:$gid" "$foreign/pub/mine" "$foreign/tmp/own"
+# mine/ is the test user's, holding a symlink and a FIFO of the host's root
+mkdir -m 0755 "$foreign/mine"
+ln -s file "$foreign/mine/link"
+mkfifo -m 0644 "$foreign/mine/fifo"
+chown "$uid:$gid" "$foreign/pub/mine" "$foreign/tmp/own" "$foreign/mine"
 
 src=$run/stage/src
 user_env=(

@@ -11,9 +11,10 @@ permission checks then let the namespace's root through.  So the server recognis
 * when the overflow id is not mapped in this namespace, an owner shown as it is unmapped;
 * otherwise, when this process has CAP_FOWNER in its namespace, an ``open(O_NOATIME)`` of the object, which
   the kernel allows to the owner or to a holder of CAP_FOWNER over the owner's id, and refuses (EPERM) when
-  the id is outside the namespace: a probe that changes nothing.  Only regular files and directories are
-  probed; for other types (and without CAP_FOWNER) an owner shown as 65534 counts as unmapped only in the
-  first case.
+  the id is outside the namespace: a probe that changes nothing.  Regular files, directories and FIFOs are
+  probed; symlinks, devices and sockets cannot be opened so, and an owner of theirs shown as 65534 counts as
+  unmapped (a real 65534 owner then meets refusals, never an owner changed on disk).  Without CAP_FOWNER an
+  owner shown as 65534 counts as unmapped only in the first case.
 
 The checks below are those of the kernel's ``generic_permission`` without capabilities; they are applied to
 such objects only (everything else is checked by the kernel before a request reaches us).
@@ -102,9 +103,14 @@ class UserNamespace:
         gid_out = gid_suspect and not _maps(self.gid_ranges, st.st_gid)
         if uid_out or gid_out:
             return uid_out, gid_out
-        if self.fowner and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and self._probe(dir_fd, path, st):
-            return uid_suspect, gid_suspect
-        return None
+        if not self.fowner:
+            return None
+        mode = st.st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISFIFO(mode):
+            return (uid_suspect, gid_suspect) if self._probe(dir_fd, path, st) else None
+        # Symlinks, devices, sockets: no probe leaves them untouched. An owner shown as the overflow id is taken
+        # for an unmapped one: refusing a change is better than giving a copy another owner on disk.
+        return uid_suspect, gid_suspect
 
     def _probe(self, dir_fd: int, path: bytes, st: os.stat_result) -> bool:
         key = (st.st_dev, st.st_ino, st.st_ctime_ns)

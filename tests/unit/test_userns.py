@@ -73,10 +73,15 @@ def test_probe_finds_a_mapped_owner(tmp_path: Any) -> None:
         os.close(fd)
 
 
-def test_probe_is_not_run_on_devices_or_symlinks(tmp_path: Any) -> None:
+def test_unprobeable_types_with_the_overflow_owner_count_as_unmapped() -> None:
+    """Symlinks, devices and sockets cannot be opened with O_NOATIME without side effects: with the overflow
+    id as owner they are taken for unmapped (no copy-up with another owner); -1 as the directory: an fd any
+    probe would fail on, so nothing is opened."""
     ns = UserNamespace(ROOTLESS, ROOTLESS, fowner=True)
-    for kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFLNK, stat.S_IFIFO):
-        assert ns.unmapped(-1, b"no-such-file", fake_st(kind | 0o666)) is None  # -1: an fd it would fail on
+    for kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFLNK, stat.S_IFSOCK):
+        assert ns.unmapped(-1, b"no-such-file", fake_st(kind | 0o666)) == (True, True)
+        assert ns.unmapped(-1, b"no-such-file", fake_st(kind | 0o666, uid=0)) == (False, True)
+    assert ns.unmapped(-1, b"no-such-file", fake_st(stat.S_IFIFO | 0o666)) is None  # probed (and it failed)
 
 
 @pytest.mark.parametrize(("mode", "mask", "ok"), [
