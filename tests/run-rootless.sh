@@ -158,4 +158,13 @@ echo "== rootless: tests/kernel as $USER_NAME (uid $uid) in its own user namespa
             --mount --propagation private --pid --fork --kill-child --mount-proc \
             "${pytest[@]}" tests/kernel "$@") || status=1
 
+echo "== rootless: differential suites of lookup, errno, copy-up and random operations again with -o prescan," \
+     "in the same kind of namespace" >&2
+(cd "$src" && "${as_user[@]}" "${user_env[@]}" UNIONFS_TEST_XATTR=user UNIONFS_DIFF_OPTIONS=prescan \
+    unshare --map-user=0 --map-group=0 \
+            "--map-users=$subuid,1,$SUBIDS" "--map-groups=$subgid,1,$SUBIDS" \
+            --mount --propagation private --pid --fork --kill-child --mount-proc \
+            "${pytest[@]}" tests/kernel/test_kernel_lookup.py tests/kernel/test_kernel_errno.py \
+            tests/kernel/test_kernel_random.py tests/kernel/test_kernel_copy_up.py "$@") || status=1
+
 exit $status
