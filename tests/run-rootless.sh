@@ -107,7 +107,7 @@ chown -R "$uid:$gid" "$run"
 # A lower layer owned by an id outside the user namespace of the kernel pass (the host's root), as a system
 # directory under a rootless stack is: file, private (0600), dir/inner, empty/, pub/ (0777) holding pub/mine,
 # the user's own, tmp/ (1777) holding the host root's tmp/theirs and the user's tmp/own, and the user's mine/
-# holding the host root's symlink mine/link and FIFO mine/fifo.
+# holding the host root's symlink mine/link and FIFO mine/fifo, and nox/ (0744) holding nox/f.
 foreign=$run/foreign
 mkdir -m 0755 "$foreign" "$foreign/dir" "$foreign/empty"
 mkdir -m 0777 "$foreign/pub" "$foreign/tmp"
@@ -125,6 +125,9 @@ chmod 0600 "$foreign/private"
 mkdir -m 0755 "$foreign/mine"
 ln -s file "$foreign/mine/link"
 mkfifo -m 0644 "$foreign/mine/fifo"
+# nox/ may be read but not searched by others
+mkdir -m 0744 "$foreign/nox"
+echo "behind a directory others may list but not search" >"$foreign/nox/f"
 chown "$uid:$gid" "$foreign/pub/mine" "$foreign/tmp/own" "$foreign/mine"
 
 src=$run/stage/src

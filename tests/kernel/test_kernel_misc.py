@@ -191,8 +191,8 @@ def test_unprivileged_caller_gets_the_same_permission_errors(traversable_tmp: Pa
 #: A directory that tests/run-rootless.sh lays out as root for its kernel pass, where the host's root is outside
 #: the user namespace: ``file``, ``private`` (0600), ``dir/`` (0755) with ``dir/inner``, ``empty/``, ``pub/``
 #: (0777) with ``pub/mine``, ``tmp/`` (1777) with ``tmp/theirs`` and ``tmp/own``, ``mine/`` with the symlink
-#: ``mine/link`` and the FIFO ``mine/fifo``: all the host root's but ``pub/mine``, ``tmp/own`` and ``mine/``,
-#: which are the test user's (root in the namespace).
+#: ``mine/link`` and the FIFO ``mine/fifo``, ``nox/`` (0744) with ``nox/f``: all the host root's but
+#: ``pub/mine``, ``tmp/own`` and ``mine/``, which are the test user's (root in the namespace).
 FOREIGN_LAYER = os.environ.get("UNIONFS_TEST_FOREIGN_LAYER")
 
 FOREIGN_OPS = [
@@ -206,7 +206,8 @@ FOREIGN_OPS = [
     ("unlink", "dir/inner"), ("unlink", "tmp/theirs"), ("unlink", "tmp/own"), ("rename", "tmp/theirs", "t2"),
     ("rename", "file", "file2"), ("mkdir", "tmp/d"), ("rmdir", "empty"), ("unlink", "file"), ("lstat", "file"),
     ("lstat", "empty"), ("rename", "mine/link", "mine/link2"), ("rename", "mine/fifo", "mine/fifo2"),
-    ("lstat", "mine/link"), ("unlink", "mine/link"), ("lstat", "mine/link"),
+    ("lstat", "mine/link"), ("unlink", "mine/link"), ("lstat", "mine/link"), ("listdir", "nox"),
+    ("lstat", "nox/f"), ("read", "nox/f"), ("listdir", "nox"),
 ]
 
 

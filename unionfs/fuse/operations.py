@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -78,13 +79,16 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("node", "names", "entries")
+    __slots__ = ("node", "names", "entries", "unreachable", "inos")
 
     def __init__(self, node: Node) -> None:
         self.node = node
         #: the merged listing this handle serves, taken at its first read
         self.names: list[tuple[bytes, tuple[int, int]]] | None = None
         self.entries: dict[int, Entry | None] = {}
+        #: indexes of listed names we may not look up, and the inode numbers the layers' directories list
+        self.unreachable: set[int] = set()
+        self.inos: dict[int, dict[bytes, int]] = {}
 
 
 class Operations(pyfuse3.Operations):
@@ -552,12 +556,43 @@ class Operations(pyfuse3.Operations):
         if index in handle.entries:
             return handle.entries[index]
         name, listed = names[index]
+        entry: Entry | None
         try:
             entry = self.union.stack.lookup_listed(handle.node.entry, name, listed)
+        except PermissionError:
+            entry = self._unreachable(handle, name, listed)
+            if entry is not None:
+                handle.unreachable.add(index)
         except OSError:
             entry = None
         handle.entries[index] = entry
         return entry
+
+    def _unreachable(self, handle: DirHandle, name: bytes, listed: tuple[int, int]) -> Entry | None:
+        """A listed name in a directory we may read but not search: the kernel lists it all the same. Its
+        entry carries only what the directory itself says (inode number and type); no stat is possible."""
+        layer = self.union.stack.layers[listed[0]]
+        inos = handle.inos.get(listed[0])
+        if inos is None:
+            inos = handle.inos[listed[0]] = {}
+            with contextlib.suppress(OSError), os.scandir(layer.xpath(handle.node.path)) as it:
+                for de in it:
+                    inos[os.fsencode(de.name)] = de.inode()
+        ino = inos.get(name)
+        if ino is None:
+            return None
+        return Entry(join(handle.node.path, name), listed[0], os.stat_result((listed[1], ino, layer.dev, 1, 0, 0,
+                                                                                0, 0, 0, 0)))
+
+    def _unreachable_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of such an entry, which the kernel must not keep: every use of it asks us again (and
+        meets the EACCES the layer gives)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode = stat.S_IFMT(node.entry.st.st_mode)
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
 
     def _dot_entries(self, handle: DirHandle) -> list[tuple[bytes, Node]]:
         node = handle.node
@@ -571,6 +606,7 @@ class Operations(pyfuse3.Operations):
             # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
             handle.names = list(self._listing(handle.node).items())
             handle.entries.clear()
+            handle.unreachable.clear()
         names = handle.names
         if start_id < 2:
             # "." and "..": the kernel takes no lookup reference for these
@@ -583,7 +619,8 @@ class Operations(pyfuse3.Operations):
             if entry is None:
                 continue
             node = self.inodes.node_for(entry)
-            if not pyfuse3.readdir_reply(token, names[index][0], self._attrs(node, entry.st), index + 3):
+            attrs = self._unreachable_attrs(node) if index in handle.unreachable else self._attrs(node, entry.st)
+            if not pyfuse3.readdir_reply(token, names[index][0], attrs, index + 3):
                 if node.lookups == 0:
                     self.inodes.forget(node.ino, 0)
                 return
