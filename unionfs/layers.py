@@ -151,13 +151,16 @@ class Stack:
                 return self._over_lower(ROOT, self.layers[0].lstat(ROOT), lower)
             assert lower is not None
             return lower
-        entry = self._dir_entry(ROOT, [(i, self.layers[i].lstat(ROOT)) for i in range(len(self.layers))])
+        entry = self._probed_root(0)
         assert entry is not None
         return entry
 
     def lower_root(self) -> Entry | None:
         """The root of the lower layers' merged view (None for a writable stack with no lower layer)."""
-        first = 1 if self.writable else 0
+        return self._probed_root(1 if self.writable else 0)
+
+    def _probed_root(self, first: int) -> Entry | None:
+        """The merged root of layers ``first`` and below, asking each of them."""
         return self._dir_entry(ROOT, [(i, self.layers[i].lstat(ROOT)) for i in range(first, len(self.layers))])
 
     def prescan(self, progress: Callable[[int], None] | None = None) -> int:

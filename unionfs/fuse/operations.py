@@ -323,9 +323,9 @@ class Operations(pyfuse3.Operations):
         if fields.update_size and (handle is None or not handle.writable):
             self._may(ctx, entry, W_OK)
         if (fields.update_atime or fields.update_mtime) and (ids := self.union.unmapped(entry)) is not None:
-            userns.require_times(_caller(ctx), entry.st, ids,
-                          (attr.st_atime_ns if fields.update_atime else None,
-                           attr.st_mtime_ns if fields.update_mtime else None))
+            times = (attr.st_atime_ns if fields.update_atime else None,
+                     attr.st_mtime_ns if fields.update_mtime else None)
+            userns.require_times(_caller(ctx), entry.st, ids, times)
         if fields.update_size:
             if handle is not None and handle.writable:
                 await self._mutate(self.union.truncate, node.entry, attr.st_size, handle.fd)
