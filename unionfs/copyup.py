@@ -13,7 +13,7 @@ import shutil
 import stat
 from collections.abc import Callable
 
-from . import _sys, whiteout
+from . import _sys, whiteout, xattrs
 from .layers import ROOT, Entry, Layer, Stack, split
 from .ownership import OVERRIDE_XATTR, encode_override
 
@@ -71,14 +71,14 @@ class Workdir:
 def copy_xattrs(src: bytes, dst: bytes, private: tuple[bytes, ...]) -> None:
     """Copy every xattr except overlay-private ones; attributes the target refuses are skipped, as the
     kernel skips them (e.g. ``user.*`` on symlinks)."""
-    for name in whiteout.listxattr(src):
+    for name in xattrs.names(src):
         if whiteout.xattr_from_disk(name, private) is None:
             continue
-        value = whiteout.getxattr(src, name)
+        value = xattrs.get(src, name)
         if value is None:
             continue
         try:
-            whiteout.setxattr(dst, name, value)
+            xattrs.write(dst, name, value)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
                 raise
@@ -249,7 +249,7 @@ class CopyUp:
         owned = _chown(tmp, wfd, st)
         copy_xattrs(src.xpath(path), self.work.proc + tmp, self.stack.private_prefixes)
         if not owned and self.owner_xattr and not stat.S_ISLNK(st.st_mode):
-            whiteout.setxattr(self.work.proc + tmp, OVERRIDE_XATTR, encode_override(st.st_uid, st.st_gid, st.st_mode))
+            xattrs.write(self.work.proc + tmp, OVERRIDE_XATTR, encode_override(st.st_uid, st.st_gid, st.st_mode))
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)

@@ -11,8 +11,9 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import _sys, whiteout
+from . import _sys, whiteout, xattrs
 from .copyup import CopyUp, Workdir, move_to_work, replace_with_whiteout
+from .fsutil import fsync_dir
 from .layers import ROOT, Entry, Stack, check_name, join
 from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
 from .userns import Unmapped, UserNamespace
@@ -81,7 +82,7 @@ class Union:
         mode = st.st_mode
         uid, gid = st.st_uid, st.st_gid
         if self.ownership.xattr_permissions and not stat.S_ISLNK(mode):
-            value = whiteout.getxattr(self.stack.layers[entry.layer].xpath(entry.path), OVERRIDE_XATTR)
+            value = xattrs.get(self.stack.layers[entry.layer].xpath(entry.path), OVERRIDE_XATTR)
             stored = decode_override(value) if value is not None else None
             if stored is not None:
                 uid, gid = stored[0], stored[1]
@@ -99,11 +100,7 @@ class Union:
         """Make a directory's entries durable (its upper copy; lower layers never change)."""
         if entry.layer != 0 or not self.stack.writable:
             return
-        fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.stack.layers[0].fd)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(entry.path, self.stack.layers[0].fd)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.stack.layers[0].xpath(ROOT))
@@ -203,7 +200,7 @@ class Union:
     def creation_mode(self, parent: Entry, mode: int, umask: int) -> int:
         """The mode a new object gets: the caller's umask applies unless ``parent`` has a default ACL, which
         the file system then applies itself (the kernel leaves both to us once ACLs are enabled)."""
-        if umask and whiteout.getxattr(self._xpath(parent), DEFAULT_ACL) is None:
+        if umask and xattrs.get(self._xpath(parent), DEFAULT_ACL) is None:
             return mode & ~umask
         return mode
 
@@ -464,7 +461,7 @@ class Union:
         return entry
 
     def _store_override(self, entry: Entry, uid: int, gid: int, mode: int) -> None:
-        whiteout.setxattr(self._xpath(entry), OVERRIDE_XATTR, encode_override(uid, gid, mode))
+        xattrs.write(self._xpath(entry), OVERRIDE_XATTR, encode_override(uid, gid, mode))
 
     def utimens(self, entry: Entry, atime_ns: int | None, mtime_ns: int | None) -> Entry:
         entry = self.copy_up(entry)
@@ -504,7 +501,7 @@ class Union:
 
     def _listxattr(self, target: bytes | int) -> list[bytes]:
         out = []
-        for disk in whiteout.listxattr(target):
+        for disk in xattrs.names(target):
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
             if name is not None and name not in self.hidden_xattrs:
                 out.append(name)
@@ -512,22 +509,22 @@ class Union:
 
     def setxattr(self, entry: Entry, name: bytes, value: bytes, flags: int = 0) -> Entry:
         entry = self.copy_up(entry)
-        whiteout.setxattr(self._xpath(entry), self._disk_name(name), value, flags)
+        xattrs.write(self._xpath(entry), self._disk_name(name), value, flags)
         return entry
 
     def setxattr_fd(self, fd: int, name: bytes, value: bytes) -> None:
-        whiteout.setxattr(fd, self._disk_name(name), value)
+        xattrs.write(fd, self._disk_name(name), value)
 
     def removexattr(self, entry: Entry, name: bytes) -> Entry:
         disk = self._disk_name(name)
-        if (entry.layer != 0 or not self.stack.writable) and whiteout.getxattr(self._xpath(entry), disk) is None:
+        if (entry.layer != 0 or not self.stack.writable) and xattrs.get(self._xpath(entry), disk) is None:
             raise OSError(errno.ENODATA, "No data available")
         entry = self.copy_up(entry)
-        whiteout.removexattr(self._xpath(entry), disk)
+        xattrs.remove(self._xpath(entry), disk)
         return entry
 
     def removexattr_fd(self, fd: int, name: bytes) -> None:
-        whiteout.removexattr(fd, self._disk_name(name))
+        xattrs.remove(fd, self._disk_name(name))
 
 
 def default_format(upper: bytes | None, forced: bool | None) -> XattrFormat:
@@ -536,4 +533,4 @@ def default_format(upper: bytes | None, forced: bool | None) -> XattrFormat:
         return XattrFormat.USER if forced else XattrFormat.TRUSTED
     if upper is None:
         return XattrFormat.TRUSTED if os.geteuid() == 0 else XattrFormat.USER
-    return XattrFormat.TRUSTED if whiteout.probe_trusted(upper) else XattrFormat.USER
+    return XattrFormat.TRUSTED if xattrs.can_store_trusted(upper) else XattrFormat.USER

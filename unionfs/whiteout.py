@@ -8,16 +8,13 @@ the ``overlay.whiteout`` xattr inside a directory marked ``overlay.opaque=x``.  
 from __future__ import annotations
 
 import enum
-import errno
 import os
 import stat
 
+from . import xattrs
+
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
-
-#: errnos meaning "this xattr is absent or unsupported here"; treated as "not set" when reading markers.
-_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES)
-
 
 class XattrFormat(enum.Enum):
     """Which xattr namespace carries our markers."""
@@ -63,18 +60,6 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def getxattr(path: bytes | int, name: bytes) -> bytes | None:
-    """Value of one xattr of ``path`` (never following a final symlink; a descriptor is used as it is),
-    or None when it is absent."""
-    try:
-        value: bytes = os.getxattr(path, name, follow_symlinks=isinstance(path, int))
-    except OSError as exc:
-        if exc.errno in _ABSENT:
-            return None
-        raise
-    return value
-
-
 class DirMarks:
     """What a directory's overlay xattrs say: opaque, or holding xattr-encoded whiteouts."""
 
@@ -91,7 +76,7 @@ _PLAIN = DirMarks(False, False)
 def read_dir_marks(path: bytes, formats: tuple[XattrFormat, ...]) -> DirMarks:
     """Read the opaque marker of directory ``path`` in each format we honour (first found wins)."""
     for fmt in formats:
-        value = getxattr(path, fmt.opaque)
+        value = xattrs.get(path, fmt.opaque)
         if value is None:
             continue
         if value == b"y":
@@ -105,7 +90,7 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrForma
     """An empty regular file carrying ``overlay.whiteout`` (only looked for where the parent says ``x``)."""
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
-    return any(getxattr(path, fmt.whiteout) is not None for fmt in formats)
+    return any(xattrs.get(path, fmt.whiteout) is not None for fmt in formats)
 
 
 def make_whiteout(name: bytes, dir_fd: int) -> None:
@@ -116,41 +101,3 @@ def make_whiteout(name: bytes, dir_fd: int) -> None:
 def set_opaque(path: bytes, fmt: XattrFormat) -> None:
     """Mark directory ``path`` opaque: lower directories of the same name are not merged into it."""
     os.setxattr(path, fmt.opaque, b"y", 0, follow_symlinks=False)
-
-
-def listxattr(path: bytes | int) -> list[bytes]:
-    """Every on-disk xattr name of ``path`` (no symlink following); [] where xattrs are unsupported."""
-    try:
-        names = [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=isinstance(path, int))]
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return []
-        raise
-    return names
-
-
-def setxattr(path: bytes | int, name: bytes, value: bytes, flags: int = 0) -> None:
-    os.setxattr(path, name, value, flags, follow_symlinks=isinstance(path, int))
-
-
-def removexattr(path: bytes | int, name: bytes) -> None:
-    os.removexattr(path, name, follow_symlinks=isinstance(path, int))
-
-
-def probe_trusted(dir_path: bytes) -> bool:
-    """Whether ``trusted.*`` xattrs can be written in ``dir_path`` (needs CAP_SYS_ADMIN)."""
-    probe = os.path.join(dir_path, b".unionfs-xattr-probe-%d" % os.getpid())
-    try:
-        os.mkdir(probe)
-    except FileExistsError:
-        pass
-    try:
-        os.setxattr(probe, TRUSTED_PREFIX + b"probe", b"y", 0, follow_symlinks=False)
-        return True
-    except OSError:
-        return False
-    finally:
-        try:
-            os.rmdir(probe)
-        except OSError:
-            pass

@@ -8,7 +8,7 @@ import stat
 import pytest
 from unit_tree import OPAQUE, XW_MARK, make_whiteout
 
-from unionfs import whiteout
+from unionfs import whiteout, xattrs
 from unionfs.whiteout import TRUSTED_PREFIX, USER_PREFIX, XattrFormat
 
 PRIVATE = (TRUSTED_PREFIX,)
@@ -131,11 +131,11 @@ def test_set_opaque(tmp_path):
 
 
 def test_getxattr_absent_is_none(tmp_path):
-    assert whiteout.getxattr(os.fsencode(tmp_path), b"user.nothing") is None
+    assert xattrs.get(os.fsencode(tmp_path), b"user.nothing") is None
 
 
 def test_probe_trusted_as_root(tmp_path):
-    assert whiteout.probe_trusted(os.fsencode(tmp_path)) is True
+    assert xattrs.can_store_trusted(os.fsencode(tmp_path)) is True
     assert os.listdir(tmp_path) == []
 
 
@@ -144,12 +144,12 @@ def test_xattr_helpers_accept_descriptors(tmp_path):
     p.write_bytes(b"")
     fd = os.open(p, os.O_RDWR)
     try:
-        whiteout.setxattr(fd, b"user.k", b"v")
-        assert whiteout.getxattr(fd, b"user.k") == b"v"
-        assert whiteout.getxattr(fd, b"user.none") is None
-        assert whiteout.listxattr(fd) == [b"user.k"]
-        whiteout.removexattr(fd, b"user.k")
-        assert whiteout.listxattr(fd) == []
+        xattrs.write(fd, b"user.k", b"v")
+        assert xattrs.get(fd, b"user.k") == b"v"
+        assert xattrs.get(fd, b"user.none") is None
+        assert xattrs.names(fd) == [b"user.k"]
+        xattrs.remove(fd, b"user.k")
+        assert xattrs.names(fd) == []
     finally:
         os.close(fd)
 
@@ -160,5 +160,5 @@ def test_xattr_helpers_do_not_follow_symlinks(tmp_path):
     os.setxattr(target, b"user.k", b"v")
     link = tmp_path / "link"
     link.symlink_to(target)
-    assert whiteout.getxattr(os.fsencode(link), b"user.k") is None
-    assert whiteout.listxattr(os.fsencode(link)) == []
+    assert xattrs.get(os.fsencode(link), b"user.k") is None
+    assert xattrs.names(os.fsencode(link)) == []

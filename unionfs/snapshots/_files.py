@@ -79,12 +79,3 @@ def remove_tree(top: str, progress: Callable[[], None] | None = None) -> None:
                 continue
             if progress is not None:
                 progress()
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` (a rename into it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 
+from ..fsutil import fsync_dir
+from ..xattrs import can_store_trusted
 from . import _files, _filters
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ._store import Row, Store, Tx
@@ -128,19 +130,6 @@ def option_string(options: Iterable[str]) -> str:
     return ",".join(o.replace(",", "\\,") for o in options)
 
 
-def _probe_trusted(directory: str) -> bool:
-    """Whether this process can write ``trusted.*`` xattrs in ``directory`` (root, outside a user namespace)."""
-    fd, path = tempfile.mkstemp(prefix="probe-", dir=directory)
-    try:
-        os.setxattr(fd, "trusted.overlay.probe", b"y")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-        os.unlink(path)
-
-
 class Snapshotter:
     """Snapshots stored under ``root`` (default: :func:`default_root`).
 
@@ -171,7 +160,7 @@ class Snapshotter:
                 with self._store.write() as tx:
                     xattr = tx.meta("xattr")
                     if xattr is None:
-                        xattr = "trusted" if _probe_trusted(self.snapshots_dir) else "user"
+                        xattr = "trusted" if can_store_trusted(self.snapshots_dir) else "user"
                         tx.set_meta("xattr", xattr)
             #: the xattr namespace of overlay markers in this store's layers: "trusted" or "user"
             self.xattr = xattr
@@ -249,7 +238,7 @@ class Snapshotter:
                     self._reclaim(final)
                 os.rename(made, final)
                 made = final
-                _files.fsync_dir(self.snapshots_dir)
+                fsync_dir(self.snapshots_dir)
                 _step("prepare.renamed")
         except BaseException:
             if made is not None:
