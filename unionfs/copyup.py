@@ -6,6 +6,7 @@ into the upper layer only when complete, so a crash never leaves a half-copied f
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -138,20 +139,39 @@ def _chown(name: bytes, dir_fd: int, st: os.stat_result) -> bool:
     return True
 
 
-class CopyUp:
-    """Copies objects from lower layers into the upper one, reporting each change through ``on_copied``."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class CopiedUp:
+    """One object copied into the upper layer: what it was, and what it is now."""
 
-    def __init__(self, stack: Stack, work: Workdir, on_copied: Callable[[Entry, Entry], None] | None = None) -> None:
+    old: Entry
+    new: Entry
+
+    @property
+    def breaks_hard_link(self) -> bool:
+        """The lower object had other names: they still name the lower file, as on the kernel (without
+        ``index=on``), so each of them must be resolved again and gets an inode of its own."""
+        return not self.old.is_dir and self.old.st.st_nlink > 1
+
+
+class CopyUp:
+    """Copies objects from lower layers into the upper one, reporting each copy to ``on_copied``.
+
+    ``fsync``: make each copied file durable before it becomes visible. ``owner_xattr``: where the owner cannot
+    be kept (rootless), record it in the override xattr (``xattr_permissions``). ``unmapped``: tells objects
+    whose owner this user namespace does not map; those are never copied up (EOVERFLOW).
+    """
+
+    def __init__(self, stack: Stack, work: Workdir, on_copied: Callable[[CopiedUp], None] | None = None, *,
+                 fsync: bool = True, owner_xattr: bool = False,
+                 unmapped: Callable[[Entry], object] | None = None) -> None:
         assert stack.upper is not None
         self.stack = stack
         self.upper: Layer = stack.upper
         self.work = work
         self.on_copied = on_copied
-        self.fsync = True
-        #: where the owner cannot be kept (rootless), record it in the override xattr (xattr_permissions)
-        self.owner_xattr = False
-        #: tells objects whose owner this user namespace does not map: those are never copied up (EOVERFLOW)
-        self.unmapped: Callable[[Entry], object] | None = None
+        self.fsync = fsync
+        self.owner_xattr = owner_xattr
+        self.unmapped = unmapped
 
     def ensure_dir(self, entry: Entry) -> Entry:
         """Make sure directory ``entry`` exists in the upper layer (copying up its ancestors first)."""
@@ -182,7 +202,7 @@ class CopyUp:
         else:
             # Copied up since this Entry was resolved: describe what is there now.
             if stat.S_ISDIR(already.st_mode) and stat.S_ISDIR(entry.st.st_mode):
-                return Entry(entry.path, 0, already, (0, *entry.dirs), entry.xw, False)
+                return _over(entry, already)
             if not stat.S_ISDIR(already.st_mode) and not whiteout.is_whiteout_stat(already):
                 return Entry(entry.path, 0, already)
         self.ensure_dir(self.parent_of(entry))
@@ -211,12 +231,9 @@ class CopyUp:
             self.work.discard(tmp)
             raise
         new_st = self.upper.lstat(entry.path)
-        if stat.S_ISDIR(st.st_mode):
-            new = Entry(entry.path, 0, new_st, (0, *entry.dirs), entry.xw, False)
-        else:
-            new = Entry(entry.path, 0, new_st)
+        new = _over(entry, new_st) if stat.S_ISDIR(st.st_mode) else Entry(entry.path, 0, new_st)
         if self.on_copied is not None:
-            self.on_copied(entry, new)
+            self.on_copied(CopiedUp(entry, new))
         return new
 
     def _rename_in(self, tmp: bytes, path: bytes) -> None:
@@ -247,12 +264,17 @@ class CopyUp:
         """Owner, xattrs, mode, then times: chown first, since it strips security.capability; times last."""
         wfd = self.work.fd
         owned = _chown(tmp, wfd, st)
-        copy_xattrs(src.xpath(path), self.work.proc + tmp, self.stack.private_prefixes)
+        copy_xattrs(src.full_path(path), self.work.proc + tmp, self.stack.private_prefixes)
         if not owned and self.owner_xattr and not stat.S_ISLNK(st.st_mode):
             xattrs.write(self.work.proc + tmp, OVERRIDE_XATTR, encode_override(st.st_uid, st.st_gid, st.st_mode))
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=wfd, follow_symlinks=False)
+
+
+def _over(lower: Entry, upper_st: os.stat_result) -> Entry:
+    """The entry of a directory copied up above the lower directory ``lower`` (not opaque: it still merges)."""
+    return Entry(lower.path, 0, upper_st, (0, *lower.dirs), lower.xattr_whiteouts)
 
 
 def replace_with_whiteout(upper: Layer, work: Workdir, path: bytes) -> None:
@@ -276,4 +298,4 @@ def move_to_work(upper: Layer, work: Workdir, path: bytes) -> bytes:
     return tmp
 
 
-__all__ = ["CopyUp", "Workdir", "copy_data", "copy_xattrs", "move_to_work", "replace_with_whiteout"]
+__all__ = ["CopiedUp", "CopyUp", "Workdir", "copy_data", "copy_xattrs", "move_to_work", "replace_with_whiteout"]

@@ -11,13 +11,10 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import NamedTuple, Protocol
 
 from . import whiteout
-from .whiteout import XattrFormat
-
-if TYPE_CHECKING:
-    from .prescan import LowerTable
+from .whiteout import NO_MARKS, DirMarks, XattrFormat
 
 ROOT = b"."
 
@@ -51,9 +48,9 @@ class Layer:
         self.proc = b"/proc/self/fd/%d/" % self.fd
         self.prefix = os.path.abspath(path).rstrip(b"/") + b"/"
 
-    def xpath(self, rel: bytes) -> bytes:
-        """A path usable by calls without ``dir_fd`` support (xattrs): the layer's own path, or through
-        /proc/self/fd where that would be longer than PATH_MAX."""
+    def full_path(self, rel: bytes) -> bytes:
+        """A path usable by calls without ``dir_fd`` support (xattrs, scandir, statvfs): the layer's own path,
+        or through /proc/self/fd where that would be longer than PATH_MAX."""
         if len(self.prefix) + len(rel) < PATH_MAX:
             return self.prefix + rel
         return self.proc + rel
@@ -70,31 +67,21 @@ class Layer:
         return f"Layer({self.index}, {self.path!r})"
 
 
-class Entry:
-    """What one merged name resolves to.
+class Entry(NamedTuple):
+    """What one merged name resolves to: a value, never changed once made (whoever learns more makes a new one).
 
     ``layer`` is the top-most layer holding the object and ``st`` its stat.  For a directory, ``dirs`` lists
     every layer contributing to the merged directory, top first, stopping after an opaque one or above a
-    non-directory; ``xw`` is the subset whose directory holds xattr-encoded whiteouts.
+    non-directory; ``xattr_whiteouts`` is the subset whose directory holds xattr-encoded whiteouts, and
+    ``opaque`` says that the top one is marked opaque.
     """
 
-    __slots__ = ("path", "layer", "st", "dirs", "xw", "opaque")
-
-    def __init__(
-        self,
-        path: bytes,
-        layer: int,
-        st: os.stat_result,
-        dirs: tuple[int, ...] = (),
-        xw: frozenset[int] = frozenset(),
-        opaque: bool = False,
-    ) -> None:
-        self.path = path
-        self.layer = layer
-        self.st = st
-        self.dirs = dirs
-        self.xw = xw
-        self.opaque = opaque
+    path: bytes
+    layer: int
+    st: os.stat_result
+    dirs: tuple[int, ...] = ()
+    xattr_whiteouts: frozenset[int] = frozenset()
+    opaque: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -105,34 +92,195 @@ class Entry:
         """A directory with more than one contributing layer."""
         return len(self.dirs) > 1
 
-    def __repr__(self) -> str:
-        return f"Entry({self.path!r}, layer={self.layer}, dirs={self.dirs})"
+    def at(self, path: bytes) -> Entry:
+        """The same object reached under another merged path (after a rename)."""
+        return Entry(path, self.layer, self.st, self.dirs, self.xattr_whiteouts, self.opaque)
+
+    def with_stat(self, st: os.stat_result) -> Entry:
+        """The same object with a fresher stat."""
+        return Entry(self.path, self.layer, st, self.dirs, self.xattr_whiteouts, self.opaque)
 
 
+_NONE: frozenset[int] = frozenset()
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 
 
-class Stack:
-    """The ordered layers (upper first when writable) and lookups through them."""
+class Found(NamedTuple):
+    """What one layer holds at a merged path: a whiteout, or an object with its stat (and, for a directory,
+    its markers)."""
 
-    def __init__(self, layer_dirs: Sequence[bytes], writable: bool, fmt: XattrFormat) -> None:
+    layer: int
+    st: os.stat_result
+    is_whiteout: bool = False
+    marks: DirMarks = NO_MARKS
+
+    @property
+    def hides_below(self) -> bool:
+        """Nothing of the layers beneath shows through: a whiteout, a non-directory or an opaque directory."""
+        return self.is_whiteout or not stat.S_ISDIR(self.st.st_mode) or self.marks.opaque
+
+
+def stacked(path: bytes, top: Found, lower: Entry | None) -> Entry | None:
+    """The rule of the stack, the one place it is written: what ``path`` resolves to when a layer holds
+    ``top`` there above what the layers beneath resolve it to (``lower``; None: nothing).
+
+    A whiteout hides everything beneath; a non-directory stands alone; a directory merges with a directory
+    beneath unless it is opaque, and hides a non-directory beneath.
+    """
+    if top.is_whiteout:
+        return None
+    if not stat.S_ISDIR(top.st.st_mode):
+        return Entry(path, top.layer, top.st)
+    xattr_whiteouts = frozenset({top.layer}) if top.marks.xwhiteouts else _NONE
+    if top.marks.opaque or lower is None or not lower.is_dir:
+        return Entry(path, top.layer, top.st, (top.layer,), xattr_whiteouts, top.marks.opaque)
+    return Entry(path, top.layer, top.st, (top.layer, *lower.dirs), xattr_whiteouts | lower.xattr_whiteouts)
+
+
+def stack_on(path: bytes, top: Found | None, below: Callable[[], Entry | None]) -> Entry | None:
+    """:func:`stacked`, asking the layers beneath (``below()``) only when something of them can show."""
+    if top is None:
+        return below()
+    return stacked(path, top, None if top.hides_below else below())
+
+
+class LowerSource(Protocol):
+    """What the lower layers (those beneath the upper one) resolve a name to."""
+
+    def root(self) -> Entry | None:
+        """The merged root of the lower layers (None for a stack without lower layers)."""
+
+    def lookup(self, parent: Entry, name: bytes) -> Entry | None:
+        """What the lower layers show at ``name`` inside ``parent`` (a merged directory with at least one
+        lower layer among its ``dirs``); None when missing or whited out."""
+
+
+class Probing:
+    """A :class:`LowerSource` that asks each lower layer at every lookup, as the kernel does."""
+
+    def __init__(self, layers: Sequence[Layer], first: int, formats: tuple[XattrFormat, ...]) -> None:
+        self.layers = layers
+        #: index of the top-most lower layer (1 above an upper layer, else 0)
+        self.first = first
+        self.formats = formats
+
+    def find(self, index: int, path: bytes, xattr_whiteouts: bool) -> Found | None:
+        """What layer ``index`` holds at ``path`` (None: nothing); xattr whiteouts are looked for only where
+        the parent directory says it holds some."""
+        layer = self.layers[index]
+        try:
+            st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                return None
+            raise
+        if whiteout.is_whiteout_stat(st) or (
+            xattr_whiteouts and whiteout.is_xattr_whiteout(layer.full_path(path), st, self.formats)
+        ):
+            return Found(index, st, is_whiteout=True)
+        if stat.S_ISDIR(st.st_mode):
+            return Found(index, st, marks=whiteout.read_dir_marks(layer.full_path(path), self.formats))
+        return Found(index, st)
+
+    def _resolve(self, path: bytes, dirs: Iterable[int], marked: frozenset[int]) -> Entry | None:
+        """Ask the layers ``dirs`` top-down until one hides the rest (xattr whiteouts are looked for in those
+        ``marked``), then stack what they hold."""
+        found: list[Found] = []
+        for index in dirs:
+            if index < self.first:
+                continue
+            f = self.find(index, path, index in marked)
+            if f is not None:
+                found.append(f)
+                if f.hides_below:
+                    break
+        entry: Entry | None = None
+        for f in reversed(found):
+            entry = stacked(path, f, entry)
+        return entry
+
+    def root(self) -> Entry | None:
+        return self._resolve(ROOT, range(self.first, len(self.layers)), _NONE)
+
+    def lookup(self, parent: Entry, name: bytes) -> Entry | None:
+        return self._resolve(join(parent.path, name), parent.dirs, parent.xattr_whiteouts)
+
+
+def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...],
+                   entry: Entry) -> dict[bytes, tuple[int, int]]:
+    """Merged listing of directory ``entry``: name -> (layer index, d_type as stat S_IFMT bits).
+
+    Names are deduplicated top-down; whiteouts hide names below them; the order is the top layer first, then
+    each one beneath in turn, each in the order its directory returned them.
+    """
+    out: dict[bytes, tuple[int, int]] = {}
+    hidden: set[bytes] = set()
+    for i in entry.dirs:
+        layer = layers[i]
+        check_xattr = i in entry.xattr_whiteouts
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                continue
+            raise
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = os.fsencode(de.name)
+                    if name in out or name in hidden:
+                        continue
+                    if de.is_dir(follow_symlinks=False):
+                        out[name] = (i, stat.S_IFDIR)
+                        continue
+                    if de.is_symlink():
+                        out[name] = (i, stat.S_IFLNK)
+                        continue
+                    is_reg = de.is_file(follow_symlinks=False)
+                    if is_reg and not check_xattr:
+                        out[name] = (i, stat.S_IFREG)
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    if whiteout.is_whiteout_stat(st) or (
+                        check_xattr
+                        and whiteout.is_xattr_whiteout(layer.full_path(join(entry.path, name)), st, formats)
+                    ):
+                        hidden.add(name)
+                        continue
+                    out[name] = (i, stat.S_IFMT(st.st_mode))
+        finally:
+            os.close(fd)
+    return out
+
+
+class Stack:
+    """The ordered layers (upper first when writable) and lookups through them.
+
+    The upper layer is asked here; what the lower layers hold comes from ``lowers``, made at construction from
+    the probing source (``lowers=None``: the probing source itself; ``unionfs.prescan.Prescanned``: a table
+    built once).
+    """
+
+    def __init__(self, layer_dirs: Sequence[bytes], writable: bool, fmt: XattrFormat,
+                 lowers: Callable[[Probing], LowerSource] | None = None) -> None:
         self.layers: list[Layer] = []
         try:
             for i, d in enumerate(layer_dirs):
                 self.layers.append(Layer(i, d, writable and i == 0))
+            self.writable = writable
+            self.fmt = fmt
+            #: formats whose markers we honour when reading (the active one first)
+            self.read_formats: tuple[XattrFormat, ...] = (
+                (XattrFormat.USER, XattrFormat.TRUSTED) if fmt is XattrFormat.USER else (XattrFormat.TRUSTED,)
+            )
+            #: xattr prefixes hidden (escaped) in the merged view
+            self.private_prefixes: tuple[bytes, ...] = tuple(f.prefix for f in self.read_formats)
+            self._first_lower = 1 if writable else 0
+            self.probing = Probing(self.layers, self._first_lower, self.read_formats)
+            self.lowers: LowerSource = self.probing if lowers is None else lowers(self.probing)
         except BaseException:
             self.close()
             raise
-        self.writable = writable
-        self.fmt = fmt
-        #: formats whose markers we honour when reading (the active one first)
-        self.read_formats: tuple[XattrFormat, ...] = (
-            (XattrFormat.USER, XattrFormat.TRUSTED) if fmt is XattrFormat.USER else (XattrFormat.TRUSTED,)
-        )
-        #: xattr prefixes hidden (escaped) in the merged view
-        self.private_prefixes: tuple[bytes, ...] = tuple(f.prefix for f in self.read_formats)
-        #: the lower layers resolved at mount (``-o prescan``), or None: probe them at each lookup
-        self.table: LowerTable | None = None
 
     @property
     def upper(self) -> Layer | None:
@@ -145,133 +293,37 @@ class Stack:
     # -- resolution ---------------------------------------------------------------------------------------
 
     def root(self) -> Entry:
-        if self.table is not None and self.table.covers(ROOT):
-            lower = self.table.entry(self, ROOT)
-            if self.writable:
-                return self._over_lower(ROOT, self.layers[0].lstat(ROOT), lower)
-            assert lower is not None
-            return lower
-        entry = self._probed_root(0)
+        top = self.probing.find(0, ROOT, False) if self.writable else None
+        entry = stack_on(ROOT, top, self.lowers.root)
         assert entry is not None
         return entry
 
-    def lower_root(self) -> Entry | None:
-        """The root of the lower layers' merged view (None for a writable stack with no lower layer)."""
-        return self._probed_root(1 if self.writable else 0)
-
-    def _probed_root(self, first: int) -> Entry | None:
-        """The merged root of layers ``first`` and below, asking each of them."""
-        return self._dir_entry(ROOT, [(i, self.layers[i].lstat(ROOT)) for i in range(first, len(self.layers))])
-
-    def prescan(self, progress: Callable[[int], None] | None = None) -> int:
-        """Resolve the lower layers once and answer later lookups from that (see unionfs.prescan); returns the
-        number of lower paths."""
-        from .prescan import LowerTable
-
-        self.table = None
-        self.table = LowerTable(self, progress)
-        return len(self.table)
-
-    def _dir_entry(self, path: bytes, found: Iterable[tuple[int, os.stat_result]]) -> Entry | None:
-        """Build a directory entry from directories found top-down, honouring opaque markers."""
-        dirs: list[int] = []
-        xw: set[int] = set()
-        top: tuple[int, os.stat_result] | None = None
-        opaque = False
-        for i, st in found:
-            if top is None:
-                top = (i, st)
-            dirs.append(i)
-            marks = whiteout.read_dir_marks(self.layers[i].xpath(path), self.read_formats)
-            if marks.xwhiteouts:
-                xw.add(i)
-            if marks.opaque:
-                opaque = len(dirs) == 1
-                break
-        if top is None:
-            return None
-        return Entry(path, top[0], top[1], tuple(dirs), frozenset(xw), opaque)
-
-    def lookup(self, parent: Entry, name: bytes, skip_upper: bool = False) -> Entry | None:
-        """Resolve ``name`` inside directory ``parent``; None when missing or whited out.
-
-        With ``skip_upper`` the upper layer is ignored: the answer says what lies beneath it (used to decide
-        whether a removal must leave a whiteout).
-        """
-        if self.table is not None and self.table.covers(parent.path):
-            return self._lookup_prescanned(parent, name, skip_upper)
+    def lookup(self, parent: Entry, name: bytes) -> Entry | None:
+        """Resolve ``name`` inside directory ``parent``; None when missing or whited out."""
         path = join(parent.path, name)
-        found: list[tuple[int, os.stat_result]] = []
-        for i in parent.dirs:
-            if skip_upper and i == 0 and self.writable:
-                continue
-            layer = self.layers[i]
-            try:
-                st = layer.lstat(path)
-            except OSError as exc:
-                if exc.errno in _MISSING:
-                    continue
-                raise
-            if whiteout.is_whiteout_stat(st) or (
-                i in parent.xw and whiteout.is_xattr_whiteout(layer.xpath(path), st, self.read_formats)
-            ):
-                break
-            if stat.S_ISDIR(st.st_mode):
-                found.append((i, st))
-                continue
-            if not found:
-                return Entry(path, i, st)
-            break
-        if not found:
+        top = None
+        if self.writable and parent.dirs and parent.dirs[0] == 0:
+            top = self.probing.find(0, path, 0 in parent.xattr_whiteouts)
+        return stack_on(path, top, lambda: self._in_lowers(parent, name))
+
+    def _in_lowers(self, parent: Entry, name: bytes) -> Entry | None:
+        if not parent.dirs or parent.dirs[-1] < self._first_lower:
             return None
-        return self._dir_entry(path, found)
+        return self.lowers.lookup(parent, name)
 
-    def _lookup_prescanned(self, parent: Entry, name: bytes, skip_upper: bool) -> Entry | None:
-        """:meth:`lookup` with the lower layers answered by the prescanned table: the same rules, applied to
-        the upper layer here and to the lower ones at mount."""
-        assert self.table is not None
-        path = join(parent.path, name)
-        dirs = parent.dirs
-        upper_st: os.stat_result | None = None
-        if self.writable and dirs and dirs[0] == 0:
-            has_lower = len(dirs) > 1
-            if not skip_upper:
-                upper = self.layers[0]
-                try:
-                    st = upper.lstat(path)
-                except OSError as exc:
-                    if exc.errno not in _MISSING:
-                        raise
-                else:
-                    if whiteout.is_whiteout_stat(st) or (
-                        0 in parent.xw and whiteout.is_xattr_whiteout(upper.xpath(path), st, self.read_formats)
-                    ):
-                        return None
-                    if not stat.S_ISDIR(st.st_mode):
-                        return Entry(path, 0, st)
-                    upper_st = st
-        else:
-            has_lower = bool(dirs)
-        lower = self.table.entry(self, path) if has_lower else None
-        if upper_st is None:
-            return lower
-        return self._over_lower(path, upper_st, lower)
-
-    def _over_lower(self, path: bytes, upper_st: os.stat_result, lower: Entry | None) -> Entry:
-        """The Entry of upper directory ``path`` above what the lower layers show there (prescanned)."""
-        marks = whiteout.read_dir_marks(self.layers[0].xpath(path), self.read_formats)
-        xw = frozenset({0}) if marks.xwhiteouts else frozenset()
-        if marks.opaque or lower is None or not lower.is_dir:
-            return Entry(path, 0, upper_st, (0,), xw, marks.opaque)
-        return Entry(path, 0, upper_st, (0, *lower.dirs), xw | lower.xw, False)
+    def below_upper(self, parent: Entry, name: bytes) -> Entry | None:
+        """What the lower layers show at ``name`` in ``parent`` beneath the upper layer, whatever that holds
+        there (None without an upper layer): removing the upper object must leave a whiteout when this is not
+        None."""
+        return self._in_lowers(parent, name) if self.writable else None
 
     def lookup_listed(self, parent: Entry, name: bytes, listed: tuple[int, int] | None) -> Entry | None:
         """Resolve ``name`` knowing what a current merged listing of ``parent`` says of it: absent names are
         missing, and a non-directory needs a single stat in the layer the listing found it in."""
         if listed is None:
             return None
-        layer, fmt = listed
-        if fmt == stat.S_IFDIR:
+        layer, ftype = listed
+        if ftype == stat.S_IFDIR:
             return self.lookup(parent, name)
         path = join(parent.path, name)
         try:
@@ -280,7 +332,7 @@ class Stack:
             if exc.errno in _MISSING:
                 return None
             raise
-        if stat.S_IFMT(st.st_mode) != fmt and fmt:
+        if stat.S_IFMT(st.st_mode) != ftype and ftype:
             return self.lookup(parent, name)
         return Entry(path, layer, st)
 
@@ -298,61 +350,11 @@ class Stack:
             entry = nxt
         return entry
 
-    def lower_positive(self, parent: Entry, name: bytes) -> bool:
-        """Whether something visible lies below the upper layer at ``name``: removing the upper object
-        must then leave a whiteout."""
-        if self.upper is None:
-            return False
-        return self.lookup(parent, name, skip_upper=True) is not None
-
     # -- listing ------------------------------------------------------------------------------------------
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
-        """Merged listing of a directory: name -> (layer index, d_type as stat S_IFMT bits or 0).
-
-        Names are deduplicated top-down; whiteouts hide names below them; the order is upper first, then
-        each lower in turn, each in the order its directory returned them.
-        """
-        out: dict[bytes, tuple[int, int]] = {}
-        hidden: set[bytes] = set()
-        for i in entry.dirs:
-            layer = self.layers[i]
-            check_x = i in entry.xw
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
-            except OSError as exc:
-                if exc.errno in _MISSING:
-                    continue
-                raise
-            try:
-                with os.scandir(fd) as it:
-                    for de in it:
-                        name = os.fsencode(de.name)
-                        if name in out or name in hidden:
-                            continue
-                        if de.is_dir(follow_symlinks=False):
-                            out[name] = (i, stat.S_IFDIR)
-                            continue
-                        if de.is_symlink():
-                            out[name] = (i, stat.S_IFLNK)
-                            continue
-                        is_reg = de.is_file(follow_symlinks=False)
-                        if is_reg and not check_x:
-                            out[name] = (i, stat.S_IFREG)
-                            continue
-                        st = de.stat(follow_symlinks=False)
-                        if whiteout.is_whiteout_stat(st) or (
-                            check_x
-                            and whiteout.is_xattr_whiteout(
-                                layer.xpath(join(entry.path, name)), st, self.read_formats
-                            )
-                        ):
-                            hidden.add(name)
-                            continue
-                        out[name] = (i, stat.S_IFMT(st.st_mode))
-            finally:
-                os.close(fd)
-        return out
+        """Merged listing of a directory (see :func:`merged_listing`)."""
+        return merged_listing(self.layers, self.read_formats, entry)
 
 
 def check_name(name: bytes) -> None:

@@ -3,10 +3,11 @@ as through one.
 
 Without it a lookup probes every lower layer that holds the parent directory (one ``lstat``, and for a
 directory one xattr read, per layer), as the kernel does: its cost grows with the number of layers.  With it
-the merged view of the lower layers is walked once at mount, through the same resolution code
-(:meth:`Stack.lookup`, :meth:`Stack.listdir`), and kept as a table: merged path -> where the object lives
-(the layer of a non-directory, or a directory's contributing layers and markers).  A lookup then consults the
-upper layer (one ``lstat``), the table, and stats the one lower object it names.
+the merged view of the lower layers is walked once at mount, through the probing source itself
+(:class:`~unionfs.layers.Probing` and :func:`~unionfs.layers.merged_listing`), and kept as a table: merged
+path -> where the object lives (the layer of a non-directory, or a directory's contributing layers and
+markers).  A lookup then consults the upper layer (one ``lstat``), the table, and stats the one lower object
+it names.
 
 Lower layers must not change while mounted (overlayfs requires the same); with this option a name added to a
 lower layer after the mount stays unseen until the next mount.  Memory: about 100 bytes per lower path.
@@ -14,88 +15,107 @@ lower layer after the mount stays unseen until the next mount.  Memory: about 10
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from collections.abc import Callable
 
-from .layers import ROOT, Entry, Stack, join
+from .layers import ROOT, Entry, Probing, join, merged_listing
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class DirInfo:
     """A merged lower directory: its contributing layers (top first), those with xattr whiteouts, and
     whether the top one is opaque."""
 
-    __slots__ = ("dirs", "xw", "opaque")
-
-    def __init__(self, dirs: tuple[int, ...], xw: frozenset[int], opaque: bool) -> None:
-        self.dirs = dirs
-        self.xw = xw
-        self.opaque = opaque
+    dirs: tuple[int, ...]
+    xattr_whiteouts: frozenset[int]
+    opaque: bool
 
 
-_NO_XW: frozenset[int] = frozenset()
+_NONE: frozenset[int] = frozenset()
+
+#: how many lower paths between two progress reports
+PROGRESS_EVERY = 10000
 
 
-class LowerTable:
-    """Merged path -> layer index (a non-directory) or DirInfo (a directory), for the lower layers only."""
+class Prescanned:
+    """A :class:`~unionfs.layers.LowerSource` answering from a table made at construction: merged path ->
+    layer index (a non-directory) or :class:`DirInfo` (a directory), for the lower layers only."""
 
-    def __init__(self, stack: Stack, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, probing: Probing, progress: Callable[[int], None] | None = None) -> None:
+        self.probing = probing
         self.paths: dict[bytes, int | DirInfo] = {}
         #: directories this process may not read or search (EACCES/EPERM): lookups in them probe the layers
         #: at lookup time, and fail there as they would without the table
         self.closed: set[bytes] = set()
-        root = stack.lower_root()
+        root = probing.root()
         if root is None:
             return
-        self.paths[ROOT] = DirInfo(root.dirs, root.xw or _NO_XW, root.opaque)
+        self.paths[ROOT] = DirInfo(root.dirs, root.xattr_whiteouts or _NONE, root.opaque)
         todo = [root]
-        report = 10000
+        report = PROGRESS_EVERY
         while todo:
             parent = todo.pop()
             try:
-                self._scan(stack, parent, todo)
+                self._scan(parent, todo)
             except PermissionError:
                 self.closed.add(parent.path)
             if progress is not None and len(self.paths) >= report:
                 progress(len(self.paths))
-                report = len(self.paths) + 10000
+                report = len(self.paths) + PROGRESS_EVERY
 
-    def _scan(self, stack: Stack, parent: Entry, todo: list[Entry]) -> None:
-        for name, (layer, fmt) in stack.listdir(parent).items():
+    def _scan(self, parent: Entry, todo: list[Entry]) -> None:
+        probing = self.probing
+        for name, (layer, ftype) in merged_listing(probing.layers, probing.formats, parent).items():
             path = join(parent.path, name)
-            if fmt != stat.S_IFDIR:
+            if ftype != stat.S_IFDIR:
                 self.paths[path] = layer
                 continue
-            child = stack.lookup(parent, name)
+            child = probing.lookup(parent, name)
             if child is None:
                 continue
             if not child.is_dir:
                 self.paths[path] = child.layer
                 continue
-            self.paths[path] = DirInfo(child.dirs, child.xw or _NO_XW, child.opaque)
+            self.paths[path] = DirInfo(child.dirs, child.xattr_whiteouts or _NONE, child.opaque)
             todo.append(child)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
     def covers(self, path: bytes) -> bool:
         """Whether lookups in directory ``path`` can be answered from the table (it was scanned whole)."""
         return isinstance(self.paths.get(path), DirInfo) and path not in self.closed
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def root(self) -> Entry | None:
+        return self.entry(ROOT) if ROOT in self.paths else self.probing.root()
 
-    def entry(self, stack: Stack, path: bytes) -> Entry | None:
+    def lookup(self, parent: Entry, name: bytes) -> Entry | None:
+        if not self.covers(parent.path):
+            return self.probing.lookup(parent, name)
+        return self.entry(join(parent.path, name))
+
+    def entry(self, path: bytes) -> Entry | None:
         """The lower object at ``path`` (None: no lower layer shows anything there)."""
         found = self.paths.get(path)
         if found is None:
             return None
         top = found if isinstance(found, int) else found.dirs[0]
         try:
-            st = stack.layers[top].lstat(path)
+            st = self.probing.layers[top].lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         if isinstance(found, int):
             return Entry(path, top, st)
         if not stat.S_ISDIR(st.st_mode):  # the layer changed under the mount
             return None
-        return Entry(path, top, st, found.dirs, found.xw, found.opaque)
+        return Entry(path, top, st, found.dirs, found.xattr_whiteouts, found.opaque)
 
 
-__all__ = ["DirInfo", "LowerTable"]
+def scanner(progress: Callable[[int], None] | None = None) -> Callable[[Probing], Prescanned]:
+    """What :class:`~unionfs.layers.Stack` takes as ``lowers=`` to answer lookups from a table, reporting the
+    number of lower paths scanned so far every :data:`PROGRESS_EVERY` paths."""
+    return lambda probing: Prescanned(probing, progress)
+
+
+__all__ = ["DirInfo", "Prescanned", "scanner"]

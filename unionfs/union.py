@@ -1,22 +1,25 @@
 """Path-level overlay operations with the kernel's semantics; every failure is an OSError with a real errno.
 
-Callers hand in :class:`~unionfs.layers.Entry` objects they resolved earlier; each operation re-checks what
-it depends on and returns the Entries it changed.
+Callers hand in :class:`~unionfs.layers.Entry` values they resolved earlier; each operation re-checks what
+it depends on and returns the Entries it made.  Operations given a :class:`~unionfs.userns.Caller` also check
+what the kernel cannot check for us: access to objects whose owner this user namespace does not map.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
 import stat
 from collections.abc import Callable
 
-from . import _sys, whiteout, xattrs
-from .copyup import CopyUp, Workdir, move_to_work, replace_with_whiteout
+from . import _sys, userns, whiteout, xattrs
+from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .fsutil import fsync_dir
 from .layers import ROOT, Entry, Stack, check_name, join
 from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
-from .userns import Unmapped, UserNamespace
+from .userns import R_OK, W_OK, X_OK, Caller, Unmapped, UserNamespace
 from .whiteout import XattrFormat
 
 DEFAULT_ACL = b"system.posix_acl_default"
@@ -31,11 +34,90 @@ def _erofs() -> OSError:
     return OSError(errno.EROFS, "read-only file system")
 
 
-class Union:
-    """A mounted stack: resolution plus every operation that changes the merged view."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttrChanges:
+    """What a setattr changes; None leaves an attribute as it is."""
 
-    def __init__(self, stack: Stack, work: Workdir | None, on_copied: Callable[[Entry, Entry], None] | None = None,
-                 ownership: Ownership | None = None):
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def owner(self) -> bool:
+        return self.uid is not None or self.gid is not None
+
+    @property
+    def times(self) -> bool:
+        return self.atime_ns is not None or self.mtime_ns is not None
+
+
+#: what a reply shows of an object besides its stat: (uid, gid, st_mode, st_nlink)
+Shown = tuple[int, int, int, int]
+
+
+class DirListing:
+    """What one open directory serves: the merged listing taken at its first read (as the kernel takes it),
+    and the entry of each listed name, resolved when first asked for and kept until it has been sent."""
+
+    __slots__ = ("_stack", "names", "_children", "_inos")
+
+    def __init__(self, stack: Stack, names: dict[bytes, tuple[int, int]]) -> None:
+        self._stack = stack
+        #: (name, (layer, file type)) in listing order
+        self.names = list(names.items())
+        self._children: dict[int, tuple[Entry, bool] | None] = {}
+        #: per layer, the inode numbers its directory lists (for names the server may not stat)
+        self._inos: dict[int, dict[bytes, int]] = {}
+
+    def child(self, directory: Entry, index: int) -> tuple[Entry, bool] | None:
+        """(entry, reachable) of the index-th name in ``directory`` (its current entry), or None when the name
+        vanished. An unreachable entry is a name in a directory the server may read but not search: the kernel
+        lists it all the same, with only what the directory itself says (inode number and type)."""
+        if index in self._children:
+            return self._children[index]
+        name, listed = self.names[index]
+        child: tuple[Entry, bool] | None = None
+        try:
+            entry = self._stack.lookup_listed(directory, name, listed)
+            child = (entry, True) if entry is not None else None
+        except PermissionError:
+            entry = self._unreachable(directory, name, listed)
+            child = (entry, False) if entry is not None else None
+        except OSError:
+            child = None
+        self._children[index] = child
+        return child
+
+    def sent(self, index: int) -> None:
+        """The index-th name has been sent: its entry need not be kept."""
+        self._children.pop(index, None)
+
+    def _unreachable(self, directory: Entry, name: bytes, listed: tuple[int, int]) -> Entry | None:
+        layer = self._stack.layers[listed[0]]
+        inos = self._inos.get(listed[0])
+        if inos is None:
+            inos = self._inos[listed[0]] = {}
+            with contextlib.suppress(OSError), os.scandir(layer.full_path(directory.path)) as it:
+                for de in it:
+                    inos[os.fsencode(de.name)] = de.inode()
+        ino = inos.get(name)
+        if ino is None:
+            return None
+        st = os.stat_result((listed[1], ino, layer.dev, 1, 0, 0, 0, 0, 0, 0))
+        return Entry(join(directory.path, name), listed[0], st)
+
+
+class Union:
+    """A mounted stack: resolution plus every operation that changes the merged view.
+
+    Copy-ups are reported as :class:`~unionfs.copyup.CopiedUp` values, collected until :meth:`take_copied`.
+    """
+
+    def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None, *,
+                 fsync: bool = True, user_namespace: UserNamespace | None = None) -> None:
         self.stack = stack
         self.work = work
         self.ownership = ownership or Ownership()
@@ -43,28 +125,103 @@ class Union:
         self.hidden_xattrs: frozenset[bytes] = (
             frozenset({OVERRIDE_XATTR}) if self.ownership.xattr_permissions else frozenset()
         )
-        self.copier: CopyUp | None = None
-        if stack.writable:
-            assert work is not None
-            self.copier = CopyUp(stack, work, on_copied)
-            self.copier.owner_xattr = self.ownership.xattr_permissions
         self.euid = os.geteuid()
         self.egid = os.getegid()
         #: owners this user namespace does not map (see unionfs.userns); the ownership options, when given,
         #: decide owners themselves
-        self.userns = UserNamespace.current()
-        if self.copier is not None and self.ownership.identity and not self.userns.initial:
-            self.copier.unmapped = self.unmapped
+        self.userns = user_namespace or UserNamespace.current()
+        self._plain_owners = self.ownership.identity
+        self._copied: list[CopiedUp] = []
+        self.copier: CopyUp | None = None
+        if stack.writable:
+            assert work is not None
+            checks_owner = self.ownership.identity and not self.userns.initial
+            self.copier = CopyUp(stack, work, self._copied.append, fsync=fsync,
+                                 owner_xattr=self.ownership.xattr_permissions,
+                                 unmapped=self.unmapped if checks_owner else None)
+
+    def take_copied(self) -> list[CopiedUp]:
+        """The copy-ups made since the last call, oldest first."""
+        copied = list(self._copied)
+        self._copied.clear()  # in place: the copier appends to this very list
+        return copied
+
+    def layer_devices(self) -> list[int]:
+        """The device of each layer, top first."""
+        return [layer.dev for layer in self.stack.layers]
+
+    def may_copy_up(self, entry: Entry) -> bool:
+        """Whether changing ``entry`` may copy it (and its ancestors) up first: such a change leaves the event
+        loop, as copy-ups are long. An object of the upper layer changes with single system calls."""
+        return not (self.stack.writable and entry.layer == 0)
+
+    @staticmethod
+    def opens_for_writing(flags: int) -> bool:
+        """Whether an open with ``flags`` needs the file in the upper layer."""
+        return bool(flags & WRITE_FLAGS)
+
+    # -- access to objects whose owner this user namespace does not map ---------------------------------------
+    # The kernel checked every request against the ids we report, with the caller's capabilities; those do not
+    # apply to such objects, so their mode bits are checked again here, as kernel overlayfs checks them.
+
+    def _may(self, caller: Caller | None, entry: Entry, mask: int = 0, owner: bool = False) -> None:
+        if caller is None:
+            return
+        ids = self.unmapped(entry)
+        if ids is None:
+            return
+        if owner:
+            userns.require_owner(caller, entry.st, ids)
+        if mask:
+            userns.require(caller, entry.st, ids, mask)
+
+    def _may_remove(self, caller: Caller | None, parent: Entry, name: bytes) -> None:
+        """Removing or replacing ``name`` in ``parent``: write access to it, and the sticky bit's rule."""
+        if caller is None:
+            return
+        self._may(caller, parent, W_OK | X_OK)
+        if self.userns.initial or not parent.st.st_mode & stat.S_ISVTX:
+            return
+        victim = self.lookup(parent, name)
+        ids = self.unmapped(victim) if victim is not None else None
+        if victim is not None and ids is not None:
+            userns.require_sticky(caller, parent.st, self.unmapped(parent), victim.st, ids)
+
+    def _may_set_xattr(self, caller: Caller | None, entry: Entry, name: bytes) -> None:
+        if name.startswith(b"user."):
+            self._may(caller, entry, W_OK)
+        elif name.startswith(b"system.posix_acl_"):
+            self._may(caller, entry, owner=True)
+
+    def _may_setattr(self, caller: Caller | None, entry: Entry, changes: AttrChanges, through_writer: bool) -> None:
+        if caller is None:
+            return
+        if changes.owner or changes.mode is not None:
+            self._may(caller, entry, owner=True)
+        if changes.size is not None and not through_writer:
+            self._may(caller, entry, W_OK)
+        if changes.times and (ids := self.unmapped(entry)) is not None:
+            userns.require_times(caller, entry.st, ids, (changes.atime_ns, changes.mtime_ns))
 
     # -- reading ------------------------------------------------------------------------------------------
 
     def root(self) -> Entry:
         return self.stack.root()
 
-    def lookup(self, parent: Entry, name: bytes) -> Entry | None:
+    def lookup(self, parent: Entry, name: bytes, caller: Caller | None = None,
+               listing: dict[bytes, tuple[int, int]] | None = None) -> Entry | None:
+        """Resolve ``name`` in ``parent`` (``.`` is ``parent`` itself); with ``listing``, a current merged
+        listing of ``parent``, names it lacks are missing without asking any layer."""
+        self._may(caller, parent, X_OK)
+        if name == b".":
+            return parent
+        if name == b"..":
+            raise OSError(errno.ENOENT, "No such file or directory")
         check_name(name)
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "Not a directory")
+        if listing is not None:
+            return self.stack.lookup_listed(parent, name, listing.get(name))
         return self.stack.lookup(parent, name)
 
     def unmapped(self, entry: Entry) -> Unmapped | None:
@@ -77,12 +234,39 @@ class Union:
     def lstat(self, entry: Entry) -> os.stat_result:
         return self.stack.layers[entry.layer].lstat(entry.path)
 
-    def shown(self, entry: Entry, st: os.stat_result) -> tuple[int, int, int]:
-        """(uid, gid, st_mode) as the merged view shows ``st``, the stat of ``entry``'s object."""
+    def restat(self, entry: Entry) -> Entry:
+        """``entry`` with a fresh stat of its object."""
+        return entry.with_stat(self.lstat(entry))
+
+    def shown(self, entry: Entry, st: os.stat_result) -> Shown:
+        """(uid, gid, st_mode, st_nlink) as the merged view shows ``st``, the stat of ``entry``'s object: owners
+        through the ownership options, and one link for a merged directory (its real count is unknown, as on
+        the kernel)."""
+        nlink = 1 if entry.merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
+        if self._plain_owners:
+            return st.st_uid, st.st_gid, st.st_mode, nlink
+        return (*self._owner_and_mode(self._object_path(entry), st), nlink)
+
+    def shown_open(self, fd: int | None, st: os.stat_result) -> Shown:
+        """:meth:`shown` for an object reached only through an open descriptor ``fd`` (all its names removed);
+        without one, only the id mapping applies."""
+        if self._plain_owners:
+            return st.st_uid, st.st_gid, st.st_mode, st.st_nlink
+        if fd is None:
+            return (*self.ownership.show(st.st_uid, st.st_gid), st.st_mode, st.st_nlink)
+        return (*self._owner_and_mode(fd, st), st.st_nlink)
+
+    @staticmethod
+    def last_name(removed: Entry) -> bool:
+        """Whether the removal of ``removed``'s name ends the node behind it: a directory, a file with one
+        link, or a lower object (whose other names, if any, are then looked up afresh)."""
+        return removed.is_dir or removed.st.st_nlink <= 1 or removed.layer != 0
+
+    def _owner_and_mode(self, target: bytes | int, st: os.stat_result) -> tuple[int, int, int]:
         mode = st.st_mode
         uid, gid = st.st_uid, st.st_gid
         if self.ownership.xattr_permissions and not stat.S_ISLNK(mode):
-            value = xattrs.get(self.stack.layers[entry.layer].xpath(entry.path), OVERRIDE_XATTR)
+            value = xattrs.get(target, OVERRIDE_XATTR)
             stored = decode_override(value) if value is not None else None
             if stored is not None:
                 uid, gid = stored[0], stored[1]
@@ -96,6 +280,14 @@ class Union:
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
         return self.stack.listdir(entry)
 
+    def opendir(self, entry: Entry, caller: Caller | None = None) -> None:
+        """The checks of opening directory ``entry`` to list it."""
+        self._may(caller, entry, R_OK)
+
+    def listing(self, names: dict[bytes, tuple[int, int]]) -> DirListing:
+        """What an open directory serves of the merged listing ``names`` (see :class:`DirListing`)."""
+        return DirListing(self.stack, names)
+
     def fsync_dir(self, entry: Entry) -> None:
         """Make a directory's entries durable (its upper copy; lower layers never change)."""
         if entry.layer != 0 or not self.stack.writable:
@@ -103,7 +295,7 @@ class Union:
         fsync_dir(entry.path, self.stack.layers[0].fd)
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.stack.layers[0].xpath(ROOT))
+        return os.statvfs(self.stack.layers[0].full_path(ROOT))
 
     # -- helpers ------------------------------------------------------------------------------------------
 
@@ -200,12 +392,19 @@ class Union:
     def creation_mode(self, parent: Entry, mode: int, umask: int) -> int:
         """The mode a new object gets: the caller's umask applies unless ``parent`` has a default ACL, which
         the file system then applies itself (the kernel leaves both to us once ACLs are enabled)."""
-        if umask and xattrs.get(self._xpath(parent), DEFAULT_ACL) is None:
+        if umask and xattrs.get(self._object_path(parent), DEFAULT_ACL) is None:
             return mode & ~umask
         return mode
 
-    def create(self, parent: Entry, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Entry]:
+    def _creating(self, caller: Caller | None, parent: Entry, mode: int) -> int:
+        """The checks before ``caller`` creates an object in ``parent``; returns the mode it gets."""
+        self._may(caller, parent, W_OK | X_OK)
+        return mode if caller is None else self.creation_mode(parent, mode, caller.umask)
+
+    def create(self, parent: Entry, name: bytes, mode: int, flags: int, uid: int, gid: int,
+               caller: Caller | None = None) -> tuple[int, Entry]:
         """Create and open a regular file; returns (fd, entry)."""
+        mode = self._creating(caller, parent, mode)
         parent, over = self._prepare_new(parent, name)
         owner = self._owner(parent, uid, gid)
         path = join(parent.path, name)
@@ -221,7 +420,9 @@ class Union:
         entry = self._place(build, parent, name, over, False, owner, perm)
         return self.open(entry, flags & ~os.O_TRUNC), entry
 
-    def mkdir(self, parent: Entry, name: bytes, mode: int, uid: int, gid: int) -> Entry:
+    def mkdir(self, parent: Entry, name: bytes, mode: int, uid: int, gid: int,
+              caller: Caller | None = None) -> Entry:
+        mode = self._creating(caller, parent, mode)
         parent, over = self._prepare_new(parent, name)
         perm = stat.S_IMODE(mode)
 
@@ -230,7 +431,9 @@ class Union:
 
         return self._place(build, parent, name, over, True, self._owner(parent, uid, gid), perm)
 
-    def mknod(self, parent: Entry, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Entry:
+    def mknod(self, parent: Entry, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+              caller: Caller | None = None) -> Entry:
+        mode = self._creating(caller, parent, mode)
         if stat.S_ISCHR(mode) and rdev == 0:
             raise OSError(errno.EPERM, "a whiteout device cannot be created in the merged view")
         parent, over = self._prepare_new(parent, name)
@@ -241,7 +444,9 @@ class Union:
         return self._place(build, parent, name, over, False, self._owner(parent, uid, gid),
                            stat.S_IMODE(mode))
 
-    def symlink(self, parent: Entry, name: bytes, target: bytes, uid: int, gid: int) -> Entry:
+    def symlink(self, parent: Entry, name: bytes, target: bytes, uid: int, gid: int,
+                caller: Caller | None = None) -> Entry:
+        self._may(caller, parent, W_OK | X_OK)
         parent, over = self._prepare_new(parent, name)
 
         def build(p: bytes, dfd: int) -> None:
@@ -249,7 +454,10 @@ class Union:
 
         return self._place(build, parent, name, over, False, self._owner(parent, uid, gid), None)
 
-    def link(self, entry: Entry, new_parent: Entry, new_name: bytes) -> Entry:
+    def link(self, entry: Entry, new_parent: Entry, new_name: bytes, caller: Caller | None = None) -> Entry:
+        if caller is not None and (ids := self.unmapped(entry)) is not None:
+            userns.require_link_source(caller, entry.st, ids)
+        self._may(caller, new_parent, W_OK | X_OK)
         if entry.is_dir:
             raise OSError(errno.EPERM, "hard links to directories are not allowed")
         new_parent, over = self._prepare_new(new_parent, new_name)
@@ -270,9 +478,11 @@ class Union:
 
     # -- opening ------------------------------------------------------------------------------------------
 
-    def open(self, entry: Entry, flags: int) -> int:
+    def open(self, entry: Entry, flags: int, caller: Caller | None = None) -> int:
         """Open the real file behind ``entry``; writers get the upper copy (copied up first)."""
-        if flags & WRITE_FLAGS:
+        writing = self.opens_for_writing(flags)
+        self._may(caller, entry, (R_OK if flags & os.O_ACCMODE != os.O_WRONLY else 0) | (W_OK if writing else 0))
+        if writing:
             if self.copier is None:
                 raise _erofs()
             entry = self.copy_up(entry, data=not flags & os.O_TRUNC)
@@ -293,15 +503,17 @@ class Union:
             raise OSError(errno.ENOENT, "No such file or directory")
         return entry
 
-    def unlink(self, parent: Entry, name: bytes) -> Entry:
+    def unlink(self, parent: Entry, name: bytes, caller: Caller | None = None) -> Entry:
         """Remove a non-directory; returns the Entry that was removed."""
+        self._may_remove(caller, parent, name)
         entry = self._existing(parent, name)
         if entry.is_dir:
             raise OSError(errno.EISDIR, "Is a directory")
         self._remove(parent, name, entry)
         return entry
 
-    def rmdir(self, parent: Entry, name: bytes) -> Entry:
+    def rmdir(self, parent: Entry, name: bytes, caller: Caller | None = None) -> Entry:
+        self._may_remove(caller, parent, name)
         entry = self._existing(parent, name)
         if not entry.is_dir:
             raise OSError(errno.ENOTDIR, "Not a directory")
@@ -316,7 +528,7 @@ class Union:
         parent = self._copier().ensure_dir(parent)
         upper = self.stack.layers[0]
         path = entry.path
-        needs_whiteout = self.stack.lower_positive(parent, name)
+        needs_whiteout = self.stack.below_upper(parent, name) is not None
         if entry.layer != 0:
             whiteout.make_whiteout(path, upper.fd)
             return
@@ -338,12 +550,19 @@ class Union:
     # -- renaming -----------------------------------------------------------------------------------------
 
     def rename(self, old_parent: Entry, old_name: bytes, new_parent: Entry, new_name: bytes,
-               flags: int = 0) -> tuple[Entry, Entry | None]:
+               flags: int = 0, caller: Caller | None = None) -> tuple[Entry, Entry | None]:
         """Rename with the kernel's checks and errnos; returns (moved entry at its new path, the entry it
-        replaced or None)."""
+        replaced or None). Renaming a name onto another name of the same upper file does nothing, as
+        rename(2) does nothing: the moved entry is then still at its old path."""
+        self._may_remove(caller, old_parent, old_name)
+        self._may_remove(caller, new_parent, new_name)
         check_name(new_name)
         old = self._existing(old_parent, old_name)
+        if old.is_dir and old_parent.path != new_parent.path:
+            self._may(caller, old, W_OK)  # its ".." changes
         new = self.lookup(new_parent, new_name)
+        if new is not None and old.layer == new.layer == 0 and self.stack.writable and _same_object(old, new):
+            return old, None
         exchange = bool(flags & _sys.RENAME_EXCHANGE)
         if flags & ~(_sys.RENAME_EXCHANGE | _sys.RENAME_NOREPLACE):
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -378,20 +597,20 @@ class Union:
         new_parent = copier.ensure_dir(new_parent)
         upper = self.stack.layers[0]
         work = self._work()
-        old_whiteout = self.stack.lower_positive(old_parent, old_name)
+        old_whiteout = self.stack.below_upper(old_parent, old_name) is not None
 
         if exchange:
             assert new is not None
             new = copier.copy_up(new)
             if old.is_dir and not old.opaque and new_parent.merged:
-                whiteout.set_opaque(upper.xpath(old.path), self.stack.fmt)
+                whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
             if new.is_dir and not new.opaque and old_parent.merged:
-                whiteout.set_opaque(upper.xpath(new.path), self.stack.fmt)
+                whiteout.set_opaque(upper.full_path(new.path), self.stack.fmt)
             _sys.renameat2(old.path, new_path, _sys.RENAME_EXCHANGE, upper.fd, upper.fd)
             return self._upper_entry(new_path), self._upper_entry(old.path)
 
         if old.is_dir and not old.opaque and new_parent.merged:
-            whiteout.set_opaque(upper.xpath(old.path), self.stack.fmt)
+            whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
         discard: bytes | None = None
         try:
             st = upper.lstat(new_path)
@@ -426,6 +645,34 @@ class Union:
 
     # -- attributes ---------------------------------------------------------------------------------------
 
+    def setattr(self, entry: Entry, changes: AttrChanges, caller: Caller | None = None,
+                writer: int | None = None) -> Entry:
+        """setattr of the merged view, copying up first; ``writer``: a descriptor open for writing through
+        which the request came (a size change goes through it). Returns the entry as it is now."""
+        self._may_setattr(caller, entry, changes, writer is not None)
+        if changes.size is not None:
+            entry = self.truncate(entry, changes.size, writer)
+        if changes.owner:
+            entry = self.chown(entry, _or_keep(changes.uid), _or_keep(changes.gid))
+        if changes.mode is not None:
+            entry = self.chmod(entry, changes.mode)
+        if changes.times:
+            entry = self.utimens(entry, changes.atime_ns, changes.mtime_ns)
+        return entry
+
+    def setattr_open(self, fd: int, changes: AttrChanges) -> os.stat_result:
+        """setattr of an object reached only through an upper-layer descriptor (all its names removed), with
+        the same ownership rules as :meth:`setattr`; returns its stat afterwards."""
+        if changes.size is not None:
+            os.ftruncate(fd, changes.size)
+        if changes.owner:
+            self._set_owner(fd, os.fstat(fd), _or_keep(changes.uid), _or_keep(changes.gid))
+        if changes.mode is not None:
+            self._set_mode(fd, os.fstat(fd), changes.mode)
+        if changes.times:
+            self._set_times(fd, changes.atime_ns, changes.mtime_ns)
+        return os.fstat(fd)
+
     def truncate(self, entry: Entry, size: int, fd: int | None = None) -> Entry:
         if fd is not None:
             os.ftruncate(fd, size)
@@ -441,90 +688,118 @@ class Union:
     def chown(self, entry: Entry, uid: int, gid: int) -> Entry:
         """chown of the merged view (ids as it shows them; -1 leaves one unchanged)."""
         entry = self.copy_up(entry)
-        if self.ownership.xattr_permissions and not stat.S_ISLNK(entry.st.st_mode):
-            cur_uid, cur_gid, mode = self.shown(entry, self.lstat(entry))
-            self._store_override(entry, cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode)
-            return entry
-        uid, gid = self.ownership.to_disk(uid, gid)
-        os.chown(entry.path, uid, gid, dir_fd=self._upper_fd(), follow_symlinks=False)
+        self._set_owner(self._object_path(entry), self.lstat(entry), uid, gid)
         return entry
 
     def chmod(self, entry: Entry, mode: int) -> Entry:
         if stat.S_ISLNK(entry.st.st_mode):
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         entry = self.copy_up(entry)
-        if self.ownership.xattr_permissions:
-            uid, gid, _mode = self.shown(entry, self.lstat(entry))
-            self._store_override(entry, uid, gid, mode)
-            return entry
-        os.chmod(entry.path, stat.S_IMODE(mode), dir_fd=self._upper_fd())
+        self._set_mode(self._object_path(entry), self.lstat(entry), mode)
         return entry
-
-    def _store_override(self, entry: Entry, uid: int, gid: int, mode: int) -> None:
-        xattrs.write(self._xpath(entry), OVERRIDE_XATTR, encode_override(uid, gid, mode))
 
     def utimens(self, entry: Entry, atime_ns: int | None, mtime_ns: int | None) -> Entry:
         entry = self.copy_up(entry)
-        upper_fd = self._upper_fd()
+        self._set_times(self._object_path(entry), atime_ns, mtime_ns)
+        return entry
+
+    # The real object of an upper entry, or an open descriptor of one: ``target`` is either its full path
+    # (never followed through a final symlink) or the descriptor.
+
+    def _set_owner(self, target: bytes | int, st: os.stat_result, uid: int, gid: int) -> None:
+        """Give the object the owner a chown of the merged view asks for: stored in the override xattr
+        (xattr_permissions), else mapped to the ids on disk."""
+        if self.ownership.xattr_permissions and not stat.S_ISLNK(st.st_mode):
+            cur_uid, cur_gid, mode = self._owner_and_mode(target, st)
+            self._store_override(target, cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode)
+            return
+        uid, gid = self.ownership.to_disk(uid, gid)
+        if isinstance(target, int):
+            os.chown(target, uid, gid)
+        else:
+            os.chown(target, uid, gid, follow_symlinks=False)
+
+    def _set_mode(self, target: bytes | int, st: os.stat_result, mode: int) -> None:
+        if self.ownership.xattr_permissions:
+            uid, gid, _mode = self._owner_and_mode(target, st)
+            self._store_override(target, uid, gid, mode)
+            return
+        os.chmod(target, stat.S_IMODE(mode))
+
+    @staticmethod
+    def _set_times(target: bytes | int, atime_ns: int | None, mtime_ns: int | None) -> None:
+        follow = isinstance(target, int)
         if atime_ns is None or mtime_ns is None:
-            st = os.stat(entry.path, dir_fd=upper_fd, follow_symlinks=False)
+            st = os.stat(target, follow_symlinks=follow)
             atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
             mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-        os.utime(entry.path, ns=(atime_ns, mtime_ns), dir_fd=upper_fd, follow_symlinks=False)
-        return entry
+        os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
+
+    @staticmethod
+    def _store_override(target: bytes | int, uid: int, gid: int, mode: int) -> None:
+        xattrs.write(target, OVERRIDE_XATTR, encode_override(uid, gid, mode))
 
     # -- xattrs -------------------------------------------------------------------------------------------
 
-    def _xpath(self, entry: Entry) -> bytes:
-        return self.stack.layers[entry.layer].xpath(entry.path)
+    def _object_path(self, entry: Entry) -> bytes:
+        """The full path of ``entry``'s real object, for calls that take no directory descriptor."""
+        return self.stack.layers[entry.layer].full_path(entry.path)
 
     def _disk_name(self, name: bytes) -> bytes:
+        """The on-disk name of a merged-view xattr; names the merged view may not change are refused."""
         if name in self.hidden_xattrs:
             raise OSError(errno.EPERM, "this xattr holds the stored owner and mode")
         return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
 
-    def getxattr(self, entry: Entry, name: bytes) -> bytes:
-        return self._getxattr(self._xpath(entry), name)
-
-    def getxattr_fd(self, fd: int, name: bytes) -> bytes:
-        """getxattr through an open upper-layer descriptor (an unlinked file)."""
-        return self._getxattr(fd, name)
-
-    def _getxattr(self, target: bytes | int, name: bytes) -> bytes:
+    def getxattr(self, entry: Entry | int, name: bytes) -> bytes:
+        """An xattr of ``entry`` (or of the upper object open as a descriptor, all its names removed)."""
+        target = entry if isinstance(entry, int) else self._object_path(entry)
         return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
 
-    def listxattr(self, entry: Entry) -> list[bytes]:
-        return self._listxattr(self._xpath(entry))
-
-    def listxattr_fd(self, fd: int) -> list[bytes]:
-        return self._listxattr(fd)
-
-    def _listxattr(self, target: bytes | int) -> list[bytes]:
+    def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
+        """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
+        to the superuser only, as the kernel lists them."""
+        target = entry if isinstance(entry, int) else self._object_path(entry)
+        privileged = caller is None or caller.uid == 0
         out = []
         for disk in xattrs.names(target):
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
-            if name is not None and name not in self.hidden_xattrs:
-                out.append(name)
+            if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")):
+                continue
+            out.append(name)
         return out
 
-    def setxattr(self, entry: Entry, name: bytes, value: bytes, flags: int = 0) -> Entry:
+    def setxattr(self, entry: Entry | int, name: bytes, value: bytes, flags: int = 0,
+                 caller: Caller | None = None) -> Entry | None:
+        """Set an xattr, copying up first; returns the entry as it is now (None for a descriptor)."""
+        if isinstance(entry, int):
+            xattrs.write(entry, self._disk_name(name), value, flags)
+            return None
+        self._may_set_xattr(caller, entry, name)
         entry = self.copy_up(entry)
-        xattrs.write(self._xpath(entry), self._disk_name(name), value, flags)
+        xattrs.write(self._object_path(entry), self._disk_name(name), value, flags)
         return entry
 
-    def setxattr_fd(self, fd: int, name: bytes, value: bytes) -> None:
-        xattrs.write(fd, self._disk_name(name), value)
-
-    def removexattr(self, entry: Entry, name: bytes) -> Entry:
+    def removexattr(self, entry: Entry | int, name: bytes, caller: Caller | None = None) -> Entry | None:
+        if isinstance(entry, int):
+            xattrs.remove(entry, self._disk_name(name))
+            return None
+        self._may_set_xattr(caller, entry, name)
         disk = self._disk_name(name)
-        if (entry.layer != 0 or not self.stack.writable) and xattrs.get(self._xpath(entry), disk) is None:
-            raise OSError(errno.ENODATA, "No data available")
+        if self.may_copy_up(entry) and xattrs.get(self._object_path(entry), disk) is None:
+            raise OSError(errno.ENODATA, "No data available")  # nothing to copy up for
         entry = self.copy_up(entry)
-        xattrs.remove(self._xpath(entry), disk)
+        xattrs.remove(self._object_path(entry), disk)
         return entry
 
-    def removexattr_fd(self, fd: int, name: bytes) -> None:
-        xattrs.remove(fd, self._disk_name(name))
+
+def _or_keep(ident: int | None) -> int:
+    """An id for chown(2): -1 leaves it unchanged."""
+    return -1 if ident is None else ident
+
+
+def _same_object(a: Entry, b: Entry) -> bool:
+    return (a.st.st_dev, a.st.st_ino) == (b.st.st_dev, b.st.st_ino)
 
 
 def default_format(upper: bytes | None, forced: bool | None) -> XattrFormat:

@@ -132,14 +132,16 @@ class UserNamespace:
 
 
 class Caller:
-    """The process a request comes from: its ids, and its supplementary groups read when first needed."""
+    """The process a request comes from: its ids, its umask, and its supplementary groups read when first
+    needed."""
 
-    __slots__ = ("uid", "gid", "pid", "_groups")
+    __slots__ = ("uid", "gid", "pid", "umask", "_groups")
 
-    def __init__(self, uid: int, gid: int, pid: int, groups: Sequence[int] | None = None) -> None:
+    def __init__(self, uid: int, gid: int, pid: int, groups: Sequence[int] | None = None, umask: int = 0) -> None:
         self.uid = uid
         self.gid = gid
         self.pid = pid
+        self.umask = umask
         self._groups = frozenset(groups) if groups is not None else None
 
     @property

@@ -7,6 +7,7 @@ the ``overlay.whiteout`` xattr inside a directory marked ``overlay.opaque=x``.  
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import stat
@@ -60,17 +61,18 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class DirMarks:
     """What a directory's overlay xattrs say: opaque, or holding xattr-encoded whiteouts."""
 
-    __slots__ = ("opaque", "xwhiteouts")
-
-    def __init__(self, opaque: bool, xwhiteouts: bool) -> None:
-        self.opaque = opaque
-        self.xwhiteouts = xwhiteouts
+    opaque: bool
+    xwhiteouts: bool
 
 
-_PLAIN = DirMarks(False, False)
+#: the markers of a directory that carries none, of an opaque one, and of one holding xattr whiteouts
+NO_MARKS = DirMarks(False, False)
+OPAQUE = DirMarks(True, False)
+HOLDS_XWHITEOUTS = DirMarks(False, True)
 
 
 def read_dir_marks(path: bytes, formats: tuple[XattrFormat, ...]) -> DirMarks:
@@ -80,10 +82,10 @@ def read_dir_marks(path: bytes, formats: tuple[XattrFormat, ...]) -> DirMarks:
         if value is None:
             continue
         if value == b"y":
-            return DirMarks(True, False)
+            return OPAQUE
         if value == b"x":
-            return DirMarks(False, True)
-    return _PLAIN
+            return HOLDS_XWHITEOUTS
+    return NO_MARKS
 
 
 def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrFormat, ...]) -> bool:

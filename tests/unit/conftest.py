@@ -29,6 +29,7 @@ import pytest
 
 from unionfs.copyup import Workdir
 from unionfs.layers import ROOT, Entry, Stack, join, split
+from unionfs.prescan import Prescanned
 from unionfs.union import Union
 from unionfs.whiteout import XattrFormat
 
@@ -165,14 +166,16 @@ class Env:
     """Built layers (upper first), the Stack, Workdir and Union over them, and merged-path helpers."""
 
     def __init__(self, base: Path, upper: dict[str, Any] | None, lowers: list[dict[str, Any]],
-                 writable: bool = True) -> None:
+                 writable: bool = True, prescan: bool = False) -> None:
         self.base = base
         self.upper = build(base / "upper", upper or {})
         self.lowers = [build(base / f"lower{i + 1}", t) for i, t in enumerate(lowers)]
         self.workdir = base / "work"
         self.workdir.mkdir()
         dirs = ([self.upper] if writable else []) + self.lowers
-        self.stack = Stack([os.fsencode(d) for d in dirs], writable=writable, fmt=XattrFormat.TRUSTED)
+        self.layer_dirs = [os.fsencode(d) for d in dirs]
+        self.stack = Stack(self.layer_dirs, writable=writable, fmt=XattrFormat.TRUSTED,
+                           lowers=Prescanned if prescan else None)
         self.work: Workdir | None = None
         try:
             self.work = Workdir(os.fsencode(self.workdir)) if writable else None
@@ -275,9 +278,9 @@ def make_env(tmp_path: Path) -> Iterator[Any]:
     envs: list[Env] = []
 
     def make(upper: dict[str, Any] | None = None, lowers: list[dict[str, Any]] | None = None,
-             writable: bool = True, name: str | None = None) -> Env:
+             writable: bool = True, name: str | None = None, prescan: bool = False) -> Env:
         env = Env(tmp_path / (name or f"env{len(envs)}"), upper, lowers if lowers is not None else [{}, {}],
-                  writable)
+                  writable, prescan)
         envs.append(env)
         return env
 

@@ -216,10 +216,20 @@ def test_copy_up_metadata_only(make_env):
 
 def test_copy_up_reports_on_copied(make_env):
     env = make_env(lowers=[{"d": {"f": "x"}}, {}])
-    seen = []
-    env.union.copier.on_copied = lambda old, new: seen.append((old.path, old.layer, new.layer))
+    assert env.union.take_copied() == []
     env.union.copy_up(env.entry("d/f"))
+    seen = [(c.old.path, c.old.layer, c.new.layer) for c in env.union.take_copied()]
     assert seen == [(b"d", 1, 0), (b"d/f", 1, 0)]
+    assert env.union.take_copied() == []
+
+
+def test_copy_up_of_a_lower_hard_link_says_it_breaks_it(make_env):
+    env = make_env(lowers=[{"f": "x", "d": {}}, {}])
+    os.link(env.lowers[0] / "f", env.lowers[0] / "g")
+    env.union.copy_up(env.entry("d"))
+    env.union.copy_up(env.entry("f"))
+    breaks = [(c.new.path, c.breaks_hard_link) for c in env.union.take_copied()]
+    assert breaks == [(b"d", False), (b"f", True)]
 
 
 def test_copy_up_failure_in_fsync_leaves_nothing(make_env, monkeypatch):
@@ -253,10 +263,15 @@ def test_copy_up_failure_in_copy_data_leaves_nothing(make_env, monkeypatch):
     assert env.read("d/f") == b"data"
 
 
-def test_copy_up_without_fsync(make_env):
+def test_copy_up_without_fsync(make_env, monkeypatch):
     env = make_env(lowers=[{"f": "data"}, {}])
-    env.union.copier.fsync = False
-    env.union.copy_up(env.entry("f"))
+    copier = copyup.CopyUp(env.stack, env.work, fsync=False)
+
+    def boom(fd):
+        raise AssertionError("fsync called although the copier was made with fsync=False")
+
+    monkeypatch.setattr(copyup.os, "fsync", boom)
+    copier.copy_up(env.entry("f"))
     assert (env.upper / "f").read_bytes() == b"data"
 
 

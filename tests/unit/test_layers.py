@@ -1,4 +1,4 @@
-"""Name resolution through the stack (Stack.lookup / resolve / lower_positive) and merged listings."""
+"""Name resolution through the stack (Stack.lookup / resolve / below_upper) and merged listings."""
 
 from __future__ import annotations
 
@@ -114,36 +114,36 @@ def test_resolve_root(make_env):
     assert root is not None and root.path == ROOT and root.dirs == (0, 1, 2)
 
 
-def test_lower_positive(make_env):
+def test_below_upper(make_env):
     env = make_env(
         upper={"both": "u", "up": "u", "hidden": WHITEOUT},
         lowers=[{"both": "l", "low": "l"}, {"hidden": "l"}],
     )
     root = env.stack.root()
-    assert env.stack.lower_positive(root, b"both")
-    assert env.stack.lower_positive(root, b"low")
-    assert not env.stack.lower_positive(root, b"up")
-    assert not env.stack.lower_positive(root, b"nothing")
+    assert env.stack.below_upper(root, b"both") is not None
+    assert env.stack.below_upper(root, b"low") is not None
+    assert env.stack.below_upper(root, b"up") is None
+    assert env.stack.below_upper(root, b"nothing") is None
     # The upper whiteout is skipped: something does lie beneath it.
-    assert env.stack.lower_positive(root, b"hidden")
+    assert env.stack.below_upper(root, b"hidden") is not None
 
 
-def test_lower_positive_false_when_lower_whited_out(make_env):
+def test_below_upper_none_when_lower_whited_out(make_env):
     env = make_env(upper={"f": "new"}, lowers=[{"f": WHITEOUT}, {"f": "old"}])
-    assert not env.stack.lower_positive(env.stack.root(), b"f")
+    assert env.stack.below_upper(env.stack.root(), b"f") is None
 
 
-def test_lower_positive_without_upper(make_env):
+def test_below_upper_without_upper(make_env):
     env = make_env(lowers=[{"f": "x"}, {}], writable=False)
     assert env.stack.upper is None
-    assert not env.stack.lower_positive(env.stack.root(), b"f")
+    assert env.stack.below_upper(env.stack.root(), b"f") is None
 
 
 def test_xattr_whiteout_hides_in_x_marked_dir(make_env):
     env = make_env(upper={}, lowers=[{"d": Dir({"gone": XWHITEOUT, "kept": "k"}, xwhiteouts=True)},
                                      {"d": {"gone": "old", "other": "o"}}])
     d = env.entry("d")
-    assert 1 in d.xw
+    assert 1 in d.xattr_whiteouts
     assert not d.opaque and d.dirs == (1, 2)
     assert env.resolve("d/gone") is None
     assert env.names("d") == {"kept", "other"}

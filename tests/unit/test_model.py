@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env
 
+from unionfs.prescan import Prescanned
+
 DIR = "DIR"
 NAMES = ["a", "b", "c", "d", "e"]
 PATHS = NAMES + [f"{p}/{n}" for p, n in itertools.product(NAMES, NAMES)]
@@ -274,10 +276,9 @@ def test_initial_view_matches_hand_computed_model(tmp_path):
 @given(data=st.data(), steps=st.integers(1, 30))
 def test_random_ops_match_model(prescan, data, steps):
     with tempfile.TemporaryDirectory(prefix="unionfs-model-") as tmp:
-        env = Env(Path(tmp) / "env", UPPER, [L1, L2])
+        env = Env(Path(tmp) / "env", UPPER, [L1, L2], prescan=prescan)
         try:
-            if prescan:
-                env.stack.prescan()
+            assert isinstance(env.stack.lowers, Prescanned) == prescan
             model = Model()
             drv = Driver(env)
             for i in range(steps):

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from unit_tree import File
 
+from unionfs.layers import Entry
 from unionfs.options import OptionError, parse
 from unionfs.ownership import (
     OVERFLOW_ID,
@@ -20,7 +21,7 @@ from unionfs.ownership import (
     encode_override,
     parse_idmap,
 )
-from unionfs.union import Union
+from unionfs.union import AttrChanges, Union
 
 
 def test_idmap_maps_ranges_both_ways() -> None:
@@ -88,7 +89,7 @@ def test_xattr_permissions_chown_and_chmod_are_stored_not_applied(make_env: Any)
     st = os.lstat(env.upper / "f")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o644), "the file itself is unchanged"
     assert os.getxattr(env.upper / "f", OVERRIDE_XATTR) == b"1234:4321:0600"
-    assert union.shown(entry, st) == (1234, 4321, stat.S_IFREG | 0o600)
+    assert union.shown(entry, st) == (1234, 4321, stat.S_IFREG | 0o600, 1)
     assert OVERRIDE_XATTR not in union.listxattr(entry), "the stored owner is private"
     with pytest.raises(OSError) as exc:
         union.setxattr(entry, OVERRIDE_XATTR, b"0:0:0777")
@@ -114,3 +115,54 @@ def test_identity_policy_shows_disk_owners(make_env: Any) -> None:
     union = _union(env, Ownership())
     entry = env.entry("f")
     assert union.shown(entry, entry.st)[:2] == (77, 88)
+
+
+def _unlinked_upper_file(env: Any) -> int:
+    """An upper file open for writing with its only name removed (an unlinked open file)."""
+    fd = os.open(env.upper / "gone", os.O_CREAT | os.O_RDWR, 0o600)
+    os.unlink(env.upper / "gone")
+    return fd
+
+
+def test_regression_setattr_through_an_unlinked_file_under_a_uid_mapping(make_env: Any) -> None:
+    """chown through an unlinked open file stores the mapped ids on disk and shows the asked-for ones, as
+    through a name (regression: it stored the shown ids, skipping the mapping)."""
+    env = make_env(upper={}, lowers=[{}])
+    union = _union(env, Ownership(uidmap=parse_idmap("0:100000:65536", "uidmapping"),
+                                  gidmap=parse_idmap("0:200000:65536", "gidmapping")))
+    fd = _unlinked_upper_file(env)
+    try:
+        st = union.setattr_open(fd, AttrChanges(uid=1000, gid=1001, mode=0o640, mtime_ns=2 * 10**9))
+        assert (st.st_uid, st.st_gid) == (101000, 201001), "the disk holds the mapped ids"
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == 2 * 10**9
+        assert union.shown_open(fd, st)[:3] == (1000, 1001, stat.S_IFREG | 0o640)
+        # the same change through a name gives the same result
+        entry = union.setattr(_create(union, b"named"), AttrChanges(uid=1000, gid=1001))
+        named = os.lstat(env.upper / "named")
+        assert (named.st_uid, named.st_gid) == (101000, 201001)
+        assert union.shown(entry, named)[:2] == (1000, 1001)
+    finally:
+        os.close(fd)
+
+
+def test_regression_setattr_through_an_unlinked_file_with_xattr_permissions(make_env: Any) -> None:
+    """With xattr_permissions, chown and chmod through an unlinked open file are stored in the override xattr
+    (regression: they were applied to the file itself)."""
+    env = make_env(upper={}, lowers=[{}])
+    union = _union(env, Ownership(xattr_permissions=True))
+    fd = _unlinked_upper_file(env)
+    try:
+        st = union.setattr_open(fd, AttrChanges(uid=1234, gid=4321, mode=0o604))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600), "the file itself is unchanged"
+        assert os.getxattr(fd, OVERRIDE_XATTR) == b"1234:4321:0604"
+        assert union.shown_open(fd, st)[:3] == (1234, 4321, stat.S_IFREG | 0o604)
+        union.setattr_open(fd, AttrChanges(gid=7))
+        assert os.getxattr(fd, OVERRIDE_XATTR) == b"1234:7:0604", "-1 keeps the stored owner"
+    finally:
+        os.close(fd)
+
+
+def _create(union: Union, name: bytes) -> Entry:
+    fd, entry = union.create(union.root(), name, stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
+    os.close(fd)
+    return entry

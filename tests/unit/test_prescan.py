@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env, Symlink
 
 from unionfs.layers import ROOT, Entry, Stack, join
+from unionfs.prescan import Prescanned
 
 NAMES = ["a", "b"]
 
@@ -43,7 +44,7 @@ LAYER = st.dictionaries(st.sampled_from(NAMES), _node(2, False), min_size=1, max
 def _describe(entry: Entry | None) -> Any:
     if entry is None:
         return None
-    return (entry.layer, stat.S_IFMT(entry.st.st_mode), entry.st.st_ino, entry.dirs, sorted(entry.xw),
+    return (entry.layer, stat.S_IFMT(entry.st.st_mode), entry.st.st_ino, entry.dirs, sorted(entry.xattr_whiteouts),
             entry.opaque)
 
 
@@ -56,7 +57,7 @@ def _all_resolutions(stack: Stack) -> dict[bytes, Any]:
         for name in (n.encode() for n in NAMES):
             child = stack.lookup(parent, name)
             out[join(parent.path, name)] = _describe(child)
-            below = stack.lookup(parent, name, skip_upper=True)
+            below = stack.below_upper(parent, name)
             out[join(parent.path, name) + b" (below upper)"] = _describe(below)
             if child is not None and child.is_dir:
                 todo.append(child)
@@ -64,14 +65,14 @@ def _all_resolutions(stack: Stack) -> dict[bytes, Any]:
 
 
 def _compare(env: Env) -> None:
-    env.stack.table = None
+    assert env.stack.lowers is env.stack.probing
     probed = _all_resolutions(env.stack)
-    count = env.stack.prescan()
-    assert count >= 1
+    table = Stack(env.layer_dirs, env.stack.writable, env.stack.fmt, lowers=Prescanned)
     try:
-        assert _all_resolutions(env.stack) == probed
+        assert isinstance(table.lowers, Prescanned) and len(table.lowers) >= 1
+        assert _all_resolutions(table) == probed
     finally:
-        env.stack.table = None
+        table.close()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,9 +89,8 @@ def test_prescanned_lookups_resolve_as_probing_ones(upper: dict[str, Any], lower
 
 def test_prescan_sees_upper_changes_and_copy_up(make_env: Any) -> None:
     env = make_env(upper={}, lowers=[{"d": Dir({"x": "1"}, xwhiteouts=True), "f": "1"},
-                                     {"d": {"x": "2", "y": "2"}, "o": {"z": "z"}}])
-    env.stack.prescan()
-    assert env.stack.table is not None
+                                     {"d": {"x": "2", "y": "2"}, "o": {"z": "z"}}], prescan=True)
+    assert isinstance(env.stack.lowers, Prescanned)
     assert env.names("d") == {"x", "y"}
     env.union.copy_up(env.entry("d/x"))
     env.union.unlink(*env.parent("d/y"))
@@ -100,20 +100,28 @@ def test_prescan_sees_upper_changes_and_copy_up(make_env: Any) -> None:
     assert env.entry("new").dirs == (0,)
     assert env.entry("d").dirs == (0, 1, 2)
     with_table = env.tree()
-    env.stack.table = None
-    assert env.tree() == with_table
+    probing = Stack(env.layer_dirs, True, env.stack.fmt)
+    try:
+        assert env.tree() == with_table
+        env.stack = probing  # the same layers, every lookup probing them
+        assert env.tree() == with_table
+    finally:
+        probing.close()
 
 
 def test_prescan_counts_lower_paths(make_env: Any) -> None:
-    env = make_env(upper={"u": "u"}, lowers=[{"a": {"b": "1"}, "w": WHITEOUT}, {"w": "hidden", "c": "2"}])
-    assert env.stack.prescan() == 4  # ".", "a", "a/b", "c"
-    assert set(env.stack.table.paths) == {ROOT, b"a", b"a/b", b"c"}
+    env = make_env(upper={"u": "u"}, lowers=[{"a": {"b": "1"}, "w": WHITEOUT}, {"w": "hidden", "c": "2"}],
+                   prescan=True)
+    table = env.stack.lowers
+    assert isinstance(table, Prescanned)
+    assert len(table) == 4  # ".", "a", "a/b", "c"
+    assert set(table.paths) == {ROOT, b"a", b"a/b", b"c"}
 
 
 def test_prescan_missing_lower_object_counts_as_absent(make_env: Any) -> None:
     """A lower layer changed under the mount (not allowed, as for overlayfs): the name vanishes, no error."""
-    env = make_env(lowers=[{"f": "1"}, {}])
-    env.stack.prescan()
+    env = make_env(lowers=[{"f": "1"}, {}], prescan=True)
+    assert env.resolve("f") is not None
     os.unlink(env.lowers[0] / "f")
     assert env.resolve("f") is None
 
@@ -155,9 +163,8 @@ def test_regression_prescan_of_a_directory_the_server_may_not_read(tmp_path: Pat
                 from unionfs.whiteout import XattrFormat
 
                 probing = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED)
-                table = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED)
-                table.prescan()
-                assert table.table is not None and table.table.closed == {b"closed"}, table.table.closed
+                table = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED, lowers=Prescanned)
+                assert isinstance(table.lowers, Prescanned) and table.lowers.closed == {b"closed"}, table.lowers
                 want, got = _resolve_all(probing, paths), _resolve_all(table, paths)
                 assert ("error", 13) in want, want  # premise: the directories do refuse this user
                 assert got == want, (got, want)

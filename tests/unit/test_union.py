@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, File, Symlink, is_whiteout, opaque_value
 
 from unionfs import _sys, copyup
+from unionfs.layers import Stack
+from unionfs.union import Union
+from unionfs.whiteout import XattrFormat
 
 LONG = b"n" * 256
 
@@ -740,21 +745,111 @@ def unlinked_fd(make_env):
 
 def test_getxattr_fd_on_unlinked_file(unlinked_fd):
     env, fd = unlinked_fd
-    assert env.union.getxattr_fd(fd, b"user.a") == b"1"
+    assert env.union.getxattr(fd, b"user.a") == b"1"
 
 
 def test_listxattr_fd_hides_private_names(unlinked_fd):
     env, fd = unlinked_fd
-    assert sorted(env.union.listxattr_fd(fd)) == [b"trusted.overlay.esc", b"user.a"]
+    assert sorted(env.union.listxattr(fd)) == [b"trusted.overlay.esc", b"user.a"]
 
 
 def test_setxattr_fd_escapes_overlay_names(unlinked_fd):
     env, fd = unlinked_fd
-    env.union.setxattr_fd(fd, b"trusted.overlay.opaque", b"y")
+    env.union.setxattr(fd, b"trusted.overlay.opaque", b"y")
     assert os.getxattr(fd, b"trusted.overlay.overlay.opaque") == b"y"
 
 
 def test_removexattr_fd(unlinked_fd):
     env, fd = unlinked_fd
-    env.union.removexattr_fd(fd, b"user.a")
+    env.union.removexattr(fd, b"user.a")
     assert "user.a" not in os.listxattr(fd)
+
+
+# -- rules the FUSE shell asks the core for --------------------------------------------------------------------
+
+
+def test_listxattr_shows_trusted_names_to_the_superuser_only(make_env):
+    from unionfs.userns import Caller
+
+    env = make_env(upper={"f": File("x", xattrs={b"trusted.t": b"1", b"user.u": b"2"})})
+    entry = env.entry("f")
+    assert sorted(env.union.listxattr(entry, Caller(0, 0, os.getpid()))) == [b"trusted.t", b"user.u"]
+    assert env.union.listxattr(entry, Caller(1000, 1000, os.getpid())) == [b"user.u"]
+
+
+def test_may_copy_up_is_true_for_lower_objects_only(make_env):
+    env = make_env(upper={"u": "u", "d": {}}, lowers=[{"l": "l", "d": {"x": "x"}}, {}])
+    assert not env.union.may_copy_up(env.entry("u"))
+    assert not env.union.may_copy_up(env.entry("d")), "a merged directory present in the upper layer"
+    assert env.union.may_copy_up(env.entry("l"))
+    assert env.union.may_copy_up(env.entry("d/x"))
+
+
+def test_last_name_of_removed_objects(make_env):
+    env = make_env(upper={"one": "1", "two": "2", "d": {}}, lowers=[{"low": "l"}, {}])
+    os.link(env.upper / "two", env.upper / "two-b")
+    assert env.union.last_name(env.entry("one"))
+    assert not env.union.last_name(env.entry("two")), "another upper name still leads to it"
+    assert env.union.last_name(env.entry("d"))
+    assert env.union.last_name(env.entry("low"))
+
+
+def test_listing_child_resolves_each_listed_name_once(make_env):
+    env = make_env(upper={"a": "1"}, lowers=[{"b": "2", "d": {}}, {}])
+    root = env.entry("")
+    listing = env.union.listing(env.union.listdir(root))
+    names = [name for name, _listed in listing.names]
+    assert sorted(names) == [b"a", b"b", b"d"]
+    for index, name in enumerate(names):
+        child = listing.child(root, index)
+        assert child is not None and child[1] is True
+        assert child[0] == env.entry(os.fsdecode(name))
+        assert listing.child(root, index) is child, "kept until sent"
+        listing.sent(index)
+    os.unlink(env.upper / "a")
+    assert listing.child(root, names.index(b"a")) is None, "a name gone since the listing was taken"
+
+
+def test_listing_of_a_directory_the_server_may_read_but_not_search():
+    """The names are listed with the inode number and type the directory gives, marked unreachable (the kernel
+    lists them too); every other use of them meets EACCES."""
+    import tempfile
+
+    from unit_tree import Env
+
+    base = tempfile.mkdtemp(prefix="unionfs-listing-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        env = Env(Path(base) / "env", {}, [{"noexec": Dir({"x": "3", "sub": {}}, mode=0o744)}, {}])
+        env.close()
+        for d in (Path(base) / "env", *(Path(base) / "env").iterdir()):
+            os.chmod(d, 0o755)
+        inos = {e.name: e.inode() for e in os.scandir(Path(base) / "env" / "lower1" / "noexec")}
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                stack = Stack([os.fsencode(Path(base) / "env" / n) for n in ("lower1", "lower2")], False,
+                              XattrFormat.TRUSTED)
+                union = Union(stack, None)
+                noexec = stack.resolve(b"noexec")
+                assert noexec is not None
+                listing = union.listing(union.listdir(noexec))
+                got = {}
+                for index, (name, _listed) in enumerate(listing.names):
+                    child = listing.child(noexec, index)
+                    assert child is not None
+                    got[os.fsdecode(name)] = (child[0].st.st_ino, stat.S_IFMT(child[0].st.st_mode), child[1])
+                assert got == {"x": (inos["x"], stat.S_IFREG, False), "sub": (inos["sub"], stat.S_IFDIR, False)}, got
+                code = 0
+            except BaseException as exc:
+                os.write(2, f"child: {exc!r}\n".encode())
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged listing differed (stderr has why)"
+    finally:
+        shutil.rmtree(base)

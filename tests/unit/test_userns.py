@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from unit_tree import File
 
+from unionfs.copyup import CopyUp
 from unionfs.userns import (
     R_OK,
     W_OK,
@@ -155,10 +156,9 @@ def test_regression_no_copy_up_of_an_object_whose_owner_is_unmapped(make_env: An
     """The copy could not be given its owner: EOVERFLOW, as the kernel, and nothing half-made is left; the
     parents it needed are copied up first (as on the kernel)."""
     env = make_env(lowers=[{"d": {"f": File("x", uid=4242)}}, {}])
-    assert env.union.copier is not None
-    env.union.copier.unmapped = lambda entry: entry.st.st_uid == 4242
+    copier = CopyUp(env.stack, env.work, unmapped=lambda entry: entry.st.st_uid == 4242)
     with pytest.raises(OSError) as exc:
-        env.union.copy_up(env.entry("d/f"))
+        copier.copy_up(env.entry("d/f"))
     assert exc.value.errno == errno.EOVERFLOW
     assert (env.upper / "d").is_dir()
     assert not (env.upper / "d" / "f").exists()

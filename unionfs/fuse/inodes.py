@@ -12,7 +12,8 @@ import stat
 
 import pyfuse3
 
-from ..layers import ROOT, Entry
+from ..copyup import CopiedUp
+from ..layers import ROOT, Entry, join, split
 
 _DEV_SHIFT = 48
 _SPARE_BASE = 1 << 62
@@ -43,6 +44,9 @@ class Node:
 
 
 class InodeTable:
+    """Every node the kernel holds: its number, its names, its current entry and its lookup count. Only this
+    table changes a node's names and entry."""
+
     def __init__(self, layer_devs: list[int], root: Entry) -> None:
         self._dev_index: dict[int, int] = {}
         for dev in layer_devs:
@@ -79,6 +83,33 @@ class InodeTable:
     def get(self, ino: int) -> Node:
         return self.nodes[ino]
 
+    def update(self, node: Node, entry: Entry) -> None:
+        """What ``node`` stands for now (a fresher stat, or its copy in the upper layer)."""
+        node.entry = entry
+
+    def reference(self, entry: Entry) -> Node:
+        """The node for ``entry``, with one more lookup the kernel holds (a lookup, create, mkdir, link...)."""
+        node = self.node_for(entry)
+        node.lookups += 1
+        return node
+
+    def child(self, parent: Node, name: bytes) -> Node | None:
+        """The node known under ``name`` in directory ``parent``, if any."""
+        return self.by_path.get(join(parent.path, name))
+
+    def parent_of(self, node: Node) -> Node | None:
+        """The node of the directory ``node`` is in (the root's is the root), if the kernel still holds it."""
+        if node.ino == pyfuse3.ROOT_INODE:
+            return node
+        return self.by_path.get(split(node.path)[0])
+
+    def listing_changed(self, *dir_paths: bytes) -> None:
+        """Directories whose merged listing may differ now: drop what was kept of it."""
+        for path in dir_paths:
+            node = self.by_path.get(path)
+            if node is not None:
+                node.listing = None
+
     def node_for(self, entry: Entry) -> Node:
         """The node for a freshly resolved entry (existing, or new with no lookups yet)."""
         node = self.by_path.get(entry.path)
@@ -112,13 +143,28 @@ class InodeTable:
         node.paths.append(path)
         self.by_path[path] = node
 
-    def copied_up(self, old: Entry, new: Entry) -> None:
-        """An object moved to the upper layer: it keeps its number, now reached through the copy."""
+    def copied_up(self, copied: CopiedUp) -> list[tuple[int, bytes]]:
+        """An object moved to the upper layer: it keeps its number, now reached through the copy. Returns the
+        (directory inode, name) of every other name that must be looked up again: those of a lower hard link
+        the copy-up broke, which still name the lower file."""
+        old, new = copied.old, copied.new
+        self.listing_changed(split(new.path)[0])
         node = self.by_path.get(new.path)
         ino = node.ino if node is not None else self.number(old.st)
         self._remap[(new.st.st_dev, new.st.st_ino)] = ino
-        if node is not None:
-            node.entry = new
+        if node is None:
+            return []
+        node.entry = new
+        if not copied.breaks_hard_link:
+            return []
+        stale = []
+        for path in [p for p in node.paths if p != new.path]:
+            self.unlinked(node, path, last_link=False)
+            parent_path, name = split(path)
+            parent = self.by_path.get(parent_path)
+            if parent is not None:
+                stale.append((parent.ino, name))
+        return stale
 
     def _drop_path(self, node: Node, path: bytes) -> None:
         if self.by_path.get(path) is node:
@@ -126,11 +172,18 @@ class InodeTable:
         if path in node.paths:
             node.paths.remove(path)
 
+    def removed(self, parent: Node, name: bytes, last_link: bool) -> None:
+        """``name`` in ``parent`` was removed; ``last_link``: no other name leads to its object."""
+        path = join(parent.path, name)
+        node = self.by_path.get(path)
+        if node is not None:
+            self.unlinked(node, path, last_link)
+
     def unlinked(self, node: Node, path: bytes, last_link: bool) -> None:
         """``path`` no longer leads to ``node``."""
         self._drop_path(node, path)
         if node.paths and node.entry.path == path:
-            node.entry.path = node.paths[0]
+            node.entry = node.entry.at(node.paths[0])
         if last_link or not node.paths:
             node.unlinked = True
             for p in node.paths:
@@ -142,27 +195,59 @@ class InodeTable:
                 del self._remap[(st.st_dev, st.st_ino)]
         self._maybe_free(node)
 
-    def renamed(self, old_path: bytes, new_path: bytes, entry: Entry | None, is_dir: bool) -> None:
+    def renamed(self, old_parent: Node, old_name: bytes, moved: Entry, replaced: Entry | None,
+                replaced_last_link: bool) -> None:
+        """``old_name`` in ``old_parent`` is now ``moved`` (at its new path), over ``replaced`` (None: nothing
+        was there)."""
+        old_path, new_path = join(old_parent.path, old_name), moved.path
+        self.listing_changed(old_parent.path, split(new_path)[0])
+        if old_path == new_path:  # nothing moved
+            return
+        target = self.by_path.get(new_path)
+        if target is not None and replaced is not None:
+            self.unlinked(target, new_path, replaced_last_link)
+        self._move(old_path, new_path, moved)
+
+    def exchanged(self, a: Entry, b: Entry) -> None:
+        """The objects at the paths of ``a`` and ``b`` swapped places (RENAME_EXCHANGE): ``a`` and ``b`` are what
+        stands at each path now."""
+        self.listing_changed(split(a.path)[0], split(b.path)[0])
+        node_a, node_b = self.by_path.pop(b.path, None), self.by_path.pop(a.path, None)  # the nodes before
+        for node, now in ((node_a, a), (node_b, b)):
+            if node is not None:
+                old = b.path if now is a else a.path
+                node.paths = [now.path if p == old else p for p in node.paths]
+                node.entry = now
+                self.by_path[now.path] = node
+        moved_a = self._take_below(b.path) if a.is_dir else []
+        moved_b = self._take_below(a.path) if b.is_dir else []
+        self._put_below(b.path, a.path, moved_a)
+        self._put_below(a.path, b.path, moved_b)
+
+    def _move(self, old_path: bytes, new_path: bytes, entry: Entry) -> None:
         """Everything at or below ``old_path`` now lives at ``new_path`` (``entry``: what is there now)."""
         node = self.by_path.pop(old_path, None)
         if node is not None:
             node.paths = [new_path if p == old_path else p for p in node.paths]
-            if entry is not None:
-                node.entry = entry
-            elif node.entry.path == old_path:
-                node.entry.path = new_path
+            node.entry = entry
             self.by_path[new_path] = node
-        if is_dir:
-            prefix = old_path + b"/"
-            moved = [(p, n) for p, n in self.by_path.items() if p.startswith(prefix)]
-            for p, _n in moved:
-                del self.by_path[p]
-            for p, n in moved:
-                q = new_path + p[len(old_path):]
-                n.paths = [q if x == p else x for x in n.paths]
-                if n.entry.path == p:
-                    n.entry.path = q
-                self.by_path[q] = n
+        if entry.is_dir:
+            self._put_below(old_path, new_path, self._take_below(old_path))
+
+    def _take_below(self, path: bytes) -> list[tuple[bytes, Node]]:
+        prefix = path + b"/"
+        below = [(p, n) for p, n in self.by_path.items() if p.startswith(prefix)]
+        for p, _n in below:
+            del self.by_path[p]
+        return below
+
+    def _put_below(self, old: bytes, new: bytes, below: list[tuple[bytes, Node]]) -> None:
+        for p, n in below:
+            q = new + p[len(old):]
+            n.paths = [q if x == p else x for x in n.paths]
+            if n.entry.path == p:
+                n.entry = n.entry.at(q)
+            self.by_path[q] = n
 
     def forget(self, ino: int, nlookup: int) -> None:
         node = self.nodes.get(ino)

@@ -1,8 +1,20 @@
-"""pyfuse3.Operations over a :class:`~unionfs.union.Union`: each handler maps inodes to the core and back."""
+"""pyfuse3.Operations over a :class:`~unionfs.union.Union`: each handler maps inodes to one core call and the
+core's result to a reply; every rule lives in the core.
+
+What runs where:
+
+* **On the event loop, inline**: lookups, attributes, listings, xattr reads, opens for reading, and every
+  change of an object already in the upper layer (a few system calls, no ``await`` between resolving an
+  entry and using it).
+* **In a worker thread**: a change that may copy up first (:meth:`~unionfs.union.Union.may_copy_up`), rmdir,
+  rename and link (tree walks, copy-ups), reads and writes of 1 MiB or more, fsync.
+* **The mutex** serialises changes to the layers: a change in a worker thread holds it for its whole run, and
+  an inline change runs at once only while no thread holds it (else it waits for it), so no two changes
+  interleave. After each change, the copy-ups it made are applied to the inode table.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -13,10 +25,9 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .. import userns
-from ..layers import ROOT, Entry, check_name, join, split
-from ..union import WRITE_FLAGS, Union
-from ..userns import R_OK, W_OK, X_OK, Caller
+from ..layers import Entry
+from ..union import AttrChanges, DirListing, Union
+from ..userns import Caller
 from .errors import boundary
 from .inodes import InodeTable, Node
 
@@ -65,7 +76,19 @@ class AbsentXattrs:
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid, ctx.pid)
+    return Caller(ctx.uid, ctx.gid, ctx.pid, umask=ctx.umask)
+
+
+def _changes(attr: Any, fields: Any) -> AttrChanges:
+    """What a setattr request asks to change."""
+    return AttrChanges(
+        size=attr.st_size if fields.update_size else None,
+        uid=attr.st_uid if fields.update_uid else None,
+        gid=attr.st_gid if fields.update_gid else None,
+        mode=attr.st_mode if fields.update_mode else None,
+        atime_ns=attr.st_atime_ns if fields.update_atime else None,
+        mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+    )
 
 
 class FileHandle:
@@ -79,16 +102,12 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("node", "names", "entries", "unreachable", "inos")
+    __slots__ = ("node", "listing")
 
     def __init__(self, node: Node) -> None:
         self.node = node
         #: the merged listing this handle serves, taken at its first read
-        self.names: list[tuple[bytes, tuple[int, int]]] | None = None
-        self.entries: dict[int, Entry | None] = {}
-        #: indexes of listed names we may not look up, and the inode numbers the layers' directories list
-        self.unreachable: set[int] = set()
-        self.inos: dict[int, dict[bytes, int]] = {}
+        self.listing: DirListing | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -104,17 +123,12 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.union = union
         self.timeout = timeout
-        self._copied: list[tuple[Entry, Entry]] = []
-        if union.copier is not None:
-            union.copier.on_copied = lambda old, new: self._copied.append((old, new))
-        root = union.root()
-        self.inodes = InodeTable([layer.dev for layer in union.stack.layers], root)
+        self.inodes = InodeTable(union.layer_devices(), union.root())
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._mutex = trio.Lock()
         self._absent = AbsentXattrs()
-        self._plain_owners = union.ownership.identity
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -124,38 +138,22 @@ class Operations(pyfuse3.Operations):
         return fh
 
     def _apply_copied(self) -> None:
-        while self._copied:
-            old, new = self._copied.pop()
-            self._absent.forget(new.st)
-            self.inodes.copied_up(old, new)
-            self._changed(split(new.path)[0])
-            node = self.inodes.by_path.get(new.path)
-            if node is not None and old.st.st_nlink > 1 and not old.is_dir:
-                for path in [p for p in node.paths if p != new.path]:
-                    self._break_link(node, path)
+        for copied in self.union.take_copied():
+            self._absent.forget(copied.new.st)
+            for parent_ino, name in self.inodes.copied_up(copied):
+                pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
 
-    def _break_link(self, node: Node, path: bytes) -> None:
-        """Copy-up broke a lower hard link (as on the kernel): ``path`` still names the lower file, so the
-        kernel must look it up again and get an inode of its own."""
-        self.inodes.unlinked(node, path, last_link=False)
-        parent_path, name = split(path)
-        parent = self.inodes.by_path.get(parent_path)
-        if parent is not None:
-            pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+    async def _change(self, fn: Callable[..., T], entry: Entry, *args: Any) -> T:
+        """Run a core call that changes ``entry`` (or adds or removes a name in it): in a worker thread when
+        it may copy up first, else inline."""
+        return await self._mutate(fn, entry, *args, thread=self.union.may_copy_up(entry))
 
-    def _changed(self, *dir_paths: bytes) -> None:
-        """Directories whose merged listing may differ now: drop what we cached of them."""
-        for path in dir_paths:
-            node = self.inodes.by_path.get(path)
-            if node is not None:
-                node.listing = None
+    async def _change_long(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a core call that may walk trees or copy up whatever it is given (rmdir, rename, link)."""
+        return await self._mutate(fn, *args, thread=True)
 
-    async def _mutate(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
-        """Run a core operation that changes the layers, one at a time.
-
-        Quick ones run inline (they cannot interleave with anything: no await); ones that may copy up or
-        walk trees run in a worker thread while holding the mutex, so no other change interleaves.
-        """
+    async def _mutate(self, fn: Callable[..., T], *args: Any, thread: bool) -> T:
+        """Run a core call that changes the layers, one at a time (see the module's docstring)."""
         if not thread and not self._mutex.locked():
             try:
                 return fn(*args)
@@ -169,60 +167,49 @@ class Operations(pyfuse3.Operations):
             finally:
                 self._apply_copied()
 
-    # -- objects whose owner this user namespace does not map (unionfs.userns) ----------------------------------
-    # The kernel checked every request against the ids we report, with the caller's capabilities; those do not
-    # apply to such objects, so their mode bits are checked again here, as kernel overlayfs checks them.
-
-    def _may(self, ctx: pyfuse3.RequestContext, entry: Entry, mask: int = 0, owner: bool = False) -> None:
-        ids = self.union.unmapped(entry)
-        if ids is None:
-            return
-        if owner:
-            userns.require_owner(_caller(ctx), entry.st, ids)
-        if mask:
-            userns.require(_caller(ctx), entry.st, ids, mask)
-
-    def _may_remove(self, ctx: pyfuse3.RequestContext, parent: Entry, name: bytes) -> None:
-        """Removing or replacing ``name`` in ``parent``: write access to it, and the sticky bit's rule."""
-        self._may(ctx, parent, W_OK | X_OK)
-        if self.union.userns.initial or not parent.st.st_mode & stat.S_ISVTX:
-            return
-        victim = self.union.lookup(parent, name)
-        ids = self.union.unmapped(victim) if victim is not None else None
-        if victim is not None and ids is not None:
-            userns.require_sticky(_caller(ctx), parent.st, self.union.unmapped(parent), victim.st, ids)
-
     def _node(self, ino: int) -> Node:
         try:
             return self.inodes.get(ino)
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
-    def _entry(self, ino: int) -> Entry:
+    def _live(self, ino: int) -> Node:
+        """The node of ``ino``, which must still have a name."""
         node = self._node(ino)
         if node.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return node.entry
+        return node
+
+    def _open_fd(self, node: Node, upper_only: bool = False) -> int | None:
+        """A descriptor open on ``node``'s object (of the upper layer only, with ``upper_only``)."""
+        for h in self._files.values():
+            if h.node is node and (h.layer == 0 or not upper_only):
+                return h.fd
+        return None
+
+    def _unlinked_fd(self, node: Node) -> int:
+        """An open upper-layer descriptor of an unlinked node: how its attributes are still reached."""
+        fd = self._open_fd(node, upper_only=True)
+        if fd is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return fd
+
+    def _target(self, node: Node) -> Entry | int:
+        """What the core reaches ``node``'s object through: its entry, or once unlinked an open descriptor."""
+        return self._unlinked_fd(node) if node.unlinked else node.entry
 
     def _attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
-        entry = node.entry
         if st is None:
-            st = entry.st
+            st = node.entry.st
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
-        if self._plain_owners or node.unlinked:
-            a.st_mode = st.st_mode
-            a.st_uid = st.st_uid
-            a.st_gid = st.st_gid
+        if node.unlinked:
+            a.st_uid, a.st_gid, a.st_mode, a.st_nlink = self.union.shown_open(self._open_fd(node), st)
         else:
-            a.st_uid, a.st_gid, a.st_mode = self.union.shown(entry, st)
-        if stat.S_ISDIR(st.st_mode) and entry.merged and not node.unlinked:
-            a.st_nlink = 1
-        else:
-            a.st_nlink = st.st_nlink
+            a.st_uid, a.st_gid, a.st_mode, a.st_nlink = self.union.shown(node.entry, st)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
@@ -232,14 +219,12 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         return a
 
-    def _stat_node(self, node: Node) -> os.stat_result:
+    def _fresh_stat(self, node: Node) -> os.stat_result:
         """Fresh stat of what stands behind ``node`` (through an open file once it is unlinked)."""
         if node.unlinked:
-            for h in self._files.values():
-                if h.node is node:
-                    return os.fstat(h.fd)
-            return node.entry.st
-        node.entry.st = self.union.lstat(node.entry)
+            fd = self._open_fd(node)
+            return os.fstat(fd) if fd is not None else node.entry.st
+        self.inodes.update(node, self.union.restat(node.entry))
         return node.entry.st
 
     def _reply_new(self, entry: Entry) -> pyfuse3.EntryAttributes:
@@ -248,10 +233,8 @@ class Operations(pyfuse3.Operations):
         return self._reply_entry(entry)
 
     def _reply_entry(self, entry: Entry) -> pyfuse3.EntryAttributes:
-        """A new reference handed to the kernel (lookup, create, mkdir, mknod, symlink, link)."""
-        node = self.inodes.node_for(entry)
-        node.lookups += 1
-        return self._attrs(node, entry.st)
+        """A new reference handed to the kernel (lookup, create, mkdir, mknod, symlink)."""
+        return self._attrs(self.inodes.reference(entry), entry.st)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -259,25 +242,17 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.timeout
         return a
 
+    def _gone(self, parent: Node, name: bytes, removed: Entry) -> None:
+        self._absent.forget(removed.st)  # its inode number may be given to a new object
+        self.inodes.removed(parent, name, self.union.last_name(removed))
+
     # -- lookup and attributes ----------------------------------------------------------------------------
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
-        parent = self._entry(parent_inode)
-        self._may(ctx, parent, X_OK)
-        if name == b".":
-            return self._reply_entry(parent)
-        if name == b"..":
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        pnode = self._node(parent_inode)
-        if pnode.listing is not None:
-            check_name(name)
-            entry = self.union.stack.lookup_listed(parent, name, pnode.listing.get(name))
-        else:
-            entry = self.union.lookup(parent, name)
-        if entry is None:
-            return self._negative()
-        return self._reply_entry(entry)
+        parent = self._live(parent_inode)
+        entry = self.union.lookup(parent.entry, name, _caller(ctx), parent.listing)
+        return self._negative() if entry is None else self._reply_entry(entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Drop kernel references; never raises."""
@@ -290,62 +265,23 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
         node = self._node(inode)
-        return self._attrs(node, self._stat_node(node))
-
-    def _unlinked_fd(self, node: Node) -> int:
-        """An open upper-layer descriptor of an unlinked node: how its attributes are still reached."""
-        for h in self._files.values():
-            if h.node is node and h.layer == 0:
-                return h.fd
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(node, self._fresh_stat(node))
 
     @boundary
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> Any:
         node = self._node(inode)
-        handle = self._files.get(fh) if fh is not None else None
+        changes = _changes(attr, fields)
         if node.unlinked:
-            fd = self._unlinked_fd(node)
-            if fields.update_size:
-                os.ftruncate(fd, attr.st_size)
-            if fields.update_uid or fields.update_gid:
-                os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
-            if fields.update_mode:
-                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
-            if fields.update_atime or fields.update_mtime:
-                st = os.fstat(fd)
-                os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                                 attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
-            return self._attrs(node, os.fstat(fd))
-        entry = node.entry
-        if fields.update_uid or fields.update_gid or fields.update_mode:
-            self._may(ctx, entry, owner=True)
-        if fields.update_size and (handle is None or not handle.writable):
-            self._may(ctx, entry, W_OK)
-        if (fields.update_atime or fields.update_mtime) and (ids := self.union.unmapped(entry)) is not None:
-            times = (attr.st_atime_ns if fields.update_atime else None,
-                     attr.st_mtime_ns if fields.update_mtime else None)
-            userns.require_times(_caller(ctx), entry.st, ids, times)
-        if fields.update_size:
-            if handle is not None and handle.writable:
-                await self._mutate(self.union.truncate, node.entry, attr.st_size, handle.fd)
-            else:
-                await self._mutate(self.union.truncate, node.entry, attr.st_size, thread=node.entry.layer != 0)
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            await self._mutate(self.union.chown, node.entry, uid, gid, thread=node.entry.layer != 0)
-        if fields.update_mode:
-            await self._mutate(self.union.chmod, node.entry, attr.st_mode, thread=node.entry.layer != 0)
-        if fields.update_atime or fields.update_mtime:
-            atime = attr.st_atime_ns if fields.update_atime else None
-            mtime = attr.st_mtime_ns if fields.update_mtime else None
-            await self._mutate(self.union.utimens, node.entry, atime, mtime, thread=node.entry.layer != 0)
-        return self._attrs(node, self._stat_node(node))
+            return self._attrs(node, self.union.setattr_open(self._unlinked_fd(node), changes))
+        handle = self._files.get(fh) if fh is not None else None
+        writer = handle.fd if handle is not None and handle.writable else None
+        await self._change(self.union.setattr, node.entry, changes, _caller(ctx), writer)
+        return self._attrs(node, self._fresh_stat(node))
 
     @boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.union.readlink(self._entry(inode))
+        return self.union.readlink(self._live(inode).entry)
 
     @boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
@@ -358,120 +294,78 @@ class Operations(pyfuse3.Operations):
 
     # -- creating -----------------------------------------------------------------------------------------
 
-    async def _change_in(self, parent: Entry, fn: Callable[..., T], *args: Any) -> T:
-        """Run a core call that adds or removes a name in ``parent`` (in a worker thread when the parent must
-        be copied up first), then drop what was cached of its listing."""
-        result = await self._mutate(fn, parent, *args, thread=not parent.dirs or parent.dirs[0] != 0)
-        self._changed(parent.path)
+    async def _change_in(self, parent: Node, fn: Callable[..., T], *args: Any) -> T:
+        """Run a core call that adds or removes a name in directory ``parent``, then drop what was kept of
+        its listing."""
+        result = await self._change(fn, parent.entry, *args)
+        self.inodes.listing_changed(parent.path)
         return result
 
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
-        parent = self._entry(parent_inode)
-        self._may(ctx, parent, W_OK | X_OK)
-        mode = self.union.creation_mode(parent, mode, ctx.umask)
-        return self._reply_new(await self._change_in(parent, self.union.mkdir, name, mode, ctx.uid, ctx.gid))
+        parent = self._live(parent_inode)
+        entry = await self._change_in(parent, self.union.mkdir, name, mode, ctx.uid, ctx.gid, _caller(ctx))
+        return self._reply_new(entry)
 
     @boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> Any:
-        parent = self._entry(parent_inode)
-        self._may(ctx, parent, W_OK | X_OK)
-        mode = self.union.creation_mode(parent, mode, ctx.umask)
-        return self._reply_new(
-            await self._change_in(parent, self.union.mknod, name, mode, rdev, ctx.uid, ctx.gid))
+        parent = self._live(parent_inode)
+        entry = await self._change_in(parent, self.union.mknod, name, mode, rdev, ctx.uid, ctx.gid, _caller(ctx))
+        return self._reply_new(entry)
 
     @boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
-        parent = self._entry(parent_inode)
-        self._may(ctx, parent, W_OK | X_OK)
-        return self._reply_new(await self._change_in(parent, self.union.symlink, name, target, ctx.uid, ctx.gid))
+        parent = self._live(parent_inode)
+        entry = await self._change_in(parent, self.union.symlink, name, target, ctx.uid, ctx.gid, _caller(ctx))
+        return self._reply_new(entry)
 
     @boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
-        node = self._node(inode)
-        if node.unlinked:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        parent = self._entry(new_parent_inode)
-        if (ids := self.union.unmapped(node.entry)) is not None:
-            userns.require_link_source(_caller(ctx), node.entry.st, ids)
-        self._may(ctx, parent, W_OK | X_OK)
-        entry = await self._mutate(self.union.link, node.entry, parent, new_name, thread=True)
-        self._changed(parent.path)
+        node = self._live(inode)
+        parent = self._live(new_parent_inode)
+        entry = await self._change_long(self.union.link, node.entry, parent.entry, new_name, _caller(ctx))
+        self.inodes.listing_changed(parent.path)
         self.inodes.add_path(node, entry.path)
         node.lookups += 1
-        return self._attrs(node, self._stat_node(node))
+        return self._attrs(node, self._fresh_stat(node))
 
     @boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> Any:
-        parent = self._entry(parent_inode)
-        self._may(ctx, parent, W_OK | X_OK)
-        mode = self.union.creation_mode(parent, mode, ctx.umask)
-        fd, entry = await self._change_in(parent, self.union.create, name, mode, flags, ctx.uid, ctx.gid)
+        parent = self._live(parent_inode)
+        fd, entry = await self._change_in(parent, self.union.create, name, mode, flags, ctx.uid, ctx.gid,
+                                          _caller(ctx))
         attrs = self._reply_new(entry)
-        node = self.inodes.get(attrs.st_ino)
-        return self._open_handle(node, fd, writable=True), attrs
+        return self._open_handle(self.inodes.get(attrs.st_ino), fd, writable=True), attrs
 
     # -- removing and renaming ----------------------------------------------------------------------------
 
-    def _gone(self, parent: Entry, name: bytes, removed: Entry) -> None:
-        self._absent.forget(removed.st)  # its inode number may be given to a new object
-        path = join(parent.path, name)
-        node = self.inodes.by_path.get(path)
-        if node is None:
-            return
-        last = removed.is_dir or removed.st.st_nlink <= 1 or removed.layer != 0
-        self.inodes.unlinked(node, path, last)
-
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._entry(parent_inode)
-        self._may_remove(ctx, parent, name)
-        removed = await self._change_in(parent, self.union.unlink, name)
-        self._gone(parent, name, removed)
+        parent = self._live(parent_inode)
+        self._gone(parent, name, await self._change_in(parent, self.union.unlink, name, _caller(ctx)))
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._entry(parent_inode)
-        self._may_remove(ctx, parent, name)
-        removed = await self._mutate(self.union.rmdir, parent, name, thread=True)
-        self._changed(parent.path)
+        parent = self._live(parent_inode)
+        removed = await self._change_long(self.union.rmdir, parent.entry, name, _caller(ctx))
+        self.inodes.listing_changed(parent.path)
         self._gone(parent, name, removed)
 
     @boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
-        old_parent = self._entry(parent_inode_old)
-        new_parent = self._entry(parent_inode_new)
-        old_path = join(old_parent.path, name_old)
-        new_path = join(new_parent.path, name_new)
-        moving = self.inodes.by_path.get(old_path)
-        target = self.inodes.by_path.get(new_path)
-        self._may_remove(ctx, old_parent, name_old)
-        self._may_remove(ctx, new_parent, name_new)
-        if moving is not None and moving.entry.is_dir and old_parent.path != new_parent.path:
-            self._may(ctx, moving.entry, W_OK)  # its ".." changes
-        if moving is not None and moving is target and moving.entry.layer == 0:
-            return  # two names of one upper inode: rename(2) does nothing
-        moved, replaced = await self._mutate(self.union.rename, old_parent, name_old, new_parent, name_new,
-                                             flags, thread=True)
-        self._changed(old_parent.path, new_parent.path)
-        if moved.path == old_path:
-            return
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            assert replaced is not None
-            swap = b"\0exchange"
-            self.inodes.renamed(old_path, swap, None, moved.is_dir)
-            self.inodes.renamed(new_path, old_path, replaced, replaced.is_dir)
-            self.inodes.renamed(swap, new_path, moved, moved.is_dir)
+        old_parent, new_parent = self._live(parent_inode_old), self._live(parent_inode_new)
+        moved, replaced = await self._change_long(self.union.rename, old_parent.entry, name_old,
+                                                  new_parent.entry, name_new, flags, _caller(ctx))
+        if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
+            self.inodes.exchanged(moved, replaced)
             return
         if replaced is not None:
             self._absent.forget(replaced.st)
-        if target is not None and replaced is not None:
-            last = replaced.is_dir or replaced.st.st_nlink <= 1 or replaced.layer != 0
-            self.inodes.unlinked(target, new_path, last)
-        self.inodes.renamed(old_path, new_path, moved, moved.is_dir)
+        last = replaced is not None and self.union.last_name(replaced)
+        self.inodes.renamed(old_parent, name_old, moved, replaced, last)
 
     # -- files --------------------------------------------------------------------------------------------
 
@@ -485,16 +379,12 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
-        node = self._node(inode)
-        if node.unlinked:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        writable = bool(flags & WRITE_FLAGS)
-        acc = flags & os.O_ACCMODE
-        self._may(ctx, node.entry, (R_OK if acc != os.O_WRONLY else 0) | (W_OK if writable else 0))
+        node = self._live(inode)
+        writable = self.union.opens_for_writing(flags)
         if writable:
-            fd = await self._mutate(self.union.open, node.entry, flags, thread=node.entry.layer != 0)
+            fd = await self._change(self.union.open, node.entry, flags, _caller(ctx))
         else:
-            fd = self.union.open(node.entry, flags)
+            fd = self.union.open(node.entry, flags, _caller(ctx))
         return self._open_handle(node, fd, writable)
 
     def _current(self, handle: FileHandle) -> int:
@@ -537,56 +427,22 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        if node.unlinked:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        self._may(ctx, node.entry, R_OK)
+        node = self._live(inode)
+        self.union.opendir(node.entry, _caller(ctx))
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         node.opens += 1
         return fh
 
-    def _listing(self, node: Node) -> dict[bytes, tuple[int, int]]:
+    def _merged(self, node: Node) -> dict[bytes, tuple[int, int]]:
+        """The merged listing of directory ``node``, kept until something changes in it."""
         if node.listing is None:
             node.listing = self.union.listdir(node.entry)
         return node.listing
 
-    def _dir_child(self, handle: DirHandle, names: list[tuple[bytes, tuple[int, int]]], index: int) -> Entry | None:
-        """Entry of the index-th listed name, resolved once per handle (None when it vanished)."""
-        if index in handle.entries:
-            return handle.entries[index]
-        name, listed = names[index]
-        entry: Entry | None
-        try:
-            entry = self.union.stack.lookup_listed(handle.node.entry, name, listed)
-        except PermissionError:
-            entry = self._unreachable(handle, name, listed)
-            if entry is not None:
-                handle.unreachable.add(index)
-        except OSError:
-            entry = None
-        handle.entries[index] = entry
-        return entry
-
-    def _unreachable(self, handle: DirHandle, name: bytes, listed: tuple[int, int]) -> Entry | None:
-        """A listed name in a directory we may read but not search: the kernel lists it all the same. Its
-        entry carries only what the directory itself says (inode number and type); no stat is possible."""
-        layer = self.union.stack.layers[listed[0]]
-        inos = handle.inos.get(listed[0])
-        if inos is None:
-            inos = handle.inos[listed[0]] = {}
-            with contextlib.suppress(OSError), os.scandir(layer.xpath(handle.node.path)) as it:
-                for de in it:
-                    inos[os.fsencode(de.name)] = de.inode()
-        ino = inos.get(name)
-        if ino is None:
-            return None
-        return Entry(join(handle.node.path, name), listed[0], os.stat_result((listed[1], ino, layer.dev, 1, 0, 0,
-                                                                                0, 0, 0, 0)))
-
     def _unreachable_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes of such an entry, which the kernel must not keep: every use of it asks us again (and
-        meets the EACCES the layer gives)."""
+        """Attributes of a listed name the server may not stat, which the kernel must not keep: every use of
+        it asks us again (and meets the EACCES the layer gives)."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.st_mode = stat.S_IFMT(node.entry.st.st_mode)
@@ -594,38 +450,35 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = 0
         return a
 
-    def _dot_entries(self, handle: DirHandle) -> list[tuple[bytes, Node]]:
+    def _reply_dots(self, handle: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> bool:
+        """"." and ".." (the kernel takes no lookup reference for these); False when the buffer is full."""
         node = handle.node
-        parent = self.inodes.by_path.get(split(node.path)[0]) if node.path != ROOT else node
-        return [(b".", node), (b"..", parent if parent is not None else node)]
+        dots = [(b".", node), (b"..", self.inodes.parent_of(node) or node)]
+        for index, (name, dot) in enumerate(dots[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(dot), index + 1):
+                return False
+        return True
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
-        if start_id == 0 or handle.names is None:
+        if start_id == 0 or handle.listing is None:
             # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
-            handle.names = list(self._listing(handle.node).items())
-            handle.entries.clear()
-            handle.unreachable.clear()
-        names = handle.names
-        if start_id < 2:
-            # "." and "..": the kernel takes no lookup reference for these
-            for index, (name, node) in enumerate(self._dot_entries(handle)[start_id:], start_id):
-                if not pyfuse3.readdir_reply(token, name, self._attrs(node), index + 1):
-                    return
-            start_id = 2
-        for index in range(start_id - 2, len(names)):
-            entry = self._dir_child(handle, names, index)
-            if entry is None:
+            handle.listing = self.union.listing(self._merged(handle.node))
+        listing = handle.listing
+        if start_id < 2 and not self._reply_dots(handle, start_id, token):
+            return
+        for index in range(max(start_id, 2) - 2, len(listing.names)):
+            child = listing.child(handle.node.entry, index)
+            if child is None:
                 continue
-            node = self.inodes.node_for(entry)
-            attrs = self._unreachable_attrs(node) if index in handle.unreachable else self._attrs(node, entry.st)
-            if not pyfuse3.readdir_reply(token, names[index][0], attrs, index + 3):
-                if node.lookups == 0:
-                    self.inodes.forget(node.ino, 0)
+            node = self.inodes.node_for(child[0])
+            attrs = self._attrs(node, child[0].st) if child[1] else self._unreachable_attrs(node)
+            if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, index + 3):
+                self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
                 return
             node.lookups += 1
-            handle.entries.pop(index, None)
+            listing.sent(index)
 
     @boundary
     async def releasedir(self, fh: int) -> None:
@@ -650,23 +503,16 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def _getxattr(self, inode: int, name: bytes) -> bytes:
         node = self._node(inode)
-        if node.unlinked:
-            return self.union.getxattr_fd(self._unlinked_fd(node), name)
-        entry = node.entry
         try:
-            return self.union.getxattr(entry, name)
+            return self.union.getxattr(self._target(node), name)
         except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                self._absent.add(entry.st, name)
+            if exc.errno == errno.ENODATA and not node.unlinked:
+                self._absent.add(node.entry.st, name)
             raise
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = self._node(inode)
-        names = self.union.listxattr_fd(self._unlinked_fd(node)) if node.unlinked else self.union.listxattr(node.entry)
-        if ctx.uid != 0:  # trusted.* is listed for the superuser only, as the kernel lists it
-            names = [n for n in names if not n.startswith(b"trusted.")]
-        return names
+        return self.union.listxattr(self._target(self._node(inode)), _caller(ctx))
 
     @boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -674,24 +520,18 @@ class Operations(pyfuse3.Operations):
         if node.unlinked:
             fd = self._unlinked_fd(node)
             self._absent.forget(os.fstat(fd))
-            return self.union.setxattr_fd(fd, name, value)
-        self._may_set_xattr(ctx, node.entry, name)
+            self.union.setxattr(fd, name, value)
+            return
         self._absent.forget(node.entry.st)
         try:
-            await self._mutate(self.union.setxattr, node.entry, name, value, thread=node.entry.layer != 0)
+            await self._change(self.union.setxattr, node.entry, name, value, 0, _caller(ctx))
         finally:
             self._absent.forget(node.entry.st)  # a getxattr may have run while a worker thread copied up and set
-
-    def _may_set_xattr(self, ctx: pyfuse3.RequestContext, entry: Entry, name: bytes) -> None:
-        if name.startswith(b"user."):
-            self._may(ctx, entry, W_OK)
-        elif name.startswith(b"system.posix_acl_"):
-            self._may(ctx, entry, owner=True)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
         if node.unlinked:
-            return self.union.removexattr_fd(self._unlinked_fd(node), name)
-        self._may_set_xattr(ctx, node.entry, name)
-        await self._mutate(self.union.removexattr, node.entry, name, thread=node.entry.layer != 0)
+            self.union.removexattr(self._unlinked_fd(node), name)
+            return
+        await self._change(self.union.removexattr, node.entry, name, _caller(ctx))

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
+from .. import prescan
 from ..copyup import Workdir
 from ..layers import Stack
 from ..options import MountSpec
@@ -59,6 +60,10 @@ def fuse_options(spec: MountSpec) -> set[str]:
     return opts
 
 
+def _prescan_progress(paths: int) -> None:
+    log.warning("prescan: %d lower paths so far", paths)
+
+
 class Mount:
     """Everything one mount holds open: the lock, the layers, the workdir, the core."""
 
@@ -82,12 +87,12 @@ class Mount:
                 fmt = default_format(self.work.path, spec.userxattr)
             else:
                 fmt = default_format(None, spec.userxattr)
-            self.stack = Stack(spec.layer_dirs(), writable, fmt)
+            started = time.monotonic()
+            lowers = prescan.scanner(_prescan_progress) if spec.prescan else None
+            self.stack = Stack(spec.layer_dirs(), writable, fmt, lowers)
             self.prescanned: tuple[int, float] | None = None
-            if spec.prescan:
-                started = time.monotonic()
-                count = self.stack.prescan(lambda n: log.warning("prescan: %d lower paths so far", n))
-                self.prescanned = (count, time.monotonic() - started)
+            if isinstance(self.stack.lowers, prescan.Prescanned):
+                self.prescanned = (len(self.stack.lowers), time.monotonic() - started)
         except BaseException:
             self.close()
             raise
