@@ -79,6 +79,18 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.pid, umask=ctx.umask)
 
 
+def _current_entries(args: Sequence[Any]) -> list[Any]:
+    """``args`` with each :class:`Node` replaced by its current entry (ENOENT once it has no name)."""
+    out = []
+    for arg in args:
+        if isinstance(arg, Node):
+            if arg.unlinked:
+                raise OSError(errno.ENOENT, "No such file or directory")
+            arg = arg.entry
+        out.append(arg)
+    return out
+
+
 def _changes(attr: Any, fields: Any) -> AttrChanges:
     """What a setattr request asks to change."""
     return AttrChanges(
@@ -143,27 +155,29 @@ class Operations(pyfuse3.Operations):
             for parent_ino, name in self.inodes.copied_up(copied):
                 pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
 
-    async def _change(self, fn: Callable[..., T], entry: Entry, *args: Any) -> T:
-        """Run a core call that changes ``entry`` (or adds or removes a name in it): in a worker thread when
-        it may copy up first, else inline."""
-        return await self._mutate(fn, entry, *args, thread=self.union.may_copy_up(entry))
+    async def _change(self, fn: Callable[..., T], node: Node, *args: Any) -> T:
+        """Run a core call that changes ``node``'s object (or adds or removes a name in it): in a worker thread
+        when it may copy up first, else inline."""
+        return await self._mutate(fn, node, *args, thread=self.union.may_copy_up(node.entry))
 
     async def _change_long(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a core call that may walk trees or copy up whatever it is given (rmdir, rename, link)."""
         return await self._mutate(fn, *args, thread=True)
 
     async def _mutate(self, fn: Callable[..., T], *args: Any, thread: bool) -> T:
-        """Run a core call that changes the layers, one at a time (see the module's docstring)."""
+        """Run a core call that changes the layers, one at a time (see the module's docstring). Each
+        :class:`Node` among ``args`` is passed as its entry at the time the call runs: waiting for the mutex
+        may have let another change copy it up or remove its name."""
         if not thread and not self._mutex.locked():
             try:
-                return fn(*args)
+                return fn(*_current_entries(args))
             finally:
                 self._apply_copied()
         async with self._mutex:
             try:
                 if thread:
-                    return await trio.to_thread.run_sync(fn, *args)
-                return fn(*args)
+                    return await trio.to_thread.run_sync(fn, *_current_entries(args))
+                return fn(*_current_entries(args))
             finally:
                 self._apply_copied()
 
@@ -276,7 +290,7 @@ class Operations(pyfuse3.Operations):
             return self._attrs(node, self.union.setattr_open(self._unlinked_fd(node), changes))
         handle = self._files.get(fh) if fh is not None else None
         writer = handle.fd if handle is not None and handle.writable else None
-        await self._change(self.union.setattr, node.entry, changes, _caller(ctx), writer)
+        await self._change(self.union.setattr, node, changes, _caller(ctx), writer)
         return self._attrs(node, self._fresh_stat(node))
 
     @boundary
@@ -297,7 +311,7 @@ class Operations(pyfuse3.Operations):
     async def _change_in(self, parent: Node, fn: Callable[..., T], *args: Any) -> T:
         """Run a core call that adds or removes a name in directory ``parent``, then drop what was kept of
         its listing."""
-        result = await self._change(fn, parent.entry, *args)
+        result = await self._change(fn, parent, *args)
         self.inodes.listing_changed(parent.path)
         return result
 
@@ -324,7 +338,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
         node = self._live(inode)
         parent = self._live(new_parent_inode)
-        entry = await self._change_long(self.union.link, node.entry, parent.entry, new_name, _caller(ctx))
+        entry = await self._change_long(self.union.link, node, parent, new_name, _caller(ctx))
         self.inodes.listing_changed(parent.path)
         self.inodes.add_path(node, entry.path)
         node.lookups += 1
@@ -349,7 +363,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._live(parent_inode)
-        removed = await self._change_long(self.union.rmdir, parent.entry, name, _caller(ctx))
+        removed = await self._change_long(self.union.rmdir, parent, name, _caller(ctx))
         self.inodes.listing_changed(parent.path)
         self._gone(parent, name, removed)
 
@@ -357,8 +371,8 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         old_parent, new_parent = self._live(parent_inode_old), self._live(parent_inode_new)
-        moved, replaced = await self._change_long(self.union.rename, old_parent.entry, name_old,
-                                                  new_parent.entry, name_new, flags, _caller(ctx))
+        moved, replaced = await self._change_long(self.union.rename, old_parent, name_old, new_parent, name_new,
+                                                  flags, _caller(ctx))
         if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
             self.inodes.exchanged(moved, replaced)
             return
@@ -382,7 +396,7 @@ class Operations(pyfuse3.Operations):
         node = self._live(inode)
         writable = self.union.opens_for_writing(flags)
         if writable:
-            fd = await self._change(self.union.open, node.entry, flags, _caller(ctx))
+            fd = await self._change(self.union.open, node, flags, _caller(ctx))
         else:
             fd = self.union.open(node.entry, flags, _caller(ctx))
         return self._open_handle(node, fd, writable)
@@ -524,7 +538,7 @@ class Operations(pyfuse3.Operations):
             return
         self._absent.forget(node.entry.st)
         try:
-            await self._change(self.union.setxattr, node.entry, name, value, 0, _caller(ctx))
+            await self._change(self.union.setxattr, node, name, value, 0, _caller(ctx))
         finally:
             self._absent.forget(node.entry.st)  # a getxattr may have run while a worker thread copied up and set
 
@@ -534,4 +548,4 @@ class Operations(pyfuse3.Operations):
         if node.unlinked:
             self.union.removexattr(self._unlinked_fd(node), name)
             return
-        await self._change(self.union.removexattr, node.entry, name, _caller(ctx))
+        await self._change(self.union.removexattr, node, name, _caller(ctx))
