@@ -116,8 +116,7 @@ class Union:
     Copy-ups are reported as :class:`~unionfs.copyup.CopiedUp` values, collected until :meth:`take_copied`.
     """
 
-    def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None, *,
-                 fsync: bool = True, user_namespace: UserNamespace | None = None) -> None:
+    def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None) -> None:
         self.stack = stack
         self.work = work
         self.ownership = ownership or Ownership()
@@ -129,15 +128,14 @@ class Union:
         self.egid = os.getegid()
         #: owners this user namespace does not map (see unionfs.userns); the ownership options, when given,
         #: decide owners themselves
-        self.userns = user_namespace or UserNamespace.current()
+        self.userns = UserNamespace.current()
         self._plain_owners = self.ownership.identity
         self._copied: list[CopiedUp] = []
         self.copier: CopyUp | None = None
         if stack.writable:
             assert work is not None
             checks_owner = self.ownership.identity and not self.userns.initial
-            self.copier = CopyUp(stack, work, self._copied.append, fsync=fsync,
-                                 owner_xattr=self.ownership.xattr_permissions,
+            self.copier = CopyUp(stack, work, self._copied.append, owner_xattr=self.ownership.xattr_permissions,
                                  unmapped=self.unmapped if checks_owner else None)
 
     def take_copied(self) -> list[CopiedUp]:
