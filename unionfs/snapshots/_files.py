@@ -1,4 +1,4 @@
-"""File-system helpers of the snapshotter: disk usage, robust tree removal, directory fsync."""
+"""File-system helpers of the snapshotter: disk usage and robust tree removal."""
 
 from __future__ import annotations
 
