@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
+from .. import mountinfo
 from ..copyup import Workdir
 from ..layers import Stack
 from ..options import MountSpec
@@ -270,28 +271,9 @@ def _pidfile(mountpoint: str) -> Iterator[None]:
 
 
 def is_mounted(mountpoint: str) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) > 4 and _unescape(fields[4]) == os.fsencode(target):
-                return True
-    return False
-
-
-def _unescape(field: bytes) -> bytes:
-    if b"\\" not in field:
-        return field
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
+    """Whether something is mounted on ``mountpoint`` (symbolic links resolved)."""
+    target = os.fsencode(os.path.realpath(mountpoint))
+    return any(m.mount_point == target for m in mountinfo.read())
 
 
 def unmount(mountpoint: str, timeout: float = 30.0) -> None:
