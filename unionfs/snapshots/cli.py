@@ -14,8 +14,9 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
+from ..options import option_string
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
-from ._snapshotter import ROOT_ENV, Snapshotter, option_string
+from ._snapshotter import ROOT_ENV, Snapshotter
 from ._types import Info, Kind
 
 PROG = "unionfs snapshot"
