@@ -1,4 +1,8 @@
-"""The ``unionfs`` command: mount and umount (and the ``mount -t fuse.unionfs`` helper form)."""
+"""The ``unionfs`` command: mount and umount (and the ``mount -t fuse.unionfs`` helper form).
+
+Both hand a :class:`MountSpec` to :mod:`unionfs.fuse.server`, imported only then (it loads pyfuse3 and trio);
+every error ends the command as one line on stderr (:mod:`unionfs.cli_errors`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .options import OptionError, parse
-from .preflight import MountError
+from .cli_errors import EXIT_USAGE, run_command
+from .options import parse
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+PROG = "unionfs"
 
 _MOUNT_HELP = """\
 Mount a stack of layer directories with Linux overlayfs semantics.
@@ -45,6 +48,16 @@ Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and fr
 Rootless: an ordinary user can mount (through fusermount3) and write; whiteouts are character devices 0/0
 (allowed to every user since Linux 5.8) and opaque directories use user.overlay.opaque when trusted.* xattrs
 cannot be written; the kernel reads such layers with -o userxattr.
+
+exit status: 0 mounted (with -f: served and unmounted), 1 the mount was refused or failed (a refused mount
+             changes nothing on disk), 2 bad usage or a bad option, 130 interrupted
+"""
+
+_UMOUNT_HELP = """\
+Unmount a unionfs mount and wait for its server to finish writing and exit.
+
+exit status: 0 unmounted and the server is gone, 1 not mounted, or unmounting failed, or the server did not
+             exit in time, 2 bad usage, 130 interrupted
 """
 
 
@@ -62,37 +75,26 @@ def _mount_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def cmd_mount(argv: Sequence[str], prog: str = "unionfs mount") -> int:
+def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount") -> int:
+    """``unionfs mount ARGV...``: 0 once mounted; errors are raised (see :func:`main`)."""
     args = _mount_parser(prog).parse_args(argv)
-    from .fuse import server  # imported here so that `--help` and option errors stay fast
+    spec = parse([*args.options, *(["debug"] if args.debug else [])])
+    from .fuse.server import mount
 
-    try:
-        texts = list(args.options) + (["debug"] if args.debug else [])
-        spec = parse(texts)
-    except OptionError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    try:
-        return server.run(spec, args.mountpoint, args.foreground or args.debug, args.log)
-    except MountError as exc:
-        return _fail(str(exc), EXIT_FAILED)
-    except RuntimeError as exc:
-        return _fail(f"mounting {args.mountpoint} failed: {exc}", EXIT_FAILED)
+    mount(spec, args.mountpoint, foreground=args.foreground or args.debug, log_file=args.log)
+    return 0
 
 
 def cmd_umount(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="unionfs umount",
-        description="Unmount a unionfs mount and wait for its server to finish writing and exit.",
-    )
+    """``unionfs umount ARGV...``: 0 once unmounted and the server has exited; errors are raised."""
+    p = argparse.ArgumentParser(prog=f"{PROG} umount", description=_UMOUNT_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     args = p.parse_args(argv)
-    from .fuse import server
+    from .fuse.server import unmount
 
-    try:
-        server.unmount(args.mountpoint, args.timeout)
-    except MountError as exc:
-        return _fail(str(exc), EXIT_FAILED)
+    unmount(args.mountpoint, args.timeout)
     return 0
 
 
@@ -101,11 +103,6 @@ COMMANDS = {
     "umount": "unmount and wait for the server to exit",
     "snapshot": "build layer chains: prepare, mount, commit (unionfs snapshot --help)",
 }
-
-
-def _fail(msg: str, code: int) -> int:
-    print(f"unionfs: error: {msg}", file=sys.stderr)
-    return code
 
 
 def _usage() -> str:
@@ -117,22 +114,23 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``unionfs ARGV...``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else EXIT_USAGE
     cmd = args[0]
     if cmd == "mount":
-        return cmd_mount(args[1:])
+        return run_command(PROG, lambda: cmd_mount(args[1:]))
     if cmd in ("umount", "unmount"):
-        return cmd_umount(args[1:])
+        return run_command(PROG, lambda: cmd_umount(args[1:]))
     if cmd == "snapshot":
         from .snapshots.cli import main as snapshot_main
 
         return snapshot_main(args[1:])
     if not cmd.startswith("-"):
         # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
-        return cmd_mount(args, prog="unionfs")
+        return run_command(PROG, lambda: cmd_mount(args, prog=PROG))
     print(_usage(), file=sys.stderr)
     return EXIT_USAGE
 

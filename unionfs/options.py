@@ -1,16 +1,19 @@
-"""Mount options, parsed once into a frozen :class:`MountSpec` shared by the CLI and the server.
+"""Mount options: parsed into a frozen :class:`MountSpec` shared by the CLIs and the server, and written back.
 
 The syntax is the kernel's and fuse-overlayfs's: ``lowerdir=L1:L2:...,upperdir=U,workdir=W`` (the leftmost
-lowerdir is the top-most lower layer, ``\\:`` escapes a colon inside a path), plus the generic options that
-``mount(8)`` and ``mount.fuse3`` add.
+lowerdir is the top-most lower layer, ``\\:`` escapes a colon and ``\\\\`` a backslash inside a lowerdir
+path, ``\\,`` a comma inside any value), plus the generic options that ``mount(8)`` and ``mount.fuse3`` add.
+:func:`parse` reads them; :func:`render` writes a MountSpec back, so that ``parse([render(spec)]) == spec`` for
+every spec that :func:`parse` returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 
-from .ownership import IdMapError, Ownership, parse_idmap
+from .ownership import IdMap, IdMapError, Ownership, parse_idmap
 
 
 class OptionError(ValueError):
@@ -40,6 +43,7 @@ KERNEL_FIXED = {
 }
 
 DEFAULT_TIMEOUT = 300.0
+DEFAULT_FSNAME = "unionfs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,7 @@ class MountSpec:
     allow_other: bool | None = None
     atime: bool = False
     timeout: float = DEFAULT_TIMEOUT
-    fsname: str = "unionfs"
+    fsname: str = DEFAULT_FSNAME
     debug: bool = False
     ownership: Ownership = Ownership()
     #: resolve the lower layers once at mount (unionfs.prescan)
@@ -113,7 +117,7 @@ def split_options(text: str) -> list[str]:
     return [o for o in out if o]
 
 
-def _abs(path: str, what: str) -> bytes:
+def _absolute_path(path: str, what: str) -> bytes:
     if not path:
         raise OptionError(f"{what} is empty")
     return os.fsencode(os.path.abspath(path))
@@ -133,11 +137,11 @@ def parse(option_texts: list[str]) -> MountSpec:
                 parts = split_lowerdir(value)
                 if any(not p for p in parts):
                     raise OptionError(f"lowerdir has an empty entry: {value!r}")
-                lowers = [_abs(p, "lowerdir") for p in parts]
+                lowers = [_absolute_path(p, "lowerdir") for p in parts]
             elif key in ("upperdir", "workdir"):
                 if not sep:
                     raise OptionError(f"{key} needs a value: {key}=DIR")
-                kw["upper" if key == "upperdir" else "work"] = _abs(value, key)
+                kw["upper" if key == "upperdir" else "work"] = _absolute_path(value, key)
             elif key == "ro" and not sep:
                 kw["readonly"] = True
             elif key == "rw" and not sep:
@@ -150,7 +154,7 @@ def parse(option_texts: list[str]) -> MountSpec:
                 kw["atime"] = True
             elif key == "noatime" and not sep:
                 kw["atime"] = False
-            elif key in ("debug",) and not sep:
+            elif key == "debug" and not sep:
                 kw["debug"] = True
             elif key == "prescan" and not sep:
                 kw["prescan"] = True
@@ -185,7 +189,7 @@ def parse(option_texts: list[str]) -> MountSpec:
                 if value not in KERNEL_FIXED[key]:
                     allowed = "|".join(sorted(KERNEL_FIXED[key]))
                     raise OptionError(f"{opt}: not supported; unionfs accepts only {key}={allowed}")
-            elif key in GENERIC_FLAGS and not sep or key.startswith("x-") or key in ("default_permissions",):
+            elif key in GENERIC_FLAGS and not sep or key.startswith("x-") or key == "default_permissions":
                 continue
             else:
                 raise OptionError(f"unknown mount option {opt!r} (see 'unionfs mount --help')")
@@ -198,3 +202,80 @@ def parse(option_texts: list[str]) -> MountSpec:
     if owner_kw:
         kw["ownership"] = Ownership(**owner_kw)  # type: ignore[arg-type]
     return MountSpec(lowers=tuple(lowers), **kw)  # type: ignore[arg-type]
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+
+
+def escape_lowerdir(paths: Iterable[bytes]) -> str:
+    """The value of ``lowerdir=`` for ``paths`` (top-most first): ``\\`` and ``:`` escaped as
+    :func:`split_lowerdir` expects (commas are escaped later, by :func:`option_string`)."""
+    return ":".join(os.fsdecode(p).replace("\\", "\\\\").replace(":", "\\:") for p in paths)
+
+
+def _idmap_value(idmap: IdMap, what: str) -> str:
+    if not idmap.ranges:
+        raise OptionError(f"{what} without ranges cannot be written as a mount option")
+    return ":".join(f"{inside}:{outside}:{count}" for inside, outside, count in idmap.ranges)
+
+
+def spec_to_options(spec: MountSpec) -> list[str]:
+    """The options that :func:`parse` reads back as ``spec``, one per item, in the form :func:`split_options`
+    returns them (join them with :func:`option_string`). Options at their default are left out.
+
+    OptionError for what no option expresses (``allow_other=False``, an id mapping without ranges)."""
+    opts = [f"lowerdir={escape_lowerdir(spec.lowers)}"]
+    if spec.upper is not None:
+        opts.append(f"upperdir={os.fsdecode(spec.upper)}")
+    if spec.work is not None:
+        opts.append(f"workdir={os.fsdecode(spec.work)}")
+    if spec.readonly:
+        opts.append("ro")
+    if spec.userxattr is not None:
+        opts.append("userxattr" if spec.userxattr else "nouserxattr")
+    if spec.allow_other is not None:
+        if not spec.allow_other:
+            raise OptionError("allow_other=False cannot be written as a mount option (leave it None)")
+        opts.append("allow_other")
+    if spec.atime:
+        opts.append("atime")
+    if spec.timeout != DEFAULT_TIMEOUT:
+        opts.append(f"timeout={spec.timeout!r}")
+    if spec.fsname != DEFAULT_FSNAME:
+        opts.append(f"fsname={spec.fsname}")
+    if spec.debug:
+        opts.append("debug")
+    if spec.prescan:
+        opts.append("prescan")
+    owner = spec.ownership
+    if owner.uidmap is not None:
+        opts.append(f"uidmapping={_idmap_value(owner.uidmap, 'uidmapping')}")
+    if owner.gidmap is not None:
+        opts.append(f"gidmapping={_idmap_value(owner.gidmap, 'gidmapping')}")
+    if owner.squash_uid is not None:
+        opts.append(f"squash_to_uid={owner.squash_uid}")
+    if owner.squash_gid is not None:
+        opts.append(f"squash_to_gid={owner.squash_gid}")
+    if owner.xattr_permissions:
+        opts.append("xattr_permissions")
+    return opts
+
+
+def option_string(options: Iterable[str]) -> str:
+    """Join options into one ``-o`` argument, a comma inside an option escaped as ``\\,``.
+
+    OptionError for an option :func:`split_options` would not give back as it is: one with a backslash that
+    stands before a comma or at its end (outside a lowerdir path, which escapes its backslashes), such as an
+    upperdir path ending in a backslash."""
+    texts = []
+    for opt in options:
+        text = opt.replace(",", "\\,")
+        if split_options(text + ",") != ([opt] if opt else []):  # (as it reads with an option after it)
+            raise OptionError(f"mount option {opt!r} cannot be written: a backslash before a comma or at the end")
+        texts.append(text)
+    return ",".join(texts)
+
+
+def render(spec: MountSpec) -> str:
+    """``spec`` as one ``-o`` argument: ``parse([render(spec)]) == spec``."""
+    return option_string(spec_to_options(spec))

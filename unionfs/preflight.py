@@ -19,11 +19,8 @@ class MountError(Exception):
 
 
 def _show(path: bytes) -> str:
+    """A path as a message shows it."""
     return os.fsdecode(path)
-
-
-def _real(path: bytes) -> bytes:
-    return os.path.realpath(path)
 
 
 def _inside(child: bytes, parent: bytes) -> bool:
@@ -66,33 +63,33 @@ def check(spec: MountSpec, mountpoint: bytes) -> None:
     check_fuse_device()
     for lower in spec.lowers:
         _check_dir(lower, "lowerdir")
-    layers = [("lowerdir", _real(p)) for p in spec.lowers]
+    layers = [("lowerdir", os.path.realpath(p)) for p in spec.lowers]
     if spec.upper is not None and spec.work is not None:
-        up = _check_dir(spec.upper, "upperdir")
-        wk = _check_dir(spec.work, "workdir")
-        if up.st_dev != wk.st_dev:
+        upper_st = _check_dir(spec.upper, "upperdir")
+        work_st = _check_dir(spec.work, "workdir")
+        if upper_st.st_dev != work_st.st_dev:
             raise MountError(
                 f"workdir {_show(spec.work)} must be on the same filesystem as upperdir {_show(spec.upper)}"
             )
-        ru, rw = _real(spec.upper), _real(spec.work)
-        if _inside(ru, rw) or _inside(rw, ru):
+        real_upper, real_work = os.path.realpath(spec.upper), os.path.realpath(spec.work)
+        if _inside(real_upper, real_work) or _inside(real_work, real_upper):
             raise MountError(
-                f"upperdir {_show(ru)} and workdir {_show(rw)} must be separate directories, neither inside the other"
+                f"upperdir {_show(real_upper)} and workdir {_show(real_work)} must be separate directories, "
+                "neither inside the other"
             )
-        for what, rl in layers:
-            for name, real in (("upperdir", ru), ("workdir", rw)):
-                if _inside(real, rl):
-                    raise MountError(f"{name} {_show(real)} is inside {what} {_show(rl)}")
-                if _inside(rl, real):
-                    raise MountError(f"{what} {_show(rl)} is inside {name} {_show(real)}")
+        for what, real_lower in layers:
+            for name, real in (("upperdir", real_upper), ("workdir", real_work)):
+                if _inside(real, real_lower):
+                    raise MountError(f"{name} {_show(real)} is inside {what} {_show(real_lower)}")
+                if _inside(real_lower, real):
+                    raise MountError(f"{what} {_show(real_lower)} is inside {name} {_show(real)}")
         if not spec.readonly and not os.access(spec.upper, os.W_OK | os.X_OK):
             raise MountError(f"upperdir {_show(spec.upper)}: not writable by this user")
-        layers += [("upperdir", ru), ("workdir", rw)]
-    mst = _check_dir(mountpoint, "mountpoint")
-    del mst
-    rm = _real(mountpoint)
+        layers += [("upperdir", real_upper), ("workdir", real_work)]
+    _check_dir(mountpoint, "mountpoint")
+    real_mountpoint = os.path.realpath(mountpoint)
     for what, real in layers:
-        if _inside(rm, real):
+        if _inside(real_mountpoint, real):
             raise MountError(f"mountpoint {_show(mountpoint)} is inside {what} {_show(real)}")
 
 

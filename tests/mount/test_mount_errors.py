@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounthelp import Layers, Mounts, is_mounted, snapshot
+from mounthelp import Layers, Mounts, is_mounted, pid_file, snapshot
+
+from unionfs.fuse import server
+from unionfs.options import MountSpec, parse
+from unionfs.preflight import MountError, WorkdirLock
 
 pytestmark = pytest.mark.mount
 
@@ -248,3 +255,127 @@ def test_regression_unwritable_log_file(layers: Layers, mounts: Mounts, tmp_path
     # An unopenable --log FILE used to end in a Python traceback.
     log = tmp_path / "no-such-dir" / "unionfs.log"
     expect_refusal(mounts, layers, ["--log", log, "-o", layers.opts(), layers.mnt], "log file", log)
+
+
+
+# -- one error boundary: any exception is one line and a documented status, never a traceback ------------------
+
+
+def test_regression_workdir_work_not_a_directory(layers: Layers, mounts: Mounts) -> None:
+    # An OSError while preparing the mount (here: workdir/work is a file, not a directory) used to end in a
+    # Python traceback.
+    (layers.work / "work").write_text("")
+    before = snapshot(layers.l1, layers.l2, layers.upper, layers.work, layers.mnt)
+    r = mounts.try_mount("-o", layers.opts(), layers.mnt, mnt=layers.mnt)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"unionfs: error: workdir/work is not a directory: {layers.work / 'work'}\n"
+    assert not is_mounted(layers.mnt)
+    assert snapshot(layers.l1, layers.l2, layers.upper, layers.work, layers.mnt) == before
+
+
+#: `python -c` this with ``unionfs ARGS...``: the mount API (mount and unmount) raises EXCEPTION
+FORCED = """\
+import sys
+from unionfs.fuse import server
+def fail(*args, **kwargs):
+    raise {exception}
+server.mount = server.unmount = fail
+from unionfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("exception", "status", "line"), [
+    ("OSError(5, 'Input/output error', '/some/where')", 1, "unionfs: error: Input/output error: /some/where"),
+    ("OSError(13, 'Permission denied')", 1, "unionfs: error: Permission denied"),
+    ("ZeroDivisionError('forced')", 1, "unionfs: error: unexpected ZeroDivisionError: forced"),
+    ("RuntimeError('two\\nlines')", 1, "unionfs: error: unexpected RuntimeError: two\\nlines"),
+    ("KeyboardInterrupt()", 130, "unionfs: interrupted"),
+], ids=["oserror", "oserror-no-file", "unexpected", "unexpected-two-lines", "interrupt"])
+@pytest.mark.parametrize("argv", [["mount", "-o", "lowerdir=/l", "/mnt"], ["umount", "/mnt"],
+                                  ["unionfs", "/mnt", "-o", "lowerdir=/l"]], ids=["mount", "umount", "helper"])
+def test_regression_any_exception_is_one_line(exception: str, status: int, line: str, argv: list[str]) -> None:
+    # Errors other than OptionError, MountError and (for mount) RuntimeError used to end in a traceback.
+    r = subprocess.run([sys.executable, "-c", FORCED.format(exception=exception), *argv], capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "", line + "\n")
+
+
+def test_option_errors_are_bad_usage_before_pyfuse3_loads() -> None:
+    code = ("import sys\nfrom unionfs.cli import main\ncode = main(['mount', '-o', 'frobnicate', '/mnt'])\n"
+            "assert 'pyfuse3' not in sys.modules and 'trio' not in sys.modules\nsys.exit(code)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (2, "unionfs: error: unknown mount option 'frobnicate' "
+                                           "(see 'unionfs mount --help')\n")
+
+
+@pytest.mark.parametrize("command", ["mount", "umount"])
+def test_help_documents_the_exit_statuses(command: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "unionfs", command, "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0
+    assert "exit status: 0 " in r.stdout and " 1 " in r.stdout and " 2 bad usage" in r.stdout
+    assert "130 interrupted" in r.stdout
+
+
+# -- the mount API, called in this process (nothing gets mounted) ---------------------------------------------
+
+
+@pytest.fixture
+def quiet_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """server.mount without its logging set-up (it would replace pytest's handlers in this process)."""
+    monkeypatch.setattr(server, "setup_logging", lambda *args: None)
+
+
+def test_regression_refused_mount_leaves_the_callers_umask(layers: Layers, quiet_server: None) -> None:
+    # mount() set the umask to 0 before its checks and left it so when it raised.
+    old = os.umask(0o027)
+    try:
+        spec = parse([layers.opts().replace(str(layers.l2), str(layers.base / "missing"))])
+        with pytest.raises(MountError, match="no such directory"):
+            server.mount(spec, layers.mnt)
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+
+
+def test_regression_failed_fuse_mount_releases_the_workdir(layers: Layers, quiet_server: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # When the FUSE mount itself failed (pyfuse3.init raising RuntimeError), the workdir lock, the layers' file
+    # descriptors and the blocked signals were left as they were: a caller of the mount API could not mount
+    # the workdir again.
+    def refuse(*args: object) -> None:
+        raise RuntimeError("fuse: mount failed (forced)")
+
+    monkeypatch.setattr(server.pyfuse3, "init", refuse)
+    spec = parse([layers.opts()])
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(MountError, match=f"mounting {layers.mnt} failed: fuse: mount failed"):
+        server.mount(spec, layers.mnt, foreground=True)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == mask
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert not os.path.exists(pid_file(str(layers.mnt)))
+    WorkdirLock(os.fsencode(layers.work)).close()  # free again
+    assert not is_mounted(layers.mnt)
+
+
+def test_mount_api_takes_a_mount_spec(layers: Layers, mounts: Mounts, quiet_server: None) -> None:
+    """The one mount function, as the commands call it: background, returning once mounted."""
+    spec = MountSpec(lowers=(os.fsencode(layers.l1), os.fsencode(layers.l2)), upper=os.fsencode(layers.upper),
+                     work=os.fsencode(layers.work))
+    mounts.points.append(layers.mnt)
+    umask = os.umask(0o022)
+    try:
+        server.mount(spec, layers.mnt)
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(umask)
+    mounts.track(layers.mnt)
+    assert is_mounted(layers.mnt)
+    assert (layers.mnt / "top.txt").read_text() == "from l1\n"
+    (layers.mnt / "new").write_text("x")
+    assert (layers.upper / "new").read_text() == "x"
+    mounts.umount(layers.mnt)
+    with pytest.raises(MountError, match="not mounted"):
+        server.unmount(str(layers.mnt))

@@ -3,16 +3,20 @@ drawing, fsck, and that the package stays free of pyfuse3 and trio."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from unionfs import cli as unionfs_cli
+from unionfs.options import MountSpec, OptionError
+from unionfs.preflight import MountError
 from unionfs.snapshots import Snapshotter, default_root
 from unionfs.snapshots.cli import main
 
@@ -240,3 +244,110 @@ def test_command_line_entry_point(scratch: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "unionfs", "snapshot", "--root", root, "commit", "a", "a"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 4 and r.stderr == 'unionfs snapshot: already exists: snapshot "a" already exists\n'
+
+
+# -- one error boundary, one mount API --------------------------------------------------------------------------
+
+
+def _raiser(exc: BaseException) -> Callable[..., None]:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc
+    return fail
+
+
+@pytest.mark.parametrize(("exc", "status", "line"), [
+    (OSError(errno.EIO, "Input/output error", "/some/where"), 1, "error: Input/output error: /some/where"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", b"/a", None, b"/b"), 1,
+     "error: Invalid cross-device link: /a -> /b"),
+    (LookupError("forced\nand on"), 1, "error: unexpected LookupError: forced\\nand on"),
+    (ZeroDivisionError(), 1, "error: unexpected ZeroDivisionError"),
+    (sqlite3.OperationalError("disk I/O error"), 1, "error: the metadata database: disk I/O error"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_any_exception_is_one_line_and_a_status(run: Run, monkeypatch: pytest.MonkeyPatch, exc: BaseException,
+                                                status: int, line: str) -> None:
+    run("prepare", "a")
+    monkeypatch.setattr(Snapshotter, "stat", _raiser(exc))
+    run("info", "a", status=status)
+    assert run.err == f"unionfs snapshot: {line}\n"
+
+
+def test_regression_unexpected_exception_has_no_traceback(scratch: Path) -> None:
+    # Anything but the errors the command knew of used to end it with a traceback.
+    code = ("import sys\n"
+            "from unionfs.snapshots._snapshotter import Snapshotter\n"
+            "def fail(*args, **kwargs):\n"
+            "    raise TypeError('forced')\n"
+            "Snapshotter.prepare = fail\n"
+            "from unionfs.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "snapshot", "--root", str(scratch / "s"), "prepare", "a"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "unionfs snapshot: error: unexpected TypeError: forced\n")
+
+
+class MountCall:
+    """What `unionfs snapshot mount` handed to the mount API (unionfs.fuse.server.mount, replaced)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: BaseException | None = None) -> None:
+        from unionfs.fuse import server
+
+        self.calls: list[tuple[MountSpec, str, bool, str | None]] = []
+        self.fail = fail
+        monkeypatch.setattr(server, "mount", self)
+
+    def __call__(self, spec: MountSpec, mountpoint: str, *, foreground: bool = False,
+                 log_file: str | None = None) -> None:
+        self.calls.append((spec, mountpoint, foreground, log_file))
+        if self.fail is not None:
+            raise self.fail
+
+
+def test_mount_hands_a_mount_spec_to_the_mount_api(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    call = MountCall(monkeypatch)
+    run("prepare", "solo")
+    run("commit", "base", "solo")
+    run("prepare", "app", "base")
+    run("view", "look", "base")
+    with Snapshotter(run.root) as sn:
+        xattr = sn.xattr == "user"
+        fs = {k: os.fsencode(run.root / "snapshots" / str(i) / "fs") for k, i in (("base", 1), ("app", 2))}
+    work = os.fsencode(run.root / "snapshots/2/work")
+    run("mount", "app", "/mnt/app")
+    run("mount", "look", "/mnt/look", "-o", "timeout=5", "-o", "fsname=look,allow_other", "--log", "/tmp/l")
+    run("mount", "app", "/mnt/d", "-d", "-o", "ro")
+    assert call.calls == [
+        (MountSpec(lowers=(fs["base"],), upper=fs["app"], work=work, userxattr=xattr), "/mnt/app", False, None),
+        (MountSpec(lowers=(fs["base"],), readonly=True, userxattr=xattr, timeout=5.0, fsname="look",
+                   allow_other=True), "/mnt/look", False, "/tmp/l"),
+        (MountSpec(lowers=(fs["base"],), upper=fs["app"], work=work, userxattr=xattr, readonly=True, debug=True),
+         "/mnt/d", True, None),
+    ]
+    # an active snapshot without parents: its layer above the store's empty directory
+    run("prepare", "fresh")
+    run("mount", "fresh", "/mnt/f", "-f")
+    spec = call.calls[-1][0]
+    assert spec.lowers == (os.fsencode(run.root / "empty"),) and spec.upper == os.fsencode(
+        run.root / "snapshots/4/fs") and call.calls[-1][2] is True
+
+
+@pytest.mark.parametrize(("exc", "status", "line"), [
+    (MountError("workdir /w is in use by another mount"), 1, "error: workdir /w is in use by another mount"),
+    (OSError(errno.ENOTDIR, "workdir/work is not a directory", b"/w/work"), 1,
+     "error: workdir/work is not a directory: /w/work"),
+    (RuntimeError("forced"), 1, "error: unexpected RuntimeError: forced"),
+])
+def test_mount_errors_are_one_line(run: Run, monkeypatch: pytest.MonkeyPatch, exc: BaseException, status: int,
+                                   line: str) -> None:
+    MountCall(monkeypatch, fail=exc)
+    run("prepare", "a")
+    run("mount", "a", "/mnt/a", status=status)
+    assert run.err == f"unionfs snapshot: {line}\n"
+
+
+def test_mount_option_errors_are_bad_usage(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    call = MountCall(monkeypatch, fail=OptionError("not reached"))
+    run("prepare", "a")
+    run("mount", "a", "/mnt/a", "-o", "frobnicate", status=2)
+    assert run.err.startswith("unionfs snapshot: error: unknown mount option 'frobnicate'")
+    assert call.calls == []

@@ -1,12 +1,27 @@
-"""Mount option parsing into MountSpec."""
+"""Mount option parsing into MountSpec, and writing a MountSpec back as options."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from unionfs.options import DEFAULT_TIMEOUT, MountSpec, OptionError, parse, split_lowerdir, split_options
+from unionfs.options import (
+    DEFAULT_TIMEOUT,
+    MountSpec,
+    OptionError,
+    escape_lowerdir,
+    option_string,
+    parse,
+    render,
+    spec_to_options,
+    split_lowerdir,
+    split_options,
+)
+from unionfs.ownership import IdMap, Ownership
 
 BASE = "lowerdir=/l1:/l2,upperdir=/u,workdir=/w"
 
@@ -173,3 +188,119 @@ def test_mountspec_is_frozen():
     spec = MountSpec(lowers=(b"/a",))
     with pytest.raises(AttributeError):
         spec.upper = b"/u"  # type: ignore[misc]
+
+
+# -- writing: render(spec) is what parse reads back as spec -----------------------------------------------------
+
+#: bytes a path component is made of: the option syntax's own characters, spaces, and bytes that are not UTF-8
+AWKWARD = [b"a", b"Z", b"0", b"-", b".", b":", b",", b"\\", b"=", b" ", b"\t", b"\n", b"\xff", b"\xc3\xa9", b"#"]
+
+
+@st.composite
+def paths(draw: st.DrawFn, backslashes: bool = True) -> bytes:
+    """An absolute path that os.path.abspath leaves as it is (no empty, "." or ".." component)."""
+    alphabet = AWKWARD if backslashes else [c for c in AWKWARD if c != b"\\"]
+    component = st.lists(st.sampled_from(alphabet), min_size=1, max_size=6).map(b"".join)
+    parts = draw(st.lists(component.filter(lambda c: c not in (b".", b"..")), min_size=1, max_size=4))
+    return b"/" + b"/".join(parts)
+
+
+def idmaps() -> st.SearchStrategy[IdMap]:
+    ids = st.integers(min_value=0, max_value=2**32)
+    ranges = st.tuples(ids, ids, st.integers(min_value=1, max_value=2**16))
+    return st.lists(ranges, min_size=1, max_size=3).map(lambda r: IdMap(tuple(r)))
+
+
+def ownerships() -> st.SearchStrategy[Ownership]:
+    ids = st.none() | st.integers(min_value=0, max_value=2**32)
+    return st.builds(Ownership, uidmap=st.none() | idmaps(), gidmap=st.none() | idmaps(), squash_uid=ids,
+                     squash_gid=ids, xattr_permissions=st.booleans())
+
+
+@st.composite
+def specs(draw: st.DrawFn, backslashes: bool = True) -> MountSpec:
+    """Every MountSpec that parse can return (paths absolute and normalized, allow_other None or True)."""
+    writable = draw(st.booleans())
+    return MountSpec(
+        lowers=tuple(draw(st.lists(paths(), min_size=1, max_size=5))),
+        upper=draw(paths(backslashes)) if writable else None,
+        work=draw(paths(backslashes)) if writable else None,
+        readonly=draw(st.booleans()),
+        userxattr=draw(st.sampled_from([None, True, False])),
+        allow_other=draw(st.sampled_from([None, True])),
+        atime=draw(st.booleans()),
+        timeout=draw(st.floats(min_value=0, max_value=86400) | st.just(DEFAULT_TIMEOUT)),
+        fsname=draw(st.text(st.sampled_from("ab:,= é" + "\\" * backslashes), min_size=1, max_size=8)
+                    | st.just("unionfs")),
+        debug=draw(st.booleans()),
+        ownership=draw(st.just(Ownership()) | ownerships()),
+        prescan=draw(st.booleans()),
+    )
+
+
+#: a value split_options cannot give back: a backslash (of an odd run) before a comma, or at the end
+INEXPRESSIBLE = re.compile(r"(?<!\\)(\\\\)*\\(,|\Z)")
+
+
+def expressible(spec: MountSpec) -> bool:
+    values = [os.fsdecode(p) for p in (spec.upper, spec.work) if p is not None] + [spec.fsname]
+    return not any(INEXPRESSIBLE.search(v) for v in values)
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs(backslashes=False))
+def test_render_round_trip(spec: MountSpec) -> None:
+    text = render(spec)
+    assert parse([text]) == spec, text
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs())
+def test_render_round_trip_or_refusal_with_backslashes(spec: MountSpec) -> None:
+    """Lowerdir paths escape their backslashes; other values cannot, and render refuses the inexpressible."""
+    if expressible(spec):
+        assert parse([render(spec)]) == spec
+    else:
+        with pytest.raises(OptionError, match="backslash"):
+            render(spec)
+
+
+@given(st.lists(paths(), min_size=1, max_size=5))
+def test_lowerdir_paths_of_any_bytes_round_trip(lowers: list[bytes]) -> None:
+    assert [os.fsencode(p) for p in split_lowerdir(escape_lowerdir(lowers))] == lowers
+    assert parse([option_string([f"lowerdir={escape_lowerdir(lowers)}"])]).lowers == tuple(lowers)
+
+
+def test_spec_to_options_leaves_defaults_out_in_a_fixed_order() -> None:
+    assert spec_to_options(MountSpec(lowers=(b"/a",))) == ["lowerdir=/a"]
+    spec = MountSpec(lowers=(b"/a:b", b"/c\\d", b"/e,f"), upper=b"/u,1", work=b"/w", readonly=True, userxattr=False)
+    assert spec_to_options(spec) == ["lowerdir=/a\\:b:/c\\\\d:/e,f", "upperdir=/u,1", "workdir=/w", "ro", "nouserxattr"]
+    assert render(spec) == "lowerdir=/a\\:b:/c\\\\d:/e\\,f,upperdir=/u\\,1,workdir=/w,ro,nouserxattr"
+    squashed = parse(["lowerdir=/a,squash_to_root,uidmapping=0:100:10:10:200:5,timeout=2.5"])
+    assert spec_to_options(squashed) == ["lowerdir=/a", "timeout=2.5", "uidmapping=0:100:10:10:200:5",
+                                         "squash_to_uid=0", "squash_to_gid=0"]
+
+
+def test_render_refuses_what_no_option_expresses() -> None:
+    with pytest.raises(OptionError, match="allow_other"):
+        render(MountSpec(lowers=(b"/a",), allow_other=False))
+    with pytest.raises(OptionError, match="uidmapping"):
+        render(MountSpec(lowers=(b"/a",), ownership=Ownership(uidmap=IdMap(()))))
+    with pytest.raises(OptionError, match="backslash"):
+        render(MountSpec(lowers=(b"/a",), upper=b"/u\\", work=b"/w"))
+    with pytest.raises(OptionError, match="backslash"):
+        option_string(["fsname=x\\,y"])
+
+
+def test_option_string_escapes_commas() -> None:
+    assert option_string(["lowerdir=/a,b", "ro"]) == "lowerdir=/a\\,b,ro"
+    assert option_string(["rw", "rbind"]) == "rw,rbind"
+    assert split_options(option_string(["upperdir=/x\\y,z", "a=b"])) == ["upperdir=/x\\y,z", "a=b"]
+
+
+def test_later_options_apply_on_top_of_a_rendered_spec() -> None:
+    """What ``unionfs snapshot mount -o ...`` does: the user's options after the snapshot's."""
+    spec = MountSpec(lowers=(b"/l",), upper=b"/u", work=b"/w", userxattr=True)
+    assert parse([render(spec), "ro,timeout=5"]) == MountSpec(lowers=(b"/l",), upper=b"/u", work=b"/w",
+                                                              userxattr=True, readonly=True, timeout=5.0)
+    assert parse([render(spec), "lowerdir=/other"]).lowers == (b"/other",)

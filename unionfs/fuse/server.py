@@ -1,4 +1,8 @@
-"""Mount, serve and unmount: daemonizing, readiness, signals, and the pyfuse3 option set."""
+"""Mount, serve and unmount: daemonizing, readiness, signals, and the pyfuse3 option set.
+
+:func:`mount` is the one way to mount a :class:`MountSpec`; ``unionfs mount`` and ``unionfs snapshot mount``
+both call it. Importing this module loads pyfuse3 and trio: the commands import it only to mount or unmount.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
-from .. import prescan
+from .. import mountinfo, prescan
 from ..copyup import Workdir
 from ..layers import Stack
 from ..options import MountSpec
@@ -55,7 +59,7 @@ def fuse_options(spec: MountSpec) -> set[str]:
     if spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
         opts.add("allow_other")
     opts.add("atime" if spec.atime else "noatime")
-    if spec.readonly or not spec.writable:
+    if not spec.writable:
         opts.add("ro")
     return opts
 
@@ -134,28 +138,33 @@ async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> Non
         nursery.cancel_scope.cancel()
 
 
-def serve(mount: Mount) -> None:
+def serve(prepared: Mount) -> None:
     """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
-    ops = Operations(mount.union, mount.spec.timeout)
+    ops = Operations(prepared.union, prepared.spec.timeout)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    pyfuse3.init(ops, mount.mountpoint, fuse_options(mount.spec))
-    terminated: list[bool] = []
-    log.info("mounted %s", mount.describe())
     try:
-        yield_ready()
+        pyfuse3.init(ops, prepared.mountpoint, fuse_options(prepared.spec))
+    except RuntimeError as exc:  # the kernel or fusermount3 refused the mount
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        prepared.close()
+        raise MountError(f"mounting {prepared.mountpoint} failed: {exc}") from None
+    terminated: list[bool] = []
+    log.info("mounted %s", prepared.describe())
+    try:
+        _report_ready()
         trio.run(_serve, terminated, mask)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pyfuse3.close(unmount=bool(terminated))
-        mount.close()
-    log.info("unmounted %s", mount.mountpoint)
+        prepared.close()
+    log.info("unmounted %s", prepared.mountpoint)
 
 
 _ready_fd: int | None = None
 
 
-def yield_ready() -> None:
+def _report_ready() -> None:
     """Tell a waiting parent process that the mount is in place."""
     global _ready_fd
     if _ready_fd is not None:
@@ -165,6 +174,7 @@ def yield_ready() -> None:
 
 
 def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
+    """Send the log to ``log_file``, else to stderr in the foreground, else to syslog."""
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger()
     root.handlers.clear()
@@ -172,67 +182,76 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     fmt = logging.Formatter("%(asctime)s unionfs[%(process)d] %(levelname)s %(message)s")
     if log_file:
         try:
-            h: logging.Handler = logging.FileHandler(log_file)
+            handler: logging.Handler = logging.FileHandler(log_file)
         except OSError as exc:
             raise MountError(f"cannot open the log file {log_file}: {exc.strerror}") from None
     elif foreground:
-        h = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
-        h = logging.handlers.SysLogHandler(address="/dev/log")
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
         fmt = logging.Formatter("unionfs[%(process)d]: %(levelname)s %(message)s")
     else:
-        h = logging.NullHandler()
-    h.setFormatter(fmt)
-    root.addHandler(h)
+        handler = logging.NullHandler()
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-def run(spec: MountSpec, mountpoint: str, foreground: bool, log_file: str | None = None) -> int:
-    """The ``mount`` verb: prepare, then serve here (``-f``) or in a background process."""
+def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bool = False,
+          log_file: str | None = None) -> None:
+    """Mount ``spec`` on ``mountpoint`` and serve it: in this process until it is unmounted or signalled
+    (``foreground``), else in a background process, returning once the mount is in place.
+
+    MountError when the mount is refused (nothing on disk has changed then) or fails; ``log_file``, when
+    given, receives the server's log (appended)."""
     global _ready_fd
     mountpoint = os.path.abspath(mountpoint)  # the server changes to / before mounting
     setup_logging(True, spec.debug, log_file)
     if not foreground and not spec.debug:
         logging.getLogger().setLevel(logging.WARNING)
-    os.umask(0)
-    mount = Mount(spec, mountpoint)
-    if foreground:
-        with _pidfile(mountpoint):
-            serve(mount)
-        return 0
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the server
-        os.close(rfd)
-        code = 0
-        try:
-            os.setsid()
-            _detach_stdio()
-            setup_logging(False, spec.debug, log_file)
-            if mount.work is not None and mount.stale:
-                log.info("removed %d stale entries from the work directory", mount.stale)
-            _ready_fd = wfd
+    caller_umask = os.umask(0)  # the server creates files with exactly the modes it is asked for
+    try:
+        prepared = Mount(spec, mountpoint)
+        if foreground:
             with _pidfile(mountpoint):
-                serve(mount)
-        except BaseException as exc:  # report to the parent if it still waits, then die
-            code = 1
-            if _ready_fd is not None:
-                with contextlib.suppress(OSError):
-                    os.write(_ready_fd, f"error: {exc}\n".encode())
-            log.exception("server failed")
-        finally:
-            os._exit(code)
+                serve(prepared)
+            return
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the server
+            os.close(rfd)
+            code = 0
+            try:
+                os.setsid()
+                _detach_stdio()
+                setup_logging(False, spec.debug, log_file)
+                if prepared.stale:
+                    log.info("removed %d stale entries from the work directory", prepared.stale)
+                _ready_fd = wfd
+                with _pidfile(mountpoint):
+                    serve(prepared)
+            except BaseException as exc:  # report to the parent if it still waits, then die
+                code = 1
+                if _ready_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.write(_ready_fd, f"error: {exc}\n".encode())
+                log.exception("server failed")
+            finally:
+                os._exit(code)
+    finally:
+        os.umask(caller_umask)  # (in the parent: the server has its own)
     os.close(wfd)
-    mount.close()
-    msg = _read_all(rfd)
+    prepared.close()
+    msg = _read_report(rfd)
     if msg.startswith("ok"):
-        return 0
+        return
     os.waitpid(pid, 0)
     raise MountError(msg.strip().removeprefix("error: ") or "the server exited before the mount was ready")
 
 
-def _read_all(fd: int) -> str:
+def _read_report(fd: int) -> str:
+    """What the server wrote to the readiness pipe: one line, or nothing when it died first."""
     chunks = []
     while True:
         b = os.read(fd, 4096)
@@ -275,28 +294,9 @@ def _pidfile(mountpoint: str) -> Iterator[None]:
 
 
 def is_mounted(mountpoint: str) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) > 4 and _unescape(fields[4]) == os.fsencode(target):
-                return True
-    return False
-
-
-def _unescape(field: bytes) -> bytes:
-    if b"\\" not in field:
-        return field
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
+    """Whether something is mounted on ``mountpoint`` (symbolic links resolved)."""
+    target = os.fsencode(os.path.realpath(mountpoint))
+    return any(m.mount_point == target for m in mountinfo.read())
 
 
 def unmount(mountpoint: str, timeout: float = 30.0) -> None:

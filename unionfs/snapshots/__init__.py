@@ -10,11 +10,13 @@
         sn.commit("base", "build")             # now a read-only layer usable as a parent
         sn.prepare("app", "base")
 
-The package imports neither pyfuse3 nor trio; mounting goes through the ``unionfs snapshot mount`` command.
+The package imports neither pyfuse3 nor trio; mounting goes through the ``unionfs snapshot mount`` command
+(or ``unionfs.fuse.server.mount(sn.mount_spec(key), mountpoint)``).
 """
 
+from ..options import option_string
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
-from ._snapshotter import STEPS, Finding, Snapshotter, default_root, option_string
+from ._snapshotter import STEPS, Finding, Snapshotter, default_root
 from ._types import Info, Kind, Mount, Usage
 
 __all__ = [

@@ -26,10 +26,11 @@ import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 from ..fsutil import fsync_dir
+from ..options import MountSpec, spec_to_options
 from ..xattrs import can_store_trusted
 from . import _files, _filters
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -117,17 +118,9 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _a(kind: str) -> str:
-    return {"view": "a view", "active": "active"}.get(kind, kind)
-
-
-def _escape_lower(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def option_string(options: Iterable[str]) -> str:
-    """Join mount options into one ``-o`` argument (a comma inside a value is escaped as ``\\,``)."""
-    return ",".join(o.replace(",", "\\,") for o in options)
+def _kind_with_article(kind: str) -> str:
+    """The kind as it reads after "is": "a view", "active", "committed"."""
+    return {"view": "a view"}.get(kind, kind)
 
 
 class Snapshotter:
@@ -224,7 +217,7 @@ class Snapshotter:
                     if prow is None:
                         raise NotFound(f'parent "{parent}" does not exist')
                     if prow.kind != Kind.COMMITTED.value:
-                        raise FailedPrecondition(f'parent "{parent}" is {_a(prow.kind)}, not committed')
+                        raise FailedPrecondition(f'parent "{parent}" is {_kind_with_article(prow.kind)}, not committed')
                     ancestors = [prow, *tx.ancestors(prow.id)]
                 made = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
                 self._populate(made, kind, ancestors[0].id if ancestors else None)
@@ -286,7 +279,7 @@ class Snapshotter:
                 raise NotFound(f'snapshot "{key}" does not exist')
             if row.kind != Kind.ACTIVE.value:
                 raise FailedPrecondition(
-                    f'snapshot "{key}" is {_a(row.kind)}; only an active snapshot can be committed'
+                    f'snapshot "{key}" is {_kind_with_article(row.kind)}; only an active snapshot can be committed'
                 )
             if tx.get(name) is not None:
                 raise AlreadyExists(f'snapshot "{name}" already exists')
@@ -461,43 +454,51 @@ class Snapshotter:
         row, ancestors = self._chain(key)
         return self._mounts(Kind(row.kind), row.id, ancestors)
 
-    def _xattr_options(self) -> tuple[str, ...]:
-        return ("userxattr",) if self.xattr == "user" else ()
+    def _union_spec(self, lowers: Sequence[str], active: int | None = None, *, readonly: bool = False,
+                    pin_xattr: bool = False) -> MountSpec:
+        """A unionfs mount of ``lowers`` (nearest first) and, for the ``active`` snapshot's id, of its layer
+        and workdir. Markers in user.* xattrs give ``userxattr``; trusted.* ones give nothing (the server's
+        choice for a root mount), or ``nouserxattr`` with ``pin_xattr``."""
+        user = self.xattr == "user"
+        return MountSpec(
+            lowers=tuple(map(os.fsencode, lowers)),
+            upper=None if active is None else os.fsencode(self._fs(active)),
+            work=None if active is None else os.fsencode(self._work(active)),
+            readonly=readonly,
+            userxattr=True if user else (False if pin_xattr else None),
+        )
 
     def _mounts(self, kind: Kind, sid: int, ancestors: list[Row]) -> list[Mount]:
         lowers = [self._fs(a.id) for a in ancestors]
         if kind is Kind.ACTIVE:
             if not lowers:
                 return [Mount("bind", self._fs(sid), ("rw", "rbind"))]
-            return [Mount("fuse.unionfs", "unionfs", (
-                "lowerdir=" + ":".join(map(_escape_lower, lowers)),
-                f"upperdir={self._fs(sid)}",
-                f"workdir={self._work(sid)}",
-                *self._xattr_options(),
-            ))]
+            return [Mount("fuse.unionfs", "unionfs", tuple(spec_to_options(self._union_spec(lowers, sid))))]
         if len(lowers) <= 1:
             return [Mount("bind", lowers[0] if lowers else self._fs(sid), ("ro", "rbind"))]
-        return [Mount("fuse.unionfs", "unionfs",
-                      ("lowerdir=" + ":".join(map(_escape_lower, lowers)), *self._xattr_options()))]
+        return [Mount("fuse.unionfs", "unionfs", tuple(spec_to_options(self._union_spec(lowers))))]
 
-    def mount_options(self, key: str) -> list[str]:
-        """The ``unionfs mount -o`` options that serve ``mounts(key)`` with unionfs in every case.
+    def mount_spec(self, key: str) -> MountSpec:
+        """The unionfs mount that serves ``mounts(key)`` in every case (FailedPrecondition for a committed
+        snapshot); mount it with :func:`unionfs.fuse.server.mount`.
 
         A bind mount becomes a unionfs mount of that one directory: read-only for a view, and for an active
         snapshot without parents a writable mount whose upper layer is the snapshot's layer above the store's
-        empty directory. Join them with :func:`option_string`."""
+        empty directory. The xattr namespace of the markers is always given (``userxattr`` or
+        ``nouserxattr``): the store's, whoever mounts."""
         row, ancestors = self._chain(key)
         lowers = [self._fs(a.id) for a in ancestors]
-        xattr = "userxattr" if self.xattr == "user" else "nouserxattr"
         if row.kind == Kind.ACTIVE.value:
             if not lowers:
                 os.makedirs(self.empty_dir, mode=0o755, exist_ok=True)
                 lowers = [self.empty_dir]
-            return ["lowerdir=" + ":".join(map(_escape_lower, lowers)),
-                    f"upperdir={self._fs(row.id)}", f"workdir={self._work(row.id)}", xattr]
-        if not lowers:
-            lowers = [self._fs(row.id)]
-        return ["lowerdir=" + ":".join(map(_escape_lower, lowers)), "ro", xattr]
+            return self._union_spec(lowers, row.id, pin_xattr=True)
+        return self._union_spec(lowers or [self._fs(row.id)], readonly=True, pin_xattr=True)
+
+    def mount_options(self, key: str) -> list[str]:
+        """:meth:`mount_spec` as ``unionfs mount -o`` options; join them with
+        :func:`unionfs.options.option_string`."""
+        return spec_to_options(self.mount_spec(key))
 
     # -- housekeeping ------------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The ``unionfs snapshot`` command: containerd's ``ctr snapshots`` verbs on a local store, plus ``mount``,
 ``tree``, ``cleanup`` and ``fsck``.
 
-Errors end the command with one line on stderr and an exit status telling the kind of error (see
-:data:`EXIT_STATUSES`); nothing here imports pyfuse3 or trio until ``mount`` hands over to ``unionfs mount``.
+Errors end the command with one line on stderr and an exit status telling the kind of error (the snapshot
+errors carry theirs; :mod:`unionfs.cli_errors` tells the others). Nothing here imports pyfuse3 or trio until
+``mount`` hands the snapshot's MountSpec to :func:`unionfs.fuse.server.mount`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
-from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
-from ._snapshotter import ROOT_ENV, Snapshotter, option_string
+from ..cli_errors import EXIT_USAGE, report, run_command
+from ..options import option_string, parse, render
+from ._errors import InvalidArgument, SnapshotError
+from ._snapshotter import ROOT_ENV, Snapshotter
 from ._types import Info, Kind
 
 PROG = "unionfs snapshot"
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_STATUSES = {cls: cls.exit_status for cls in (NotFound, AlreadyExists, FailedPrecondition, InvalidArgument)}
 
 _DESCRIPTION = f"""\
 Build and run layer chains: prepare a writable snapshot on a chain, mount it, change files, commit it as a
@@ -40,7 +39,8 @@ cannot change; only committed snapshots can be parents; a snapshot with children
 The store is --root DIR, else ${ROOT_ENV}, else $XDG_DATA_HOME/unionfs (~/.local/share/unionfs).
 
 exit status: 0 success, 1 other failure, 2 bad usage, 3 not found, 4 already exists,
-             5 failed precondition, 6 invalid argument (fsck: 0 clean, 1 repaired, 4 problems left)
+             5 failed precondition, 6 invalid argument, 130 interrupted
+             (fsck: 0 clean, 1 repaired, 4 problems left)
 """
 
 Handler = Callable[[Snapshotter, argparse.Namespace], int]
@@ -60,7 +60,7 @@ def _parse_labels(items: Sequence[str]) -> dict[str, str]:
     return labels
 
 
-def _human(n: int) -> str:
+def _human_size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -69,7 +69,7 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _table(rows: list[list[str]]) -> None:
+def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -106,13 +106,13 @@ def _remove(sn: Snapshotter, args: argparse.Namespace) -> int:
     for key in args.keys:
         try:
             sn.remove(key)
-        except SnapshotError as exc:
-            _error(exc)
-            status = status or exc.exit_status
+        except SnapshotError as exc:  # reported, and the others are removed all the same
+            failed = report(PROG, exc)
+            status = status or failed
     return status
 
 
-def _info_lines(info: Info) -> list[list[str]]:
+def _info_rows(info: Info) -> list[list[str]]:
     rows = [["name", info.name], ["kind", info.kind.value], ["parent", info.parent or "-"],
             ["created", info.created.isoformat() if info.created else "-"],
             ["updated", info.updated.isoformat() if info.updated else "-"]]
@@ -127,7 +127,7 @@ def _info(sn: Snapshotter, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info.to_json())
     else:
-        _table(_info_lines(info))
+        _print_table(_info_rows(info))
     return 0
 
 
@@ -154,8 +154,8 @@ def _usage(sn: Snapshotter, args: argparse.Namespace) -> int:
         return 0
     rows = [["KEY", "SIZE", "INODES"]]
     for k, u in usages:
-        rows.append([k, str(u.size) if args.bytes else _human(u.size), str(u.inodes)])
-    _table(rows)
+        rows.append([k, str(u.size) if args.bytes else _human_size(u.size), str(u.inodes)])
+    _print_table(rows)
     return 0
 
 
@@ -164,7 +164,7 @@ def _list(sn: Snapshotter, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([i.to_json() for i in infos])
         return 0
-    _table([["KEY", "PARENT", "KIND"]] + [[i.name, i.parent or "", i.kind.value] for i in infos])
+    _print_table([["KEY", "PARENT", "KIND"]] + [[i.name, i.parent or "", i.kind.value] for i in infos])
     return 0
 
 
@@ -179,16 +179,13 @@ def _mounts(sn: Snapshotter, args: argparse.Namespace) -> int:
 
 
 def _mount(sn: Snapshotter, args: argparse.Namespace) -> int:
-    options = sn.mount_options(args.key)
+    # the user's options go after the snapshot's, and win where they disagree
+    spec = parse([render(sn.mount_spec(args.key)), *args.options, *(["debug"] if args.debug else [])])
     sn.close()  # the server is forked from this process: it must not inherit the database connection
-    from .. import cli as unionfs_cli  # pyfuse3 and trio load only now, and only in unionfs.fuse
+    from ..fuse.server import mount  # pyfuse3 and trio load only now
 
-    argv = ["-o", option_string(options)]
-    for extra in args.options:
-        argv += ["-o", extra]
-    argv += (["-f"] if args.foreground else []) + (["-d"] if args.debug else [])
-    argv += ["--log", args.log] if args.log else []
-    return unionfs_cli.cmd_mount([*argv, args.mountpoint], prog=f"{PROG} mount")
+    mount(spec, args.mountpoint, foreground=args.foreground or args.debug, log_file=args.log)
+    return 0
 
 
 def _tree_lines(infos: list[Info]) -> list[str]:
@@ -360,8 +357,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(exc: SnapshotError) -> None:
-    print(f"{PROG}: {exc.kind}: {exc}", file=sys.stderr)
+def _run_verb(args: argparse.Namespace) -> int:
+    with Snapshotter(args.root) as sn:
+        status: int = args.func(sn, args)
+        return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -371,19 +370,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    try:
-        with Snapshotter(args.root) as sn:
-            status: int = args.func(sn, args)
-            return status
-    except SnapshotError as exc:
-        _error(exc)
-        return exc.exit_status
-    except sqlite3.Error as exc:
-        print(f"{PROG}: error: the metadata database: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+    return run_command(PROG, lambda: _run_verb(args))
