@@ -17,11 +17,14 @@ depend on which ``conftest`` module pytest last imported).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import stat
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +263,41 @@ def _read_all(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(b)
         off += len(b)
+
+
+@contextlib.contextmanager
+def readable_layers(upper: dict[str, Any] | None, lowers: list[dict[str, Any]]) -> Iterator[list[bytes]]:
+    """Lower layers built under /tmp (which every user may traverse), their own roots mode 0755: yields the
+    lower layer directories, top first; removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="unionfs-unit-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        Env(base / "env", upper, lowers).close()
+        for d in (base / "env", *(base / "env").iterdir()):
+            os.chmod(d, 0o755)
+        yield [os.fsencode(base / "env" / f"lower{i + 1}") for i in range(len(lowers))]
+    finally:
+        shutil.rmtree(base)
+
+
+def as_nobody(check: Callable[[], None], what: str) -> None:
+    """Run ``check`` in a child process that dropped to uid/gid 65534; fail here when it raises (its
+    exception is on stderr)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            check()
+            code = 0
+        except BaseException as exc:  # reported in the parent's assertion
+            os.write(2, f"child: {exc!r}\n".encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"{what} (stderr has why)"
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,11 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env, Symlink
+from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env, Symlink, as_nobody, readable_layers
 
 from unionfs.layers import ROOT, Entry, Stack, join
 from unionfs.prescan import Prescanned
+from unionfs.whiteout import XattrFormat
 
 NAMES = ["a", "b"]
 
@@ -140,42 +141,19 @@ def test_regression_prescan_of_a_directory_the_server_may_not_read(tmp_path: Pat
     """A lower directory the server may not read or search (a rootless mount over a system tree): the mount
     works, and lookups in it fail as they do without the table (regression: the prescan raised EACCES and the
     mount failed)."""
-    base = Path(tempfile.mkdtemp(prefix="unionfs-prescan-", dir="/tmp"))
-    try:
-        os.chmod(base, 0o755)
-        env = Env(base / "env", {}, [{"open": {"f": "1"}, "closed": Dir({"secret": "s", "sub": {"g": "2"}},
-                                                                             mode=0o700),
-                                      "noexec": Dir({"x": "3"}, mode=0o744)},
-                                     {"closed": {"lower": "4"}, "open": {"h": "5"}}])
-        env.close()
-        for d in (base / "env", *(base / "env").iterdir()):
-            os.chmod(d, 0o755)
-        paths = [b"open", b"open/f", b"open/h", b"closed", b"closed/secret", b"closed/sub/g", b"closed/lower",
-                 b"noexec", b"noexec/x", b"nothing"]
-        layer_dirs = [os.fsencode(base / "env" / n) for n in ("lower1", "lower2")]
-        pid = os.fork()
-        if pid == 0:  # the child drops to an ordinary user and compares
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                from unionfs.whiteout import XattrFormat
+    lowers = [{"open": {"f": "1"}, "closed": Dir({"secret": "s", "sub": {"g": "2"}}, mode=0o700),
+               "noexec": Dir({"x": "3"}, mode=0o744)},
+              {"closed": {"lower": "4"}, "open": {"h": "5"}}]
+    paths = [b"open", b"open/f", b"open/h", b"closed", b"closed/secret", b"closed/sub/g", b"closed/lower",
+             b"noexec", b"noexec/x", b"nothing"]
+    with readable_layers({}, lowers) as layer_dirs:
 
-                probing = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED)
-                table = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED, lowers=Prescanned)
-                assert isinstance(table.lowers, Prescanned) and table.lowers.closed == {b"closed"}, table.lowers
-                want, got = _resolve_all(probing, paths), _resolve_all(table, paths)
-                assert ("error", 13) in want, want  # premise: the directories do refuse this user
-                assert got == want, (got, want)
-                code = 0
-            except BaseException as exc:  # report in the parent's assertion
-                os.write(2, f"child: {exc!r}\n".encode())
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged prescan differed (stderr has why)"
-    finally:
-        import shutil
+        def compare() -> None:
+            probing = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED)
+            table = Stack(layer_dirs, writable=False, fmt=XattrFormat.TRUSTED, lowers=Prescanned)
+            assert isinstance(table.lowers, Prescanned) and table.lowers.closed == {b"closed"}, table.lowers
+            want, got = _resolve_all(probing, paths), _resolve_all(table, paths)
+            assert ("error", 13) in want, want  # premise: the directories do refuse this user
+            assert got == want, (got, want)
 
-        shutil.rmtree(base)
+        as_nobody(compare, "the unprivileged prescan differed")

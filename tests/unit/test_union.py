@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
-from pathlib import Path
 
 import pytest
-from unit_tree import WHITEOUT, XWHITEOUT, Dir, File, Symlink, is_whiteout, opaque_value
+from unit_tree import WHITEOUT, XWHITEOUT, Dir, File, Symlink, as_nobody, is_whiteout, opaque_value, readable_layers
 
 from unionfs import _sys, copyup
 from unionfs.layers import Stack
@@ -813,43 +811,21 @@ def test_listing_child_resolves_each_listed_name_once(make_env):
 def test_listing_of_a_directory_the_server_may_read_but_not_search():
     """The names are listed with the inode number and type the directory gives, marked unreachable (the kernel
     lists them too); every other use of them meets EACCES."""
-    import tempfile
+    with readable_layers({}, [{"noexec": Dir({"x": "3", "sub": {}}, mode=0o744)}, {}]) as layer_dirs:
+        inos = {e.name: e.inode() for e in os.scandir(os.path.join(layer_dirs[0], b"noexec"))}
 
-    from unit_tree import Env
+        def check() -> None:
+            union = Union(Stack(layer_dirs, False, XattrFormat.TRUSTED), None)
+            noexec = union.stack.resolve(b"noexec")
+            assert noexec is not None
+            listing = union.listing(union.listdir(noexec))
+            got = {}
+            for index, (name, _listed) in enumerate(listing.names):
+                child = listing.child(noexec, index)
+                assert child is not None
+                got[name] = (child[0].st.st_ino, stat.S_IFMT(child[0].st.st_mode), child[1])
+            assert got == {b"x": (inos[b"x"], stat.S_IFREG, False), b"sub": (inos[b"sub"], stat.S_IFDIR, False)}, got
+            with pytest.raises(PermissionError):
+                union.lookup(noexec, b"x")
 
-    base = tempfile.mkdtemp(prefix="unionfs-listing-", dir="/tmp")
-    try:
-        os.chmod(base, 0o755)
-        env = Env(Path(base) / "env", {}, [{"noexec": Dir({"x": "3", "sub": {}}, mode=0o744)}, {}])
-        env.close()
-        for d in (Path(base) / "env", *(Path(base) / "env").iterdir()):
-            os.chmod(d, 0o755)
-        inos = {e.name: e.inode() for e in os.scandir(Path(base) / "env" / "lower1" / "noexec")}
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                stack = Stack([os.fsencode(Path(base) / "env" / n) for n in ("lower1", "lower2")], False,
-                              XattrFormat.TRUSTED)
-                union = Union(stack, None)
-                noexec = stack.resolve(b"noexec")
-                assert noexec is not None
-                listing = union.listing(union.listdir(noexec))
-                got = {}
-                for index, (name, _listed) in enumerate(listing.names):
-                    child = listing.child(noexec, index)
-                    assert child is not None
-                    got[os.fsdecode(name)] = (child[0].st.st_ino, stat.S_IFMT(child[0].st.st_mode), child[1])
-                assert got == {"x": (inos["x"], stat.S_IFREG, False), "sub": (inos["sub"], stat.S_IFDIR, False)}, got
-                code = 0
-            except BaseException as exc:
-                os.write(2, f"child: {exc!r}\n".encode())
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged listing differed (stderr has why)"
-    finally:
-        shutil.rmtree(base)
+        as_nobody(check, "the unprivileged listing differed")
