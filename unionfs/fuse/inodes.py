@@ -143,6 +143,19 @@ class InodeTable:
         node.paths.append(path)
         self.by_path[path] = node
 
+    def linked(self, node: Node, entry: Entry) -> None:
+        """A hard link made ``entry`` one more name of ``node``, and the kernel holds one more reference."""
+        self.listing_changed(split(entry.path)[0])
+        self.add_path(node, entry.path)
+        node.lookups += 1
+
+    def listed(self, node: Node) -> None:
+        """A directory listing handed ``node`` to the kernel (READDIRPLUS): one more reference it holds."""
+        node.lookups += 1
+
+    def opened(self, node: Node) -> None:
+        node.opens += 1
+
     def copied_up(self, copied: CopiedUp) -> list[tuple[int, bytes]]:
         """An object moved to the upper layer: it keeps its number, now reached through the copy. Returns the
         (directory inode, name) of every other name that must be looked up again: those of a lower hard link

@@ -339,9 +339,7 @@ class Operations(pyfuse3.Operations):
         node = self._live(inode)
         parent = self._live(new_parent_inode)
         entry = await self._change_long(self.union.link, node, parent, new_name, _caller(ctx))
-        self.inodes.listing_changed(parent.path)
-        self.inodes.add_path(node, entry.path)
-        node.lookups += 1
+        self.inodes.linked(node, entry)
         return self._attrs(node, self._fresh_stat(node))
 
     @boundary
@@ -386,7 +384,7 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, node: Node, fd: int, writable: bool) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = FileHandle(node, fd, node.entry.layer, writable)
-        node.opens += 1
+        self.inodes.opened(node)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True
         return info
@@ -445,7 +443,7 @@ class Operations(pyfuse3.Operations):
         self.union.opendir(node.entry, _caller(ctx))
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
-        node.opens += 1
+        self.inodes.opened(node)
         return fh
 
     def _merged(self, node: Node) -> dict[bytes, tuple[int, int]]:
@@ -491,7 +489,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, index + 3):
                 self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
                 return
-            node.lookups += 1
+            self.inodes.listed(node)
             listing.sent(index)
 
     @boundary
