@@ -12,7 +12,7 @@ status      reason
 ==========  =================================================================================================
 
 The line is ``PROG: KIND: MESSAGE``: the kind is ``error`` but for snapshot errors, which carry their own
-(``not found``, ...).
+(``not found``, ...); Ctrl-C gives ``PROG: interrupted``. A newline inside a message is written as ``\\n``.
 """
 
 from __future__ import annotations
