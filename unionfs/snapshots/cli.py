@@ -14,6 +14,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from .. import __version__
 from ..cli_errors import EXIT_USAGE, report, run_command
 from ..options import option_string, parse, render
 from ._errors import InvalidArgument, SnapshotError
@@ -272,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", metavar="DIR", help=root_help)
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}",
+                   help="print the version and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     reading = argparse.ArgumentParser(add_help=False)
