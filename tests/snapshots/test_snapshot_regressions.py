@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import unionfs
+from unionfs.snapshots import Snapshotter
 from unionfs.snapshots.cli import main
 
 
@@ -14,3 +19,19 @@ def test_regression_version_flag(flag: str, capsys: pytest.CaptureFixture[str]) 
         main([flag])
     assert exc.value.code == 0
     assert capsys.readouterr().out == f"unionfs snapshot {unionfs.__version__}\n"
+
+
+def test_regression_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `unionfs snapshot tree | head -1` printed "error: Broken pipe" and exited 1.
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        parent = None
+        for i in range(300):
+            sn.prepare(f"a{i}", parent)
+            sn.commit(f"c{i:03}", f"a{i}")
+            parent = f"c{i:03}"
+    script = '"$@" | head -c 1 >/dev/null; echo "${PIPESTATUS[0]}" >&2'
+    for verb in (["tree"], ["ls"], ["info", "c000", "--json"]):
+        r = subprocess.run(["bash", "-c", script, "sh", sys.executable, "-m", "unionfs", "snapshot", "--root",
+                            str(root), *verb], capture_output=True, text=True, timeout=120)
+        assert r.stderr.strip() in ("0", "141"), (verb, r.stderr)

@@ -9,7 +9,9 @@ errors carry theirs; :mod:`unionfs.cli_errors` tells the others). Nothing here i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -360,10 +362,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The exit status after the reader of stdout went away (128 + SIGPIPE, what a shell reports for a command
+#: killed by the signal); nothing is printed then.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left (also at interpreter exit) cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+
+
 def _run_verb(args: argparse.Namespace) -> int:
-    with Snapshotter(args.root) as sn:
-        status: int = args.func(sn, args)
-        return status
+    try:
+        with Snapshotter(args.root) as sn:
+            status: int = args.func(sn, args)
+        sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
