@@ -202,7 +202,8 @@ def test_store_location(scratch: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert (scratch / "data/unionfs/metadata.db").exists()
     monkeypatch.setenv("UNIONFS_ROOT", str(scratch / "env"))
     assert main(["prepare", "in-env"]) == 0
-    assert main(["ls", "--root", str(scratch / "flag"), "--json"]) == 0  # --root after the verb too
+    assert main(["prepare", "in-flag", "--root", str(scratch / "flag")]) == 0  # --root after the verb too
+    assert main(["ls", "--root", str(scratch / "flag"), "--json"]) == 0
     capsys.readouterr()
     assert main(["ls", "--json"]) == 0
     assert [i["name"] for i in json.loads(capsys.readouterr().out)] == ["in-env"]

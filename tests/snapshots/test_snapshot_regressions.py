@@ -35,3 +35,16 @@ def test_regression_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         r = subprocess.run(["bash", "-c", script, "sh", sys.executable, "-m", "unionfs", "snapshot", "--root",
                             str(root), *verb], capture_output=True, text=True, timeout=120)
         assert r.stderr.strip() in ("0", "141"), (verb, r.stderr)
+
+
+@pytest.mark.parametrize("args", [["ls"], ["info", "x"], ["label", "x"], ["label", "x", "a=b"], ["usage"],
+                                  ["mounts", "/t", "x"], ["tree"], ["fsck"], ["fsck", "--repair"], ["cleanup"],
+                                  ["rm", "x"], ["commit", "n", "x"], ["mount", "x", "/t"]])
+def test_regression_read_verbs_create_no_store(args: list[str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # `unionfs snapshot --root /mistyped/path ls` created that directory tree.
+    root = tmp_path / "mistyped" / "path"
+    assert main(["--root", str(root), *args]) == 3
+    assert capsys.readouterr().err == f"unionfs snapshot: not found: no store at {root}\n"
+    assert not (tmp_path / "mistyped").exists()
+    assert main(["--root", str(root), "prepare", "x"]) == 0 and (root / "metadata.db").exists()

@@ -128,15 +128,20 @@ class Snapshotter:
 
     Several Snapshotter objects, in one process or many, may use the same root at once: every change is one
     SQLite transaction holding the database's write lock. ``timeout`` is how long (seconds) an operation
-    waits for another process's transaction to end.
+    waits for another process's transaction to end. A missing store is created, unless ``create`` is false:
+    NotFound then.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 30.0,
+                 create: bool = True) -> None:
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
         if "\\" in self.root:
             raise InvalidArgument(f"root {self.root!r}: a backslash in the path cannot be expressed in mount options")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.empty_dir = os.path.join(self.root, "empty")
+        if not create and not (os.path.isfile(os.path.join(self.root, "metadata.db"))
+                               and os.path.isdir(self.snapshots_dir)):
+            raise NotFound(f"no store at {self.root}")
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             for d, mode in ((self.snapshots_dir, 0o700), (self.empty_dir, 0o755)):

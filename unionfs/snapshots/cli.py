@@ -377,9 +377,13 @@ def _silence_stdout() -> None:
             os.close(null)
 
 
+#: The verbs that create the store when it does not exist; the others fail with NotFound.
+_CREATING = frozenset({"prepare", "view"})
+
+
 def _run_verb(args: argparse.Namespace) -> int:
     try:
-        with Snapshotter(args.root) as sn:
+        with Snapshotter(args.root, create=args.verb in _CREATING) as sn:
             status: int = args.func(sn, args)
         sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
     except BrokenPipeError:
