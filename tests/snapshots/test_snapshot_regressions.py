@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,22 @@ def test_regression_read_verbs_create_no_store(args: list[str], tmp_path: Path,
     assert capsys.readouterr().err == f"unionfs snapshot: not found: no store at {root}\n"
     assert not (tmp_path / "mistyped").exists()
     assert main(["--root", str(root), "prepare", "x"]) == 0 and (root / "metadata.db").exists()
+
+
+def test_regression_fsck_without_repair_does_not_word_findings_as_done(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Without --repair the findings read "it is deleted (can be repaired)", as if fsck had acted.
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        sn.prepare("a")
+    (root / "snapshots" / "77").mkdir()
+    os.rmdir(root / "snapshots" / "1" / "work")
+    assert main(["--root", str(root), "fsck"]) == 4
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == sorted([
+        'snapshot "a" (snapshots/1): its work directory is missing; `fsck --repair` would recreate it',
+        "snapshots/77: orphan (no snapshot refers to it); `fsck --repair` would delete it"])
+    assert main(["--root", str(root), "fsck", "--repair"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == sorted(['snapshot "a" (snapshots/1): its work directory is missing; recreated',
+                                    "snapshots/77: orphan (no snapshot refers to it); deleted"])

@@ -74,20 +74,28 @@ def default_root() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """One disagreement :meth:`Snapshotter.fsck` found between the metadata and the directories."""
+    """One disagreement :meth:`Snapshotter.fsck` found between the metadata and the directories.
+
+    ``problem`` says what is wrong; for a repairable finding ``repair`` says what a repair does (``delete
+    it``) and ``done`` what it did (``deleted``)."""
 
     subject: str
     problem: str
     repairable: bool
     repaired: bool = False
+    repair: str = ""
+    done: str = ""
 
     def __str__(self) -> str:
-        state = "repaired" if self.repaired else "can be repaired" if self.repairable else "cannot be repaired"
-        return f"{self.subject}: {self.problem} ({state})"
+        if self.repaired:
+            return f"{self.subject}: {self.problem}; {self.done or 'repaired'}"
+        if self.repairable:
+            return f"{self.subject}: {self.problem}; `fsck --repair` would {self.repair or 'repair it'}"
+        return f"{self.subject}: {self.problem} (cannot be repaired)"
 
     def to_json(self) -> dict[str, object]:
         return {"subject": self.subject, "problem": self.problem, "repairable": self.repairable,
-                "repaired": self.repaired}
+                "repaired": self.repaired, "repair": self.repair or None}
 
 
 def _check_key(key: object, what: str = "key") -> str:
@@ -571,28 +579,28 @@ class Snapshotter:
                     if repair:
                         tx.delete(r.id)
                         dropped.add(r.id)
-                    findings.append(Finding(subject, f"its {lost} is missing; the record is dropped",
-                                            repairable=True, repaired=repair))
+                    findings.append(Finding(subject, f"its {lost} is missing", repairable=True, repaired=repair,
+                                            repair="forget the snapshot", done="the snapshot is forgotten"))
                     continue
                 if r.kind == Kind.ACTIVE.value and not os.path.isdir(self._work(r.id)):
                     if repair:
                         os.mkdir(self._work(r.id), 0o700)
-                    findings.append(Finding(subject, "its work directory is missing; it is recreated",
-                                            repairable=True, repaired=repair))
+                    findings.append(Finding(subject, "its work directory is missing", repairable=True,
+                                            repaired=repair, repair="recreate it", done="recreated"))
                 if r.kind == Kind.COMMITTED.value and (r.size is None or r.inodes is None):
                     if repair:
                         u = _files.disk_usage(self._fs(r.id))
                         tx.set_usage(r.id, u.size, u.inodes)
-                    findings.append(Finding(subject, "its usage was never recorded; it is measured",
-                                            repairable=True, repaired=repair))
+                    findings.append(Finding(subject, "its usage was never recorded", repairable=True,
+                                            repaired=repair, repair="measure it", done="measured"))
             ids = set(rows) - dropped
             with os.scandir(self.snapshots_dir) as it:  # (the directories of dropped records are reported above)
                 orphans = sorted(e.name for e in it if not (e.name.isdigit() and int(e.name) in set(rows)))
             for name in orphans:
                 why = ("an interrupted deletion" if name.startswith("rm-") else
                        "an interrupted creation" if name.startswith("new-") else "no snapshot refers to it")
-                findings.append(Finding(f"snapshots/{name}", f"orphan ({why}); it is deleted",
-                                        repairable=True, repaired=repair))
+                findings.append(Finding(f"snapshots/{name}", f"orphan ({why})", repairable=True,
+                                        repaired=repair, repair="delete it", done="deleted"))
             if repair:
                 claimed += self._claim_orphans(ids)
         for _name, path in claimed:
