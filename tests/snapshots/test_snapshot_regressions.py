@@ -68,3 +68,26 @@ def test_regression_fsck_without_repair_does_not_word_findings_as_done(
     lines = capsys.readouterr().out.splitlines()
     assert sorted(lines) == sorted(['snapshot "a" (snapshots/1): its work directory is missing; recreated',
                                     "snapshots/77: orphan (no snapshot refers to it); deleted"])
+
+
+def test_regression_rm_checks_every_key_and_removes_all_or_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `unionfs snapshot rm nope ra` removed ra and reported only nope.
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        sn.prepare("ra")
+        sn.prepare("b")
+        sn.commit("base", "b")
+        sn.prepare("kid", "base")
+    assert main(["--root", str(root), "rm", "nope", "ra", "base", "gone"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("unionfs snapshot: not found: nothing removed: ")
+    for words in ('"nope" does not exist', '"gone" does not exist', '"base" has 1 child'):
+        assert words in err
+    with Snapshotter(root) as sn:
+        assert [i.name for i in sn.walk()] == ["base", "kid", "ra"]
+        assert sorted(os.listdir(root / "snapshots")) == ["1", "2", "3"]
+    # a parent goes together with its only child, whatever the order given
+    assert main(["--root", str(root), "rm", "base", "kid", "ra"]) == 0
+    with Snapshotter(root) as sn:
+        assert sn.walk() == [] and os.listdir(root / "snapshots") == []

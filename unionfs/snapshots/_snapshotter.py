@@ -33,7 +33,7 @@ from ..fsutil import fsync_dir
 from ..options import MountSpec, spec_to_options
 from ..xattrs import can_store_trusted
 from . import _files, _filters
-from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 from ._store import Row, Store, Tx
 from ._types import Info, Kind, Mount, Usage, from_ns
 
@@ -314,28 +314,61 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         """Remove a snapshot of any kind, and its directory.
 
-        NotFound when ``key`` does not exist; FailedPrecondition when snapshots are built on it."""
-        key = _check_key(key)
+        NotFound when ``key`` does not exist; FailedPrecondition when snapshots are built on it or it is
+        mounted."""
+        self.remove_all([key])
+
+    def remove_all(self, keys: Iterable[str]) -> None:
+        """Remove every snapshot of ``keys`` and their directories, or none of them: all are checked first
+        and removed in one transaction (a snapshot whose children are all among ``keys`` can go with them).
+
+        When any cannot be removed, the error names every one that cannot and why; its kind is that of the
+        first of them (NotFound, FailedPrecondition)."""
+        wanted = list(dict.fromkeys(_check_key(k) for k in keys))
+        if not wanted:
+            return
         with contextlib.ExitStack() as held, self._store.write() as tx:  # the lock outlives the transaction
             _step("remove.locked")
-            row = tx.get(key)
-            if row is None:
-                raise NotFound(f'snapshot "{key}" does not exist')
-            if row.kind == Kind.ACTIVE.value:
-                held.enter_context(self._not_mounted(row, "remove"))
-            n = tx.children(row.id)
-            if n:
-                raise FailedPrecondition(
-                    f'snapshot "{key}" has {n} {"child" if n == 1 else "children"}; remove {"it" if n == 1 else "them"}'
-                    " first"
-                )
-            tx.delete(row.id)
+            problems: list[SnapshotError] = []
+            rows: list[Row] = []
+            for key in wanted:
+                row = tx.get(key)
+                if row is None:
+                    problems.append(NotFound(f'snapshot "{key}" does not exist'))
+                else:
+                    rows.append(row)
+            going = {r.id for r in rows}
+            for row in rows:
+                try:
+                    if row.kind == Kind.ACTIVE.value:
+                        held.enter_context(self._not_mounted(row, "remove"))
+                except FailedPrecondition as exc:
+                    problems.append(exc)
+                    continue
+                n = len(tx.child_ids(row.id) - going)
+                if n:
+                    problems.append(FailedPrecondition(
+                        f'snapshot "{row.key}" has {n} {"child" if n == 1 else "children"}; remove '
+                        f'{"it" if n == 1 else "them"} first'
+                    ))
+            if problems:
+                first = problems[0]
+                message = "; ".join(str(p) for p in problems)
+                if len(problems) > 1:
+                    message = f"nothing removed: {message}"
+                raise type(first)(message)
+            # children before their parents, so that no row ever refers to a deleted one
+            by_id = {r.id: r for r in rows}
+            depth = {r.id: len(tx.ancestors(r.id)) for r in rows}
+            for sid in sorted(by_id, key=lambda i: -depth[i]):
+                tx.delete(sid)
             _step("remove.deleted")
         _step("remove.committed")
-        try:
-            self._reclaim(self._dir(row.id), progress=True)
-        except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
-            log.warning("removed %s but could not delete %s: %s", key, self._dir(row.id), exc.strerror)
+        for row in rows:
+            try:
+                self._reclaim(self._dir(row.id), progress=True)
+            except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
+                log.warning("removed %s but could not delete %s: %s", row.key, self._dir(row.id), exc.strerror)
         _step("remove.done")
 
     @contextlib.contextmanager

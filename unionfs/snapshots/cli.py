@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..cli_errors import EXIT_USAGE, report, run_command
+from ..cli_errors import EXIT_USAGE, run_command
 from ..options import option_string, parse, render
-from ._errors import InvalidArgument, SnapshotError
+from ._errors import InvalidArgument
 from ._snapshotter import ROOT_ENV, Snapshotter
 from ._types import Info, Kind
 
@@ -105,14 +105,8 @@ def _commit(sn: Snapshotter, args: argparse.Namespace) -> int:
 
 
 def _remove(sn: Snapshotter, args: argparse.Namespace) -> int:
-    status = 0
-    for key in args.keys:
-        try:
-            sn.remove(key)
-        except SnapshotError as exc:  # reported, and the others are removed all the same
-            failed = report(PROG, exc)
-            status = status or failed
-    return status
+    sn.remove_all(args.keys)
+    return 0
 
 
 def _info_rows(info: Info) -> list[list[str]]:
@@ -311,7 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE", help="set a label")
 
     sp = verb("rm", _remove, "remove snapshots", aliases=("remove", "delete", "del"),
-              description="Remove snapshots and their layers; a snapshot with children cannot be removed.")
+              description="Remove snapshots and their layers: all of them or, when any cannot be removed (it does not\n"
+              "exist, is mounted or has children that are not removed with it), none; the error names each.")
     sp.add_argument("keys", metavar="KEY", nargs="+")
 
     sp = verb("info", _info, "show what is known about a snapshot", read=True)
