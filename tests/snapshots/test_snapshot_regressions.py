@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import unionfs
+from unionfs.options import MountSpec
 from unionfs.snapshots import Snapshotter
 from unionfs.snapshots.cli import main
 
@@ -91,3 +92,53 @@ def test_regression_rm_checks_every_key_and_removes_all_or_none(
     assert main(["--root", str(root), "rm", "base", "kid", "ra"]) == 0
     with Snapshotter(root) as sn:
         assert sn.walk() == [] and os.listdir(root / "snapshots") == []
+
+
+class _FakeMount:
+    """Stands in for unionfs.fuse.server.mount and records what it was handed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from unionfs.fuse import server
+
+        self.specs: list[MountSpec] = []
+        monkeypatch.setattr(server, "mount", self)
+
+    def __call__(self, spec: MountSpec, mountpoint: str, *, foreground: bool = False,
+                 log_file: str | None = None) -> None:
+        self.specs.append(spec)
+
+
+@pytest.mark.parametrize(("option", "name"), [
+    ("lowerdir=/tmp", "lowerdir"), ("upperdir=/tmp/u,workdir=/tmp/w", "upperdir"),
+    ("timeout=3,workdir=/tmp/w", "workdir"), ("userxattr", "userxattr"), ("nouserxattr", "nouserxattr")])
+def test_regression_mount_options_cannot_replace_the_layers(
+        option: str, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `snapshot mount KEY MNT -o lowerdir=/tmp` mounted /tmp as the snapshot's lower layer, and upperdir=/workdir=
+    # sent its writes elsewhere (and `snapshot rm` of the snapshot then succeeded while it was mounted).
+    fake = _FakeMount(monkeypatch)
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        sn.prepare("b")
+        sn.commit("base", "b")
+        sn.prepare("app", "base")
+    assert main(["--root", str(root), "mount", "app", str(tmp_path), "-o", option]) == 6
+    assert capsys.readouterr().err.startswith(f"unionfs snapshot: invalid argument: mount option {name!r} ")
+    assert fake.specs == []
+
+
+def test_regression_mount_options_may_tune_a_snapshot_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeMount(monkeypatch)
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        sn.prepare("b")
+        sn.commit("base", "b")
+        sn.prepare("app", "base")
+        plain = sn.mount_spec("app")
+    assert main(["--root", str(root), "mount", "app", str(tmp_path), "-o", "ro,timeout=3,allow_other,prescan",
+                 "-o", "uidmapping=0:1000:1"]) == 0
+    (spec,) = fake.specs
+    assert (spec.lowers, spec.upper, spec.work, spec.userxattr) == (plain.lowers, plain.upper, plain.work,
+                                                                     plain.userxattr)
+    assert spec.readonly and spec.timeout == 3 and spec.allow_other and spec.prescan
+    assert spec.ownership.uidmap is not None

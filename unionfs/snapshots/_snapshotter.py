@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 from ..fsutil import fsync_dir
-from ..options import MountSpec, spec_to_options
+from ..options import MountSpec, parse, render, spec_to_options, split_options
 from ..xattrs import can_store_trusted
 from . import _files, _filters
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
@@ -54,6 +54,10 @@ STEPS = (
     "remove.locked", "remove.deleted", "remove.committed", "remove.renamed", "remove.deleting", "remove.done",
 )
 crash_hook: Callable[[str], None] | None = None
+
+#: Mount options that :meth:`Snapshotter.mount_spec` refuses among the caller's: they would replace what the
+#: snapshot's layers are (or how their markers are read).
+FIXED_MOUNT_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "userxattr", "nouserxattr"})
 
 
 def _step(name: str) -> None:
@@ -524,22 +528,37 @@ class Snapshotter:
             return [Mount("bind", lowers[0] if lowers else self._fs(sid), ("ro", "rbind"))]
         return [Mount("fuse.unionfs", "unionfs", tuple(spec_to_options(self._union_spec(lowers))))]
 
-    def mount_spec(self, key: str) -> MountSpec:
+    def mount_spec(self, key: str, options: Sequence[str] = ()) -> MountSpec:
         """The unionfs mount that serves ``mounts(key)`` in every case (FailedPrecondition for a committed
         snapshot); mount it with :func:`unionfs.fuse.server.mount`.
+
+        ``options`` are further ``-o`` texts that tune the mount (``timeout=``, ``allow_other``, ``ro``,
+        ``uidmapping=``, ...); they win where they disagree with the snapshot's, but may not replace its
+        layers or the xattr namespace of its markers: InvalidArgument for ``lowerdir``, ``upperdir``,
+        ``workdir``, ``userxattr`` and ``nouserxattr``. (``ro`` only narrows what an active snapshot allows.)
 
         A bind mount becomes a unionfs mount of that one directory: read-only for a view, and for an active
         snapshot without parents a writable mount whose upper layer is the snapshot's layer above the store's
         empty directory. The xattr namespace of the markers is always given (``userxattr`` or
         ``nouserxattr``): the store's, whoever mounts."""
+        for text in options:
+            for opt in split_options(text):
+                name = opt.partition("=")[0]
+                if name in FIXED_MOUNT_OPTIONS:
+                    raise InvalidArgument(
+                        f"mount option {name!r} cannot be given for a snapshot: its layers and the xattr namespace "
+                        "of their markers are the snapshot's"
+                    )
         row, ancestors = self._chain(key)
         lowers = [self._fs(a.id) for a in ancestors]
         if row.kind == Kind.ACTIVE.value:
             if not lowers:
                 os.makedirs(self.empty_dir, mode=0o755, exist_ok=True)
                 lowers = [self.empty_dir]
-            return self._union_spec(lowers, row.id, pin_xattr=True)
-        return self._union_spec(lowers or [self._fs(row.id)], readonly=True, pin_xattr=True)
+            spec = self._union_spec(lowers, row.id, pin_xattr=True)
+        else:
+            spec = self._union_spec(lowers or [self._fs(row.id)], readonly=True, pin_xattr=True)
+        return parse([render(spec), *options]) if options else spec
 
     def mount_options(self, key: str) -> list[str]:
         """:meth:`mount_spec` as ``unionfs mount -o`` options; join them with

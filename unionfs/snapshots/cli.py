@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..cli_errors import EXIT_USAGE, run_command
-from ..options import option_string, parse, render
+from ..options import option_string
 from ._errors import InvalidArgument
 from ._snapshotter import ROOT_ENV, Snapshotter
 from ._types import Info, Kind
@@ -176,8 +176,8 @@ def _mounts(sn: Snapshotter, args: argparse.Namespace) -> int:
 
 
 def _mount(sn: Snapshotter, args: argparse.Namespace) -> int:
-    # the user's options go after the snapshot's, and win where they disagree
-    spec = parse([render(sn.mount_spec(args.key)), *args.options, *(["debug"] if args.debug else [])])
+    # the user's options tune the snapshot's mount (and win where they disagree); they cannot replace its layers
+    spec = sn.mount_spec(args.key, [*args.options, *(["debug"] if args.debug else [])])
     sn.close()  # the server is forked from this process: it must not inherit the database connection
     from ..fuse.server import mount  # pyfuse3 and trio load only now
 
@@ -341,7 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("key", metavar="KEY")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
     sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                    help="further unionfs mount options (see `unionfs mount --help`)")
+                    help="further unionfs mount options that tune the mount (see `unionfs mount --help`); "
+                    "lowerdir, upperdir, workdir, userxattr and nouserxattr are the snapshot's and refused")
     sp.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     sp.add_argument("-d", "--debug", action="store_true", help="log every request; implies -f")
     sp.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
