@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import CreateFile, Harness, fuse_unavailable
 
 import unionfs
 from unionfs.options import MountSpec
@@ -142,3 +145,44 @@ def test_regression_mount_options_may_tune_a_snapshot_mount(tmp_path: Path, monk
                                                                      plain.userxattr)
     assert spec.readonly and spec.timeout == 3 and spec.allow_other and spec.prescan
     assert spec.ownership.uidmap is not None
+
+
+# -- mounted snapshots ------------------------------------------------------------------------------------------
+
+needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+
+
+@pytest.fixture
+def h(scratch: Path) -> Iterator[Harness]:
+    harness = Harness(scratch)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@needs_fuse
+def test_regression_mounted_view_and_its_parents_are_protected(h: Harness) -> None:
+    # `snapshot view vv app-v1; snapshot mount vv mnt; snapshot rm vv; snapshot rm app-v1` all succeeded, the
+    # live mount broke, and fsck said "no problems found".
+    h.layer("base", None, [CreateFile("/a", b"a")])
+    h.layer("app-v1", "base", [CreateFile("/b", b"b")])
+    h.sn.view("vv", "app-v1")
+    with h.mounted_at("vv") as mp:
+        for keys in (["vv"], ["vv", "app-v1"], ["app-v1", "vv", "base"]):
+            r = h.cli("rm", *keys)
+            assert r.returncode == 5, (keys, r.stderr)
+            assert r.stderr.count("\n") == 1 and f"mounted on {mp}" in r.stderr, r.stderr
+        assert 'snapshot "app-v1" is mounted on ' + f'{mp} (a mount of "vv", built on it)' in r.stderr
+        assert 'snapshot "base" is mounted on' in r.stderr
+        assert [i.name for i in h.sn.walk()] == ["app-v1", "base", "vv"]
+        assert (mp / "a").read_bytes() == b"a" and (mp / "b").read_bytes() == b"b"
+        # a mount whose snapshot went anyway (behind the store's back) is reported by fsck
+        db = sqlite3.connect(h.root / "metadata.db")
+        db.execute("DELETE FROM snapshots WHERE key = 'vv'")
+        db.commit()
+        db.close()
+        r = h.cli("fsck")
+        assert r.returncode == 4 and f"the mount on {mp}: " in r.stdout and '"vv"' in r.stdout, r.stdout
+    r = h.cli("rm", "app-v1")  # unmounted: only its (forgotten) child's directory is left
+    assert r.returncode == 0, r.stderr

@@ -29,11 +29,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 
+from .. import mountinfo
 from ..fsutil import fsync_dir
 from ..options import MountSpec, parse, render, spec_to_options, split_options
 from ..xattrs import can_store_trusted
-from . import _files, _filters
+from . import _files, _filters, _mounts
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
+from ._mounts import Record as MountRecord
 from ._store import Row, Store, Tx
 from ._types import Info, Kind, Mount, Usage, from_ns
 
@@ -151,6 +153,9 @@ class Snapshotter:
             raise InvalidArgument(f"root {self.root!r}: a backslash in the path cannot be expressed in mount options")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.empty_dir = os.path.join(self.root, "empty")
+        #: where ``unionfs snapshot mount`` records the mounts it makes (see :mod:`._mounts`)
+        self.mounts_dir = os.path.join(self.root, "mounts")
+        self._registry = _mounts.Registry(self.mounts_dir)
         if not create and not (os.path.isfile(os.path.join(self.root, "metadata.db"))
                                and os.path.isdir(self.snapshots_dir)):
             raise NotFound(f"no store at {self.root}")
@@ -344,8 +349,7 @@ class Snapshotter:
             going = {r.id for r in rows}
             for row in rows:
                 try:
-                    if row.kind == Kind.ACTIVE.value:
-                        held.enter_context(self._not_mounted(row, "remove"))
+                    held.enter_context(self._not_mounted(row, "remove"))
                 except FailedPrecondition as exc:
                     problems.append(exc)
                     continue
@@ -375,10 +379,30 @@ class Snapshotter:
                 log.warning("removed %s but could not delete %s: %s", row.key, self._dir(row.id), exc.strerror)
         _step("remove.done")
 
+    def _where_mounted(self, row: Row) -> list[str]:
+        """Where snapshot ``row`` is in use by a mount: mounts of it or of a snapshot built on it recorded by
+        ``unionfs snapshot mount``."""
+        table = mountinfo.read()
+        where = []
+        for r in self._registry.live(table):
+            if row.id in r.ids:
+                mp = os.fsdecode(r.mountpoint)
+                where.append(mp if r.ids[0] == row.id else f'{mp} (a mount of "{r.key}", built on it)')
+        return list(dict.fromkeys(where))
+
     @contextlib.contextmanager
     def _not_mounted(self, row: Row, verb: str) -> Iterator[None]:
-        """Hold the workdir lock of active snapshot ``row`` (the one a unionfs server holds while it serves
-        the snapshot): FailedPrecondition when it is mounted, and no mount can start meanwhile."""
+        """FailedPrecondition when snapshot ``row`` is in use by a mount (:meth:`_where_mounted`); for an
+        active snapshot, hold its workdir lock (the one a unionfs server holds while it serves the snapshot)
+        meanwhile, so that no mount of it can start."""
+        where = self._where_mounted(row)
+        if where:
+            raise FailedPrecondition(
+                f'snapshot "{row.key}" is mounted on {", ".join(where)}; unmount it before you {verb} it'
+            )
+        if row.kind != Kind.ACTIVE.value:
+            yield
+            return
         try:
             fd = os.open(self._work(row.id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:  # fsck's business; nothing can be mounted without it
@@ -389,7 +413,8 @@ class Snapshotter:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise FailedPrecondition(
-                    f'snapshot "{row.key}" is mounted; unmount it before you {verb} it'
+                    f'snapshot "{row.key}" is mounted (its work directory is in use by a unionfs server); '
+                    f"unmount it before you {verb} it"
                 ) from None
             yield
         finally:
@@ -565,6 +590,28 @@ class Snapshotter:
         :func:`unionfs.options.option_string`."""
         return spec_to_options(self.mount_spec(key))
 
+    def begin_mount(self, key: str, mountpoint: str | os.PathLike[str],
+                    options: Sequence[str] = ()) -> tuple[MountSpec, MountRecord]:
+        """:meth:`mount_spec` of ``key``, and a record of the mount this process is about to make on
+        ``mountpoint`` (which protects the snapshot and those beneath it from removal while it lasts). Call
+        :meth:`mount_placed` once the mount is in place, or :meth:`mount_ended` when it failed or has ended."""
+        spec = self.mount_spec(key, options)
+        target = os.fsencode(os.path.realpath(mountpoint))
+        with self._store.write() as tx:
+            row = self._get(tx, key)
+            self._registry.prune(mountinfo.read())
+            record = self._registry.add(target, row.key, [row.id, *(a.id for a in tx.ancestors(row.id))])
+        return spec, record
+
+    def mount_placed(self, record: MountRecord) -> None:
+        """The mount of ``record`` (:meth:`begin_mount`) is in place; its record outlives this process."""
+        if not self._registry.placed(record):
+            self._registry.drop(record)
+
+    def mount_ended(self, record: MountRecord) -> None:
+        """The mount of ``record`` failed, or has ended (a mount served in the foreground)."""
+        self._registry.drop(record)
+
     # -- housekeeping ------------------------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
@@ -645,6 +692,9 @@ class Snapshotter:
                         tx.set_usage(r.id, u.size, u.inodes)
                     findings.append(Finding(subject, "its usage was never recorded", repairable=True,
                                             repaired=repair, repair="measure it", done="measured"))
+            findings += self._gone_mounts(set(rows) - dropped, {r.id: r.key for r in rows.values()})
+            if repair:
+                self._registry.prune(mountinfo.read())
             ids = set(rows) - dropped
             with os.scandir(self.snapshots_dir) as it:  # (the directories of dropped records are reported above)
                 orphans = sorted(e.name for e in it if not (e.name.isdigit() and int(e.name) in set(rows)))
@@ -657,4 +707,33 @@ class Snapshotter:
                 claimed += self._claim_orphans(ids)
         for _name, path in claimed:
             _files.remove_tree(path)
+        return findings
+
+    def _gone_mounts(self, ids: set[int], keys: Mapping[int, str]) -> list[Finding]:
+        """Mounts that serve directories of snapshots that no longer exist (never repaired: unmount them)."""
+        table = mountinfo.read()
+        findings = []
+        for r in self._registry.live(table):
+            gone = [i for i in r.ids if i not in ids]
+            if gone:
+                findings.append(Finding(
+                    f"the mount on {os.fsdecode(r.mountpoint)}",
+                    f'it serves "{r.key}", but snapshots/{gone[0]} of it no longer exists; unmount it',
+                    repairable=False))
+        where = _mounts.fs_path(self.snapshots_dir, table)
+        if where is not None:
+            dev, top = where
+            prefix = top.rstrip(b"/") + b"/"
+            for e in table:
+                if (e.major, e.minor) != dev or not e.root.startswith(prefix):
+                    continue
+                name = e.root[len(prefix):].split(b"/")[0]
+                if name.isdigit() and int(name) in ids:
+                    continue
+                known = keys.get(int(name)) if name.isdigit() else None
+                what = f'of "{known}", ' if known else ""
+                findings.append(Finding(
+                    f"the mount on {os.fsdecode(e.mount_point)}",
+                    f"it shows snapshots/{os.fsdecode(name)} {what}which no snapshot refers to; unmount it",
+                    repairable=False))
         return findings

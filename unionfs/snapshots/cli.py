@@ -177,11 +177,20 @@ def _mounts(sn: Snapshotter, args: argparse.Namespace) -> int:
 
 def _mount(sn: Snapshotter, args: argparse.Namespace) -> int:
     # the user's options tune the snapshot's mount (and win where they disagree); they cannot replace its layers
-    spec = sn.mount_spec(args.key, [*args.options, *(["debug"] if args.debug else [])])
+    spec, record = sn.begin_mount(args.key, args.mountpoint, [*args.options, *(["debug"] if args.debug else [])])
     sn.close()  # the server is forked from this process: it must not inherit the database connection
-    from ..fuse.server import mount  # pyfuse3 and trio load only now
+    foreground = args.foreground or args.debug
+    try:
+        from ..fuse.server import mount  # pyfuse3 and trio load only now
 
-    mount(spec, args.mountpoint, foreground=args.foreground or args.debug, log_file=args.log)
+        mount(spec, args.mountpoint, foreground=foreground, log_file=args.log)
+    except BaseException:
+        sn.mount_ended(record)
+        raise
+    if foreground:
+        sn.mount_ended(record)
+    else:
+        sn.mount_placed(record)
     return 0
 
 
