@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import CreateFile, Harness, fuse_unavailable
+from harness import CreateFile, Harness, fuse_unavailable, is_mounted, lazy_unmount, wait_until
 
 import unionfs
 from unionfs.options import MountSpec
@@ -150,6 +150,7 @@ def test_regression_mount_options_may_tune_a_snapshot_mount(tmp_path: Path, monk
 # -- mounted snapshots ------------------------------------------------------------------------------------------
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
 
 @pytest.fixture
@@ -186,3 +187,44 @@ def test_regression_mounted_view_and_its_parents_are_protected(h: Harness) -> No
         assert r.returncode == 4 and f"the mount on {mp}: " in r.stdout and '"vv"' in r.stdout, r.stdout
     r = h.cli("rm", "app-v1")  # unmounted: only its (forgotten) child's directory is left
     assert r.returncode == 0, r.stderr
+
+
+def _bind(source: Path, target: Path, *flags: str) -> None:
+    subprocess.run(["mount", "--bind", *flags, str(source), str(target)], check=True, capture_output=True)
+    wait_until(lambda: is_mounted(target), f"{target} to be mounted")
+
+
+@needs_fuse
+@needs_root
+def test_regression_bind_mounted_view_protects_its_layer(h: Harness) -> None:
+    h.layer("base", None, [CreateFile("/a", b"a")])
+    h.sn.view("look", "base")
+    ((m,),) = [h.sn.mounts("look")]
+    mp = h.fresh_dir("bind")
+    _bind(Path(m.source), mp, "-o", "ro")
+    h.mounted.append(mp)
+    r = h.cli("rm", "look", "base")
+    assert r.returncode == 5 and f'snapshot "base" is mounted on {mp}' in r.stderr, r.stderr
+
+
+@needs_fuse
+@needs_root
+@pytest.mark.parametrize("sub", ["", "deep/er"])
+def test_regression_bind_mounted_active_snapshot_cannot_be_committed(h: Harness, sub: str) -> None:
+    # An active snapshot without a parent, bind-mounted the way `snapshot mounts` prints, could be committed
+    # while mounted, and what was written afterwards showed up in the committed snapshot.
+    h.sn.prepare("build")
+    ((m,),) = [h.sn.mounts("build")]
+    assert m.type == "bind"
+    os.makedirs(os.path.join(m.source, sub), exist_ok=True)
+    mp = h.fresh_dir("bind")
+    _bind(Path(m.source) / sub, mp)
+    h.mounted.append(mp)
+    for verb in (["commit", "base", "build"], ["rm", "build"]):
+        r = h.cli(*verb)
+        assert r.returncode == 5, (verb, r.stderr)
+        assert r.stderr == (f'unionfs snapshot: failed precondition: snapshot "build" is mounted on {mp}; '
+                            f"unmount it before you {'commit' if verb[0] == 'commit' else 'remove'} it\n")
+    lazy_unmount(mp)
+    h.mounted.remove(mp)
+    assert h.cli("commit", "base", "build").returncode == 0

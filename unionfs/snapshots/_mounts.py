@@ -1,5 +1,5 @@
 """Where the snapshots of a store are mounted: records of the mounts ``unionfs snapshot mount`` made, checked
-against the mount table.
+against the mount table, and bind mounts of layer directories found in the mount table itself.
 
 A unionfs mount does not show its layers in ``/proc/self/mountinfo`` (its source is its fsname), so the
 command records each mount it makes in ``mounts/<token>.json`` under the store: the mount point, the key, the
@@ -8,6 +8,9 @@ place, its device number. A record whose device is known is live while the mount
 device on that mount point; one whose device is not known yet (being mounted, or served in the foreground) is
 live while its process runs. Records that are no longer live are dead weight, deleted when met under the
 store's write lock.
+
+A bind mount (what ``unionfs snapshot mounts`` prints for a chain of one layer) shows in the mount table as a
+mount whose root is the layer directory, or a directory beneath it, on the layer's device.
 """
 
 from __future__ import annotations
@@ -154,3 +157,14 @@ def fs_path(directory: str, table: Sequence[MountEntry]) -> tuple[tuple[int, int
         return None
     rest = real[len(best.mount_point.rstrip(b"/")):]
     return dev, (best.root.rstrip(b"/") + rest) or b"/"
+
+
+def bind_mounts(directory: str, table: Sequence[MountEntry]) -> list[bytes]:
+    """The mount points of the mounts that show ``directory``, or a directory beneath it, as their root."""
+    where = fs_path(directory, table)
+    if where is None:
+        return []
+    dev, path = where
+    real = os.fsencode(os.path.realpath(directory))
+    return [e.mount_point for e in table
+            if (e.major, e.minor) == dev and _inside(e.root, path) and e.mount_point != real]

@@ -381,13 +381,14 @@ class Snapshotter:
 
     def _where_mounted(self, row: Row) -> list[str]:
         """Where snapshot ``row`` is in use by a mount: mounts of it or of a snapshot built on it recorded by
-        ``unionfs snapshot mount``."""
+        ``unionfs snapshot mount``, and bind mounts of its layer directory (or of a directory beneath it)."""
         table = mountinfo.read()
         where = []
         for r in self._registry.live(table):
             if row.id in r.ids:
                 mp = os.fsdecode(r.mountpoint)
                 where.append(mp if r.ids[0] == row.id else f'{mp} (a mount of "{r.key}", built on it)')
+        where += [os.fsdecode(mp) for mp in _mounts.bind_mounts(self._fs(row.id), table)]
         return list(dict.fromkeys(where))
 
     @contextlib.contextmanager
