@@ -228,3 +228,20 @@ def test_regression_bind_mounted_active_snapshot_cannot_be_committed(h: Harness,
     lazy_unmount(mp)
     h.mounted.remove(mp)
     assert h.cli("commit", "base", "build").returncode == 0
+
+
+@needs_fuse
+def test_regression_mounting_a_mounted_snapshot_says_where(h: Harness) -> None:
+    # Mounting an active snapshot that was mounted already said "workdir .../work is in use by another mount"
+    # with status 1, after forking a server.
+    h.sn.prepare("a")
+    with h.mounted_at("a") as mp:
+        again = h.fresh_dir("mnt")
+        r = h.cli("mount", "a", again)
+        assert r.returncode == 5, r.stderr
+        assert r.stderr == (f'unionfs snapshot: failed precondition: snapshot "a" is already mounted on {mp}; '
+                            "unmount it first: an active snapshot is mounted once at a time\n")
+        assert not is_mounted(again)
+    h.sn.view("v")
+    with h.mounted_at("v"), h.mounted_at("v"):  # a view can be mounted many times
+        pass

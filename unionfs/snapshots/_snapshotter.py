@@ -595,11 +595,22 @@ class Snapshotter:
                     options: Sequence[str] = ()) -> tuple[MountSpec, MountRecord]:
         """:meth:`mount_spec` of ``key``, and a record of the mount this process is about to make on
         ``mountpoint`` (which protects the snapshot and those beneath it from removal while it lasts). Call
-        :meth:`mount_placed` once the mount is in place, or :meth:`mount_ended` when it failed or has ended."""
+        :meth:`mount_placed` once the mount is in place, or :meth:`mount_ended` when it failed or has ended.
+
+        FailedPrecondition when ``key`` is an active snapshot that is mounted already (and where)."""
         spec = self.mount_spec(key, options)
         target = os.fsencode(os.path.realpath(mountpoint))
         with self._store.write() as tx:
             row = self._get(tx, key)
+            if row.kind == Kind.ACTIVE.value:
+                try:
+                    with self._not_mounted(row, "mount"):
+                        pass
+                except FailedPrecondition as exc:
+                    raise FailedPrecondition(
+                        str(exc).replace("before you mount it", "first: an active snapshot is mounted once at a time")
+                        .replace("is mounted", "is already mounted", 1)
+                    ) from None
             self._registry.prune(mountinfo.read())
             record = self._registry.add(target, row.key, [row.id, *(a.id for a in tx.ancestors(row.id))])
         return spec, record
