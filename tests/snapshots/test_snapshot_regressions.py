@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -245,3 +248,63 @@ def test_regression_mounting_a_mounted_snapshot_says_where(h: Harness) -> None:
     h.sn.view("v")
     with h.mounted_at("v"), h.mounted_at("v"):  # a view can be mounted many times
         pass
+
+
+# -- what containerd users type and expect ----------------------------------------------------------------------
+
+
+def test_regression_tree_draws_every_child_one_level_deeper(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # A chain without branches went straight down at one depth, so that the README's own example (base,
+    # app-v1 on base, the view look on app-v1) read as two siblings.
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        sn.prepare("build")
+        sn.commit("base", "build")
+        sn.prepare("app", "base")
+        sn.commit("app-v1", "app")
+        sn.view("look", "app-v1")
+        parent = None
+        for i in range(200):
+            sn.prepare(f"a{i}", parent)
+            sn.commit(f"c{i:03}", f"a{i}")
+            parent = f"c{i:03}"
+    assert main(["--root", str(root), "tree"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["base", "└─ app-v1", "   └─ look (view)"]
+    assert lines[3] == "c000" and lines[4] == "└─ c001" and lines[-1] == "   " * 198 + "└─ c199"
+
+
+def test_regression_info_prints_what_ctr_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        sn.prepare("build")
+        sn.commit("base", "build")
+        sn.prepare("app", "base", labels={"b": "<&>", "a": "1"})
+        base, app = sn.stat("base"), sn.stat("app")
+    assert main(["--root", str(root), "info", "base", "--ctr"]) == 0
+    out = capsys.readouterr().out
+    assert list(json.loads(out)) == ["Kind", "Name", "Created", "Updated"]
+    assert out.startswith('{\n    "Kind": "Committed",\n    "Name": "base",\n    "Created": "')
+    assert main(["--root", str(root), "info", "app", "--ctr"]) == 0
+    out = capsys.readouterr().out
+    got = json.loads(out)
+    assert list(got) == ["Kind", "Name", "Parent", "Labels", "Created", "Updated"]
+    assert (got["Kind"], got["Name"], got["Parent"], got["Labels"]) == ("Active", "app", "base",
+                                                                         {"a": "1", "b": "<&>"})
+    assert "\\u003c\\u0026\\u003e" in out
+    assert app.created is not None and base.updated is not None
+    for t in (got["Created"], got["Updated"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d*[1-9])?Z", t), t
+    assert datetime.datetime.fromisoformat(got["Created"]) == app.created
+
+
+def test_regression_help_names_both_commands_and_says_what_info_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "unionfs snapshot" in out and "unionfs snapshots" in out
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "`ctr snapshots info` prints" in out and "Kind, Name, Parent, Labels, Created, Updated" in out

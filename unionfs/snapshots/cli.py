@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import shlex
@@ -28,7 +29,8 @@ PROG = "unionfs snapshot"
 _DESCRIPTION = f"""\
 Build and run layer chains: prepare a writable snapshot on a chain, mount it, change files, commit it as a
 new read-only layer, build the next one on it. The model and the verbs are containerd's snapshotter's; every
-mount is served by unionfs, so an ordinary user can do all of it.
+mount is served by unionfs, so an ordinary user can do all of it. The command is `unionfs snapshot`, also
+called `unionfs snapshots` (the name of ctr's command).
 
   {PROG} prepare build                  an active (writable) snapshot on nothing
   {PROG} mount build /mnt/b             serve it; write into /mnt/b; then `unionfs umount /mnt/b`
@@ -119,9 +121,37 @@ def _info_rows(info: Info) -> list[list[str]]:
     return rows
 
 
+def _go_time(t: datetime.datetime) -> str:
+    """``t`` as Go writes a time.Time in JSON (RFC 3339, fraction without trailing zeros, ``Z`` for UTC)."""
+    t = t.astimezone(datetime.UTC)
+    fraction = f"{t.microsecond:06d}".rstrip("0")
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
+
+
+def ctr_info(info: Info) -> str:
+    """``info`` as ``ctr snapshots info`` prints a snapshot: JSON indented by four spaces with the keys Kind
+    (``Active``, ``Committed``, ``View``), Name, Parent and Labels (both left out when empty), Created and
+    Updated; ``<``, ``>`` and ``&`` escaped as Go escapes them."""
+    value: dict[str, object] = {"Kind": info.kind.value.capitalize(), "Name": info.name}
+    if info.parent:
+        value["Parent"] = info.parent
+    if info.labels:
+        value["Labels"] = dict(sorted(info.labels.items()))
+    epoch = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
+    value["Created"] = _go_time(info.created) if info.created else _go_time(epoch)
+    value["Updated"] = _go_time(info.updated) if info.updated else _go_time(epoch)
+    text = json.dumps(value, indent=4, ensure_ascii=False)
+    for ch, esc in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
 def _info(sn: Snapshotter, args: argparse.Namespace) -> int:
     info = sn.stat(args.key)
-    if args.json:
+    if args.ctr:
+        print(ctr_info(info))
+    elif args.json:
         _print_json(info.to_json())
     else:
         _print_table(_info_rows(info))
@@ -207,16 +237,13 @@ def _tree_lines(infos: list[Info]) -> list[str]:
         return i.name if i.kind is Kind.COMMITTED else f"{i.name} ({i.kind.value})"
 
     out: list[str] = []
-    # (node, lead, branch); a node that is a root or a last child and has exactly one child continues
-    # straight down at the same depth, so long chains do not march off to the right.
+    # (node, lead, branch): every child one level deeper than its parent, so that a chain reads as a chain
+    # (kept on a stack, not by recursion: chains may be thousands of layers long)
     stack: list[tuple[Info, str, str]] = [(i, "", "") for i in reversed(kids.get(None, []))]
     while stack:
         node, lead, branch = stack.pop()
         out.append(lead + branch + label(node))
         children = kids.get(node.name, [])
-        if len(children) == 1 and branch in ("", "└─ "):
-            stack.append((children[0], lead, "└─ "))
-            continue
         cont = lead + {"├─ ": "│  ", "└─ ": "   "}.get(branch, "")
         for n, child in reversed(list(enumerate(children))):
             stack.append((child, cont, "└─ " if n == len(children) - 1 else "├─ "))
@@ -318,8 +345,12 @@ def _parser() -> argparse.ArgumentParser:
               "exist, is mounted or has children that are not removed with it), none; the error names each.")
     sp.add_argument("keys", metavar="KEY", nargs="+")
 
-    sp = verb("info", _info, "show what is known about a snapshot", read=True)
+    sp = verb("info", _info, "show what is known about a snapshot", read=True,
+              description="Show what is known about snapshot KEY: a table of name, kind, parent, created, updated\n"
+              "and labels; --json prints those as JSON (lower-case keys, ISO 8601 times), --ctr prints what\n"
+              "`ctr snapshots info` prints (JSON with the keys Kind, Name, Parent, Labels, Created, Updated).")
     sp.add_argument("key", metavar="KEY")
+    sp.add_argument("--ctr", action="store_true", help="print the JSON `ctr snapshots info` prints")
 
     sp = verb("label", _label, "show or change the labels of a snapshot", read=True,
               description="Set labels of snapshot KEY (an empty VALUE removes the label) and print them all;\n"
@@ -357,7 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
 
     verb("tree", _tree, "draw the chains of snapshots", read=True,
-         description="Draw the chains: children below their parent; a chain without branches goes straight down.")
+         description="Draw the chains: each child below its parent and one level deeper, so that a chain reads\n"
+         "as a chain (base, its child indented under it, that one's child indented further).")
     verb("cleanup", _cleanup, "delete directories no snapshot refers to", read=True,
          description="Delete directories in the store that no snapshot refers to (left by a crash).")
     sp = verb("fsck", _fsck, "check the store against the directories on disk", read=True,
