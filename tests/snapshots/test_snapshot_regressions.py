@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
+import logging
 import os
 import re
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from harness import CreateFile, Harness, fuse_unavailable, is_mounted, lazy_unmo
 
 import unionfs
 from unionfs.options import MountSpec
-from unionfs.snapshots import Snapshotter
+from unionfs.snapshots import Snapshotter, _files, _progress
 from unionfs.snapshots.cli import main
 
 
@@ -308,3 +311,87 @@ def test_regression_help_names_both_commands_and_says_what_info_prints(capsys: p
         main(["info", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "`ctr snapshots info` prints" in out and "Kind, Name, Parent, Labels, Created, Updated" in out
+
+
+# -- progress of long work --------------------------------------------------------------------------------------
+
+
+def _tree_of(top: Path, files: int, per_dir: int = 10) -> int:
+    """``files`` files in directories of ``per_dir``; returns how many entries there are below ``top``."""
+    entries = 0
+    for i in range(files):
+        d = top / f"d{i // per_dir}"
+        if not d.exists():
+            d.mkdir()
+            entries += 1
+        (d / f"f{i}").write_bytes(b"x")
+        entries += 1
+    return entries
+
+
+class _Counting:
+    """A reporter that counts what it is asked to show."""
+
+    def __init__(self) -> None:
+        self.ticks: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[Callable[[], None]]:
+        self.ticks[what] = 0
+
+        def tick() -> None:
+            self.ticks[what] += 1
+
+        yield tick
+
+
+def test_regression_progress_is_driven_once_per_entry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Long work (commit, rm, fsck, usage of large snapshots) showed no progress at all.
+    top = tmp_path / "t"
+    top.mkdir()
+    n = _tree_of(top, 95)
+    ticks = [0]
+
+    def tick() -> None:
+        ticks[0] += 1
+
+    assert _files.disk_usage(str(top), tick).inodes == n + 1 and ticks[0] == n
+    counting = _Counting()
+    with Snapshotter(tmp_path / "s", progress=counting) as sn:
+        (m,) = sn.prepare("big")
+        entries = _tree_of(Path(m.source), 95)
+        assert sn.usage("big").inodes == entries + 1
+        with caplog.at_level(logging.INFO, logger="unionfs.snapshots"):
+            sn.commit("base", "big")
+            sn.remove("base")
+    assert counting.ticks == {'usage "big": measuring its layer': entries, 'commit "big": measuring its layer': entries,
+                              'rm "base": deleting its layer': 95}
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(logged) == 2 and logged[1] == 'removed "base" (snapshots/1)', logged
+    assert logged[0].startswith('committed "big" as "base": ') and logged[0].endswith(f" {entries + 1} inodes")
+
+
+def test_regression_progress_shows_on_a_terminal_only(tmp_path: Path) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _progress.for_stream(io.StringIO()) is _progress.quiet
+    screen = Terminal()
+    report = _progress.for_stream(screen)
+    assert report is not _progress.quiet
+    with report("commit big: measuring its layer") as tick:
+        for _ in range(_progress.BATCH * 3):
+            tick()
+    assert "commit big: measuring its layer" in screen.getvalue()
+    # with stderr a pipe, the command prints nothing beyond what it always prints
+    root = tmp_path / "s"
+    with Snapshotter(root) as sn:
+        (m,) = sn.prepare("big")
+        _tree_of(Path(m.source), 300)
+    for args in (["usage", "big"], ["commit", "base", "big"], ["fsck"], ["rm", "base"]):
+        r = subprocess.run([sys.executable, "-m", "unionfs", "snapshot", "--root", str(root), *args],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stderr == "", (args, r.stderr)
+        if args[0] in ("commit", "rm"):
+            assert r.stdout == ""

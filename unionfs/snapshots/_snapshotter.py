@@ -33,7 +33,7 @@ from .. import mountinfo
 from ..fsutil import fsync_dir
 from ..options import MountSpec, parse, render, spec_to_options, split_options
 from ..xattrs import can_store_trusted
-from . import _files, _filters, _mounts
+from . import _files, _filters, _mounts, _progress
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 from ._mounts import Record as MountRecord
 from ._store import Row, Store, Tx
@@ -143,12 +143,15 @@ class Snapshotter:
     Several Snapshotter objects, in one process or many, may use the same root at once: every change is one
     SQLite transaction holding the database's write lock. ``timeout`` is how long (seconds) an operation
     waits for another process's transaction to end. A missing store is created, unless ``create`` is false:
-    NotFound then.
+    NotFound then. ``progress`` (see :mod:`._progress`) shows the progress of long work; by default nothing
+    is shown.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 30.0,
-                 create: bool = True) -> None:
+                 create: bool = True, progress: _progress.Reporter | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        #: shows the progress of long work (measuring and deleting layers); quiet unless given
+        self.progress: _progress.Reporter = progress or _progress.quiet
         if "\\" in self.root:
             raise InvalidArgument(f"root {self.root!r}: a backslash in the path cannot be expressed in mount options")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
@@ -307,7 +310,8 @@ class Snapshotter:
                 raise AlreadyExists(f'snapshot "{name}" already exists')
             held.enter_context(self._not_mounted(row, "commit"))
             try:
-                usage = _files.disk_usage(self._fs(row.id))
+                with self.progress(f'commit "{key}": measuring its layer') as tick:
+                    usage = _files.disk_usage(self._fs(row.id), tick)
             except FileNotFoundError:
                 raise FailedPrecondition(
                     f'the directory of "{key}" is missing; run `unionfs snapshot fsck`'
@@ -317,6 +321,7 @@ class Snapshotter:
                              usage.size, usage.inodes)
             _step("commit.updated")
         _step("commit.committed")
+        log.info('committed "%s" as "%s": %d bytes, %d inodes', key, name, usage.size, usage.inodes)
 
     # -- removing ----------------------------------------------------------------------------------------------
 
@@ -374,9 +379,12 @@ class Snapshotter:
         _step("remove.committed")
         for row in rows:
             try:
-                self._reclaim(self._dir(row.id), progress=True)
+                with self.progress(f'rm "{row.key}": deleting its layer') as tick:
+                    self._reclaim(self._dir(row.id), progress=True, tick=tick)
             except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
                 log.warning("removed %s but could not delete %s: %s", row.key, self._dir(row.id), exc.strerror)
+            else:
+                log.info('removed "%s" (snapshots/%d)', row.key, row.id)
         _step("remove.done")
 
     def _where_mounted(self, row: Row) -> list[str]:
@@ -421,8 +429,9 @@ class Snapshotter:
         finally:
             os.close(fd)
 
-    def _reclaim(self, path: str, progress: bool = False) -> None:
-        """Claim ``path`` by renaming it to ``rm-*`` (only one process wins the rename), then delete it."""
+    def _reclaim(self, path: str, progress: bool = False, tick: _progress.Tick | None = None) -> None:
+        """Claim ``path`` by renaming it to ``rm-*`` (only one process wins the rename), then delete it
+        (``tick`` is called for each entry deleted)."""
         trash = os.path.join(self.snapshots_dir, f"rm-{os.path.basename(path)}-{secrets.token_hex(4)}")
         try:
             os.rename(path, trash)
@@ -436,6 +445,8 @@ class Snapshotter:
             if first[0]:
                 first[0] = False
                 _step("remove.deleting")
+            if tick is not None:
+                tick()
 
         _files.remove_tree(trash, deleted)
 
@@ -505,9 +516,12 @@ class Snapshotter:
             row = self._get(tx, key)
         if row.kind == Kind.ACTIVE.value:
             try:
-                return _files.disk_usage(self._fs(row.id))
+                with self.progress(f'usage "{key}": measuring its layer') as tick:
+                    usage = _files.disk_usage(self._fs(row.id), tick)
             except FileNotFoundError:
                 raise FailedPrecondition(f'the directory of "{key}" is missing; run `unionfs snapshot fsck`') from None
+            log.info('usage of "%s": %d bytes, %d inodes', key, usage.size, usage.inodes)
+            return usage
         return Usage(size=row.size or 0, inodes=row.inodes or 0)
 
     # -- mounting ----------------------------------------------------------------------------------------------
@@ -631,8 +645,10 @@ class Snapshotter:
         remove); returns their names."""
         with self._store.write() as tx:
             claimed = self._claim_orphans(tx.ids())
-        for _name, path in claimed:
-            _files.remove_tree(path)
+        for name, path in claimed:
+            with self.progress(f"cleanup: deleting snapshots/{name}") as tick:
+                _files.remove_tree(path, tick)
+            log.info("cleanup: deleted snapshots/%s", name)
         return [name for name, _path in claimed]
 
     def _claim_orphans(self, ids: set[int]) -> list[tuple[str, str]]:
@@ -700,8 +716,10 @@ class Snapshotter:
                                             repaired=repair, repair="recreate it", done="recreated"))
                 if r.kind == Kind.COMMITTED.value and (r.size is None or r.inodes is None):
                     if repair:
-                        u = _files.disk_usage(self._fs(r.id))
+                        with self.progress(f'fsck: measuring "{r.key}"') as tick:
+                            u = _files.disk_usage(self._fs(r.id), tick)
                         tx.set_usage(r.id, u.size, u.inodes)
+                        log.info('fsck: measured "%s": %d bytes, %d inodes', r.key, u.size, u.inodes)
                     findings.append(Finding(subject, "its usage was never recorded", repairable=True,
                                             repaired=repair, repair="measure it", done="measured"))
             findings += self._gone_mounts(set(rows) - dropped, {r.id: r.key for r in rows.values()})
@@ -717,8 +735,10 @@ class Snapshotter:
                                         repaired=repair, repair="delete it", done="deleted"))
             if repair:
                 claimed += self._claim_orphans(ids)
-        for _name, path in claimed:
-            _files.remove_tree(path)
+        for name, path in claimed:
+            with self.progress(f"fsck: deleting snapshots/{name}") as tick:
+                _files.remove_tree(path, tick)
+            log.info("fsck: deleted snapshots/%s", name)
         return findings
 
     def _gone_mounts(self, ids: set[int], keys: Mapping[int, str]) -> list[Finding]:

@@ -21,6 +21,7 @@ from .. import __version__
 from ..cli_errors import EXIT_USAGE, run_command
 from ..options import option_string
 from ._errors import InvalidArgument
+from ._progress import for_stream
 from ._snapshotter import ROOT_ENV, Snapshotter
 from ._types import Info, Kind
 
@@ -420,7 +421,7 @@ _CREATING = frozenset({"prepare", "view"})
 
 def _run_verb(args: argparse.Namespace) -> int:
     try:
-        with Snapshotter(args.root, create=args.verb in _CREATING) as sn:
+        with Snapshotter(args.root, create=args.verb in _CREATING, progress=for_stream(sys.stderr)) as sn:
             status: int = args.func(sn, args)
         sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
     except BrokenPipeError:
