@@ -45,7 +45,8 @@ cannot change; only committed snapshots can be parents; a snapshot with children
 The store is --root DIR, else ${ROOT_ENV}, else $XDG_DATA_HOME/unionfs (~/.local/share/unionfs).
 
 exit status: 0 success, 1 other failure, 2 bad usage, 3 not found, 4 already exists,
-             5 failed precondition, 6 invalid argument, 130 interrupted
+             5 failed precondition, 6 invalid argument, 130 interrupted,
+             141 stdout closed by its reader (nothing printed)
              (fsck: 0 clean, 1 repaired, 4 problems left)
 """
 
