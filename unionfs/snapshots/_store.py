@@ -96,6 +96,9 @@ class Tx:
         (n,) = self._db.execute("SELECT count(*) FROM snapshots WHERE parent_id = ?", (sid,)).fetchone()
         return int(n)
 
+    def child_ids(self, sid: int) -> set[int]:
+        return {int(v[0]) for v in self._db.execute("SELECT id FROM snapshots WHERE parent_id = ?", (sid,))}
+
     def ancestors(self, sid: int) -> list[Row]:
         """The parents of ``sid``, nearest first (``sid`` itself excluded)."""
         cur = self._db.execute(

@@ -9,14 +9,19 @@ errors carry theirs; :mod:`unionfs.cli_errors` tells the others). Nothing here i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 
-from ..cli_errors import EXIT_USAGE, report, run_command
-from ..options import option_string, parse, render
-from ._errors import InvalidArgument, SnapshotError
+from .. import __version__
+from ..cli_errors import EXIT_USAGE, run_command
+from ..options import option_string
+from ._errors import InvalidArgument
+from ._progress import for_stream
 from ._snapshotter import ROOT_ENV, Snapshotter
 from ._types import Info, Kind
 
@@ -25,7 +30,8 @@ PROG = "unionfs snapshot"
 _DESCRIPTION = f"""\
 Build and run layer chains: prepare a writable snapshot on a chain, mount it, change files, commit it as a
 new read-only layer, build the next one on it. The model and the verbs are containerd's snapshotter's; every
-mount is served by unionfs, so an ordinary user can do all of it.
+mount is served by unionfs, so an ordinary user can do all of it. The command is `unionfs snapshot`, also
+called `unionfs snapshots` (the name of ctr's command).
 
   {PROG} prepare build                  an active (writable) snapshot on nothing
   {PROG} mount build /mnt/b             serve it; write into /mnt/b; then `unionfs umount /mnt/b`
@@ -39,7 +45,8 @@ cannot change; only committed snapshots can be parents; a snapshot with children
 The store is --root DIR, else ${ROOT_ENV}, else $XDG_DATA_HOME/unionfs (~/.local/share/unionfs).
 
 exit status: 0 success, 1 other failure, 2 bad usage, 3 not found, 4 already exists,
-             5 failed precondition, 6 invalid argument, 130 interrupted
+             5 failed precondition, 6 invalid argument, 130 interrupted,
+             141 stdout closed by its reader (nothing printed)
              (fsck: 0 clean, 1 repaired, 4 problems left)
 """
 
@@ -102,14 +109,8 @@ def _commit(sn: Snapshotter, args: argparse.Namespace) -> int:
 
 
 def _remove(sn: Snapshotter, args: argparse.Namespace) -> int:
-    status = 0
-    for key in args.keys:
-        try:
-            sn.remove(key)
-        except SnapshotError as exc:  # reported, and the others are removed all the same
-            failed = report(PROG, exc)
-            status = status or failed
-    return status
+    sn.remove_all(args.keys)
+    return 0
 
 
 def _info_rows(info: Info) -> list[list[str]]:
@@ -122,9 +123,37 @@ def _info_rows(info: Info) -> list[list[str]]:
     return rows
 
 
+def _go_time(t: datetime.datetime) -> str:
+    """``t`` as Go writes a time.Time in JSON (RFC 3339, fraction without trailing zeros, ``Z`` for UTC)."""
+    t = t.astimezone(datetime.UTC)
+    fraction = f"{t.microsecond:06d}".rstrip("0")
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
+
+
+def ctr_info(info: Info) -> str:
+    """``info`` as ``ctr snapshots info`` prints a snapshot: JSON indented by four spaces with the keys Kind
+    (``Active``, ``Committed``, ``View``), Name, Parent and Labels (both left out when empty), Created and
+    Updated; ``<``, ``>`` and ``&`` escaped as Go escapes them."""
+    value: dict[str, object] = {"Kind": info.kind.value.capitalize(), "Name": info.name}
+    if info.parent:
+        value["Parent"] = info.parent
+    if info.labels:
+        value["Labels"] = dict(sorted(info.labels.items()))
+    epoch = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
+    value["Created"] = _go_time(info.created) if info.created else _go_time(epoch)
+    value["Updated"] = _go_time(info.updated) if info.updated else _go_time(epoch)
+    text = json.dumps(value, indent=4, ensure_ascii=False)
+    for ch, esc in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
 def _info(sn: Snapshotter, args: argparse.Namespace) -> int:
     info = sn.stat(args.key)
-    if args.json:
+    if args.ctr:
+        print(ctr_info(info))
+    elif args.json:
         _print_json(info.to_json())
     else:
         _print_table(_info_rows(info))
@@ -179,12 +208,21 @@ def _mounts(sn: Snapshotter, args: argparse.Namespace) -> int:
 
 
 def _mount(sn: Snapshotter, args: argparse.Namespace) -> int:
-    # the user's options go after the snapshot's, and win where they disagree
-    spec = parse([render(sn.mount_spec(args.key)), *args.options, *(["debug"] if args.debug else [])])
+    # the user's options tune the snapshot's mount (and win where they disagree); they cannot replace its layers
+    spec, record = sn.begin_mount(args.key, args.mountpoint, [*args.options, *(["debug"] if args.debug else [])])
     sn.close()  # the server is forked from this process: it must not inherit the database connection
-    from ..fuse.server import mount  # pyfuse3 and trio load only now
+    foreground = args.foreground or args.debug
+    try:
+        from ..fuse.server import mount  # pyfuse3 and trio load only now
 
-    mount(spec, args.mountpoint, foreground=args.foreground or args.debug, log_file=args.log)
+        mount(spec, args.mountpoint, foreground=foreground, log_file=args.log)
+    except BaseException:
+        sn.mount_ended(record)
+        raise
+    if foreground:
+        sn.mount_ended(record)
+    else:
+        sn.mount_placed(record)
     return 0
 
 
@@ -201,16 +239,13 @@ def _tree_lines(infos: list[Info]) -> list[str]:
         return i.name if i.kind is Kind.COMMITTED else f"{i.name} ({i.kind.value})"
 
     out: list[str] = []
-    # (node, lead, branch); a node that is a root or a last child and has exactly one child continues
-    # straight down at the same depth, so long chains do not march off to the right.
+    # (node, lead, branch): every child one level deeper than its parent, so that a chain reads as a chain
+    # (kept on a stack, not by recursion: chains may be thousands of layers long)
     stack: list[tuple[Info, str, str]] = [(i, "", "") for i in reversed(kids.get(None, []))]
     while stack:
         node, lead, branch = stack.pop()
         out.append(lead + branch + label(node))
         children = kids.get(node.name, [])
-        if len(children) == 1 and branch in ("", "└─ "):
-            stack.append((children[0], lead, "└─ "))
-            continue
         cont = lead + {"├─ ": "│  ", "└─ ": "   "}.get(branch, "")
         for n, child in reversed(list(enumerate(children))):
             stack.append((child, cont, "└─ " if n == len(children) - 1 else "├─ "))
@@ -272,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", metavar="DIR", help=root_help)
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}",
+                   help="print the version and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     reading = argparse.ArgumentParser(add_help=False)
@@ -306,11 +343,16 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE", help="set a label")
 
     sp = verb("rm", _remove, "remove snapshots", aliases=("remove", "delete", "del"),
-              description="Remove snapshots and their layers; a snapshot with children cannot be removed.")
+              description="Remove snapshots and their layers: all of them or, when any cannot be removed (it does not\n"
+              "exist, is mounted or has children that are not removed with it), none; the error names each.")
     sp.add_argument("keys", metavar="KEY", nargs="+")
 
-    sp = verb("info", _info, "show what is known about a snapshot", read=True)
+    sp = verb("info", _info, "show what is known about a snapshot", read=True,
+              description="Show what is known about snapshot KEY: a table of name, kind, parent, created, updated\n"
+              "and labels; --json prints those as JSON (lower-case keys, ISO 8601 times), --ctr prints what\n"
+              "`ctr snapshots info` prints (JSON with the keys Kind, Name, Parent, Labels, Created, Updated).")
     sp.add_argument("key", metavar="KEY")
+    sp.add_argument("--ctr", action="store_true", help="print the JSON `ctr snapshots info` prints")
 
     sp = verb("label", _label, "show or change the labels of a snapshot", read=True,
               description="Set labels of snapshot KEY (an empty VALUE removes the label) and print them all;\n"
@@ -341,13 +383,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("key", metavar="KEY")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
     sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                    help="further unionfs mount options (see `unionfs mount --help`)")
+                    help="further unionfs mount options that tune the mount (see `unionfs mount --help`); "
+                    "lowerdir, upperdir, workdir, userxattr and nouserxattr are the snapshot's and refused")
     sp.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     sp.add_argument("-d", "--debug", action="store_true", help="log every request; implies -f")
     sp.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
 
     verb("tree", _tree, "draw the chains of snapshots", read=True,
-         description="Draw the chains: children below their parent; a chain without branches goes straight down.")
+         description="Draw the chains: each child below its parent and one level deeper, so that a chain reads\n"
+         "as a chain (base, its child indented under it, that one's child indented further).")
     verb("cleanup", _cleanup, "delete directories no snapshot refers to", read=True,
          description="Delete directories in the store that no snapshot refers to (left by a crash).")
     sp = verb("fsck", _fsck, "check the store against the directories on disk", read=True,
@@ -357,10 +401,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The exit status after the reader of stdout went away (128 + SIGPIPE, what a shell reports for a command
+#: killed by the signal); nothing is printed then.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left (also at interpreter exit) cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+
+
+#: The verbs that create the store when it does not exist; the others fail with NotFound.
+_CREATING = frozenset({"prepare", "view"})
+
+
 def _run_verb(args: argparse.Namespace) -> int:
-    with Snapshotter(args.root) as sn:
-        status: int = args.func(sn, args)
-        return status
+    try:
+        with Snapshotter(args.root, create=args.verb in _CREATING, progress=for_stream(sys.stderr)) as sn:
+            status: int = args.func(sn, args)
+        sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
