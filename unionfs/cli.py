@@ -61,7 +61,8 @@ exit status: 0 unmounted and the server is gone, 1 not mounted, or unmounting fa
 """
 
 
-def _mount_parser(prog: str) -> argparse.ArgumentParser:
+def _mount_parser(prog: str, helper: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``unionfs mount``; ``helper``: of the mount helper form, which takes a SOURCE first."""
     p = argparse.ArgumentParser(
         prog=prog, description=_MOUNT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -70,14 +71,22 @@ def _mount_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground (do not detach)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request; implies -f")
     p.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
-    p.add_argument("source", nargs="?", help=argparse.SUPPRESS)
+    if helper:
+        p.add_argument("source", help=argparse.SUPPRESS)
     p.add_argument("mountpoint", help="directory to mount on")
     return p
 
 
-def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount") -> int:
-    """``unionfs mount ARGV...``: 0 once mounted; errors are raised (see :func:`main`)."""
-    args = _mount_parser(prog).parse_args(argv)
+def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount", helper: bool = False) -> int:
+    """``unionfs mount ARGV...`` (``helper``: ``unionfs SOURCE MOUNTPOINT ...``): 0 once mounted; errors are
+    raised (see :func:`main`). One MOUNTPOINT only: anything more is a usage error (exit 2)."""
+    parser = _mount_parser(prog, helper)
+    args, extra = parser.parse_known_args(argv)
+    if any(a.startswith("-") for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        given = [*([args.source] if helper else []), args.mountpoint, *extra]
+        parser.error(f"too many arguments: {' '.join(given)} (expected {'SOURCE ' if helper else ''}MOUNTPOINT)")
     spec = parse([*args.options, *(["debug"] if args.debug else [])])
     from .fuse.server import mount
 
@@ -130,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return snapshot_main(args[1:])
     if not cmd.startswith("-"):
         # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
-        return run_command(PROG, lambda: cmd_mount(args, prog=PROG))
+        return run_command(PROG, lambda: cmd_mount(args, prog=PROG, helper=True))
     print(_usage(), file=sys.stderr)
     return EXIT_USAGE
 
