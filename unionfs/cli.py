@@ -7,6 +7,8 @@ every error ends the command as one line on stderr (:mod:`unionfs.cli_errors`).
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -114,12 +116,46 @@ COMMANDS = {
 }
 
 
+#: other names of the commands
+ALIASES = {"unmount": "umount"}
+
+
 def _usage() -> str:
     lines = ["usage: unionfs COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run `unionfs COMMAND --help` for details.",
               "As a mount helper: unionfs SOURCE MOUNTPOINT -o OPTIONS (what mount.fuse3 runs)."]
     return "\n".join(lines)
+
+
+def _helper_form(args: Sequence[str]) -> bool:
+    """Whether ``args`` has the shape mount.fuse3 gives its helper: ``SOURCE MOUNTPOINT -o OPTIONS...``,
+    MOUNTPOINT an existing directory, nothing after it but options, among them at least one ``-o`` (a unionfs
+    mount always has its lowerdir= there)."""
+    if len(args) < 3 or args[0].startswith("-") or args[1].startswith("-") or not os.path.isdir(args[1]):
+        return False
+    rest = list(args[2:])
+    options = False
+    while rest:
+        arg = rest.pop(0)
+        if arg == "-o":
+            if not rest:
+                return False
+            rest.pop(0)
+            options = True
+        elif arg.startswith("-o"):
+            options = True
+        elif not arg.startswith("-"):
+            return False
+    return options
+
+
+def _unknown_command(cmd: str) -> int:
+    known = [*COMMANDS, *ALIASES]
+    close = difflib.get_close_matches(cmd, known, n=1)
+    hint = f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else ""
+    print(f"{PROG}: error: unknown command '{cmd}'{hint}; run 'unionfs --help' for the commands", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,15 +167,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = args[0]
     if cmd == "mount":
         return run_command(PROG, lambda: cmd_mount(args[1:]))
-    if cmd in ("umount", "unmount"):
+    if ALIASES.get(cmd, cmd) == "umount":
         return run_command(PROG, lambda: cmd_umount(args[1:]))
     if cmd == "snapshot":
         from .snapshots.cli import main as snapshot_main
 
         return snapshot_main(args[1:])
-    if not cmd.startswith("-"):
+    if _helper_form(args):
         # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, helper=True))
+    if not cmd.startswith("-"):
+        return _unknown_command(cmd)
     print(_usage(), file=sys.stderr)
     return EXIT_USAGE
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mounthelp import Layers, Mounts, is_mounted
+from mounthelp import Layers, Mounts, cli, is_mounted
 
 pytestmark = pytest.mark.mount
 
@@ -21,3 +21,36 @@ def test_regression_mount_too_many_arguments(layers: Layers, mounts: Mounts, bas
         assert r.returncode == 2, r.stderr
         assert "too many arguments" in r.stderr
         assert not is_mounted(layers.mnt) and not is_mounted(other)
+
+
+@pytest.mark.parametrize(("argv", "suggestion"), [
+    (["mout", "-o", "{opts}", "{mnt}"], "mount"),
+    (["snap", "ls"], "snapshot"),
+    (["umout", "{mnt}"], "umount"),
+    (["frobnicate"], None),
+])
+def test_regression_unknown_command(layers: Layers, mounts: Mounts, argv: list[str], suggestion: str | None) -> None:
+    """A mistyped subcommand is named (with the closest command) and exits 2; it is not taken for the mount
+    helper form, which is recognised by its shape only."""
+    mounts.points.append(layers.mnt)
+    r = cli(*(a.format(opts=layers.opts(), mnt=layers.mnt) for a in argv))
+    mounts.track(layers.mnt)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"unknown command '{argv[0]}'" in lines[0]
+    if suggestion is not None:
+        assert f"did you mean '{suggestion}'?" in lines[0]
+    else:
+        assert "did you mean" not in lines[0]
+    assert "lowerdir" not in lines[0]
+    assert not is_mounted(layers.mnt)
+
+
+def test_helper_form_by_shape(layers: Layers, mounts: Mounts) -> None:
+    """``SOURCE MOUNTPOINT -o OPTIONS`` with an existing MOUNTPOINT is still the mount helper form."""
+    mounts.points.append(layers.mnt)
+    r = cli("mount.src", layers.mnt, "-o", layers.opts())
+    assert r.returncode == 0, r.stderr
+    mounts.track(layers.mnt)
+    mounts.umount(layers.mnt)
