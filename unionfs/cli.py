@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .cli_errors import EXIT_USAGE, run_command
 from .options import parse
 
@@ -63,11 +64,19 @@ exit status: 0 unmounted and the server is gone, 1 not mounted, or unmounting fa
 """
 
 
+VERSION = f"{PROG} {__version__}"
+
+
+def _add_version(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-V", "--version", action="version", version=VERSION, help="print the version and exit")
+
+
 def _mount_parser(prog: str, helper: bool = False) -> argparse.ArgumentParser:
     """The parser of ``unionfs mount``; ``helper``: of the mount helper form, which takes a SOURCE first."""
     p = argparse.ArgumentParser(
         prog=prog, description=_MOUNT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_version(p)
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma separated (see above)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground (do not detach)")
@@ -100,6 +109,7 @@ def cmd_umount(argv: Sequence[str]) -> int:
     """``unionfs umount ARGV...``: 0 once unmounted and the server has exited; errors are raised."""
     p = argparse.ArgumentParser(prog=f"{PROG} umount", description=_UMOUNT_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_version(p)
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     args = p.parse_args(argv)
@@ -117,12 +127,14 @@ COMMANDS = {
 
 
 #: other names of the commands
-ALIASES = {"unmount": "umount"}
+ALIASES = {"unmount": "umount", "snapshots": "snapshot"}
 
 
 def _usage() -> str:
     lines = ["usage: unionfs COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "aliases: " + ", ".join(f"{alias} ({name})" for alias, name in ALIASES.items()),
+              "options: -h, --help  this text;  -V, --version  print the version"]
     lines += ["", "Run `unionfs COMMAND --help` for details.",
               "As a mount helper: unionfs SOURCE MOUNTPOINT -o OPTIONS (what mount.fuse3 runs)."]
     return "\n".join(lines)
@@ -151,7 +163,7 @@ def _helper_form(args: Sequence[str]) -> bool:
 
 
 def _unknown_command(cmd: str) -> int:
-    known = [*COMMANDS, *ALIASES]
+    known = [*COMMANDS, *ALIASES, "--version"]
     close = difflib.get_close_matches(cmd, known, n=1)
     hint = f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else ""
     print(f"{PROG}: error: unknown command '{cmd}'{hint}; run 'unionfs --help' for the commands", file=sys.stderr)
@@ -169,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(PROG, lambda: cmd_mount(args[1:]))
     if ALIASES.get(cmd, cmd) == "umount":
         return run_command(PROG, lambda: cmd_umount(args[1:]))
-    if cmd == "snapshot":
+    if cmd in ("-V", "--version"):
+        print(VERSION)
+        return 0
+    if ALIASES.get(cmd, cmd) == "snapshot":
         from .snapshots.cli import main as snapshot_main
 
         return snapshot_main(args[1:])

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from mounthelp import Layers, Mounts, cli, is_mounted
 
+import unionfs
+
 pytestmark = pytest.mark.mount
 
 
@@ -54,3 +56,22 @@ def test_helper_form_by_shape(layers: Layers, mounts: Mounts) -> None:
     assert r.returncode == 0, r.stderr
     mounts.track(layers.mnt)
     mounts.umount(layers.mnt)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["-V"], ["mount", "--version"], ["mount", "-V"],
+                                  ["umount", "--version"], ["umount", "-V"]])
+def test_regression_version(argv: list[str]) -> None:
+    """``--version`` / ``-V`` print ``unionfs VERSION`` on the command and on its mount and umount."""
+    r = cli(*argv)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"unionfs {unionfs.__version__}\n"
+
+
+def test_regression_snapshots_alias(tmp_path: Path) -> None:
+    """``unionfs snapshots`` is ``unionfs snapshot`` (as ``ctr snapshots``), and the usage text lists it."""
+    r = cli("snapshots", "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == cli("snapshot", "--help").stdout
+    r = cli("snapshots", "--root", tmp_path / "store", "ls")
+    assert r.returncode == 0, r.stderr
+    assert "snapshots" in cli("--help").stdout
