@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mounthelp import Layers, Mounts, cli, is_mounted
+from mounthelp import Layers, Mounts, cli, is_mounted, needs_root
 
 import unionfs
 
@@ -75,3 +75,14 @@ def test_regression_snapshots_alias(tmp_path: Path) -> None:
     r = cli("snapshots", "--root", tmp_path / "store", "ls")
     assert r.returncode == 0, r.stderr
     assert "snapshots" in cli("--help").stdout
+
+
+@needs_root("mounting a tmpfs")
+def test_regression_umount_only_unionfs(mounts: Mounts, base: Path) -> None:
+    """``unionfs umount`` of another filesystem leaves it mounted and says what it found."""
+    t = base / "t"
+    mounts.mount_tmpfs(t)
+    r = cli("umount", t)
+    assert r.returncode == 1
+    assert r.stderr == f"unionfs: error: {t} is a tmpfs mount, not unionfs\n"
+    assert is_mounted(t)

@@ -293,16 +293,30 @@ def _pidfile(mountpoint: str) -> Iterator[None]:
                 os.unlink(path)
 
 
+FSTYPE = b"fuse.unionfs"
+
+
+def mount_on(mountpoint: str) -> mountinfo.MountEntry | None:
+    """The visible mount on ``mountpoint`` (symbolic links resolved), or None."""
+    target = os.fsencode(os.path.realpath(mountpoint))
+    found = [m for m in mountinfo.read() if m.mount_point == target]
+    return found[-1] if found else None
+
+
 def is_mounted(mountpoint: str) -> bool:
     """Whether something is mounted on ``mountpoint`` (symbolic links resolved)."""
-    target = os.fsencode(os.path.realpath(mountpoint))
-    return any(m.mount_point == target for m in mountinfo.read())
+    return mount_on(mountpoint) is not None
 
 
 def unmount(mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount and wait (up to ``timeout`` seconds) for the server to finish."""
-    if not is_mounted(mountpoint):
+    """Unmount the unionfs mount on ``mountpoint`` and wait (up to ``timeout`` seconds) for the server to finish.
+
+    MountError when nothing or something else than unionfs is mounted there."""
+    found = mount_on(mountpoint)
+    if found is None:
         raise MountError(f"{mountpoint}: not mounted")
+    if found.fstype != FSTYPE:
+        raise MountError(f"{mountpoint} is a {os.fsdecode(found.fstype)} mount, not unionfs")
     pid = _read_pid(mountpoint)
     pidfd = None
     if pid is not None:
