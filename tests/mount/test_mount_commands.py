@@ -86,3 +86,13 @@ def test_regression_umount_only_unionfs(mounts: Mounts, base: Path) -> None:
     assert r.returncode == 1
     assert r.stderr == f"unionfs: error: {t} is a tmpfs mount, not unionfs\n"
     assert is_mounted(t)
+
+
+def test_regression_umount_through_symlink(layers: Layers, mounts: Mounts, base: Path) -> None:
+    """``unionfs umount LINK`` where LINK is a symbolic link to the mountpoint unmounts it."""
+    mounts.mount(layers.opts(), layers.mnt)
+    link = base / "link"
+    link.symlink_to(layers.mnt)
+    r = cli("umount", link)
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(layers.mnt)

@@ -324,7 +324,8 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> None:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = None
-    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    target = os.path.realpath(mountpoint)  # fusermount3 refuses a symbolic link to the mountpoint
+    proc = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
     if proc.returncode != 0:
         if pidfd is not None:
             os.close(pidfd)
