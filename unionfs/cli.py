@@ -59,8 +59,11 @@ exit status: 0 mounted (with -f: served and unmounted), 1 the mount was refused 
 _UMOUNT_HELP = """\
 Unmount a unionfs mount and wait for its server to finish writing and exit.
 
-exit status: 0 unmounted and the server is gone, 1 not mounted, or unmounting failed, or the server did not
-             exit in time, 2 bad usage, 130 interrupted
+The unmount and the wait for the server end within --timeout seconds even when the server does not answer
+(stopped or stuck); then the mount is left in place and --lazy detaches it.
+
+exit status: 0 unmounted and the server is gone (with --lazy: detached), 1 not mounted, not a unionfs mount,
+             unmounting failed, or not done in time, 2 bad usage, 130 interrupted
 """
 
 
@@ -111,11 +114,16 @@ def cmd_umount(argv: Sequence[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_version(p)
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the unmount and the server's exit, whatever the server does "
+                        "(default 30)")
+    p.add_argument("-l", "--lazy", action="store_true",
+                   help="detach the mount now, even when it is busy or its server does not answer "
+                        "(as umount -l); does not wait for the server")
     args = p.parse_args(argv)
     from .fuse.server import unmount
 
-    unmount(args.mountpoint, args.timeout)
+    unmount(args.mountpoint, args.timeout, lazy=args.lazy)
     return 0
 
 

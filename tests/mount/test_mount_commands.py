@@ -3,10 +3,13 @@ parsing and of ``unionfs umount``."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from mounthelp import Layers, Mounts, cli, is_mounted, needs_root
+from mounthelp import Layers, Mounts, cli, is_mounted, needs_root, server_pid, wait_pid_exit
 
 import unionfs
 
@@ -96,3 +99,43 @@ def test_regression_umount_through_symlink(layers: Layers, mounts: Mounts, base:
     r = cli("umount", link)
     assert r.returncode == 0, r.stderr
     assert not is_mounted(layers.mnt)
+
+
+def test_regression_umount_timeout_holds_for_a_stopped_server(layers: Layers, mounts: Mounts) -> None:
+    """``unionfs umount --timeout 2`` of a mount whose server is stopped (SIGSTOP) returns in about 2 s, with
+    one line; then ``--lazy`` detaches the mount. (timeout=0: the kernel caches nothing, so any look at the
+    mountpoint waits for the server.)"""
+    mounts.mount(layers.opts("timeout=0"), layers.mnt)
+    pid = server_pid(layers.mnt)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = cli("umount", "--timeout", "2", layers.mnt, timeout=30)
+        took = time.monotonic() - started
+        assert r.returncode == 1, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+        assert took < 10, f"umount --timeout 2 took {took:.1f} s"
+        if is_mounted(layers.mnt):  # (as root the kernel unmounts without asking the server)
+            assert "--lazy" in r.stderr, r.stderr
+            r = cli("umount", "--lazy", "--timeout", "2", layers.mnt, timeout=30)
+            assert r.returncode == 0, r.stderr
+        assert not is_mounted(layers.mnt)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_pid_exit(pid, 10)
+
+
+def test_regression_umount_lazy_detaches_a_busy_mount(layers: Layers, mounts: Mounts) -> None:
+    """``unionfs umount -l`` detaches a mount in use (as ``umount -l``); the server exits once it is let go."""
+    mounts.mount(layers.opts(), layers.mnt)
+    pid = server_pid(layers.mnt)
+    assert pid is not None
+    with open(layers.mnt / "top.txt") as f:
+        r = cli("umount", layers.mnt)
+        assert r.returncode == 1 and is_mounted(layers.mnt), r.stderr
+        r = cli("umount", "-l", layers.mnt)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(layers.mnt)
+        assert f.read() == "from l1\n"
+    assert wait_pid_exit(pid, 10)

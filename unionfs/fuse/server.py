@@ -44,7 +44,11 @@ def runtime_dirs() -> list[str]:
 
 
 def pid_files(mountpoint: str) -> list[str]:
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
+    return _pid_paths(os.path.realpath(mountpoint))
+
+
+def _pid_paths(real_mountpoint: str) -> list[str]:
+    digest = hashlib.sha256(os.fsencode(real_mountpoint)).hexdigest()[:24]
     return [os.path.join(d, digest + ".pid") for d in runtime_dirs()]
 
 
@@ -296,9 +300,24 @@ def _pidfile(mountpoint: str) -> Iterator[None]:
 FSTYPE = b"fuse.unionfs"
 
 
+def resolve_mountpoint(mountpoint: str) -> str:
+    """``mountpoint`` with symbolic links resolved, without looking into a mount on it: a lookup there would
+    wait for its server, which may be stopped or stuck. The parent directories are resolved, and the last
+    component is stat'ed only when no mount sits on it (a symbolic link cannot be a mountpoint)."""
+    path = os.path.abspath(mountpoint)
+    points = {os.fsdecode(m.mount_point) for m in mountinfo.read()}
+    for _ in range(40):  # (the kernel's limit of symbolic links followed in one lookup)
+        parent, name = os.path.split(path)
+        candidate = os.path.join(os.path.realpath(parent), name)
+        if candidate in points or not os.path.islink(candidate):
+            return candidate
+        path = os.path.normpath(os.path.join(os.path.dirname(candidate), os.readlink(candidate)))
+    raise MountError(f"{mountpoint}: too many levels of symbolic links")
+
+
 def mount_on(mountpoint: str) -> mountinfo.MountEntry | None:
     """The visible mount on ``mountpoint`` (symbolic links resolved), or None."""
-    target = os.fsencode(os.path.realpath(mountpoint))
+    target = os.fsencode(resolve_mountpoint(mountpoint))
     found = [m for m in mountinfo.read() if m.mount_point == target]
     return found[-1] if found else None
 
@@ -308,45 +327,60 @@ def is_mounted(mountpoint: str) -> bool:
     return mount_on(mountpoint) is not None
 
 
-def unmount(mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount the unionfs mount on ``mountpoint`` and wait (up to ``timeout`` seconds) for the server to finish.
+def unmount(mountpoint: str, timeout: float = 30.0, lazy: bool = False) -> None:
+    """Unmount the unionfs mount on ``mountpoint`` and wait for the server to finish, all within ``timeout``
+    seconds whatever the server does (a stopped server cannot answer the unmount). ``lazy``: detach the mount
+    at once, even when it is busy or its server does not answer, and do not wait for the server (it exits once
+    the last file open in the mount is closed).
 
-    MountError when nothing or something else than unionfs is mounted there."""
-    found = mount_on(mountpoint)
+    MountError when nothing or something else than unionfs is mounted there, or when the time is up."""
+    deadline = time.monotonic() + timeout
+    target = resolve_mountpoint(mountpoint)
+    found = mount_on(target)
     if found is None:
         raise MountError(f"{mountpoint}: not mounted")
     if found.fstype != FSTYPE:
         raise MountError(f"{mountpoint} is a {os.fsdecode(found.fstype)} mount, not unionfs")
-    pid = _read_pid(mountpoint)
+    pid = _read_pid(target)
     pidfd = None
-    if pid is not None:
+    if pid is not None and not lazy:
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = None
-    target = os.path.realpath(mountpoint)  # fusermount3 refuses a symbolic link to the mountpoint
-    proc = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        _fusermount_unmount(mountpoint, target, lazy, deadline, timeout)
+        while pidfd is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MountError(f"the server (pid {pid}) did not exit within {timeout:g} s")
+            ready, _, _ = select.select([pidfd], [], [], left)
+            if ready:
+                break
+    finally:
         if pidfd is not None:
             os.close(pidfd)
-        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+
+
+def _fusermount_unmount(mountpoint: str, target: str, lazy: bool, deadline: float, timeout: float) -> None:
+    """``fusermount3 -u [-z] TARGET``, given up (and killed) at ``deadline``: the unmount waits for the server."""
+    proc = subprocess.Popen(["fusermount3", "-u", *(["-z"] if lazy else []), target],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()  # (it may still be in the unmount, which the kernel completes once the server answers)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+        raise MountError(f"{mountpoint}: the server does not answer; not unmounted within {timeout:g} s "
+                         f"(`unionfs umount --lazy {mountpoint}` detaches it now)") from None
+    if proc.returncode != 0:
+        msg = err.strip().splitlines()[-1] if err.strip() else "fusermount3 failed"
         raise MountError(msg.removeprefix("fusermount3: "))
-    if pidfd is not None:
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MountError(f"the server (pid {pid}) did not exit within {timeout:g} s")
-                ready, _, _ = select.select([pidfd], [], [], left)
-                if ready:
-                    break
-        finally:
-            os.close(pidfd)
 
 
-def _read_pid(mountpoint: str) -> int | None:
-    for path in pid_files(mountpoint):
+def _read_pid(real_mountpoint: str) -> int | None:
+    for path in _pid_paths(real_mountpoint):
         try:
             with open(path) as f:
                 return int(f.read().strip())
