@@ -139,3 +139,22 @@ def test_regression_umount_lazy_detaches_a_busy_mount(layers: Layers, mounts: Mo
         assert not is_mounted(layers.mnt)
         assert f.read() == "from l1\n"
     assert wait_pid_exit(pid, 10)
+
+
+def test_regression_log_file_relative_and_private(layers: Layers, mounts: Mounts, base: Path) -> None:
+    """``--log relative.log`` writes relative.log in the caller's directory (the server changes to / first),
+    created 0600; an existing log file keeps its mode."""
+    name = f"unionfs-test-{os.getpid()}.log"
+    mounts.points.append(layers.mnt)
+    r = cli("mount", "--log", name, "-o", layers.opts(), layers.mnt, cwd=base)
+    mounts.track(layers.mnt)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists("/" + name)
+    log = base / name
+    assert log.stat().st_mode & 0o777 == 0o600
+    mounts.umount(layers.mnt)
+    assert "mounted" in log.read_text()
+    log.chmod(0o640)
+    mounts.mount(layers.opts(), layers.mnt, "--log", str(log))
+    mounts.umount(layers.mnt)
+    assert log.stat().st_mode & 0o777 == 0o640

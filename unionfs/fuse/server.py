@@ -177,6 +177,10 @@ def _report_ready() -> None:
         _ready_fd = None
 
 
+#: the mode a new log file is created with
+LOG_MODE = 0o600
+
+
 def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     """Send the log to ``log_file``, else to stderr in the foreground, else to syslog."""
     level = logging.DEBUG if debug else logging.INFO
@@ -186,6 +190,8 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     fmt = logging.Formatter("%(asctime)s unionfs[%(process)d] %(levelname)s %(message)s")
     if log_file:
         try:
+            # Created private (0600); the mode of a file that exists is left as it is.
+            os.close(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE))
             handler: logging.Handler = logging.FileHandler(log_file)
         except OSError as exc:
             raise MountError(f"cannot open the log file {log_file}: {exc.strerror}") from None
@@ -211,6 +217,8 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     given, receives the server's log (appended)."""
     global _ready_fd
     mountpoint = os.path.abspath(mountpoint)  # the server changes to / before mounting
+    if log_file:
+        log_file = os.path.abspath(log_file)  # (likewise)
     setup_logging(True, spec.debug, log_file)
     if not foreground and not spec.debug:
         logging.getLogger().setLevel(logging.WARNING)
