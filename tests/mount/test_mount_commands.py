@@ -158,3 +158,22 @@ def test_regression_log_file_relative_and_private(layers: Layers, mounts: Mounts
     mounts.mount(layers.opts(), layers.mnt, "--log", str(log))
     mounts.umount(layers.mnt)
     assert log.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="needs an ordinary user: root may mount on any directory")
+@pytest.mark.parametrize("foreground", [False, True])
+def test_regression_fusermount_explanation_shown(layers: Layers, mounts: Mounts, base: Path,
+                                                 foreground: bool) -> None:
+    """When fusermount3 refuses the mount (here: a mountpoint the user may not write), its own explanation is
+    the message, in the background as in the foreground (not only "fuse_session_mount failed")."""
+    mnt = base / "readonly-mnt"
+    mnt.mkdir()
+    mnt.chmod(0o555)
+    try:
+        r = mounts.try_mount(*(["-f"] if foreground else []), "-o", layers.opts(), mnt, mnt=mnt)
+    finally:
+        mnt.chmod(0o755)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "fusermount3" in lines[0] and "mountpoint" in lines[0], lines[0]

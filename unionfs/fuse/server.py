@@ -142,17 +142,42 @@ async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> Non
         nursery.cancel_scope.cancel()
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 inside the block (by libfuse, and by the fusermount3 it runs, which
+    inherits it), as lines in the list yielded, filled when the block ends; fd 2 is put back then. A background
+    server's stderr is /dev/null, so that fusermount3's explanation of a refusal would be lost otherwise."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    capture = os.memfd_create("unionfs-mount-stderr", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    os.dup2(capture, 2)
+    try:
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.lseek(capture, 0, os.SEEK_SET)
+        with os.fdopen(capture, "rb") as f:
+            lines += f.read(65536).decode(errors="replace").splitlines()
+
+
 def serve(prepared: Mount) -> None:
     """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
     ops = Operations(prepared.union, prepared.spec.timeout)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
-        pyfuse3.init(ops, prepared.mountpoint, fuse_options(prepared.spec))
+        with _stderr_captured() as said:
+            pyfuse3.init(ops, prepared.mountpoint, fuse_options(prepared.spec))
     except RuntimeError as exc:  # the kernel or fusermount3 refused the mount
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         prepared.close()
-        raise MountError(f"mounting {prepared.mountpoint} failed: {exc}") from None
+        why = "; ".join(line.strip() for line in said if line.strip()) or str(exc)
+        raise MountError(f"mounting {prepared.mountpoint} failed: {why}") from None
+    for line in said:  # (what libfuse said about a mount it made anyway)
+        if line.strip():
+            log.warning("%s", line.strip())
     terminated: list[bool] = []
     log.info("mounted %s", prepared.describe())
     try:
