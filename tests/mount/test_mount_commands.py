@@ -3,6 +3,7 @@ parsing and of ``unionfs umount``."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -177,3 +178,33 @@ def test_regression_fusermount_explanation_shown(layers: Layers, mounts: Mounts,
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert "fusermount3" in lines[0] and "mountpoint" in lines[0], lines[0]
+
+
+def _xattr_errno(path: Path, name: str) -> int | None:
+    try:
+        os.getxattr(path, name)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+@pytest.mark.parametrize("how", ["-d", "-o debug"])
+def test_regression_debug_logs_every_request(layers: Layers, mounts: Mounts, how: str) -> None:
+    """``-d`` and ``-o debug`` log each request and its result, one line each: names as they are, data by its
+    length, attributes by inode, errors by errno name; a getxattr answered from the cache of missing names too."""
+    extra = how.split()
+    opts = layers.opts()
+    if extra[0] == "-o":
+        opts, extra = layers.opts(extra[1]), ["-f"]
+    p = mounts.foreground(opts, layers.mnt, *extra)
+    assert (layers.mnt / "top.txt").read_text() == "from l1\n"
+    for _ in range(2):
+        assert _xattr_errno(layers.mnt / "top.txt", "user.nothing") == errno.ENODATA
+    assert cli("umount", layers.mnt).returncode == 0
+    _, err = p.communicate(timeout=30)
+    requests = [line.split(" DEBUG ", 1)[1] for line in err.splitlines() if " DEBUG " in line]
+    assert any(r.startswith("lookup(1, b'top.txt') -> inode ") for r in requests), err
+    assert any(r.startswith("read(") and r.endswith(" -> 8 bytes") for r in requests), err
+    assert sum(r.endswith("b'user.nothing') -> ENODATA") and r.startswith("getxattr(")
+               for r in requests) == 2, err
+    assert "WARNING" not in err, err

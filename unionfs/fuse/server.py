@@ -27,6 +27,7 @@ from ..layers import Stack
 from ..options import MountSpec
 from ..preflight import MountError, WorkdirLock, check
 from ..union import Union, default_format
+from . import errors
 from .operations import Operations
 
 log = logging.getLogger("unionfs")
@@ -165,6 +166,7 @@ def _stderr_captured() -> Iterator[list[str]]:
 def serve(prepared: Mount) -> None:
     """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
     ops = Operations(prepared.union, prepared.spec.timeout)
+    errors.set_debug(prepared.spec.debug)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
@@ -175,9 +177,8 @@ def serve(prepared: Mount) -> None:
         prepared.close()
         why = "; ".join(line.strip() for line in said if line.strip()) or str(exc)
         raise MountError(f"mounting {prepared.mountpoint} failed: {why}") from None
-    for line in said:  # (what libfuse said about a mount it made anyway)
-        if line.strip():
-            log.warning("%s", line.strip())
+    if said:  # (what was written meanwhile about a mount made anyway goes where it was going)
+        os.write(2, ("\n".join(said) + "\n").encode())
     terminated: list[bool] = []
     log.info("mounted %s", prepared.describe())
     try:
