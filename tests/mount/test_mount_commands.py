@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import errno
 import os
+import pty
+import re
+import select
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from mounthelp import Layers, Mounts, cli, is_mounted, needs_root, server_pid, wait_pid_exit
+from mounthelp import PY, Layers, Mounts, cli, is_mounted, needs_root, server_pid, wait_mounted, wait_pid_exit
 
 import unionfs
 
@@ -208,3 +212,58 @@ def test_regression_debug_logs_every_request(layers: Layers, mounts: Mounts, how
     assert sum(r.endswith("b'user.nothing') -> ENODATA") and r.startswith("getxattr(")
                for r in requests) == 2, err
     assert "WARNING" not in err, err
+
+
+def _many_lower_paths(layers: Layers, n: int = 12000) -> None:
+    """Enough lower paths for -o prescan to report progress (every 10,000)."""
+    many = layers.l2 / "many"
+    many.mkdir()
+    for i in range(n):
+        (many / f"f{i}").touch()
+
+
+def test_regression_prescan_progress_is_info(layers: Layers, mounts: Mounts, base: Path) -> None:
+    """-o prescan's progress is logged at INFO (in the log file), not as WARNING lines on the caller's stderr."""
+    _many_lower_paths(layers)
+    log = base / "prescan.log"
+    r = mounts.mount(layers.opts("prescan"), layers.mnt, "--log", str(log))
+    assert r.stderr == "", r.stderr
+    mounts.umount(layers.mnt)
+    text = log.read_text()
+    assert re.search(r" INFO prescan: \d+ lower paths so far", text), text
+    assert "WARNING" not in text, text
+    p = mounts.foreground(layers.opts("prescan"), layers.mnt)  # (stderr not a terminal: log lines at INFO)
+    assert cli("umount", layers.mnt).returncode == 0
+    _, err = p.communicate(timeout=30)
+    assert re.search(r" INFO prescan: \d+ lower paths so far", err) and "WARNING" not in err, err
+
+
+def test_regression_prescan_progress_display_on_a_terminal(layers: Layers, mounts: Mounts) -> None:
+    """In the foreground on a terminal, -o prescan shows a progress display (rich) instead of log lines."""
+    _many_lower_paths(layers)
+    mounts.points.append(layers.mnt)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([PY, "-m", "unionfs", "mount", "-f", "-o", layers.opts("prescan"), str(layers.mnt)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env={
+                             **os.environ, "TERM": "xterm", "COLUMNS": "100"})
+    mounts.procs.append(p)
+    mounts.pids.add(p.pid)
+    os.close(slave)
+    try:
+        wait_mounted(layers.mnt, timeout=60)
+        assert cli("umount", layers.mnt).returncode == 0
+        assert p.wait(30) == 0
+        out = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # (EIO: the terminal's other side is closed)
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert re.search(r"prescan: \d\d,\d\d\d lower paths", text), text
+    assert "INFO prescan" not in text and "WARNING" not in text, text

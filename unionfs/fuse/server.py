@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyfuse3
+import rich  # noqa: F401  (a dependency of the server: rich.progress, the prescan display, loads when shown)
 import trio
 
 from .. import mountinfo, prescan
@@ -70,13 +71,27 @@ def fuse_options(spec: MountSpec) -> set[str]:
 
 
 def _prescan_progress(paths: int) -> None:
-    log.warning("prescan: %d lower paths so far", paths)
+    log.info("prescan: %d lower paths so far", paths)
+
+
+@contextlib.contextmanager
+def _prescan_display() -> Iterator[Callable[[int], None]]:
+    """A progress display of ``-o prescan`` on the terminal (stderr), gone when the scan is done."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("prescan: {task.completed:,.0f} lower paths"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("prescan", total=None)
+        yield lambda paths: bar.update(task, completed=paths)
 
 
 class Mount:
     """Everything one mount holds open: the lock, the layers, the workdir, the core."""
 
-    def __init__(self, spec: MountSpec, mountpoint: str) -> None:
+    def __init__(self, spec: MountSpec, mountpoint: str,
+                 progress: Callable[[int], None] = _prescan_progress) -> None:
+        """``progress``: told the number of lower paths scanned so far, now and then, by ``-o prescan``."""
         self.spec = spec
         self.mountpoint = mountpoint
         mp = os.fsencode(os.path.abspath(mountpoint))
@@ -97,7 +112,7 @@ class Mount:
             else:
                 fmt = default_format(None, spec.userxattr)
             started = time.monotonic()
-            lowers = prescan.scanner(_prescan_progress) if spec.prescan else None
+            lowers = prescan.scanner(progress) if spec.prescan else None
             self.stack = Stack(spec.layer_dirs(), writable, fmt, lowers)
             self.prescanned: tuple[int, float] | None = None
             if isinstance(self.stack.lowers, prescan.Prescanned):
@@ -246,11 +261,15 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     if log_file:
         log_file = os.path.abspath(log_file)  # (likewise)
     setup_logging(True, spec.debug, log_file)
-    if not foreground and not spec.debug:
+    if not foreground and not spec.debug and not log_file:  # (the caller's stderr: problems only)
         logging.getLogger().setLevel(logging.WARNING)
     caller_umask = os.umask(0)  # the server creates files with exactly the modes it is asked for
     try:
-        prepared = Mount(spec, mountpoint)
+        if spec.prescan and foreground and sys.stderr.isatty():
+            with _prescan_display() as progress:
+                prepared = Mount(spec, mountpoint, progress)
+        else:
+            prepared = Mount(spec, mountpoint)
         if foreground:
             with _pidfile(mountpoint):
                 serve(prepared)
