@@ -27,14 +27,22 @@ The leftmost lowerdir is the top-most lower layer. Without upperdir/workdir (or 
 read-only. Changes land in upperdir in the kernel's format (whiteouts are character devices 0/0, opaque
 directories carry the overlay.opaque xattr), so the kernel can mount the same layers.
 
-options (-o, comma separated, may be repeated):
-  lowerdir=DIR[:DIR...]   read-only layers, top-most first (escape a colon in a path as \\:)
+options (-o, comma separated, may be repeated; a backslash escapes a comma inside a value: \\,):
+  lowerdir=DIR[:DIR...]   read-only layers, top-most first (in a path, \\: is a colon and \\\\ a backslash);
+                          a later lowerdir= replaces the layers given before it, as in the kernel
+  lowerdir+=DIR           one more lower layer, below those given before (the path as it is: a colon is
+                          no separator); as in the kernel, it cannot follow a lowerdir=
   upperdir=DIR            the writable layer
   workdir=DIR             scratch directory on the same filesystem as upperdir, used for atomic changes
   ro | rw                 mount read-only / read-write
-  userxattr               use user.overlay.* xattrs for markers (automatic when trusted.* is not allowed)
+  userxattr | nouserxattr use (or not) user.overlay.* xattrs for markers (default: user.* when trusted.* is
+                          not allowed)
   allow_other             let other users see the mount (the default when run as root)
-  noatime | atime         do not / do update access times (default: noatime)
+  allow_root              let root see the mount besides its owner (not with allow_other); as allow_other,
+                          an ordinary user needs user_allow_other in /etc/fuse.conf
+  auto_unmount            unmount when the server dies (fusermount3 stays to watch it)
+  noacl                   the kernel checks access by the mode bits alone, not POSIX ACLs
+  noatime | atime         do not / do update access times (default: noatime; relatime, strictatime: atime)
   timeout=SECONDS         how long the kernel may cache names and attributes (default 300)
   uidmapping=IN:OUT:N[:IN:OUT:N...]   show on-disk ids OUT.. as IN.. (gidmapping= likewise for groups)
   squash_to_root | squash_to_uid=N | squash_to_gid=N   show every file as owned by one id
@@ -43,8 +51,24 @@ options (-o, comma separated, may be repeated):
   prescan                 walk the lower layers once at mount and answer lookups in them from memory:
                           lookups cost the same through hundreds of layers as through one; costs mount time
                           and ~100 bytes per lower path; lower layers must not change while mounted
-  debug                   log every request (with -f, to stderr)
-  Generic options such as dev, suid, exec, nodev, nosuid, noexec are accepted as mount(8) passes them.
+  fsname=NAME             the source shown in the mount table (default unionfs)
+  debug                   log every request and its result (with -f, to stderr)
+
+kernel overlayfs options, accepted with the values that name what unionfs does:
+  redirect_dir=off|nofollow  index=off  metacopy=off  xino=off|auto  nfs_export=off  uuid=on|off|null|auto
+  (other values are refused; so is datadir+=: data-only layers need metacopy)
+
+refused: max_read= (the server cannot agree to it at its start), and every option not listed here
+
+accepted, with no effect here:
+  nonempty                FUSE 3 always mounts on a directory that is not empty
+  static_nlink            a merged directory already shows a link count of 1
+  threaded=0|1            the server answers requests in one event loop either way
+  subtype=unionfs         a unionfs mount is always of type fuse.unionfs (other subtypes are refused)
+  default_permissions     always on: the kernel checks permissions against the merged attributes
+  x-*                     options for other programs (systemd, mount(8))
+  generic options of mount(8): dev, nodev, suid, nosuid, exec, noexec, auto, noauto, user, users, owner,
+                          group, defaults, _netdev, nofail, sync, async, dirsync, lazytime, silent, loud, ...
 
 Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and from /etc/fstab.
 

@@ -14,7 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from mounthelp import PY, Layers, Mounts, cli, is_mounted, needs_root, server_pid, wait_mounted, wait_pid_exit
+from mounthelp import (
+    PY,
+    Layers,
+    Mounts,
+    cli,
+    is_mounted,
+    mount_of,
+    needs_root,
+    server_pid,
+    wait_mounted,
+    wait_pid_exit,
+    wait_unmounted,
+)
 
 import unionfs
 
@@ -267,3 +279,42 @@ def test_regression_prescan_progress_display_on_a_terminal(layers: Layers, mount
     text = out.decode(errors="replace")
     assert re.search(r"prescan: \d\d,\d\d\d lower paths", text), text
     assert "INFO prescan" not in text and "WARNING" not in text, text
+
+
+def test_regression_fuse_and_fuse_overlayfs_options(layers: Layers, mounts: Mounts) -> None:
+    """FUSE's and fuse-overlayfs's options mount: lowerdir+= stacks layers, the ones without effect here are
+    accepted, and with auto_unmount the mount goes when the server is killed."""
+    opts = (f"lowerdir+={layers.l1},lowerdir+={layers.l2},upperdir={layers.upper},workdir={layers.work},"
+            "auto_unmount,noacl,nonempty,static_nlink,threaded=1,subtype=unionfs")
+    mounts.mount(opts, layers.mnt)
+    m = mount_of(layers.mnt)
+    assert m is not None and m.fstype == "fuse.unionfs"
+    assert (layers.mnt / "shared.txt").read_text() == "l1 version\n"
+    assert (layers.mnt / "bottom.txt").read_text() == "from l2\n"
+    pid = server_pid(layers.mnt)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_pid_exit(pid, 10)
+    wait_unmounted(layers.mnt)
+
+
+@needs_root("allow_root needs user_allow_other in /etc/fuse.conf for an ordinary user")
+def test_regression_allow_root(layers: Layers, mounts: Mounts) -> None:
+    mounts.mount(layers.opts("allow_root"), layers.mnt)
+    assert (layers.mnt / "top.txt").read_text() == "from l1\n"
+    mounts.umount(layers.mnt)
+
+
+def test_regression_mount_help_documents_every_option() -> None:
+    """`unionfs mount --help` names every option parse accepts, and the escapes."""
+    from unionfs.options import KERNEL_FIXED, NO_EFFECT
+
+    text = cli("mount", "--help").stdout
+    names = ["lowerdir=", "lowerdir+=", "upperdir=", "workdir=", "allow_other", "allow_root", "auto_unmount",
+             "max_read=", "noacl", "userxattr", "nouserxattr", "timeout=", "prescan", "fsname=", "debug",
+             "datadir+=", "\\:", "\\\\", "\\,", *NO_EFFECT]
+    for key, values in KERNEL_FIXED.items():  # (key=V1|V2..., the values in any order)
+        shown = re.search(rf"\b{key}=(\S+)", text)
+        assert shown is not None and set(shown.group(1).split("|")) == set(values), key
+    missing = [n for n in names if n not in text]
+    assert not missing, missing

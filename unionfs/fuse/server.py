@@ -62,8 +62,12 @@ def pid_file(mountpoint: str) -> str:
 
 def fuse_options(spec: MountSpec) -> set[str]:
     opts = {"fsname=" + spec.fsname, "subtype=unionfs", "default_permissions"}
-    if spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
+    if spec.allow_root:
+        opts.add("allow_root")
+    elif spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
         opts.add("allow_other")
+    if spec.auto_unmount:
+        opts.add("auto_unmount")
     opts.add("atime" if spec.atime else "noatime")
     if not spec.writable:
         opts.add("ro")
@@ -182,6 +186,7 @@ def serve(prepared: Mount) -> None:
     """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
     ops = Operations(prepared.union, prepared.spec.timeout)
     errors.set_debug(prepared.spec.debug)
+    ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
