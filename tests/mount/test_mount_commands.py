@@ -282,8 +282,8 @@ def test_regression_prescan_progress_display_on_a_terminal(layers: Layers, mount
 
 
 def test_regression_fuse_and_fuse_overlayfs_options(layers: Layers, mounts: Mounts) -> None:
-    """FUSE's and fuse-overlayfs's options mount: lowerdir+= stacks layers, the ones without effect here are
-    accepted, and with auto_unmount the mount goes when the server is killed."""
+    """FUSE's and fuse-overlayfs's options mount: lowerdir+= stacks layers, and the ones without effect here are
+    accepted."""
     opts = (f"lowerdir+={layers.l1},lowerdir+={layers.l2},upperdir={layers.upper},workdir={layers.work},"
             "auto_unmount,noacl,nonempty,static_nlink,threaded=1,subtype=unionfs")
     mounts.mount(opts, layers.mnt)
@@ -291,6 +291,13 @@ def test_regression_fuse_and_fuse_overlayfs_options(layers: Layers, mounts: Moun
     assert m is not None and m.fstype == "fuse.unionfs"
     assert (layers.mnt / "shared.txt").read_text() == "l1 version\n"
     assert (layers.mnt / "bottom.txt").read_text() == "from l2\n"
+    mounts.umount(layers.mnt)
+
+
+@needs_root("fusermount3 -o auto_unmount of an ordinary user leaves the mount of a killed server here")
+def test_regression_auto_unmount(layers: Layers, mounts: Mounts) -> None:
+    """With auto_unmount the mount goes when the server is killed."""
+    mounts.mount(layers.opts("auto_unmount"), layers.mnt)
     pid = server_pid(layers.mnt)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
