@@ -7,9 +7,12 @@ every error ends the command as one line on stderr (:mod:`unionfs.cli_errors`).
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .cli_errors import EXIT_USAGE, run_command
 from .options import parse
 
@@ -24,14 +27,22 @@ The leftmost lowerdir is the top-most lower layer. Without upperdir/workdir (or 
 read-only. Changes land in upperdir in the kernel's format (whiteouts are character devices 0/0, opaque
 directories carry the overlay.opaque xattr), so the kernel can mount the same layers.
 
-options (-o, comma separated, may be repeated):
-  lowerdir=DIR[:DIR...]   read-only layers, top-most first (escape a colon in a path as \\:)
+options (-o, comma separated, may be repeated; a backslash escapes a comma inside a value: \\,):
+  lowerdir=DIR[:DIR...]   read-only layers, top-most first (in a path, \\: is a colon and \\\\ a backslash);
+                          a later lowerdir= replaces the layers given before it, as in the kernel
+  lowerdir+=DIR           one more lower layer, below those given before (the path as it is: a colon is
+                          no separator); as in the kernel, it cannot follow a lowerdir=
   upperdir=DIR            the writable layer
   workdir=DIR             scratch directory on the same filesystem as upperdir, used for atomic changes
   ro | rw                 mount read-only / read-write
-  userxattr               use user.overlay.* xattrs for markers (automatic when trusted.* is not allowed)
+  userxattr | nouserxattr use (or not) user.overlay.* xattrs for markers (default: user.* when trusted.* is
+                          not allowed)
   allow_other             let other users see the mount (the default when run as root)
-  noatime | atime         do not / do update access times (default: noatime)
+  allow_root              let root see the mount besides its owner (not with allow_other); as allow_other,
+                          an ordinary user needs user_allow_other in /etc/fuse.conf
+  auto_unmount            unmount when the server dies (fusermount3 stays to watch it)
+  noacl                   the kernel checks access by the mode bits alone, not POSIX ACLs
+  noatime | atime         do not / do update access times (default: noatime; relatime, strictatime: atime)
   timeout=SECONDS         how long the kernel may cache names and attributes (default 300)
   uidmapping=IN:OUT:N[:IN:OUT:N...]   show on-disk ids OUT.. as IN.. (gidmapping= likewise for groups)
   squash_to_root | squash_to_uid=N | squash_to_gid=N   show every file as owned by one id
@@ -40,8 +51,24 @@ options (-o, comma separated, may be repeated):
   prescan                 walk the lower layers once at mount and answer lookups in them from memory:
                           lookups cost the same through hundreds of layers as through one; costs mount time
                           and ~100 bytes per lower path; lower layers must not change while mounted
-  debug                   log every request (with -f, to stderr)
-  Generic options such as dev, suid, exec, nodev, nosuid, noexec are accepted as mount(8) passes them.
+  fsname=NAME             the source shown in the mount table (default unionfs)
+  debug                   log every request and its result (with -f, to stderr)
+
+kernel overlayfs options, accepted with the values that name what unionfs does:
+  redirect_dir=off|nofollow  index=off  metacopy=off  xino=off|auto  nfs_export=off  uuid=on|off|null|auto
+  (other values are refused; so is datadir+=: data-only layers need metacopy)
+
+refused: max_read= (the server cannot agree to it at its start), and every option not listed here
+
+accepted, with no effect here:
+  nonempty                FUSE 3 always mounts on a directory that is not empty
+  static_nlink            a merged directory already shows a link count of 1
+  threaded=0|1            the server answers requests in one event loop either way
+  subtype=unionfs         a unionfs mount is always of type fuse.unionfs (other subtypes are refused)
+  default_permissions     always on: the kernel checks permissions against the merged attributes
+  x-*                     options for other programs (systemd, mount(8))
+  generic options of mount(8): dev, nodev, suid, nosuid, exec, noexec, auto, noauto, user, users, owner,
+                          group, defaults, _netdev, nofail, sync, async, dirsync, lazytime, silent, loud, ...
 
 Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and from /etc/fstab.
 
@@ -56,28 +83,48 @@ exit status: 0 mounted (with -f: served and unmounted), 1 the mount was refused 
 _UMOUNT_HELP = """\
 Unmount a unionfs mount and wait for its server to finish writing and exit.
 
-exit status: 0 unmounted and the server is gone, 1 not mounted, or unmounting failed, or the server did not
-             exit in time, 2 bad usage, 130 interrupted
+The unmount and the wait for the server end within --timeout seconds even when the server does not answer
+(stopped or stuck); then the mount is left in place and --lazy detaches it.
+
+exit status: 0 unmounted and the server is gone (with --lazy: detached), 1 not mounted, not a unionfs mount,
+             unmounting failed, or not done in time, 2 bad usage, 130 interrupted
 """
 
 
-def _mount_parser(prog: str) -> argparse.ArgumentParser:
+VERSION = f"{PROG} {__version__}"
+
+
+def _add_version(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-V", "--version", action="version", version=VERSION, help="print the version and exit")
+
+
+def _mount_parser(prog: str, helper: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``unionfs mount``; ``helper``: of the mount helper form, which takes a SOURCE first."""
     p = argparse.ArgumentParser(
         prog=prog, description=_MOUNT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_version(p)
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma separated (see above)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground (do not detach)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request; implies -f")
     p.add_argument("--log", metavar="FILE", help="append the server's log to FILE")
-    p.add_argument("source", nargs="?", help=argparse.SUPPRESS)
+    if helper:
+        p.add_argument("source", help=argparse.SUPPRESS)
     p.add_argument("mountpoint", help="directory to mount on")
     return p
 
 
-def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount") -> int:
-    """``unionfs mount ARGV...``: 0 once mounted; errors are raised (see :func:`main`)."""
-    args = _mount_parser(prog).parse_args(argv)
+def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount", helper: bool = False) -> int:
+    """``unionfs mount ARGV...`` (``helper``: ``unionfs SOURCE MOUNTPOINT ...``): 0 once mounted; errors are
+    raised (see :func:`main`). One MOUNTPOINT only: anything more is a usage error (exit 2)."""
+    parser = _mount_parser(prog, helper)
+    args, extra = parser.parse_known_args(argv)
+    if any(a.startswith("-") for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        given = [*([args.source] if helper else []), args.mountpoint, *extra]
+        parser.error(f"too many arguments: {' '.join(given)} (expected {'SOURCE ' if helper else ''}MOUNTPOINT)")
     spec = parse([*args.options, *(["debug"] if args.debug else [])])
     from .fuse.server import mount
 
@@ -89,12 +136,18 @@ def cmd_umount(argv: Sequence[str]) -> int:
     """``unionfs umount ARGV...``: 0 once unmounted and the server has exited; errors are raised."""
     p = argparse.ArgumentParser(prog=f"{PROG} umount", description=_UMOUNT_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_version(p)
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the unmount and the server's exit, whatever the server does "
+                        "(default 30)")
+    p.add_argument("-l", "--lazy", action="store_true",
+                   help="detach the mount now, even when it is busy or its server does not answer "
+                        "(as umount -l); does not wait for the server")
     args = p.parse_args(argv)
     from .fuse.server import unmount
 
-    unmount(args.mountpoint, args.timeout)
+    unmount(args.mountpoint, args.timeout, lazy=args.lazy)
     return 0
 
 
@@ -105,12 +158,48 @@ COMMANDS = {
 }
 
 
+#: other names of the commands
+ALIASES = {"unmount": "umount", "snapshots": "snapshot"}
+
+
 def _usage() -> str:
     lines = ["usage: unionfs COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "aliases: " + ", ".join(f"{alias} ({name})" for alias, name in ALIASES.items()),
+              "options: -h, --help  this text;  -V, --version  print the version"]
     lines += ["", "Run `unionfs COMMAND --help` for details.",
               "As a mount helper: unionfs SOURCE MOUNTPOINT -o OPTIONS (what mount.fuse3 runs)."]
     return "\n".join(lines)
+
+
+def _helper_form(args: Sequence[str]) -> bool:
+    """Whether ``args`` has the shape mount.fuse3 gives its helper: ``SOURCE MOUNTPOINT -o OPTIONS...``,
+    MOUNTPOINT an existing directory, nothing after it but options, among them at least one ``-o`` (a unionfs
+    mount always has its lowerdir= there)."""
+    if len(args) < 3 or args[0].startswith("-") or args[1].startswith("-") or not os.path.isdir(args[1]):
+        return False
+    rest = list(args[2:])
+    options = False
+    while rest:
+        arg = rest.pop(0)
+        if arg == "-o":
+            if not rest:
+                return False
+            rest.pop(0)
+            options = True
+        elif arg.startswith("-o"):
+            options = True
+        elif not arg.startswith("-"):
+            return False
+    return options
+
+
+def _unknown_command(cmd: str) -> int:
+    known = [*COMMANDS, *ALIASES, "--version"]
+    close = difflib.get_close_matches(cmd, known, n=1)
+    hint = f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else ""
+    print(f"{PROG}: error: unknown command '{cmd}'{hint}; run 'unionfs --help' for the commands", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,15 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = args[0]
     if cmd == "mount":
         return run_command(PROG, lambda: cmd_mount(args[1:]))
-    if cmd in ("umount", "unmount"):
+    if ALIASES.get(cmd, cmd) == "umount":
         return run_command(PROG, lambda: cmd_umount(args[1:]))
-    if cmd == "snapshot":
+    if cmd in ("-V", "--version"):
+        print(VERSION)
+        return 0
+    if ALIASES.get(cmd, cmd) == "snapshot":
         from .snapshots.cli import main as snapshot_main
 
         return snapshot_main(args[1:])
-    if not cmd.startswith("-"):
+    if _helper_form(args):
         # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
-        return run_command(PROG, lambda: cmd_mount(args, prog=PROG))
+        return run_command(PROG, lambda: cmd_mount(args, prog=PROG, helper=True))
+    if not cmd.startswith("-"):
+        return _unknown_command(cmd)
     print(_usage(), file=sys.stderr)
     return EXIT_USAGE
 

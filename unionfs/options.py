@@ -2,7 +2,9 @@
 
 The syntax is the kernel's and fuse-overlayfs's: ``lowerdir=L1:L2:...,upperdir=U,workdir=W`` (the leftmost
 lowerdir is the top-most lower layer, ``\\:`` escapes a colon and ``\\\\`` a backslash inside a lowerdir
-path, ``\\,`` a comma inside any value), plus the generic options that ``mount(8)`` and ``mount.fuse3`` add.
+path, ``\\,`` a comma inside any value; ``lowerdir+=DIR`` adds one layer below the others, and a later
+``lowerdir=`` replaces the layers given before, as in the kernel), plus the generic options that ``mount(8)``
+and ``mount.fuse3`` add and the FUSE options that have a meaning here.
 :func:`parse` reads them; :func:`render` writes a MountSpec back, so that ``parse([render(spec)]) == spec`` for
 every spec that :func:`parse` returns.
 """
@@ -42,6 +44,25 @@ KERNEL_FIXED = {
     "uuid": frozenset({"on", "off", "null", "auto"}),
 }
 
+#: Options of FUSE and of fuse-overlayfs that are accepted and change nothing here, with the reason (``unionfs
+#: mount --help`` lists them). A value, where the option takes one, must be one of those given.
+NO_EFFECT: dict[str, tuple[frozenset[str] | None, str]] = {
+    "nonempty": (None, "FUSE 3 always mounts on a directory that is not empty"),
+    "static_nlink": (None, "a merged directory already shows a link count of 1"),
+    "threaded": (frozenset({"0", "1"}), "the server answers requests in one event loop either way"),
+    "subtype": (frozenset({"unionfs"}), "a unionfs mount is always of type fuse.unionfs"),
+}
+
+#: Options known but refused, with the reason.
+REFUSED = {
+    "datadir+": "data-only lower layers need metacopy, which unionfs does not do",
+    "max_read": "the kernel would be told a limit the server cannot agree to at its start (libfuse then ends "
+                "the session)",
+    "subtype": "a unionfs mount is always of type fuse.unionfs (unionfs umount and mount -t fuse.unionfs "
+               "rely on it); only subtype=unionfs is accepted",
+    "threaded": "threaded takes 0 or 1",
+}
+
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_FSNAME = "unionfs"
 
@@ -64,6 +85,12 @@ class MountSpec:
     ownership: Ownership = Ownership()
     #: resolve the lower layers once at mount (unionfs.prescan)
     prescan: bool = False
+    #: FUSE's allow_root: root may use the mount besides its owner (excludes allow_other)
+    allow_root: bool = False
+    #: FUSE's auto_unmount: fusermount3 unmounts when the server dies
+    auto_unmount: bool = False
+    #: whether the kernel checks POSIX ACLs (False: ``-o noacl``, access by the mode bits alone)
+    acl: bool = True
 
     @property
     def writable(self) -> bool:
@@ -123,21 +150,41 @@ def _absolute_path(path: str, what: str) -> bytes:
     return os.fsencode(os.path.abspath(path))
 
 
+def _no_effect(key: str, sep: str, value: str) -> bool:
+    """Whether ``key[=value]`` is one of the options accepted without effect (:data:`NO_EFFECT`)."""
+    if key not in NO_EFFECT:
+        return False
+    values = NO_EFFECT[key][0]
+    return not sep if values is None else bool(sep) and value in values
+
+
 def parse(option_texts: list[str]) -> MountSpec:
     """Parse every ``-o`` argument (later ones override earlier ones) into a MountSpec."""
     kw: dict[str, object] = {}
     owner_kw: dict[str, object] = {}
     lowers: list[bytes] | None = None
+    #: whether the lower layers were given by lowerdir= (which lowerdir+= may not follow, as in the kernel)
+    listed = False
     for text in option_texts:
         for opt in split_options(text):
             key, sep, value = opt.partition("=")
             if key == "lowerdir":
+                # As the kernel: a later lowerdir= replaces the lower layers given before it.
                 if not sep or not value:
                     raise OptionError("lowerdir needs at least one directory: lowerdir=DIR[:DIR...]")
                 parts = split_lowerdir(value)
                 if any(not p for p in parts):
                     raise OptionError(f"lowerdir has an empty entry: {value!r}")
                 lowers = [_absolute_path(p, "lowerdir") for p in parts]
+                listed = True
+            elif key == "lowerdir+":
+                # One layer, below those given before; its path as it is (a colon is no separator here).
+                if not sep or not value:
+                    raise OptionError("lowerdir+ needs a directory: lowerdir+=DIR")
+                if listed:
+                    raise OptionError("lowerdir+= cannot follow lowerdir= (as in the kernel): give every layer "
+                                      "with lowerdir+=, or all of them in one lowerdir=")
+                lowers = [*(lowers or []), _absolute_path(value, "lowerdir+")]
             elif key in ("upperdir", "workdir"):
                 if not sep:
                     raise OptionError(f"{key} needs a value: {key}=DIR")
@@ -150,6 +197,16 @@ def parse(option_texts: list[str]) -> MountSpec:
                 kw["userxattr"] = key == "userxattr"
             elif key == "allow_other" and not sep:
                 kw["allow_other"] = True
+            elif key == "allow_root" and not sep:
+                kw["allow_root"] = True
+            elif key == "auto_unmount" and not sep:
+                kw["auto_unmount"] = True
+            elif key == "noacl" and not sep:
+                kw["acl"] = False
+            elif _no_effect(key, sep, value):
+                continue
+            elif key in REFUSED:
+                raise OptionError(f"{opt}: not supported: {REFUSED[key]}")
             elif key in ("atime", "relatime", "strictatime") and not sep:
                 kw["atime"] = True
             elif key == "noatime" and not sep:
@@ -199,6 +256,8 @@ def parse(option_texts: list[str]) -> MountSpec:
     work = kw.get("work")
     if (upper is None) != (work is None):
         raise OptionError("upperdir and workdir go together: give both for a writable mount, or neither")
+    if kw.get("allow_root") and kw.get("allow_other"):
+        raise OptionError("allow_root and allow_other exclude each other: give one")
     if owner_kw:
         kw["ownership"] = Ownership(**owner_kw)  # type: ignore[arg-type]
     return MountSpec(lowers=tuple(lowers), **kw)  # type: ignore[arg-type]
@@ -247,6 +306,12 @@ def spec_to_options(spec: MountSpec) -> list[str]:
         opts.append("debug")
     if spec.prescan:
         opts.append("prescan")
+    if spec.allow_root:
+        opts.append("allow_root")
+    if spec.auto_unmount:
+        opts.append("auto_unmount")
+    if not spec.acl:
+        opts.append("noacl")
     owner = spec.ownership
     if owner.uidmap is not None:
         opts.append(f"uidmapping={_idmap_value(owner.uidmap, 'uidmapping')}")

@@ -39,6 +39,8 @@ def _check_dir(path: bytes, what: str) -> os.stat_result:
         raise MountError(f"{what} {_show(path)}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"{what} {_show(path)}: not a directory")
+    if what != "mountpoint" and not os.access(path, os.R_OK | os.X_OK):
+        raise MountError(f"{what} {_show(path)}: permission denied (the server must be able to read and search it)")
     return st
 
 

@@ -221,13 +221,14 @@ def ownerships() -> st.SearchStrategy[Ownership]:
 def specs(draw: st.DrawFn, backslashes: bool = True) -> MountSpec:
     """Every MountSpec that parse can return (paths absolute and normalized, allow_other None or True)."""
     writable = draw(st.booleans())
+    allow_root = draw(st.booleans())
     return MountSpec(
         lowers=tuple(draw(st.lists(paths(), min_size=1, max_size=5))),
         upper=draw(paths(backslashes)) if writable else None,
         work=draw(paths(backslashes)) if writable else None,
         readonly=draw(st.booleans()),
         userxattr=draw(st.sampled_from([None, True, False])),
-        allow_other=draw(st.sampled_from([None, True])),
+        allow_other=None if allow_root else draw(st.sampled_from([None, True])),
         atime=draw(st.booleans()),
         timeout=draw(st.floats(min_value=0, max_value=86400) | st.just(DEFAULT_TIMEOUT)),
         fsname=draw(st.text(st.sampled_from("ab:,= é" + "\\" * backslashes), min_size=1, max_size=8)
@@ -235,6 +236,9 @@ def specs(draw: st.DrawFn, backslashes: bool = True) -> MountSpec:
         debug=draw(st.booleans()),
         ownership=draw(st.just(Ownership()) | ownerships()),
         prescan=draw(st.booleans()),
+        allow_root=allow_root,
+        auto_unmount=draw(st.booleans()),
+        acl=draw(st.booleans()),
     )
 
 
@@ -304,3 +308,48 @@ def test_later_options_apply_on_top_of_a_rendered_spec() -> None:
     assert parse([render(spec), "ro,timeout=5"]) == MountSpec(lowers=(b"/l",), upper=b"/u", work=b"/w",
                                                               userxattr=True, readonly=True, timeout=5.0)
     assert parse([render(spec), "lowerdir=/other"]).lowers == (b"/other",)
+
+
+# -- FUSE and fuse-overlayfs options, lowerdir+= ---------------------------------------------------------------
+
+
+def test_regression_fuse_options_accepted() -> None:
+    """allow_root, auto_unmount and noacl have a meaning here and are accepted (they were refused)."""
+    spec = parse(["lowerdir=/a,allow_root,auto_unmount,noacl"])
+    assert (spec.allow_root, spec.auto_unmount, spec.acl) == (True, True, False)
+    defaults = parse(["lowerdir=/a"])
+    assert (defaults.allow_root, defaults.auto_unmount, defaults.acl) == (False, False, True)
+    with pytest.raises(OptionError, match="allow_root and allow_other"):
+        parse(["lowerdir=/a,allow_root,allow_other"])
+
+
+@pytest.mark.parametrize("opt", ["nonempty", "static_nlink", "threaded=0", "threaded=1", "subtype=unionfs"])
+def test_regression_no_effect_options_accepted(opt: str) -> None:
+    assert parse([f"lowerdir=/a,{opt}"]) == parse(["lowerdir=/a"])
+
+
+@pytest.mark.parametrize(("opt", "reason"), [("subtype=other", "fuse.unionfs"), ("threaded=2", "0 or 1"),
+                                             ("datadir+=/d", "metacopy"), ("nonempty=1", "unknown"),
+                                             ("max_read=65536", "cannot agree"),
+                                             ("static_nlink=1", "unknown")])
+def test_regression_refused_options_named_with_reason(opt: str, reason: str) -> None:
+    with pytest.raises(OptionError, match=reason) as info:
+        parse([f"lowerdir=/a,{opt}"])
+    assert opt in str(info.value)
+
+
+def test_regression_lowerdir_plus_appends_a_layer() -> None:
+    """lowerdir+= adds one layer below those before it, its path taken as it is (colons included)."""
+    assert parse(["lowerdir+=/a,lowerdir+=/b:c", "lowerdir+=/d\\,e"]).lowers == (b"/a", b"/b:c", b"/d,e")
+    with pytest.raises(OptionError, match="lowerdir\\+= cannot follow lowerdir="):
+        parse(["lowerdir=/a,lowerdir+=/b"])
+    with pytest.raises(OptionError, match="lowerdir\\+"):
+        parse(["lowerdir+="])
+
+
+def test_regression_repeated_lowerdir_replaces_as_in_the_kernel() -> None:
+    """A later lowerdir= replaces every lower layer given before it, lowerdir+= ones too (the kernel does the
+    same: -o lowerdir=A,lowerdir=B mounts B alone); documented in `unionfs mount --help`."""
+    assert parse(["lowerdir=/a:/b,lowerdir=/c"]).lowers == (b"/c",)
+    assert parse(["lowerdir+=/a,lowerdir+=/b,lowerdir=/c"]).lowers == (b"/c",)
+    assert parse(["lowerdir+=/a,lowerdir=/c,upperdir=/u,workdir=/w"]).lowers == (b"/c",)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from unionfs import preflight
 from unionfs.options import MountSpec
 from unionfs.preflight import MountError, WorkdirLock, check
 
@@ -127,3 +131,56 @@ def test_workdir_lock_second_lock_fails(dirs):
         first.close()
     again = WorkdirLock(b(dirs["work"]))
     again.close()
+
+
+def _as_other_user(fn, uid=65534):
+    """``fn()``'s MountError message (or None), run as ``uid`` when we are root (root may read anything)."""
+    if os.geteuid() != 0:
+        try:
+            fn()
+        except MountError as exc:
+            return str(exc)
+        return None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            fn()
+            os.write(w, b"ok")
+        except MountError as exc:
+            os.write(w, b"error:" + str(exc).encode())
+        except BaseException as exc:
+            os.write(w, b"crash:" + repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    assert not out.startswith("crash:"), out
+    return None if out == "ok" else out.removeprefix("error:")
+
+
+@pytest.mark.parametrize(("layer", "mode"), [("l2", 0o000), ("l1", 0o311), ("l2", 0o644), ("upper", 0o000),
+                                             ("work", 0o300)])
+def test_regression_unreadable_layer_is_named(layer, mode, monkeypatch):
+    """A layer the server cannot read or search is refused, naming the layer and its path (not ``b'.'``)."""
+    monkeypatch.setattr(preflight, "check_fuse_device", lambda: None)  # (/dev/fuse may be 0600 here)
+    base = Path(tempfile.mkdtemp(prefix="unionfs-preflight-"))  # (reachable by every user, unlike tmp_path)
+    try:
+        base.chmod(0o755)
+        d = {n: base / n for n in ("l1", "l2", "upper", "work", "mnt")}
+        for p in d.values():
+            p.mkdir()
+            p.chmod(0o777)
+        d[layer].chmod(mode)
+        what = {"l1": "lowerdir", "l2": "lowerdir", "upper": "upperdir", "work": "workdir"}[layer]
+        msg = _as_other_user(lambda: check(spec_of(d), b(d["mnt"])))
+        assert msg == f"{what} {d[layer]}: permission denied (the server must be able to read and search it)"
+    finally:
+        d[layer].chmod(0o755)
+        shutil.rmtree(base)

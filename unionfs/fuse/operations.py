@@ -28,6 +28,7 @@ import trio
 from ..layers import Entry
 from ..union import AttrChanges, DirListing, Union
 from ..userns import Caller
+from . import errors
 from .errors import boundary
 from .inodes import InodeTable, Node
 
@@ -509,6 +510,8 @@ class Operations(pyfuse3.Operations):
         # but the FUSEError it means to).
         node = self.inodes.nodes.get(inode)
         if node is not None and not node.unlinked and self._absent.known(node.entry.st, name):
+            if errors.debug:
+                errors.log_request("getxattr", (inode, name), "ENODATA")
             raise pyfuse3.FUSEError(errno.ENODATA)
         return await self._getxattr(inode, name)
 

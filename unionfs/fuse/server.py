@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyfuse3
+import rich  # noqa: F401  (a dependency of the server: rich.progress, the prescan display, loads when shown)
 import trio
 
 from .. import mountinfo, prescan
@@ -27,6 +28,7 @@ from ..layers import Stack
 from ..options import MountSpec
 from ..preflight import MountError, WorkdirLock, check
 from ..union import Union, default_format
+from . import errors
 from .operations import Operations
 
 log = logging.getLogger("unionfs")
@@ -44,7 +46,11 @@ def runtime_dirs() -> list[str]:
 
 
 def pid_files(mountpoint: str) -> list[str]:
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
+    return _pid_paths(os.path.realpath(mountpoint))
+
+
+def _pid_paths(real_mountpoint: str) -> list[str]:
+    digest = hashlib.sha256(os.fsencode(real_mountpoint)).hexdigest()[:24]
     return [os.path.join(d, digest + ".pid") for d in runtime_dirs()]
 
 
@@ -56,8 +62,12 @@ def pid_file(mountpoint: str) -> str:
 
 def fuse_options(spec: MountSpec) -> set[str]:
     opts = {"fsname=" + spec.fsname, "subtype=unionfs", "default_permissions"}
-    if spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
+    if spec.allow_root:
+        opts.add("allow_root")
+    elif spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
         opts.add("allow_other")
+    if spec.auto_unmount:
+        opts.add("auto_unmount")
     opts.add("atime" if spec.atime else "noatime")
     if not spec.writable:
         opts.add("ro")
@@ -65,13 +75,27 @@ def fuse_options(spec: MountSpec) -> set[str]:
 
 
 def _prescan_progress(paths: int) -> None:
-    log.warning("prescan: %d lower paths so far", paths)
+    log.info("prescan: %d lower paths so far", paths)
+
+
+@contextlib.contextmanager
+def _prescan_display() -> Iterator[Callable[[int], None]]:
+    """A progress display of ``-o prescan`` on the terminal (stderr), gone when the scan is done."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("prescan: {task.completed:,.0f} lower paths"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("prescan", total=None)
+        yield lambda paths: bar.update(task, completed=paths)
 
 
 class Mount:
     """Everything one mount holds open: the lock, the layers, the workdir, the core."""
 
-    def __init__(self, spec: MountSpec, mountpoint: str) -> None:
+    def __init__(self, spec: MountSpec, mountpoint: str,
+                 progress: Callable[[int], None] = _prescan_progress) -> None:
+        """``progress``: told the number of lower paths scanned so far, now and then, by ``-o prescan``."""
         self.spec = spec
         self.mountpoint = mountpoint
         mp = os.fsencode(os.path.abspath(mountpoint))
@@ -92,7 +116,7 @@ class Mount:
             else:
                 fmt = default_format(None, spec.userxattr)
             started = time.monotonic()
-            lowers = prescan.scanner(_prescan_progress) if spec.prescan else None
+            lowers = prescan.scanner(progress) if spec.prescan else None
             self.stack = Stack(spec.layer_dirs(), writable, fmt, lowers)
             self.prescanned: tuple[int, float] | None = None
             if isinstance(self.stack.lowers, prescan.Prescanned):
@@ -138,17 +162,43 @@ async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> Non
         nursery.cancel_scope.cancel()
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 inside the block (by libfuse, and by the fusermount3 it runs, which
+    inherits it), as lines in the list yielded, filled when the block ends; fd 2 is put back then. A background
+    server's stderr is /dev/null, so that fusermount3's explanation of a refusal would be lost otherwise."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    capture = os.memfd_create("unionfs-mount-stderr", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    os.dup2(capture, 2)
+    try:
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.lseek(capture, 0, os.SEEK_SET)
+        with os.fdopen(capture, "rb") as f:
+            lines += f.read(65536).decode(errors="replace").splitlines()
+
+
 def serve(prepared: Mount) -> None:
     """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
     ops = Operations(prepared.union, prepared.spec.timeout)
+    errors.set_debug(prepared.spec.debug)
+    ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
-        pyfuse3.init(ops, prepared.mountpoint, fuse_options(prepared.spec))
+        with _stderr_captured() as said:
+            pyfuse3.init(ops, prepared.mountpoint, fuse_options(prepared.spec))
     except RuntimeError as exc:  # the kernel or fusermount3 refused the mount
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         prepared.close()
-        raise MountError(f"mounting {prepared.mountpoint} failed: {exc}") from None
+        why = "; ".join(line.strip() for line in said if line.strip()) or str(exc)
+        raise MountError(f"mounting {prepared.mountpoint} failed: {why}") from None
+    if said:  # (what was written meanwhile about a mount made anyway goes where it was going)
+        os.write(2, ("\n".join(said) + "\n").encode())
     terminated: list[bool] = []
     log.info("mounted %s", prepared.describe())
     try:
@@ -173,6 +223,10 @@ def _report_ready() -> None:
         _ready_fd = None
 
 
+#: the mode a new log file is created with
+LOG_MODE = 0o600
+
+
 def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     """Send the log to ``log_file``, else to stderr in the foreground, else to syslog."""
     level = logging.DEBUG if debug else logging.INFO
@@ -182,6 +236,8 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     fmt = logging.Formatter("%(asctime)s unionfs[%(process)d] %(levelname)s %(message)s")
     if log_file:
         try:
+            # Created private (0600); the mode of a file that exists is left as it is.
+            os.close(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE))
             handler: logging.Handler = logging.FileHandler(log_file)
         except OSError as exc:
             raise MountError(f"cannot open the log file {log_file}: {exc.strerror}") from None
@@ -207,12 +263,18 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     given, receives the server's log (appended)."""
     global _ready_fd
     mountpoint = os.path.abspath(mountpoint)  # the server changes to / before mounting
+    if log_file:
+        log_file = os.path.abspath(log_file)  # (likewise)
     setup_logging(True, spec.debug, log_file)
-    if not foreground and not spec.debug:
+    if not foreground and not spec.debug and not log_file:  # (the caller's stderr: problems only)
         logging.getLogger().setLevel(logging.WARNING)
     caller_umask = os.umask(0)  # the server creates files with exactly the modes it is asked for
     try:
-        prepared = Mount(spec, mountpoint)
+        if spec.prescan and foreground and sys.stderr.isatty():
+            with _prescan_display() as progress:
+                prepared = Mount(spec, mountpoint, progress)
+        else:
+            prepared = Mount(spec, mountpoint)
         if foreground:
             with _pidfile(mountpoint):
                 serve(prepared)
@@ -293,45 +355,90 @@ def _pidfile(mountpoint: str) -> Iterator[None]:
                 os.unlink(path)
 
 
+FSTYPE = b"fuse.unionfs"
+
+
+def resolve_mountpoint(mountpoint: str) -> str:
+    """``mountpoint`` with symbolic links resolved, without looking into a mount on it: a lookup there would
+    wait for its server, which may be stopped or stuck. The parent directories are resolved, and the last
+    component is stat'ed only when no mount sits on it (a symbolic link cannot be a mountpoint)."""
+    path = os.path.abspath(mountpoint)
+    points = {os.fsdecode(m.mount_point) for m in mountinfo.read()}
+    for _ in range(40):  # (the kernel's limit of symbolic links followed in one lookup)
+        parent, name = os.path.split(path)
+        candidate = os.path.join(os.path.realpath(parent), name)
+        if candidate in points or not os.path.islink(candidate):
+            return candidate
+        path = os.path.normpath(os.path.join(os.path.dirname(candidate), os.readlink(candidate)))
+    raise MountError(f"{mountpoint}: too many levels of symbolic links")
+
+
+def mount_on(mountpoint: str) -> mountinfo.MountEntry | None:
+    """The visible mount on ``mountpoint`` (symbolic links resolved), or None."""
+    target = os.fsencode(resolve_mountpoint(mountpoint))
+    found = [m for m in mountinfo.read() if m.mount_point == target]
+    return found[-1] if found else None
+
+
 def is_mounted(mountpoint: str) -> bool:
     """Whether something is mounted on ``mountpoint`` (symbolic links resolved)."""
-    target = os.fsencode(os.path.realpath(mountpoint))
-    return any(m.mount_point == target for m in mountinfo.read())
+    return mount_on(mountpoint) is not None
 
 
-def unmount(mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount and wait (up to ``timeout`` seconds) for the server to finish."""
-    if not is_mounted(mountpoint):
+def unmount(mountpoint: str, timeout: float = 30.0, lazy: bool = False) -> None:
+    """Unmount the unionfs mount on ``mountpoint`` and wait for the server to finish, all within ``timeout``
+    seconds whatever the server does (a stopped server cannot answer the unmount). ``lazy``: detach the mount
+    at once, even when it is busy or its server does not answer, and do not wait for the server (it exits once
+    the last file open in the mount is closed).
+
+    MountError when nothing or something else than unionfs is mounted there, or when the time is up."""
+    deadline = time.monotonic() + timeout
+    target = resolve_mountpoint(mountpoint)
+    found = mount_on(target)
+    if found is None:
         raise MountError(f"{mountpoint}: not mounted")
-    pid = _read_pid(mountpoint)
+    if found.fstype != FSTYPE:
+        raise MountError(f"{mountpoint} is a {os.fsdecode(found.fstype)} mount, not unionfs")
+    pid = _read_pid(target)
     pidfd = None
-    if pid is not None:
+    if pid is not None and not lazy:
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = None
-    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        _fusermount_unmount(mountpoint, target, lazy, deadline, timeout)
+        while pidfd is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MountError(f"the server (pid {pid}) did not exit within {timeout:g} s")
+            ready, _, _ = select.select([pidfd], [], [], left)
+            if ready:
+                break
+    finally:
         if pidfd is not None:
             os.close(pidfd)
-        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+
+
+def _fusermount_unmount(mountpoint: str, target: str, lazy: bool, deadline: float, timeout: float) -> None:
+    """``fusermount3 -u [-z] TARGET``, given up (and killed) at ``deadline``: the unmount waits for the server."""
+    proc = subprocess.Popen(["fusermount3", "-u", *(["-z"] if lazy else []), target],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()  # (it may still be in the unmount, which the kernel completes once the server answers)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+        raise MountError(f"{mountpoint}: the server does not answer; not unmounted within {timeout:g} s "
+                         f"(`unionfs umount --lazy {mountpoint}` detaches it now)") from None
+    if proc.returncode != 0:
+        msg = err.strip().splitlines()[-1] if err.strip() else "fusermount3 failed"
         raise MountError(msg.removeprefix("fusermount3: "))
-    if pidfd is not None:
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MountError(f"the server (pid {pid}) did not exit within {timeout:g} s")
-                ready, _, _ = select.select([pidfd], [], [], left)
-                if ready:
-                    break
-        finally:
-            os.close(pidfd)
 
 
-def _read_pid(mountpoint: str) -> int | None:
-    for path in pid_files(mountpoint):
+def _read_pid(real_mountpoint: str) -> int | None:
+    for path in _pid_paths(real_mountpoint):
         try:
             with open(path) as f:
                 return int(f.read().strip())
