@@ -40,7 +40,8 @@ options (-o, comma separated, may be repeated; a backslash escapes a comma insid
   allow_other             let other users see the mount (the default when run as root)
   allow_root              let root see the mount besides its owner (not with allow_other); as allow_other,
                           an ordinary user needs user_allow_other in /etc/fuse.conf
-  auto_unmount            unmount when the server dies (fusermount3 stays to watch it)
+  auto_unmount            ask fusermount3 to stay and unmount when the server dies (done for mounts made as
+                          root; an ordinary user's mount stays until `unionfs umount --lazy`)
   noacl                   the kernel checks access by the mode bits alone, not POSIX ACLs
   noatime | atime         do not / do update access times (default: noatime; relatime, strictatime: atime)
   timeout=SECONDS         how long the kernel may cache names and attributes (default 300)

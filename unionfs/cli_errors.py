@@ -9,6 +9,7 @@ status      reason
 2           bad usage: a malformed command line (argparse's own message) or mount option
 3 - 6       ``unionfs snapshot`` only: not found, already exists, failed precondition, invalid argument
 130         interrupted (Ctrl-C)
+141         ``unionfs snapshot`` only: its output was closed by the reader (``| head``); nothing is printed
 ==========  =================================================================================================
 
 The line is ``PROG: KIND: MESSAGE``: the kind is ``error`` but for snapshot errors, which carry their own
