@@ -22,17 +22,8 @@ if _renameat2 is not None:
 
 def renameat2(src: bytes, dst: bytes, flags: int, src_dir_fd: int = AT_FDCWD, dst_dir_fd: int = AT_FDCWD) -> None:
     """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT); raises OSError."""
-    if flags == 0:
-        os.rename(src, dst, src_dir_fd=_dir_fd_or_none(src_dir_fd), dst_dir_fd=_dir_fd_or_none(dst_dir_fd))
-        return
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available in this C library")
     if _renameat2(src_dir_fd, src, dst_dir_fd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
-
-
-def _dir_fd_or_none(fd: int) -> int | None:
-    """The ``dir_fd`` argument of the os functions for ``fd``: None (relative to the working directory) for
-    AT_FDCWD."""
-    return None if fd == AT_FDCWD else fd

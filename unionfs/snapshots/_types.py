@@ -65,9 +65,6 @@ class Usage:
     size: int = 0
     inodes: int = 0
 
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(self.size + other.size, self.inodes + other.inodes)
-
     def to_json(self) -> dict[str, int]:
         return {"size": self.size, "inodes": self.inodes}
 
