@@ -727,7 +727,7 @@ class Snapshotter:
                 self._registry.prune(mountinfo.read())
             ids = set(rows) - dropped
             with os.scandir(self.snapshots_dir) as it:  # (the directories of dropped records are reported above)
-                orphans = sorted(e.name for e in it if not (e.name.isdigit() and int(e.name) in set(rows)))
+                orphans = sorted(e.name for e in it if not (e.name.isdigit() and int(e.name) in rows))
             for name in orphans:
                 why = ("an interrupted deletion" if name.startswith("rm-") else
                        "an interrupted creation" if name.startswith("new-") else "no snapshot refers to it")
