@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY_MODULES = (
     "unionfs.cli", "unionfs.fuse.server", "pyfuse3", "trio", "xattr", "pytest", "hypothesis",
     "hypothesis.strategies",
+    "rich.progress",  # loaded only when progress is shown on a terminal
 )
 PROJECT = ("pyproject.toml", "unionfs", "tests", "examples")
 #: Loaded by the interpreter's own start-up hooks (a ``.pth`` file), not by unionfs or the tests.

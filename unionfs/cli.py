@@ -7,7 +7,6 @@ every error ends the command as one line on stderr (:mod:`unionfs.cli_errors`).
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -196,6 +195,8 @@ def _helper_form(args: Sequence[str]) -> bool:
 
 
 def _unknown_command(cmd: str) -> int:
+    import difflib  # loaded only for this message
+
     known = [*COMMANDS, *ALIASES, "--version"]
     close = difflib.get_close_matches(cmd, known, n=1)
     hint = f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else ""

@@ -114,34 +114,44 @@ class Found(NamedTuple):
     is_whiteout: bool = False
     marks: DirMarks = NO_MARKS
 
-    @property
-    def hides_below(self) -> bool:
-        """Nothing of the layers beneath shows through: a whiteout, a non-directory or an opaque directory."""
-        return self.is_whiteout or not stat.S_ISDIR(self.st.st_mode) or self.marks.opaque
+
+def _nothing() -> Entry | None:
+    return None
 
 
-def stacked(path: bytes, top: Found, lower: Entry | None) -> Entry | None:
-    """The rule of the stack, the one place it is written: what ``path`` resolves to when a layer holds
-    ``top`` there above what the layers beneath resolve it to (``lower``; None: nothing).
+def stack(path: bytes, found: Iterable[Found], beneath: Callable[[], Entry | None] = _nothing) -> Entry | None:
+    """The rule of the stack, the one place it is written: what ``path`` resolves to, given what the layers
+    hold there top-down (``found``: the layers holding nothing are left out), above what the layers beneath
+    those resolve it to (``beneath()``). Each is consulted only as far as something of it can still show.
 
-    A whiteout hides everything beneath; a non-directory stands alone; a directory merges with a directory
-    beneath unless it is opaque, and hides a non-directory beneath.
+    A whiteout hides everything beneath it; a non-directory stands alone and hides everything beneath; a
+    directory merges with the directories beneath it down to an opaque one, and hides a non-directory.
     """
+    layers = iter(found)
+    top = next(layers, None)
+    if top is None:
+        return beneath()
     if top.is_whiteout:
         return None
     if not stat.S_ISDIR(top.st.st_mode):
         return Entry(path, top.layer, top.st)
-    xattr_whiteouts = frozenset({top.layer}) if top.marks.xwhiteouts else _NONE
-    if top.marks.opaque or lower is None or not lower.is_dir:
-        return Entry(path, top.layer, top.st, (top.layer,), xattr_whiteouts, top.marks.opaque)
-    return Entry(path, top.layer, top.st, (top.layer, *lower.dirs), xattr_whiteouts | lower.xattr_whiteouts)
-
-
-def stack_on(path: bytes, top: Found | None, below: Callable[[], Entry | None]) -> Entry | None:
-    """:func:`stacked`, asking the layers beneath (``below()``) only when something of them can show."""
-    if top is None:
-        return below()
-    return stacked(path, top, None if top.hides_below else below())
+    dirs = [top.layer]
+    marked = [top.layer] if top.marks.xwhiteouts else []
+    if not top.marks.opaque:
+        for f in layers:
+            if f.is_whiteout or not stat.S_ISDIR(f.st.st_mode):
+                break
+            dirs.append(f.layer)
+            if f.marks.xwhiteouts:
+                marked.append(f.layer)
+            if f.marks.opaque:
+                break
+        else:
+            lower = beneath()
+            if lower is not None and lower.is_dir:
+                dirs.extend(lower.dirs)
+                marked.extend(lower.xattr_whiteouts)
+    return Entry(path, top.layer, top.st, tuple(dirs), frozenset(marked) if marked else _NONE, top.marks.opaque)
 
 
 class LowerSource(Protocol):
@@ -177,27 +187,15 @@ class Probing:
         if whiteout.is_whiteout_stat(st) or (
             xattr_whiteouts and whiteout.is_xattr_whiteout(layer.full_path(path), st, self.formats)
         ):
-            return Found(index, st, is_whiteout=True)
+            return Found(index, st, True, NO_MARKS)
         if stat.S_ISDIR(st.st_mode):
-            return Found(index, st, marks=whiteout.read_dir_marks(layer.full_path(path), self.formats))
-        return Found(index, st)
+            return Found(index, st, False, whiteout.read_dir_marks(layer.full_path(path), self.formats))
+        return Found(index, st, False, NO_MARKS)
 
     def _resolve(self, path: bytes, dirs: Iterable[int], marked: frozenset[int]) -> Entry | None:
-        """Ask the layers ``dirs`` top-down until one hides the rest (xattr whiteouts are looked for in those
-        ``marked``), then stack what they hold."""
-        found: list[Found] = []
-        for index in dirs:
-            if index < self.first:
-                continue
-            f = self.find(index, path, index in marked)
-            if f is not None:
-                found.append(f)
-                if f.hides_below:
-                    break
-        entry: Entry | None = None
-        for f in reversed(found):
-            entry = stacked(path, f, entry)
-        return entry
+        """Stack what the layers ``dirs`` hold at ``path``, asking each only when it can still show (xattr
+        whiteouts are looked for in the layers ``marked``)."""
+        return stack(path, (f for i in dirs if i >= self.first and (f := self.find(i, path, i in marked)) is not None))
 
     def root(self) -> Entry | None:
         return self._resolve(ROOT, range(self.first, len(self.layers)), _NONE)
@@ -294,7 +292,7 @@ class Stack:
 
     def root(self) -> Entry:
         top = self.probing.find(0, ROOT, False) if self.writable else None
-        entry = stack_on(ROOT, top, self.lowers.root)
+        entry = stack(ROOT, () if top is None else (top,), self.lowers.root)
         assert entry is not None
         return entry
 
@@ -304,7 +302,7 @@ class Stack:
         top = None
         if self.writable and parent.dirs and parent.dirs[0] == 0:
             top = self.probing.find(0, path, 0 in parent.xattr_whiteouts)
-        return stack_on(path, top, lambda: self._in_lowers(parent, name))
+        return stack(path, () if top is None else (top,), lambda: self._in_lowers(parent, name))
 
     def _in_lowers(self, parent: Entry, name: bytes) -> Entry | None:
         if not parent.dirs or parent.dirs[-1] < self._first_lower:

@@ -17,23 +17,18 @@ from . import xattrs
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
 
+
 class XattrFormat(enum.Enum):
     """Which xattr namespace carries our markers."""
 
     TRUSTED = "trusted"
     USER = "user"
 
-    @property
-    def prefix(self) -> bytes:
-        return TRUSTED_PREFIX if self is XattrFormat.TRUSTED else USER_PREFIX
-
-    @property
-    def opaque(self) -> bytes:
-        return self.prefix + b"opaque"
-
-    @property
-    def whiteout(self) -> bytes:
-        return self.prefix + b"whiteout"
+    def __init__(self, value: str) -> None:
+        #: the prefix of our markers' names, and the names of the opaque and the whiteout marker
+        self.prefix: bytes = value.encode() + b".overlay."
+        self.opaque: bytes = self.prefix + b"opaque"
+        self.whiteout: bytes = self.prefix + b"whiteout"
 
 
 def xattr_to_disk(name: bytes, prefixes: tuple[bytes, ...]) -> bytes:

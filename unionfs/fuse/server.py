@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pyfuse3
-import rich  # noqa: F401  (a dependency of the server: rich.progress, the prescan display, loads when shown)
 import trio
 
 from .. import mountinfo, prescan
