@@ -8,6 +8,7 @@ Run as root: ``python bench/run.py [--quick] [--fs kernel,fuse-overlayfs,unionfs
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import dataclasses
 import datetime
@@ -302,6 +303,12 @@ class Unionfs(FuseServer):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         return env
+
+    def unavailable(self) -> str | None:
+        # Start as an installed package starts: from compiled bytecode. Without it (PYTHONDONTWRITEBYTECODE,
+        # a fresh checkout), every mount would compile the sources first, tens of milliseconds of its start.
+        compileall.compile_dir(str(REPO / "unionfs"), quiet=1)
+        return super().unavailable()
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {
