@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from . import whiteout
@@ -115,6 +115,10 @@ class Found(NamedTuple):
     marks: DirMarks = NO_MARKS
 
 
+#: makes a Found from a tuple without the keyword handling of its constructor (one per layer of a lookup)
+_found = tuple.__new__
+
+
 def _nothing() -> Entry | None:
     return None
 
@@ -138,13 +142,13 @@ def stack(path: bytes, found: Iterable[Found], beneath: Callable[[], Entry | Non
     dirs = [top.layer]
     marked = [top.layer] if top.marks.xwhiteouts else []
     if not top.marks.opaque:
-        for f in layers:
-            if f.is_whiteout or not stat.S_ISDIR(f.st.st_mode):
+        for layer, st, is_whiteout, marks in layers:
+            if is_whiteout or not stat.S_ISDIR(st.st_mode):
                 break
-            dirs.append(f.layer)
-            if f.marks.xwhiteouts:
-                marked.append(f.layer)
-            if f.marks.opaque:
+            dirs.append(layer)
+            if marks.xwhiteouts:
+                marked.append(layer)
+            if marks.opaque:
                 break
         else:
             lower = beneath()
@@ -174,34 +178,37 @@ class Probing:
         self.first = first
         self.formats = formats
 
-    def find(self, index: int, path: bytes, xattr_whiteouts: bool) -> Found | None:
-        """What layer ``index`` holds at ``path`` (None: nothing); xattr whiteouts are looked for only where
-        the parent directory says it holds some."""
-        layer = self.layers[index]
-        try:
-            st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in _MISSING:
-                return None
-            raise
-        if whiteout.is_whiteout_stat(st) or (
-            xattr_whiteouts and whiteout.is_xattr_whiteout(layer.full_path(path), st, self.formats)
-        ):
-            return Found(index, st, True, NO_MARKS)
-        if stat.S_ISDIR(st.st_mode):
-            return Found(index, st, False, whiteout.read_dir_marks(layer.full_path(path), self.formats))
-        return Found(index, st, False, NO_MARKS)
-
-    def _resolve(self, path: bytes, dirs: Iterable[int], marked: frozenset[int]) -> Entry | None:
-        """Stack what the layers ``dirs`` hold at ``path``, asking each only when it can still show (xattr
-        whiteouts are looked for in the layers ``marked``)."""
-        return stack(path, (f for i in dirs if i >= self.first and (f := self.find(i, path, i in marked)) is not None))
+    def found(self, path: bytes, dirs: Iterable[int], marked: frozenset[int]) -> Iterator[Found]:
+        """What each of the layers ``dirs`` holds at ``path``, top-down, those holding nothing left out; each is
+        asked only when the next is wanted. xattr whiteouts are looked for in the layers ``marked`` only (where
+        the parent directory says it holds some)."""
+        layers, formats = self.layers, self.formats
+        for index in dirs:
+            layer = layers[index]
+            try:
+                st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno in _MISSING:
+                    continue
+                raise
+            if whiteout.is_whiteout_stat(st) or (
+                index in marked and whiteout.is_xattr_whiteout(layer.full_path(path), st, formats)
+            ):
+                yield _found(Found, (index, st, True, NO_MARKS))
+            elif stat.S_ISDIR(st.st_mode):
+                yield _found(Found, (index, st, False, whiteout.read_dir_marks(layer.full_path(path), formats)))
+            else:
+                yield _found(Found, (index, st, False, NO_MARKS))
 
     def root(self) -> Entry | None:
-        return self._resolve(ROOT, range(self.first, len(self.layers)), _NONE)
+        return stack(ROOT, self.found(ROOT, range(self.first, len(self.layers)), _NONE))
 
     def lookup(self, parent: Entry, name: bytes) -> Entry | None:
-        return self._resolve(join(parent.path, name), parent.dirs, parent.xattr_whiteouts)
+        dirs = parent.dirs
+        if dirs and dirs[0] < self.first:  # the upper layer is not ours to ask
+            dirs = dirs[1:]
+        path = join(parent.path, name)
+        return stack(path, self.found(path, dirs, parent.xattr_whiteouts))
 
 
 def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...],
@@ -291,18 +298,16 @@ class Stack:
     # -- resolution ---------------------------------------------------------------------------------------
 
     def root(self) -> Entry:
-        top = self.probing.find(0, ROOT, False) if self.writable else None
-        entry = stack(ROOT, () if top is None else (top,), self.lowers.root)
+        entry = stack(ROOT, self.probing.found(ROOT, (0,) if self.writable else (), _NONE), self.lowers.root)
         assert entry is not None
         return entry
 
     def lookup(self, parent: Entry, name: bytes) -> Entry | None:
         """Resolve ``name`` inside directory ``parent``; None when missing or whited out."""
         path = join(parent.path, name)
-        top = None
-        if self.writable and parent.dirs and parent.dirs[0] == 0:
-            top = self.probing.find(0, path, 0 in parent.xattr_whiteouts)
-        return stack(path, () if top is None else (top,), lambda: self._in_lowers(parent, name))
+        upper = (0,) if self.writable and parent.dirs and parent.dirs[0] == 0 else ()
+        found = self.probing.found(path, upper, parent.xattr_whiteouts)
+        return stack(path, found, lambda: self._in_lowers(parent, name))
 
     def _in_lowers(self, parent: Entry, name: bytes) -> Entry | None:
         if not parent.dirs or parent.dirs[-1] < self._first_lower:
