@@ -92,8 +92,11 @@ def test_regression_snapshots_alias(tmp_path: Path) -> None:
     r = cli("snapshots", "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout == cli("snapshot", "--help").stdout
+    r = cli("snapshots", "--root", tmp_path / "store", "prepare", "build")  # (only prepare and view make a store)
+    assert r.returncode == 0, r.stderr
     r = cli("snapshots", "--root", tmp_path / "store", "ls")
     assert r.returncode == 0, r.stderr
+    assert "build" in r.stdout
     assert "snapshots" in cli("--help").stdout
 
 
