@@ -150,6 +150,18 @@ def _absolute_path(path: str, what: str) -> bytes:
     return os.fsencode(os.path.abspath(path))
 
 
+#: Options without a value that set one MountSpec field: option -> (field, value).
+_FLAGS: dict[str, tuple[str, bool]] = {
+    "ro": ("readonly", True), "rw": ("readonly", False),
+    "userxattr": ("userxattr", True), "nouserxattr": ("userxattr", False),
+    "allow_other": ("allow_other", True), "allow_root": ("allow_root", True),
+    "auto_unmount": ("auto_unmount", True), "noacl": ("acl", False),
+    "atime": ("atime", True), "relatime": ("atime", True), "strictatime": ("atime", True),
+    "noatime": ("atime", False),
+    "debug": ("debug", True), "prescan": ("prescan", True),
+}
+
+
 def _no_effect(key: str, sep: str, value: str) -> bool:
     """Whether ``key[=value]`` is one of the options accepted without effect (:data:`NO_EFFECT`)."""
     if key not in NO_EFFECT:
@@ -189,32 +201,13 @@ def parse(option_texts: list[str]) -> MountSpec:
                 if not sep:
                     raise OptionError(f"{key} needs a value: {key}=DIR")
                 kw["upper" if key == "upperdir" else "work"] = _absolute_path(value, key)
-            elif key == "ro" and not sep:
-                kw["readonly"] = True
-            elif key == "rw" and not sep:
-                kw["readonly"] = False
-            elif key in ("userxattr", "nouserxattr") and not sep:
-                kw["userxattr"] = key == "userxattr"
-            elif key == "allow_other" and not sep:
-                kw["allow_other"] = True
-            elif key == "allow_root" and not sep:
-                kw["allow_root"] = True
-            elif key == "auto_unmount" and not sep:
-                kw["auto_unmount"] = True
-            elif key == "noacl" and not sep:
-                kw["acl"] = False
+            elif key in _FLAGS and not sep:
+                field, flag_value = _FLAGS[key]
+                kw[field] = flag_value
             elif _no_effect(key, sep, value):
                 continue
             elif key in REFUSED:
                 raise OptionError(f"{opt}: not supported: {REFUSED[key]}")
-            elif key in ("atime", "relatime", "strictatime") and not sep:
-                kw["atime"] = True
-            elif key == "noatime" and not sep:
-                kw["atime"] = False
-            elif key == "debug" and not sep:
-                kw["debug"] = True
-            elif key == "prescan" and not sep:
-                kw["prescan"] = True
             elif key == "timeout":
                 try:
                     t = float(value)
