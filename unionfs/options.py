@@ -162,6 +162,10 @@ _FLAGS: dict[str, tuple[str, bool]] = {
 }
 
 
+#: The option that writes each (field, value) of :data:`_FLAGS`: the first one that sets it.
+_FLAG_OPTIONS = {setting: option for option, setting in reversed(_FLAGS.items())}
+
+
 def _no_effect(key: str, sep: str, value: str) -> bool:
     """Whether ``key[=value]`` is one of the options accepted without effect (:data:`NO_EFFECT`)."""
     if key not in NO_EFFECT:
@@ -271,6 +275,9 @@ def _idmap_value(idmap: IdMap, what: str) -> str:
     return ":".join(f"{inside}:{outside}:{count}" for inside, outside, count in idmap.ranges)
 
 
+_DEFAULT_SPEC = MountSpec(lowers=())
+
+
 def spec_to_options(spec: MountSpec) -> list[str]:
     """The options that :func:`parse` reads back as ``spec``, one per item, in the form :func:`split_options`
     returns them (join them with :func:`option_string`). Options at their default are left out.
@@ -281,30 +288,18 @@ def spec_to_options(spec: MountSpec) -> list[str]:
         opts.append(f"upperdir={os.fsdecode(spec.upper)}")
     if spec.work is not None:
         opts.append(f"workdir={os.fsdecode(spec.work)}")
-    if spec.readonly:
-        opts.append("ro")
-    if spec.userxattr is not None:
-        opts.append("userxattr" if spec.userxattr else "nouserxattr")
-    if spec.allow_other is not None:
-        if not spec.allow_other:
-            raise OptionError("allow_other=False cannot be written as a mount option (leave it None)")
-        opts.append("allow_other")
-    if spec.atime:
-        opts.append("atime")
+    for field in dict.fromkeys(field for field, _value in _FLAGS.values()):
+        value = getattr(spec, field)
+        if value == getattr(_DEFAULT_SPEC, field):
+            continue
+        option = _FLAG_OPTIONS.get((field, value))
+        if option is None:
+            raise OptionError(f"{field}={value!r} cannot be written as a mount option (leave it at its default)")
+        opts.append(option)
     if spec.timeout != DEFAULT_TIMEOUT:
         opts.append(f"timeout={spec.timeout!r}")
     if spec.fsname != DEFAULT_FSNAME:
         opts.append(f"fsname={spec.fsname}")
-    if spec.debug:
-        opts.append("debug")
-    if spec.prescan:
-        opts.append("prescan")
-    if spec.allow_root:
-        opts.append("allow_root")
-    if spec.auto_unmount:
-        opts.append("auto_unmount")
-    if not spec.acl:
-        opts.append("noacl")
     owner = spec.ownership
     if owner.uidmap is not None:
         opts.append(f"uidmapping={_idmap_value(owner.uidmap, 'uidmapping')}")
