@@ -86,9 +86,7 @@ def test_regression_rm_checks_every_key_and_removes_all_or_none(
     root = tmp_path / "s"
     with Snapshotter(root) as sn:
         sn.prepare("ra")
-        sn.prepare("b")
-        sn.commit("base", "b")
-        sn.prepare("kid", "base")
+        _active_on_base(sn, "kid")
     assert main(["--root", str(root), "rm", "nope", "ra", "base", "gone"]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("unionfs snapshot: not found: nothing removed: ")
@@ -101,6 +99,13 @@ def test_regression_rm_checks_every_key_and_removes_all_or_none(
     assert main(["--root", str(root), "rm", "base", "kid", "ra"]) == 0
     with Snapshotter(root) as sn:
         assert sn.walk() == [] and os.listdir(root / "snapshots") == []
+
+
+def _active_on_base(sn: Snapshotter, key: str) -> None:
+    """An active snapshot ``key`` on a committed snapshot ``base``."""
+    sn.prepare("b")
+    sn.commit("base", "b")
+    sn.prepare(key, "base")
 
 
 class _FakeMount:
@@ -128,9 +133,7 @@ def test_regression_mount_options_cannot_replace_the_layers(
     fake = _FakeMount(monkeypatch)
     root = tmp_path / "s"
     with Snapshotter(root) as sn:
-        sn.prepare("b")
-        sn.commit("base", "b")
-        sn.prepare("app", "base")
+        _active_on_base(sn, "app")
     assert main(["--root", str(root), "mount", "app", str(tmp_path), "-o", option]) == 6
     assert capsys.readouterr().err.startswith(f"unionfs snapshot: invalid argument: mount option {name!r} ")
     assert fake.specs == []
@@ -140,9 +143,7 @@ def test_regression_mount_options_may_tune_a_snapshot_mount(tmp_path: Path, monk
     fake = _FakeMount(monkeypatch)
     root = tmp_path / "s"
     with Snapshotter(root) as sn:
-        sn.prepare("b")
-        sn.commit("base", "b")
-        sn.prepare("app", "base")
+        _active_on_base(sn, "app")
         plain = sn.mount_spec("app")
     assert main(["--root", str(root), "mount", "app", str(tmp_path), "-o", "ro,timeout=3,allow_other,prescan",
                  "-o", "uidmapping=0:1000:1"]) == 0
