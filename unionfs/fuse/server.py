@@ -379,11 +379,6 @@ def mount_on(mountpoint: str) -> mountinfo.MountEntry | None:
     return found[-1] if found else None
 
 
-def is_mounted(mountpoint: str) -> bool:
-    """Whether something is mounted on ``mountpoint`` (symbolic links resolved)."""
-    return mount_on(mountpoint) is not None
-
-
 def unmount(mountpoint: str, timeout: float = 30.0, lazy: bool = False) -> None:
     """Unmount the unionfs mount on ``mountpoint`` and wait for the server to finish, all within ``timeout``
     seconds whatever the server does (a stopped server cannot answer the unmount). ``lazy``: detach the mount
