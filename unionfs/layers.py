@@ -267,8 +267,10 @@ class Stack:
     """
 
     def __init__(self, layer_dirs: Sequence[bytes], writable: bool, fmt: XattrFormat,
-                 lowers: Callable[[Probing], LowerSource] | None = None) -> None:
+                 lowers: Callable[[Probing], LowerSource] | None = None, *, aufs: bool = False) -> None:
+        """``aufs``: also honour AUFS-style markers (``.wh.NAME`` files, ``.wh..wh..opq``) in lower layers."""
         self.layers: list[Layer] = []
+        self.aufs = aufs
         try:
             for i, d in enumerate(layer_dirs):
                 self.layers.append(Layer(i, d, writable and i == 0))

@@ -91,6 +91,15 @@ class MountSpec:
     auto_unmount: bool = False
     #: whether the kernel checks POSIX ACLs (False: ``-o noacl``, access by the mode bits alone)
     acl: bool = True
+    #: honour AUFS-style markers in lower layers (``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` makes its
+    #: directory opaque), as fuse-overlayfs does; on when started as containers/storage's mount program
+    aufs_markers: bool = False
+    #: whether fsync reaches the disk (False: ``volatile`` or ``fsync=0``, as fuse-overlayfs and the kernel)
+    fsync: bool = True
+    #: whether extended attributes are served (False: fuse-overlayfs's ``noxattrs=1``)
+    xattrs: bool = True
+    #: the SELinux context of every object (``context=``), passed to the kernel as it is
+    context: str | None = None
 
     @property
     def writable(self) -> bool:
@@ -159,6 +168,8 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "atime": ("atime", True), "relatime": ("atime", True), "strictatime": ("atime", True),
     "noatime": ("atime", False),
     "debug": ("debug", True), "prescan": ("prescan", True),
+    "aufs_markers": ("aufs_markers", True), "noaufs_markers": ("aufs_markers", False),
+    "volatile": ("fsync", False),
 }
 
 

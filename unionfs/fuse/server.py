@@ -116,7 +116,7 @@ class Mount:
                 fmt = default_format(None, spec.userxattr)
             started = time.monotonic()
             lowers = prescan.scanner(progress) if spec.prescan else None
-            self.stack = Stack(spec.layer_dirs(), writable, fmt, lowers)
+            self.stack = Stack(spec.layer_dirs(), writable, fmt, lowers, aufs=spec.aufs_markers)
             self.prescanned: tuple[int, float] | None = None
             if isinstance(self.stack.lowers, prescan.Prescanned):
                 self.prescanned = (len(self.stack.lowers), time.monotonic() - started)
