@@ -9,7 +9,8 @@ home, a venv whose ``python`` is a link into /root/.pyenv). So this copies, into
   importing them here, pytest's plugins included), each with its ``*.dist-info`` so that pytest still finds its
   plugins through their entry points;
 * ``bin/unionfs``: the command, run by ``PYTHON`` (an interpreter the unprivileged user can execute, of the same
-  minor version as this one, e.g. Debian's ``/usr/bin/python3``).
+  minor version as this one, e.g. Debian's ``/usr/bin/python3``), with ``src/`` and ``site/`` first on its
+  ``sys.path`` (it needs no ``PYTHONPATH``: the podman tests give it to containers/storage as its mount program).
 
 Run it with the interpreter that has the test dependencies installed (the venv's); ``PYTHON`` is the second
 argument.  Everything under ``DEST`` is made readable by all; ``DEST`` itself must not exist yet.
@@ -106,7 +107,10 @@ def stage(dest: Path, python: str) -> None:
     for info in dist_infos(set(roots)):
         _copy(info, site / info.name)
     exe = bindir / "unionfs"
-    exe.write_text(f"#!{python}\nimport sys\n\nfrom unionfs.cli import main\n\nsys.exit(main())\n")
+    # The copy's own directories come first on sys.path, so that the command also runs without PYTHONPATH (as
+    # containers/storage's mount program, say).
+    exe.write_text(f"#!{python}\nimport sys\n\nsys.path[:0] = [{str(src)!r}, {str(site)!r}]\n\n"
+                   "from unionfs.cli import main\n\nsys.exit(main())\n")
     exe.chmod(0o755)
     _open_to_all(dest)
     print(f"staged {len(roots)} top-level modules for {python}: {' '.join(sorted(roots))}", file=sys.stderr)

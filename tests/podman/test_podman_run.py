@@ -1,0 +1,57 @@
+"""``podman run`` of the test image: starting a container, reading the image's files, --userns=keep-id."""
+
+from __future__ import annotations
+
+import pytest
+from podman_env import IMAGE, Engine
+
+
+def test_run_true(engine: Engine) -> None:
+    engine.podman("run", "--rm", IMAGE, "true")
+
+
+def test_root_is_served_by_the_mount_program(engine: Engine) -> None:
+    """The container's / is a FUSE mount of the mount program under test (not the kernel's overlayfs)."""
+    out = engine.podman("run", "--rm", IMAGE, "cat", "/proc/self/mountinfo").stdout
+    root = [line.split(" - ")[1].split()[0] for line in out.splitlines() if line.split()[4] == "/"]
+    assert root == [engine.fstype]
+
+
+def test_run_reads_image_files(engine: Engine) -> None:
+    script = (
+        "cat /data/hello.txt /data/private /data/link; readlink /data/link; "
+        "stat -c '%n %F %s %a %u:%g' /data/hello.txt /data/private /data/owned /data/link /keep /tmp; "
+        "ls -A /keep /deldir; id -u; stat -c %u /bin/busybox"
+    )
+    out = engine.podman("run", "--rm", IMAGE, "sh", "-c", script).stdout
+    assert out.splitlines() == [
+        "hello from the image",
+        "secret",
+        "hello from the image",
+        "hello.txt",
+        "/data/hello.txt regular file 21 644 0:0",
+        "/data/private regular file 7 600 0:0",
+        "/data/owned regular file 14 640 1000:1000",
+        "/data/link symbolic link 9 777 0:0",
+        "/keep directory 4096 755 0:0",
+        "/tmp directory 4096 1777 0:0",
+        "/deldir:",
+        "a",
+        "sub",
+        "",
+        "/keep:",
+        "gone",
+        "stay",
+        "0",
+        "0",
+    ]
+
+
+def test_run_keep_id(engine: Engine) -> None:
+    """Rootless ``--userns=keep-id``: the user's own uid inside, the image's files still owned by root."""
+    if engine.mode != "rootless":
+        pytest.skip("--userns=keep-id is for rootless podman")
+    assert engine.user is not None
+    out = engine.podman("run", "--rm", "--userns=keep-id", IMAGE, "sh", "-c",
+                        "stat -c %u /bin/busybox; id -u; stat -c %u:%g /data/owned; cat /data/hello.txt").stdout
+    assert out.splitlines() == ["0", str(engine.user.uid), "1000:1000", "hello from the image"]
