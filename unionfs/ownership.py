@@ -45,6 +45,12 @@ class IdMap:
                 return first_stored + (shown - first_shown)
         raise OSError(errno.EINVAL, f"id {shown} has no mapping")
 
+    def stored_or_overflow(self, shown: int) -> int:
+        try:
+            return self.stored(shown)
+        except OSError:
+            return OVERFLOW_ID
+
 
 def parse_idmap(text: str, what: str) -> IdMap:
     """``STORED:SHOWN:COUNT[:...]``, with one leading colon allowed (containers/storage writes one)."""
@@ -87,6 +93,15 @@ class Ownership:
             uid = self.squash_uid
         if self.squash_gid is not None:
             gid = self.squash_gid
+        return uid, gid
+
+    def creator_to_disk(self, uid: int, gid: int) -> tuple[int, int]:
+        """Owner to store for an object created by ``uid``/``gid`` of the merged view: mapped, and the overflow
+        id where no range shows the creator's id (as fuse-overlayfs: a later chown can still give it an owner)."""
+        if self.uidmap is not None:
+            uid = self.uidmap.stored_or_overflow(uid)
+        if self.gidmap is not None:
+            gid = self.gidmap.stored_or_overflow(gid)
         return uid, gid
 
     def to_disk(self, uid: int, gid: int) -> tuple[int, int]:

@@ -325,7 +325,8 @@ class Union:
 
     def _owner(self, parent: Entry, uid: int, gid: int) -> tuple[int, int]:
         """The (uid, gid) to give a new object: -1 for what the file system already chose (our own ids,
-        and the group of a set-group-ID directory)."""
+        and the group of a set-group-ID directory), ids mapped as ``uidmapping=``/``gidmapping=`` say."""
+        uid, gid = self.ownership.creator_to_disk(uid, gid)
         if parent.st.st_mode & stat.S_ISGID or gid == self.egid:
             gid = -1
         if uid == self.euid:

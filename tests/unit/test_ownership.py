@@ -183,3 +183,23 @@ def _create(union: Union, name: bytes) -> Entry:
     fd, entry = union.create(union.root(), name, stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
     os.close(fd)
     return entry
+
+
+def test_regression_objects_created_under_a_mapping_store_the_mapped_owner(make_env: Any) -> None:
+    """A file created by shown uid/gid 100003 under uidmapping=0:100000:65536 is stored as 3 (regression: the
+    creator's ids were stored as they are, unmapped); a creator no range shows is stored as the overflow id,
+    as fuse-overlayfs does, and a chown to an id no range shows fails with EINVAL."""
+    env = make_env(upper={}, lowers=[{}])
+    union = _union(env, Ownership(uidmap=parse_idmap("0:100000:65536", "uidmapping"),
+                                  gidmap=parse_idmap("0:100000:65536", "gidmapping")))
+    fd, entry = union.create(union.root(), b"new", stat.S_IFREG | 0o644, os.O_WRONLY, 100003, 100004)
+    os.close(fd)
+    disk = os.lstat(env.upper / "new")
+    assert (disk.st_uid, disk.st_gid) == (3, 4)
+    assert union.shown(entry, disk)[:2] == (100003, 100004)
+    union.mkdir(union.root(), b"by-root", stat.S_IFDIR | 0o755, 0, 0)
+    disk = os.lstat(env.upper / "by-root")
+    assert (disk.st_uid, disk.st_gid) == (OVERFLOW_ID, OVERFLOW_ID)
+    with pytest.raises(OSError) as exc:
+        union.chown(entry, 5, -1)
+    assert exc.value.errno == errno.EINVAL

@@ -7,8 +7,8 @@ import os
 from typing import Any
 
 import pytest
-
 from unit_tree import File
+
 from unionfs.union import Union
 
 
