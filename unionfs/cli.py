@@ -44,10 +44,19 @@ options (-o, comma separated, may be repeated; a backslash escapes a comma insid
   noacl                   the kernel checks access by the mode bits alone, not POSIX ACLs
   noatime | atime         do not / do update access times (default: noatime; relatime, strictatime: atime)
   timeout=SECONDS         how long the kernel may cache names and attributes (default 300)
-  uidmapping=IN:OUT:N[:IN:OUT:N...]   show on-disk ids OUT.. as IN.. (gidmapping= likewise for groups)
+  uidmapping=STORED:SHOWN:N[:STORED:SHOWN:N...]   as fuse-overlayfs: ids STORED.. on disk show as SHOWN..
+                          and a chown to SHOWN.. stores STORED.. (gidmapping= likewise for groups); ids
+                          on disk outside every range show as 65534; uidmapping=0:100000:65536 shows a
+                          file stored as uid 0 as uid 100000
   squash_to_root | squash_to_uid=N | squash_to_gid=N   show every file as owned by one id
-  xattr_permissions       keep owners and modes a chown/chmod asks for (and those a rootless copy-up
-                          cannot keep) in the user.containers.override_stat xattr
+  xattr_permissions[=1|2] keep owners and modes a chown/chmod asks for (and those a rootless copy-up
+                          cannot keep) in the user.containers.override_stat xattr (=0: off)
+  aufs_markers            honour AUFS-style markers in lower layers, as fuse-overlayfs: a file .wh.NAME
+                          deletes NAME, .wh..wh..opq makes its directory opaque (on in the mount program
+                          form below; noaufs_markers turns it off); unionfs itself writes kernel markers
+  volatile | fsync=0      fsync returns at once and copy-ups are not synced (fsync=1: the default)
+  noxattrs=1              extended attributes are turned off: every xattr call fails (ENOTSUP)
+  context=CONTEXT         the SELinux context of every object, given to the kernel (needs SELinux)
   prescan                 walk the lower layers once at mount and answer lookups in them from memory:
                           lookups cost the same through hundreds of layers as through one; costs mount time
                           and ~100 bytes per lower path; lower layers must not change while mounted
@@ -64,13 +73,18 @@ accepted, with no effect here:
   nonempty                FUSE 3 always mounts on a directory that is not empty
   static_nlink            a merged directory already shows a link count of 1
   threaded=0|1            the server answers requests in one event loop either way
+  fast_ino=0|1            inode numbers are unionfs's own, stable across copy-up, either way
+  writeback=0             the kernel's writeback cache stays off (writeback=1 is refused)
+  plugins=                no plugins (fuse-overlayfs's lazy-fetching layers; a plugin given is refused)
   subtype=unionfs         a unionfs mount is always of type fuse.unionfs (other subtypes are refused)
   default_permissions     always on: the kernel checks permissions against the merged attributes
   x-*                     options for other programs (systemd, mount(8))
   generic options of mount(8): dev, nodev, suid, nosuid, exec, noexec, auto, noauto, user, users, owner,
                           group, defaults, _netdev, nofail, sync, async, dirsync, lazytime, silent, loud, ...
 
-Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and from /etc/fstab.
+Also usable as `mount -t fuse.unionfs unionfs MOUNTPOINT -o lowerdir=...` and from /etc/fstab, and as
+containers/storage's mount program (podman, buildah), started as fuse-overlayfs is:
+`unionfs -o OPTIONS MOUNTPOINT`, which also turns on aufs_markers; unmount with fusermount3 -u.
 
 Rootless: an ordinary user can mount (through fusermount3) and write; whiteouts are character devices 0/0
 (allowed to every user since Linux 5.8) and opaque directories use user.overlay.opaque when trusted.* xattrs
@@ -115,9 +129,11 @@ def _mount_parser(prog: str, helper: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount", helper: bool = False) -> int:
-    """``unionfs mount ARGV...`` (``helper``: ``unionfs SOURCE MOUNTPOINT ...``): 0 once mounted; errors are
-    raised (see :func:`main`). One MOUNTPOINT only: anything more is a usage error (exit 2)."""
+def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount", helper: bool = False,
+              program: bool = False) -> int:
+    """``unionfs mount ARGV...`` (``helper``: ``unionfs SOURCE MOUNTPOINT ...``; ``program``: containers/storage's
+    ``unionfs -o OPTIONS MOUNTPOINT``, which honours AUFS-style markers unless ``-o noaufs_markers``): 0 once
+    mounted; errors are raised (see :func:`main`). One MOUNTPOINT only: anything more is a usage error (exit 2)."""
     parser = _mount_parser(prog, helper)
     args, extra = parser.parse_known_args(argv)
     if any(a.startswith("-") for a in extra):
@@ -125,7 +141,7 @@ def cmd_mount(argv: Sequence[str], prog: str = f"{PROG} mount", helper: bool = F
     if extra:
         given = [*([args.source] if helper else []), args.mountpoint, *extra]
         parser.error(f"too many arguments: {' '.join(given)} (expected {'SOURCE ' if helper else ''}MOUNTPOINT)")
-    spec = parse([*args.options, *(["debug"] if args.debug else [])])
+    spec = parse([*(["aufs_markers"] if program else []), *args.options, *(["debug"] if args.debug else [])])
     from .fuse.server import mount
 
     mount(spec, args.mountpoint, foreground=args.foreground or args.debug, log_file=args.log)
@@ -168,7 +184,9 @@ def _usage() -> str:
     lines += ["", "aliases: " + ", ".join(f"{alias} ({name})" for alias, name in ALIASES.items()),
               "options: -h, --help  this text;  -V, --version  print the version"]
     lines += ["", "Run `unionfs COMMAND --help` for details.",
-              "As a mount helper: unionfs SOURCE MOUNTPOINT -o OPTIONS (what mount.fuse3 runs)."]
+              "As a mount helper: unionfs SOURCE MOUNTPOINT -o OPTIONS (what mount.fuse3 runs).",
+              "As a mount program (podman, buildah: overlay.mount_program): unionfs -o OPTIONS MOUNTPOINT",
+              "  (as fuse-overlayfs is run; AUFS-style .wh. markers in lower layers are honoured then)."]
     return "\n".join(lines)
 
 
@@ -192,6 +210,14 @@ def _helper_form(args: Sequence[str]) -> bool:
         elif not arg.startswith("-"):
             return False
     return options
+
+
+def _program_form(args: Sequence[str]) -> bool:
+    """Whether ``args`` has the shape of a mount program's command line, as containers/storage (podman,
+    buildah) runs fuse-overlayfs: ``[-f] [-d|--debug] -o OPTIONS [-o ...] MOUNTPOINT`` (options first)."""
+    flags = ("-f", "--foreground", "-d", "--debug")
+    return bool(args) and (args[0].startswith("-o") or args[0] in flags) and any(
+        a.startswith("-o") for a in args)
 
 
 def _unknown_command(cmd: str) -> int:
@@ -222,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .snapshots.cli import main as snapshot_main
 
         return snapshot_main(args[1:])
+    if _program_form(args):
+        # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
+        return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))
     if _helper_form(args):
         # mount.fuse3 form: unionfs SOURCE MOUNTPOINT -o OPTIONS
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, helper=True))

@@ -51,6 +51,9 @@ NO_EFFECT: dict[str, tuple[frozenset[str] | None, str]] = {
     "static_nlink": (None, "a merged directory already shows a link count of 1"),
     "threaded": (frozenset({"0", "1"}), "the server answers requests in one event loop either way"),
     "subtype": (frozenset({"unionfs"}), "a unionfs mount is always of type fuse.unionfs"),
+    "fast_ino": (frozenset({"0", "1"}), "inode numbers are unionfs's own, stable across copy-up, either way"),
+    "writeback": (frozenset({"0"}), "the kernel's writeback cache stays off"),
+    "plugins": (frozenset({""}), "no plugins given"),
 }
 
 #: Options known but refused, with the reason.
@@ -61,7 +64,15 @@ REFUSED = {
     "subtype": "a unionfs mount is always of type fuse.unionfs (unionfs umount and mount -t fuse.unionfs "
                "rely on it); only subtype=unionfs is accepted",
     "threaded": "threaded takes 0 or 1",
+    "fast_ino": "fast_ino takes 0 or 1",
+    "writeback": "unionfs does not turn on the kernel's writeback cache (writes reach the server as they are "
+                 "made); only writeback=0 is accepted",
+    "plugins": "unionfs loads no plugins (fuse-overlayfs's lazy-fetching lower layers); only an empty "
+               "plugins= is accepted",
 }
+
+#: SELinux options, passed to the kernel as they are (``context="..."``: a comma inside the quotes is kept).
+SELINUX_OPTIONS = ("context", "fscontext", "defcontext", "rootcontext")
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_FSNAME = "unionfs"
@@ -132,16 +143,24 @@ def split_lowerdir(value: str) -> list[str]:
 
 
 def split_options(text: str) -> list[str]:
-    """Split ``-o`` text on commas; a backslash escapes a comma inside a value."""
+    """Split ``-o`` text on commas; a backslash escapes a comma inside a value, and so does a value in double
+    quotes that begins right after the ``=`` (SELinux's ``context="user:role:type:s0:c1,c2"``)."""
     out: list[str] = []
     cur: list[str] = []
     escaped = False
+    quoted = False
     for ch in text:
-        if escaped:
+        if quoted:
+            cur.append(ch)
+            quoted = ch != '"'
+        elif escaped:
             cur.append("\\" + ch if ch != "," else ",")
             escaped = False
         elif ch == "\\":
             escaped = True
+        elif ch == '"' and cur and cur[-1] == "=":
+            cur.append(ch)
+            quoted = True
         elif ch == ",":
             out.append("".join(cur))
             cur = []
@@ -243,9 +262,22 @@ def parse(option_texts: list[str]) -> MountSpec:
                     raise OptionError(f"{key} needs a numeric id, not {value!r}")
                 owner_kw["squash_uid" if key == "squash_to_uid" else "squash_gid"] = int(value)
             elif key == "xattr_permissions":
-                if value not in ("", "1", "2"):
-                    raise OptionError(f"xattr_permissions takes no value (or 1), not {value!r}")
-                owner_kw["xattr_permissions"] = True
+                if value not in ("", "0", "1", "2"):
+                    raise OptionError(f"xattr_permissions takes 0, 1 or 2 (or no value), not {value!r}")
+                owner_kw["xattr_permissions"] = value != "0"
+            elif key in ("fsync", "noxattrs"):
+                if value not in ("0", "1"):
+                    raise OptionError(f"{key} takes 0 or 1, not {value!r}")
+                if key == "fsync":
+                    kw["fsync"] = value == "1"
+                else:
+                    kw["xattrs"] = value == "0"
+            elif key in SELINUX_OPTIONS:
+                if not value:
+                    raise OptionError(f"{key} needs a value: {key}=CONTEXT")
+                if key != "context":
+                    raise OptionError(f"{opt}: not supported: unionfs passes only context= to the kernel")
+                kw["context"] = value
             elif key == "fsname":
                 if not value:
                     raise OptionError("fsname needs a value")
@@ -283,7 +315,7 @@ def escape_lowerdir(paths: Iterable[bytes]) -> str:
 def _idmap_value(idmap: IdMap, what: str) -> str:
     if not idmap.ranges:
         raise OptionError(f"{what} without ranges cannot be written as a mount option")
-    return ":".join(f"{inside}:{outside}:{count}" for inside, outside, count in idmap.ranges)
+    return ":".join(f"{stored}:{shown}:{count}" for stored, shown, count in idmap.ranges)
 
 
 _DEFAULT_SPEC = MountSpec(lowers=())
@@ -322,6 +354,10 @@ def spec_to_options(spec: MountSpec) -> list[str]:
         opts.append(f"squash_to_gid={owner.squash_gid}")
     if owner.xattr_permissions:
         opts.append("xattr_permissions")
+    if not spec.xattrs:
+        opts.append("noxattrs=1")
+    if spec.context is not None:
+        opts.append(f"context={spec.context}")
     return opts
 
 
@@ -333,7 +369,9 @@ def option_string(options: Iterable[str]) -> str:
     upperdir path ending in a backslash."""
     texts = []
     for opt in options:
-        text = opt.replace(",", "\\,")
+        _key, sep, value = opt.partition("=")
+        quoted = bool(sep) and len(value) > 1 and value[0] == value[-1] == '"' and '"' not in value[1:-1]
+        text = opt if quoted else opt.replace(",", "\\,")
         if split_options(text + ",") != ([opt] if opt else []):  # (as it reads with an option after it)
             raise OptionError(f"mount option {opt!r} cannot be written: a backslash before a comma or at the end")
         texts.append(text)

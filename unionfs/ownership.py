@@ -1,8 +1,11 @@
 """How owners on disk are shown in the merged view, and back: id mappings, squashing, stored ownership.
 
-``uidmapping=``/``gidmapping=`` take fuse-overlayfs's syntax, ``INSIDE:OUTSIDE:COUNT[:INSIDE:OUTSIDE:COUNT...]``:
-ids ``OUTSIDE..OUTSIDE+COUNT-1`` on disk show as ``INSIDE..``; ids outside every range show as the overflow id
-65534.  ``squash_to_root``/``squash_to_uid=N``/``squash_to_gid=N`` show every object as owned by one id.
+``uidmapping=``/``gidmapping=`` take fuse-overlayfs's syntax and meaning, ``STORED:SHOWN:COUNT[:STORED:SHOWN:COUNT...]``
+(a leading colon, as containers/storage writes it, is allowed): ids ``STORED..STORED+COUNT-1`` on disk show as
+``SHOWN..SHOWN+COUNT-1``, and a chown to a shown id stores its stored id; ids on disk outside every range show as
+the overflow id 65534, and a chown to a shown id outside every range fails with EINVAL. So
+``uidmapping=0:100000:65536`` shows a file stored as uid 0 as uid 100000: the container's root, seen from the
+host.  ``squash_to_root``/``squash_to_uid=N``/``squash_to_gid=N`` show every object as owned by one id.
 With ``xattr_permissions`` the owner and mode a chown/chmod asks for are stored in the
 ``user.containers.override_stat`` xattr (``UID:GID:0MODE``) instead of on the file, for users who may not
 chown: the merged view shows the stored values.
@@ -24,34 +27,44 @@ class IdMapError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class IdMap:
-    """Ranges (inside, outside, count)."""
+    """Ranges (stored, shown, count): ids ``stored..stored+count-1`` on disk show as ``shown..``."""
 
     ranges: tuple[tuple[int, int, int], ...]
 
-    def to_inside(self, outside: int) -> int:
-        for inside, out, count in self.ranges:
-            if out <= outside < out + count:
-                return inside + (outside - out)
+    def shown(self, stored: int) -> int:
+        """The id the merged view shows for ``stored`` on disk (the overflow id when no range holds it)."""
+        for first_stored, first_shown, count in self.ranges:
+            if first_stored <= stored < first_stored + count:
+                return first_shown + (stored - first_stored)
         return OVERFLOW_ID
 
-    def to_outside(self, inside: int) -> int:
-        for ins, out, count in self.ranges:
-            if ins <= inside < ins + count:
-                return out + (inside - ins)
-        raise OSError(errno.EINVAL, f"id {inside} has no mapping")
+    def stored(self, shown: int) -> int:
+        """The id stored on disk for ``shown`` (EINVAL when no range shows it)."""
+        for first_stored, first_shown, count in self.ranges:
+            if first_shown <= shown < first_shown + count:
+                return first_stored + (shown - first_shown)
+        raise OSError(errno.EINVAL, f"id {shown} has no mapping")
+
+    def stored_or_overflow(self, shown: int) -> int:
+        try:
+            return self.stored(shown)
+        except OSError:
+            return OVERFLOW_ID
 
 
 def parse_idmap(text: str, what: str) -> IdMap:
-    parts = text.split(":")
-    if len(parts) % 3 or not text:
-        raise IdMapError(f"{what} needs INSIDE:OUTSIDE:COUNT triples, not {text!r}")
+    """``STORED:SHOWN:COUNT[:...]``, with one leading colon allowed (containers/storage writes one)."""
+    body = text[1:] if text.startswith(":") else text
+    parts = body.split(":")
+    if len(parts) % 3 or not body:
+        raise IdMapError(f"{what} needs STORED:SHOWN:COUNT triples, not {text!r}")
     try:
         nums = [int(p) for p in parts]
     except ValueError:
         raise IdMapError(f"{what} needs numbers, not {text!r}") from None
     ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
-    for inside, outside, count in ranges:
-        if inside < 0 or outside < 0 or count <= 0:
+    for stored, shown, count in ranges:
+        if stored < 0 or shown < 0 or count <= 0:
             raise IdMapError(f"{what}: ids must be >= 0 and counts > 0 in {text!r}")
     return IdMap(ranges)
 
@@ -73,21 +86,30 @@ class Ownership:
     def show(self, uid: int, gid: int) -> tuple[int, int]:
         """Owner as the merged view shows it."""
         if self.uidmap is not None:
-            uid = self.uidmap.to_inside(uid)
+            uid = self.uidmap.shown(uid)
         if self.gidmap is not None:
-            gid = self.gidmap.to_inside(gid)
+            gid = self.gidmap.shown(gid)
         if self.squash_uid is not None:
             uid = self.squash_uid
         if self.squash_gid is not None:
             gid = self.squash_gid
         return uid, gid
 
+    def creator_to_disk(self, uid: int, gid: int) -> tuple[int, int]:
+        """Owner to store for an object created by ``uid``/``gid`` of the merged view: mapped, and the overflow
+        id where no range shows the creator's id (as fuse-overlayfs: a later chown can still give it an owner)."""
+        if self.uidmap is not None:
+            uid = self.uidmap.stored_or_overflow(uid)
+        if self.gidmap is not None:
+            gid = self.gidmap.stored_or_overflow(gid)
+        return uid, gid
+
     def to_disk(self, uid: int, gid: int) -> tuple[int, int]:
         """Owner to store for a chown of the merged view (-1 stays -1: unchanged)."""
         if uid != -1 and self.uidmap is not None:
-            uid = self.uidmap.to_outside(uid)
+            uid = self.uidmap.stored(uid)
         if gid != -1 and self.gidmap is not None:
-            gid = self.gidmap.to_outside(gid)
+            gid = self.gidmap.stored(gid)
         return uid, gid
 
 

@@ -47,6 +47,10 @@ def _check_dir(path: bytes, what: str) -> os.stat_result:
 FUSE_DEVICE = "/dev/fuse"
 
 
+#: where the kernel shows SELinux when it is enabled
+SELINUX_FS = "/sys/fs/selinux"
+
+
 def check_fuse_device(device: str = FUSE_DEVICE) -> None:
     """The FUSE device must exist and be usable by this user (mode 0666 on a standard system)."""
     try:
@@ -63,6 +67,9 @@ def check_fuse_device(device: str = FUSE_DEVICE) -> None:
 def check(spec: MountSpec, mountpoint: bytes) -> None:
     """Raise MountError for the first problem found."""
     check_fuse_device()
+    if spec.context is not None and not os.path.exists(SELINUX_FS):
+        raise MountError(f"context={spec.context}: SELinux is not enabled on this system, so the kernel cannot "
+                         "label the mount; leave context= out")
     for lower in spec.lowers:
         _check_dir(lower, "lowerdir")
     layers = [("lowerdir", os.path.realpath(p)) for p in spec.lowers]

@@ -116,10 +116,16 @@ class Union:
     Copy-ups are reported as :class:`~unionfs.copyup.CopiedUp` values, collected until :meth:`take_copied`.
     """
 
-    def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None) -> None:
+    def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None, *,
+                 durable: bool = True, xattrs: bool = True) -> None:
+        """``durable``: fsync reaches the disk, and copy-ups are synced (False: ``volatile``/``fsync=0``);
+        ``xattrs``: extended attributes are served (False: fuse-overlayfs's ``noxattrs=1``: every xattr call
+        fails with ENOTSUP)."""
         self.stack = stack
         self.work = work
         self.ownership = ownership or Ownership()
+        self.durable = durable
+        self.xattrs = xattrs
         #: names hidden from the merged view's xattrs besides the overlay-private ones
         self.hidden_xattrs: frozenset[bytes] = (
             frozenset({OVERRIDE_XATTR}) if self.ownership.xattr_permissions else frozenset()
@@ -135,7 +141,8 @@ class Union:
         if stack.writable:
             assert work is not None
             checks_owner = self.ownership.identity and not self.userns.initial
-            self.copier = CopyUp(stack, work, self._copied.append, owner_xattr=self.ownership.xattr_permissions,
+            self.copier = CopyUp(stack, work, self._copied.append, fsync=durable,
+                                 owner_xattr=self.ownership.xattr_permissions,
                                  unmapped=self.unmapped if checks_owner else None)
 
     def take_copied(self) -> list[CopiedUp]:
@@ -286,9 +293,14 @@ class Union:
         """What an open directory serves of the merged listing ``names`` (see :class:`DirListing`)."""
         return DirListing(self.stack, names)
 
+    def fsync(self, fd: int, datasync: bool) -> None:
+        """Make an open file's data (and, unless ``datasync``, its metadata) durable; nothing when not durable."""
+        if self.durable:
+            (os.fdatasync if datasync else os.fsync)(fd)
+
     def fsync_dir(self, entry: Entry) -> None:
         """Make a directory's entries durable (its upper copy; lower layers never change)."""
-        if entry.layer != 0 or not self.stack.writable:
+        if entry.layer != 0 or not self.stack.writable or not self.durable:
             return
         fsync_dir(entry.path, self.stack.layers[0].fd)
 
@@ -313,7 +325,8 @@ class Union:
 
     def _owner(self, parent: Entry, uid: int, gid: int) -> tuple[int, int]:
         """The (uid, gid) to give a new object: -1 for what the file system already chose (our own ids,
-        and the group of a set-group-ID directory)."""
+        and the group of a set-group-ID directory), ids mapped as ``uidmapping=``/``gidmapping=`` say."""
+        uid, gid = self.ownership.creator_to_disk(uid, gid)
         if parent.st.st_mode & stat.S_ISGID or gid == self.egid:
             gid = -1
         if uid == self.euid:
@@ -743,8 +756,13 @@ class Union:
         """The full path of ``entry``'s real object, for calls that take no directory descriptor."""
         return self.stack.layers[entry.layer].full_path(entry.path)
 
+    def _check_xattrs(self) -> None:
+        if not self.xattrs:
+            raise OSError(errno.ENOTSUP, "extended attributes are turned off (noxattrs=1)")
+
     def _disk_name(self, name: bytes) -> bytes:
         """The on-disk name of a merged-view xattr; names the merged view may not change are refused."""
+        self._check_xattrs()
         if name in self.hidden_xattrs:
             raise OSError(errno.EPERM, "this xattr holds the stored owner and mode")
         return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
@@ -757,6 +775,7 @@ class Union:
     def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
         """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
         to the superuser only, as the kernel lists them."""
+        self._check_xattrs()
         target = entry if isinstance(entry, int) else self._object_path(entry)
         privileged = caller is None or caller.uid == 0
         out = []
@@ -770,6 +789,7 @@ class Union:
     def setxattr(self, entry: Entry | int, name: bytes, value: bytes, flags: int = 0,
                  caller: Caller | None = None) -> Entry | None:
         """Set an xattr, copying up first; returns the entry as it is now (None for a descriptor)."""
+        self._check_xattrs()
         if isinstance(entry, int):
             xattrs.write(entry, self._disk_name(name), value, flags)
             return None
@@ -779,6 +799,7 @@ class Union:
         return entry
 
     def removexattr(self, entry: Entry | int, name: bytes, caller: Caller | None = None) -> Entry | None:
+        self._check_xattrs()
         if isinstance(entry, int):
             xattrs.remove(entry, self._disk_name(name))
             return None

@@ -29,7 +29,7 @@ def _server_fd_stat(mnt: Path, name: str) -> os.stat_result:
 def test_regression_chown_through_an_unlinked_file_under_a_uid_mapping(layers: Layers, mounts: Mounts) -> None:
     """fchown of an unlinked open file under uidmapping/gidmapping stores the mapped ids on disk and shows the
     asked-for ones (regression: the server chowned its descriptor directly and stored the shown ids)."""
-    mounts.mount(layers.opts("uidmapping=0:100000:65536", "gidmapping=0:200000:65536"), layers.mnt)
+    mounts.mount(layers.opts("uidmapping=100000:0:65536", "gidmapping=200000:0:65536"), layers.mnt)
     fd = os.open(layers.mnt / "gone", os.O_CREAT | os.O_RDWR, 0o600)
     try:
         os.unlink(layers.mnt / "gone")

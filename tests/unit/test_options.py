@@ -239,6 +239,11 @@ def specs(draw: st.DrawFn, backslashes: bool = True) -> MountSpec:
         allow_root=allow_root,
         auto_unmount=draw(st.booleans()),
         acl=draw(st.booleans()),
+        aufs_markers=draw(st.booleans()),
+        fsync=draw(st.booleans()),
+        xattrs=draw(st.booleans()),
+        context=draw(st.sampled_from([None, "system_u:object_r:tmp_t:s0",
+                                      '"system_u:object_r:container_file_t:s0:c1,c2"'])),
     )
 
 
@@ -353,3 +358,62 @@ def test_regression_repeated_lowerdir_replaces_as_in_the_kernel() -> None:
     assert parse(["lowerdir=/a:/b,lowerdir=/c"]).lowers == (b"/c",)
     assert parse(["lowerdir+=/a,lowerdir+=/b,lowerdir=/c"]).lowers == (b"/c",)
     assert parse(["lowerdir+=/a,lowerdir=/c,upperdir=/u,workdir=/w"]).lowers == (b"/c",)
+
+
+# -- containers/storage and fuse-overlayfs ---------------------------------------------------------------------
+
+
+def test_containers_storage_option_string() -> None:
+    """What containers/storage passes its mount program: an empty field, volatile, mappings with a leading
+    colon, squash_to_uid/gid, xattr_permissions=2, and well over 100 absolute lower layers (near 8 KiB)."""
+    lowers = [f"/var/lib/containers/storage/overlay/{i:064x}/diff" for i in range(110)]
+    text = (f"lowerdir={':'.join(lowers)},upperdir=/s/u,workdir=/s/w,,volatile,"
+            "uidmapping=:0:100000:65536,gidmapping=:0:100000:65536,squash_to_uid=0,squash_to_gid=0,"
+            "xattr_permissions=2")
+    assert len(text) > 8000
+    spec = parse([text])
+    assert [os.fsdecode(p) for p in spec.lowers] == lowers
+    assert (spec.upper, spec.work, spec.fsync) == (b"/s/u", b"/s/w", False)
+    own = spec.ownership
+    assert own.uidmap == own.gidmap == IdMap(((0, 100000, 65536),))
+    assert (own.squash_uid, own.squash_gid, own.xattr_permissions) == (0, 0, True)
+
+
+@pytest.mark.parametrize("opt, field, value", [
+    ("volatile", "fsync", False), ("fsync=0", "fsync", False), ("fsync=1", "fsync", True),
+    ("noxattrs=1", "xattrs", False), ("noxattrs=0", "xattrs", True), ("aufs_markers", "aufs_markers", True),
+    ("aufs_markers,noaufs_markers", "aufs_markers", False), ("noacl", "acl", False), ("debug", "debug", True),
+    ("timeout=5", "timeout", 5.0), ('context="system_u:object_r:container_file_t:s0:c1,c2"', "context",
+                                    '"system_u:object_r:container_file_t:s0:c1,c2"'),
+])
+def test_fuse_overlayfs_options_take_its_meaning(opt: str, field: str, value: object) -> None:
+    assert getattr(parse([f"lowerdir=/a,{opt},ro"]), field) == value
+
+
+@pytest.mark.parametrize("opt", ["threaded=1", "threaded=0", "fast_ino=1", "writeback=0", "plugins=",
+                                 "static_nlink", "squash_to_root", "xattr_permissions=0", "redirect_dir=off"])
+def test_fuse_overlayfs_options_accepted(opt: str) -> None:
+    assert parse([f"lowerdir=/a,{opt}"]).lowers == (b"/a",)
+
+
+@pytest.mark.parametrize("opt, reason", [
+    ("plugins=/usr/libexec/fuse-overlayfs/plugins.so", "loads no plugins"),
+    ("writeback=1", "writeback cache"), ("fsync=2", "0 or 1"), ("noxattrs=yes", "0 or 1"),
+    ("rootcontext=x", "only context="), ("context=", "needs a value"),
+])
+def test_fuse_overlayfs_options_refused_with_a_reason(opt: str, reason: str) -> None:
+    with pytest.raises(OptionError, match=reason):
+        parse([f"lowerdir=/a,{opt}"])
+
+
+def test_xattr_permissions_zero_turns_it_off() -> None:
+    assert not parse(["lowerdir=/a,xattr_permissions=2,xattr_permissions=0"]).ownership.xattr_permissions
+
+
+def test_a_quoted_value_keeps_its_commas_and_round_trips() -> None:
+    context = '"system_u:object_r:container_file_t:s0:c1,c2"'
+    assert split_options(f"lowerdir=/a,context={context},ro") == ["lowerdir=/a", f"context={context}", "ro"]
+    spec = parse([f"lowerdir=/a,context={context}"])
+    assert parse([render(spec)]) == spec
+    # a quote that does not open the value is an ordinary character
+    assert split_options('fsname=a"b,ro') == ['fsname=a"b', "ro"]

@@ -26,22 +26,39 @@ from unionfs.union import AttrChanges, Union
 
 def test_idmap_maps_ranges_both_ways() -> None:
     m = parse_idmap("0:1000:1:1:100000:65536", "uidmapping")
-    assert m.to_inside(1000) == 0
-    assert m.to_inside(100000) == 1
-    assert m.to_inside(100041) == 42
-    assert m.to_outside(0) == 1000
-    assert m.to_outside(42) == 100041
+    assert m.shown(0) == 1000
+    assert m.shown(1) == 100000
+    assert m.shown(42) == 100041
+    assert m.stored(1000) == 0
+    assert m.stored(100041) == 42
+
+
+def test_regression_uidmapping_shows_the_stored_id_as_the_second_one_as_fuse_overlayfs() -> None:
+    """``uidmapping=A:B:N`` shows a file stored as A as B, as fuse-overlayfs does (regression: unionfs showed
+    stored B as A, so ``uidmapping=0:100000:65536`` showed stored 0 as 65534 and stored 100005 as 5)."""
+    own = parse(["lowerdir=/a,uidmapping=0:100000:65536,gidmapping=0:100000:65536"]).ownership
+    assert own.show(0, 0) == (100000, 100000), "stored 0 is shown as 100000"
+    assert own.show(100005, 5) == (OVERFLOW_ID, 100005), "stored 100005 is outside the range"
+    assert own.to_disk(100007, 100000) == (7, 0), "a chown to shown 100007 stores 7"
+
+
+def test_idmap_takes_the_leading_colon_and_triples_of_containers_storage() -> None:
+    """containers/storage writes ``:STORED:SHOWN:COUNT...``; --userns=keep-id gives several triples."""
+    m = parse(["lowerdir=/a,uidmapping=:0:1:1003:1003:0:1:1004:1004:64533"]).ownership.uidmap
+    assert m is not None
+    assert (m.shown(0), m.shown(1003), m.shown(1002), m.shown(1004), m.shown(65536)) == (1, 0, 1003, 1004, 65536)
+    assert m.stored(0) == 1003 and m.stored(1) == 0
 
 
 def test_idmap_unmapped_ids() -> None:
     m = parse_idmap("0:1000:1", "uidmapping")
-    assert m.to_inside(5) == OVERFLOW_ID
+    assert m.shown(5) == OVERFLOW_ID
     with pytest.raises(OSError) as exc:
-        m.to_outside(7)
+        m.stored(7)
     assert exc.value.errno == errno.EINVAL
 
 
-@pytest.mark.parametrize("text", ["", "0:1000", "0:a:1", "0:1000:0", "-1:5:1"])
+@pytest.mark.parametrize("text", ["", ":", "0:1000", "0:a:1", "0:1000:0", "-1:5:1", "::0:1:1"])
 def test_idmap_rejects_malformed(text: str) -> None:
     with pytest.raises(IdMapError):
         parse_idmap(text, "uidmapping")
@@ -50,7 +67,7 @@ def test_idmap_rejects_malformed(text: str) -> None:
 def test_options_build_the_policy() -> None:
     spec = parse(["lowerdir=/a,uidmapping=0:1000:1,gidmapping=0:1000:1,squash_to_gid=5,xattr_permissions"])
     own = spec.ownership
-    assert own.uidmap is not None and own.uidmap.to_inside(1000) == 0
+    assert own.uidmap is not None and own.uidmap.shown(0) == 1000
     assert own.squash_gid == 5 and own.squash_uid is None
     assert own.xattr_permissions
     assert not own.identity
@@ -66,9 +83,9 @@ def test_options_reject_bad_ownership_values(opt: str) -> None:
 
 def test_show_and_to_disk_round_trip() -> None:
     own = Ownership(uidmap=parse_idmap("0:1000:10", "u"), gidmap=parse_idmap("0:2000:10", "g"))
-    assert own.show(1003, 2004) == (3, 4)
-    assert own.to_disk(3, 4) == (1003, 2004)
-    assert own.to_disk(-1, 4) == (-1, 2004)
+    assert own.show(3, 4) == (1003, 2004)
+    assert own.to_disk(1003, 2004) == (3, 4)
+    assert own.to_disk(-1, 2004) == (-1, 4)
 
 
 def test_override_encoding() -> None:
@@ -128,8 +145,8 @@ def test_regression_setattr_through_an_unlinked_file_under_a_uid_mapping(make_en
     """chown through an unlinked open file stores the mapped ids on disk and shows the asked-for ones, as
     through a name (regression: it stored the shown ids, skipping the mapping)."""
     env = make_env(upper={}, lowers=[{}])
-    union = _union(env, Ownership(uidmap=parse_idmap("0:100000:65536", "uidmapping"),
-                                  gidmap=parse_idmap("0:200000:65536", "gidmapping")))
+    union = _union(env, Ownership(uidmap=parse_idmap("100000:0:65536", "uidmapping"),
+                                  gidmap=parse_idmap("200000:0:65536", "gidmapping")))
     fd = _unlinked_upper_file(env)
     try:
         st = union.setattr_open(fd, AttrChanges(uid=1000, gid=1001, mode=0o640, mtime_ns=2 * 10**9))
@@ -166,3 +183,23 @@ def _create(union: Union, name: bytes) -> Entry:
     fd, entry = union.create(union.root(), name, stat.S_IFREG | 0o644, os.O_WRONLY, 0, 0)
     os.close(fd)
     return entry
+
+
+def test_regression_objects_created_under_a_mapping_store_the_mapped_owner(make_env: Any) -> None:
+    """A file created by shown uid/gid 100003 under uidmapping=0:100000:65536 is stored as 3 (regression: the
+    creator's ids were stored as they are, unmapped); a creator no range shows is stored as the overflow id,
+    as fuse-overlayfs does, and a chown to an id no range shows fails with EINVAL."""
+    env = make_env(upper={}, lowers=[{}])
+    union = _union(env, Ownership(uidmap=parse_idmap("0:100000:65536", "uidmapping"),
+                                  gidmap=parse_idmap("0:100000:65536", "gidmapping")))
+    fd, entry = union.create(union.root(), b"new", stat.S_IFREG | 0o644, os.O_WRONLY, 100003, 100004)
+    os.close(fd)
+    disk = os.lstat(env.upper / "new")
+    assert (disk.st_uid, disk.st_gid) == (3, 4)
+    assert union.shown(entry, disk)[:2] == (100003, 100004)
+    union.mkdir(union.root(), b"by-root", stat.S_IFDIR | 0o755, 0, 0)
+    disk = os.lstat(env.upper / "by-root")
+    assert (disk.st_uid, disk.st_gid) == (OVERFLOW_ID, OVERFLOW_ID)
+    with pytest.raises(OSError) as exc:
+        union.chown(entry, 5, -1)
+    assert exc.value.errno == errno.EINVAL

@@ -428,7 +428,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._files[fh]
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
+        await trio.to_thread.run_sync(self.union.fsync, handle.fd, datasync)
 
     @boundary
     async def release(self, fh: int) -> None:

@@ -70,6 +70,8 @@ def fuse_options(spec: MountSpec) -> set[str]:
     opts.add("atime" if spec.atime else "noatime")
     if not spec.writable:
         opts.add("ro")
+    if spec.context is not None:
+        opts.add("context=" + spec.context)
     return opts
 
 
@@ -123,7 +125,8 @@ class Mount:
         except BaseException:
             self.close()
             raise
-        self.union = Union(self.stack, self.work, ownership=spec.ownership)
+        self.union = Union(self.stack, self.work, ownership=spec.ownership, durable=spec.fsync,
+                           xattrs=spec.xattrs)
 
     def describe(self) -> str:
         return (f"{self.mountpoint}: {len(self.stack.layers)} layers "
