@@ -434,6 +434,12 @@ class Engine:
             return inside
         return self.user.uid if inside == 0 else self.user.subuid + inside - 1
 
+    def host_gid(self, inside: int) -> int:
+        """As :meth:`host_uid`, for groups."""
+        if self.user is None:
+            return inside
+        return self.user.gid if inside == 0 else self.user.subgid + inside - 1
+
     def destroy(self) -> list[str]:
         """Reset the storage, stop the rootless pause process, unmount what is left and remove the directory.
         Returns the mount points that were still there after the reset."""
