@@ -37,7 +37,7 @@ def split(path: bytes) -> tuple[bytes, bytes]:
 class Layer:
     """One directory of the stack, held open for the life of the mount."""
 
-    __slots__ = ("index", "path", "fd", "dev", "proc", "prefix", "writable")
+    __slots__ = ("index", "path", "fd", "dev", "proc", "writable")
 
     def __init__(self, index: int, path: bytes, writable: bool) -> None:
         self.index = index
@@ -46,13 +46,12 @@ class Layer:
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.fd).st_dev
         self.proc = b"/proc/self/fd/%d/" % self.fd
-        self.prefix = os.path.abspath(path).rstrip(b"/") + b"/"
 
     def full_path(self, rel: bytes) -> bytes:
-        """A path usable by calls without ``dir_fd`` support (xattrs, scandir, statvfs): the layer's own path,
-        or through /proc/self/fd where that would be longer than PATH_MAX."""
-        if len(self.prefix) + len(rel) < PATH_MAX:
-            return self.prefix + rel
+        """A path usable by calls without ``dir_fd`` support (xattrs, scandir, statvfs), through the layer's
+        open descriptor (/proc/self/fd/N/...), never through the path the layer was given: that path may stop
+        leading to it while it is mounted (containers/storage detaches the id-mapped mounts of the lower
+        layers it hands to its mount program once the mount is made), and it could be longer than PATH_MAX."""
         return self.proc + rel
 
     def lstat(self, rel: bytes) -> os.stat_result:

@@ -165,3 +165,52 @@ def test_regression_uidmapping_shows_stored_ids_as_fuse_overlayfs_does(twin: tup
     assert exc.value.errno == errno.EINVAL
     for layers in twin:
         fusermount_unmount(layers.mnt)
+
+
+# -- lower layers whose path goes away while mounted ----------------------------------------------------------------
+
+
+def _use_everything(layers: Layers, mnt: Path) -> None:
+    """List, read, read an xattr, copy up, write and list again through ``mnt``."""
+    assert sorted(os.listdir(mnt)) == ["bottom.txt", "dir", "shared.txt", "top.txt"]
+    assert sorted(os.listdir(mnt / "dir")) == ["deep.txt"]
+    assert (mnt / "top.txt").read_text() == "from l1\n"
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mnt / "top.txt", "user.none")
+    assert exc.value.errno == errno.ENODATA
+    with open(mnt / "dir" / "deep.txt", "a") as f:
+        f.write("more\n")
+    assert (layers.upper / "dir" / "deep.txt").read_text() == "deep\nmore\n"
+    os.chmod(mnt / "bottom.txt", 0o600)
+    assert sorted(os.listdir(mnt)) == ["bottom.txt", "dir", "shared.txt", "top.txt"]
+
+
+def test_regression_lower_layers_renamed_while_mounted_are_still_served(layers: Layers, mounts: Mounts) -> None:
+    """The layers are reached through the descriptors opened at mount, not through their paths (regression:
+    listings, xattrs and copy-ups went through the paths, so a lower whose path no longer led to it showed an
+    empty directory and copy-ups failed with ENOENT)."""
+    mount_program(mounts, layers.opts(), layers.mnt)
+    layers.l1.rename(layers.base / "l1-moved")
+    layers.l2.rename(layers.base / "l2-moved")
+    _use_everything(layers, layers.mnt)
+    fusermount_unmount(layers.mnt)
+
+
+@needs_root("makes and detaches bind mounts")
+def test_regression_lower_layers_on_detached_mounts_are_still_served(layers: Layers, mounts: Mounts) -> None:
+    """containers/storage hands its mount program id-mapped mounts of the lower layers and detaches them once
+    the mount is made (podman run --uidmap as root failed with 'create /etc: no such file or directory')."""
+    binds = []
+    for lower in (layers.l1, layers.l2):
+        bind = layers.base / f"{lower.name}-mapped"
+        bind.mkdir()
+        subprocess.run(["mount", "--bind", str(lower), str(bind)], check=True)
+        binds.append(bind)
+    try:
+        mount_program(mounts, f"lowerdir={binds[0]}:{binds[1]},upperdir={layers.upper},workdir={layers.work}",
+                      layers.mnt)
+    finally:
+        for bind in binds:
+            subprocess.run(["umount", "-l", str(bind)], check=True)
+    _use_everything(layers, layers.mnt)
+    fusermount_unmount(layers.mnt)
