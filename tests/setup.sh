@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 # Debian's own Python 3 (3.11 on bookworm) is the default: every user of the machine can run it, which the
 # tests that run as an unprivileged user need. PYTHON=... picks another interpreter.
 # uidmap (newuidmap) lets the rootless pass (tests/run-rootless.sh) map a range of ids into its user namespace.
-packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux uidmap kmod python3 python3-venv python3-dev "$@")
+# The podman tests (tests/podman) run podman and buildah (with runc, as root and rootless) on a busybox image
+# made from busybox-static, with fuse-overlayfs as the reference mount program; they need no network.
+packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux uidmap kmod python3 python3-venv python3-dev
+          podman buildah runc busybox-static fuse-overlayfs "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
