@@ -83,16 +83,14 @@ IMAGE_FILES: dict[str, tuple[str | None, int, int, int]] = {
     "data/private": ("secret\n", 0o600, 0, 0),
     "data/owned": ("owned by 1000\n", 0o640, 1000, 1000),
     "data/link": ("->hello.txt", 0o777, 0, 0),
-    # check-absent PATH...: fails, naming them, when any of the paths exists
-    "bin/check-absent": (
-        "#!/bin/sh\nst=0\nfor p in \"$@\"; do\n"
-        "  if [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"check-absent: $p exists\" >&2; st=1; fi\n"
-        "done\nexit $st\n", 0o755, 0, 0),
-    # check-no-wh DIR...: fails, naming them, when a listing of any of the directories shows a .wh. name
-    "bin/check-no-wh": (
-        "#!/bin/sh\nst=0\nfor d in \"$@\"; do\n"
-        "  for n in $(ls -a \"$d\"); do case \"$n\" in .wh.*) echo \"check-no-wh: $d/$n\" >&2; st=1;; esac; done\n"
-        "done\nexit $st\n", 0o755, 0, 0),
+    # check [-a PATH | -w DIR]...: -a PATH: PATH must not exist; -w DIR: a listing of DIR (ls -a) must show no
+    # .wh. name. Every failure is told (on stderr); the status is 1 when there was one.
+    "bin/check": (
+        "#!/bin/sh\nst=0\nwhile [ $# -ge 2 ]; do\n  case \"$1\" in\n"
+        "  -a) if [ -e \"$2\" ] || [ -L \"$2\" ]; then echo \"check: $2 exists\" >&2; st=1; fi;;\n"
+        "  -w) for n in $(ls -a \"$2\"); do case \"$n\" in .wh.*) echo \"check: $2 lists $n\" >&2; st=1;; esac;"
+        " done;;\n"
+        "  *) echo \"check: bad argument $1\" >&2; exit 2;;\n  esac\n  shift 2\ndone\nexit $st\n", 0o755, 0, 0),
 }
 
 

@@ -15,12 +15,12 @@ def test_buildah_from_run_commit(engine: Engine) -> None:
         engine.buildah("run", *RUN_ARGS, "buildah-ctr", "--", "sh", "-c",
                        "rm /x /keep/gone && rm -r /deldir && echo from buildah > /buildah.txt && mkdir /bdir")
         out = engine.buildah("run", *RUN_ARGS, "buildah-ctr", "--", "sh", "-c",
-                             "check-absent /x /keep/gone /deldir && check-no-wh / /keep && cat /buildah.txt").stdout
+                             "check -a /x -a /keep/gone -a /deldir -w / -w /keep && cat /buildah.txt").stdout
         assert out == "from buildah\n"
         engine.buildah("commit", "buildah-ctr", "localhost/unionfs-test-buildah:latest")
     finally:
         engine.buildah("rm", "buildah-ctr", check=False)
     out = engine.podman("run", "--rm", "localhost/unionfs-test-buildah:latest", "sh", "-c",
-                        "check-absent /x /keep/gone /deldir && cat /buildah.txt /keep/stay && test -d /bdir"
-                        " && find / -xdev -name '.wh.*'").stdout
+                        "check -a /x -a /keep/gone -a /deldir -w / -w /keep && cat /buildah.txt /keep/stay"
+                        " && test -d /bdir && find / -xdev -name '.wh.*'").stdout
     assert out == "from buildah\nstays\n"

@@ -27,15 +27,16 @@ if TYPE_CHECKING:
 CONTAINERFILE = f"""\
 FROM {IMAGE}
 RUN rm /x /keep/gone
-RUN check-absent /x /keep/gone && test -f /keep/stay && check-no-wh / /keep && rm -r /deldir
-RUN check-absent /deldir && check-no-wh / && rm -r /dir2file && echo now a file > /dir2file
+RUN check -a /x -a /keep/gone -w / -w /keep && test -f /keep/stay && rm -r /deldir
+RUN check -a /deldir -w / && rm -r /dir2file && echo now a file > /dir2file
 RUN test -f /dir2file && test "$(cat /dir2file)" = "now a file" && rm /file2dir && mkdir /file2dir \\
     && echo inside > /file2dir/f
-RUN test -d /file2dir && test "$(cat /file2dir/f)" = inside && check-no-wh / /file2dir && rm /opq/old1
-RUN test "$(ls -A /opq)" = old2 && check-no-wh /opq && mkdir /deldir && echo again > /deldir/again && echo back > /x
-RUN test "$(ls -A /deldir)" = again && test "$(cat /x)" = back && check-no-wh / /deldir && rm /x
-RUN check-absent /x /keep/gone /deldir/a /deldir/sub /dir2file/c /opq/old1 \\
-    && check-no-wh / /keep /deldir /file2dir /opq /data
+RUN test -d /file2dir && test "$(cat /file2dir/f)" = inside && check -w / -w /file2dir && rm /opq/old1
+RUN check -a /opq/old1 -w /opq && test "$(ls -A /opq)" = old2 && mkdir /deldir && echo again > /deldir/again \\
+    && echo back > /x
+RUN check -w / -w /deldir && test "$(ls -A /deldir)" = again && test "$(cat /x)" = back && rm /x
+RUN check -a /x -a /keep/gone -a /deldir/a -a /deldir/sub -a /dir2file/c -a /opq/old1 \\
+    -w / -w /keep -w /deldir -w /file2dir -w /opq -w /data
 """
 
 #: podman's own files in a running container: bind mounts and mount points, not the image's

@@ -11,7 +11,7 @@ CHANGES = (
 )
 
 CHECKS = (
-    "check-absent /keep/gone /deldir /dir2file/c && check-no-wh / /keep /file2dir"
+    "check -a /keep/gone -a /deldir -a /dir2file/c -w / -w /keep -w /file2dir"
     " && cat /data/hello.txt /dir2file /file2dir/f /newdir/f /newlink && stat -c '%n %a %u:%g' /keep/stay"
     " && find / -xdev -name '.wh.*'"
 )
@@ -42,6 +42,6 @@ def test_commit_directory_made_again(engine: Engine) -> None:
     program, and the image's entries come back."""
     commit(engine, "rm -r /opq && mkdir /opq && echo new > /opq/new", "localhost/unionfs-test-opaque:latest")
     out = engine.podman("run", "--rm", "localhost/unionfs-test-opaque:latest", "sh", "-c",
-                        "check-absent /opq/old1 /opq/old2 && check-no-wh /opq && ls -A /opq"
+                        "check -a /opq/old1 -a /opq/old2 -w /opq && ls -A /opq"
                         " && find / -xdev -name '.wh.*'").stdout
     assert out == "new\n"
