@@ -438,6 +438,23 @@ class Engine:
             return inside
         return self.user.gid if inside == 0 else self.user.subgid + inside - 1
 
+    def mount_servers(self) -> list[tuple[int, list[str]]]:
+        """(pid, argv) of every process running the mount program on a ``merged`` directory of this storage
+        (``PROGRAM -o OPTIONS GRAPHROOT/overlay/ID/merged``), the servers of its mounts."""
+        found = []
+        prefix = str(self.graphroot) + "/"
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue
+            if "-o" in argv and argv[-1].startswith(prefix) and argv[-1].endswith("/merged"):
+                found.append((int(entry), argv))
+        return found
+
     def destroy(self) -> list[str]:
         """Reset the storage, stop the rootless pause process, unmount what is left and remove the directory.
         Returns the mount points that were still there after the reset."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
-from podman_env import IMAGE, Engine
+from podman_env import IMAGE, Engine, mounts_under
 
 
 def test_run_true(engine: Engine) -> None:
@@ -15,6 +18,31 @@ def test_root_is_served_by_the_mount_program(engine: Engine) -> None:
     out = engine.podman("run", "--rm", IMAGE, "cat", "/proc/self/mountinfo").stdout
     root = [line.split(" - ")[1].split()[0] for line in out.splitlines() if line.split()[4] == "/"]
     assert root == [engine.fstype]
+
+
+def fuse_mounts(engine: Engine) -> list[str]:
+    return [point for point, fstype in mounts_under(engine.graphroot) if fstype == engine.fstype]
+
+
+def test_unmounted_after_run(engine: Engine) -> None:
+    """While a container runs, one server of the mount program serves its root; once the container is
+    removed, containers/storage has unmounted it (``fusermount3 -u``), no mount of the program is left under the
+    storage (seen here as root; rootless podman mounts in a namespace of its own) and the server has exited."""
+    engine.podman("rm", "--force", "sleeper", check=False)
+    try:
+        engine.podman("run", "--detach", "--name", "sleeper", IMAGE, "sleep", "60")
+        servers = engine.mount_servers()
+        assert len(servers) == 1, servers
+        if os.geteuid() == 0 and engine.mode == "root":
+            assert len(fuse_mounts(engine)) == 1
+    finally:
+        engine.podman("rm", "--force", "--time", "0", "sleeper")
+    deadline = time.monotonic() + 15
+    while engine.mount_servers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.mount_servers() == []
+    if os.geteuid() == 0 and engine.mode == "root":
+        assert fuse_mounts(engine) == []
 
 
 def test_run_reads_image_files(engine: Engine) -> None:
