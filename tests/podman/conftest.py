@@ -1,9 +1,12 @@
 """Fixtures of the podman and buildah tests: one private storage per mode (root, rootless) and mount program
 (fuse-overlayfs, the reference, and unionfs), each holding the test image, made once per session.
 
-Run as root: the root engines run podman directly; the rootless engines run it as the user ``unionfs-test``
-(created when missing, with subordinate ids), with ``/dev/fuse`` opened to every user for the session (its mode
-is put back at the end). Run as that user (or any user with subordinate ids), only the rootless engines run.
+Run as root (``.venv/bin/python -m pytest -q tests/podman``; tests/run.sh does, in its main pass): the root
+engines run podman directly; the rootless engines run it as the user ``unionfs-test`` (created when missing,
+with subordinate ids), with ``/dev/fuse`` opened to every user for the session (its mode is put back at the
+end). Run as an ordinary user with subordinate ids and a usable ``/dev/fuse``, only the rootless engines run,
+as that user. The unionfs command is the venv's (beside the interpreter) or the one on PATH; when the rootless
+user cannot run it, a copy staged by tests/rootless_stage.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from podman_env import (  # noqa: E402
     ROOTLESS_PYTHON,
     CommandFailed,
     Engine,
+    NoRootlessUser,
     User,
     ensure_rootless_user,
     make_rootfs_tar,
@@ -67,7 +71,12 @@ class Engines:
 
     def rootless_user(self) -> User:
         if self._user is None:
-            self._user = ensure_rootless_user()
+            try:
+                self._user = ensure_rootless_user()
+            except NoRootlessUser as exc:
+                pytest.skip(str(exc))
+            if os.geteuid() != 0 and not os.access(FUSE_DEV, os.R_OK | os.W_OK):
+                pytest.skip(f"{FUSE_DEV} is not open to {self._user.name}")
             if os.geteuid() == 0:
                 mode = stat.S_IMODE(os.stat(FUSE_DEV).st_mode)
                 if mode & 0o006 != 0o006:

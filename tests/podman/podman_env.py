@@ -169,10 +169,21 @@ def _subrange(path: str, user: str, uid: int) -> int | None:
     return None
 
 
+class NoRootlessUser(RuntimeError):
+    """Not root, and the current user has no subordinate ids."""
+
+
 def ensure_rootless_user(name: str = ROOTLESS_USER) -> User:
     """The rootless user, created (as tests/run-rootless.sh does) when missing, with :data:`SUBIDS`
     subordinate uids and gids: a free block after every range already given out, at 100000 at the lowest.
-    Idempotent. Creating needs root; as that user itself, only reads."""
+    Idempotent. Run by an ordinary user: that user, as it is (:class:`NoRootlessUser` without subordinate ids)."""
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid())
+        subuid, subgid = _subrange("/etc/subuid", me.pw_name, me.pw_uid), _subrange("/etc/subgid", me.pw_name,
+                                                                                     me.pw_uid)
+        if subuid is None or subgid is None:
+            raise NoRootlessUser(f"{me.pw_name} has no range of {SUBIDS} ids in /etc/subuid and /etc/subgid")
+        return User(me.pw_name, me.pw_uid, me.pw_gid, subuid, subgid)
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
