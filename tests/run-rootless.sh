@@ -18,6 +18,9 @@
 #    ids outside the map). The harness builds its layers with user.overlay.* markers and mounts both sides with
 #    userxattr (UNIONFS_TEST_XATTR=user). Everything left mounted there goes away with the namespace.
 #
+# The podman tests (tests/podman) are not run here: the main pass, as root, runs their rootless cases as this same
+# user (setpriv, with subordinate ids, XDG_RUNTIME_DIR and storage of their own), next to the root cases.
+#
 # The interpreter with the test dependencies (which the copy is taken from): UNIONFS_TEST_PYTHON, else
 # .venv/bin/python, else the active virtual environment's, else tests/setup.sh makes .venv.
 set -euo pipefail
