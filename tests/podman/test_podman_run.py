@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from podman_env import IMAGE, Engine, mounts_under
@@ -76,10 +77,20 @@ def test_run_reads_image_files(engine: Engine) -> None:
 
 
 def test_run_keep_id(engine: Engine) -> None:
-    """Rootless ``--userns=keep-id``: the user's own uid inside, the image's files still owned by root."""
+    """Rootless ``--userns=keep-id``: the user's own uid inside, the image's files still owned by root; a file the
+    user makes there is stored with the user's uid as an id of the image (unshifted, as the image's own files)."""
     if engine.mode != "rootless":
         pytest.skip("--userns=keep-id is for rootless podman")
     assert engine.user is not None
-    out = engine.podman("run", "--rm", "--userns=keep-id", IMAGE, "sh", "-c",
-                        "stat -c %u /bin/busybox; id -u; stat -c %u:%g /data/owned; cat /data/hello.txt").stdout
-    assert out.splitlines() == ["0", str(engine.user.uid), "1000:1000", "hello from the image"]
+    uid = engine.user.uid
+    engine.podman("rm", "--force", "keep-id-ctr", check=False)
+    try:
+        out = engine.podman("run", "--name", "keep-id-ctr", "--userns=keep-id", IMAGE, "sh", "-c",
+                            "stat -c %u /bin/busybox; id -u; stat -c %u:%g /data/owned; cat /data/hello.txt;"
+                            " touch /tmp/mine && stat -c %u /tmp/mine").stdout
+        assert out.splitlines() == ["0", str(uid), "1000:1000", "hello from the image", str(uid)]
+        upper = Path(engine.podman("inspect", "keep-id-ctr", "--format", "{{.GraphDriver.Data.UpperDir}}")
+                     .stdout.strip())
+        assert os.lstat(upper / "tmp" / "mine").st_uid == engine.host_uid(uid)
+    finally:
+        engine.podman("rm", "--force", "keep-id-ctr", check=False)
