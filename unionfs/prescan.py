@@ -19,7 +19,7 @@ import dataclasses
 import stat
 from collections.abc import Callable
 
-from .layers import ROOT, Entry, Probing, join, merged_listing
+from .layers import ROOT, Entry, Probing, join
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class Prescanned:
 
     def _scan(self, parent: Entry, todo: list[Entry]) -> None:
         probing = self.probing
-        for name, (layer, ftype) in merged_listing(probing.layers, probing.formats, parent).items():
+        for name, (layer, ftype) in probing.listdir(parent).items():
             path = join(parent.path, name)
             if ftype != stat.S_IFDIR:
                 self.paths[path] = layer

@@ -3,12 +3,18 @@
 Whiteouts: a character device 0/0 (what the kernel writes), or (kernel 6.7+) an empty regular file carrying
 the ``overlay.whiteout`` xattr inside a directory marked ``overlay.opaque=x``.  Opaque directories carry
 ``overlay.opaque=y``.  The xattr namespace is ``trusted.`` normally and ``user.`` with ``-o userxattr``.
+
+AUFS-style markers, honoured in lower layers only when asked (``-o aufs_markers``; never written): a name
+``.wh.NAME`` deletes NAME from the layers beneath its own, and ``.wh..wh..opq`` makes its directory opaque.
+Every name starting with ``.wh.`` in such a layer is a marker (``.wh..wh.*`` ones are AUFS's own metadata),
+never an entry of the merged view.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import os
 import stat
 
@@ -88,6 +94,76 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrForma
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
     return any(xattrs.get(path, fmt.whiteout) is not None for fmt in formats)
+
+
+#: the longest file name
+NAME_MAX = 255
+
+#: the prefix of every AUFS marker, and of the markers that are AUFS's own metadata (not whiteouts)
+AUFS_PREFIX = b".wh."
+AUFS_META_PREFIX = b".wh..wh."
+#: the marker making its directory opaque
+AUFS_OPAQUE = b".wh..wh..opq"
+
+#: what a failed lookup of a marker may say when the marker is simply not there
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
+def is_aufs_marker(name: bytes) -> bool:
+    """Whether ``name`` is an AUFS marker (never an entry, in a layer whose markers are read)."""
+    return name.startswith(AUFS_PREFIX)
+
+
+def aufs_hidden_name(marker: bytes) -> bytes | None:
+    """The name an AUFS marker deletes from the layers beneath its own (None for AUFS metadata such as
+    ``.wh..wh..opq`` or ``.wh..wh.plnk``)."""
+    if marker.startswith(AUFS_META_PREFIX):
+        return None
+    return marker[len(AUFS_PREFIX) :]
+
+
+def _lstat_or_none(dir_fd: int, parent: bytes, name: bytes) -> os.stat_result | None:
+    """The stat of ``parent/name`` under ``dir_fd`` (not followed), None when there is nothing; ``parent`` is a
+    path relative to ``dir_fd``, ``b"."`` for itself. A path too long for one call is reached through the
+    parent's descriptor."""
+    path = name if parent == b"." else parent + b"/" + name
+    try:
+        return os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _ABSENT:
+            raise
+        if exc.errno != errno.ENAMETOOLONG or len(name) > NAME_MAX or parent == b".":
+            return None
+    try:
+        pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise
+    try:
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise
+    finally:
+        os.close(pfd)
+
+
+def aufs_whiteout(dir_fd: int, parent: bytes, name: bytes) -> os.stat_result | None:
+    """The stat of ``.wh.NAME`` in directory ``parent`` of the layer ``dir_fd``, which deletes ``name`` from
+    the layers beneath (asked only where the layer itself holds no ``name``); None without one."""
+    return _lstat_or_none(dir_fd, parent, AUFS_PREFIX + name)
+
+
+def has_aufs_opaque(dir_fd: int, path: bytes) -> bool:
+    """Whether directory ``path`` of the layer ``dir_fd`` holds ``.wh..wh..opq`` (it is opaque)."""
+    return _lstat_or_none(dir_fd, path, AUFS_OPAQUE) is not None
+
+
+def with_opaque(marks: DirMarks) -> DirMarks:
+    """``marks`` of a directory that is also opaque."""
+    return OPAQUE if marks is NO_MARKS else DirMarks(True, marks.xwhiteouts)
 
 
 def make_whiteout(name: bytes, dir_fd: int) -> None:
