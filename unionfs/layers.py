@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from . import whiteout
-from .whiteout import NO_MARKS, DirMarks, XattrFormat
+from .whiteout import AUFS_PREFIX, NO_MARKS, DirMarks, XattrFormat
 
 ROOT = b"."
 
@@ -191,6 +191,7 @@ class Probing:
         asked only when the next is wanted. xattr whiteouts are looked for in the layers ``marked`` only (where
         the parent directory says it holds some)."""
         layers, formats, markers_from = self.layers, self.formats, self.markers_from
+        marker: bytes | None = None  # the path of the AUFS whiteout of ``path``, once wanted
         for index in dirs:
             layer = layers[index]
             try:
@@ -199,9 +200,11 @@ class Probing:
                 if exc.errno not in _MISSING:
                     raise
                 if index >= markers_from:
-                    marker = whiteout.aufs_whiteout(layer.fd, *split(path))
-                    if marker is not None:
-                        yield _found(Found, (index, marker, True, NO_MARKS))
+                    if marker is None:
+                        marker = whiteout.aufs_whiteout_path(path)
+                    marker_st = whiteout.aufs_marker(layer.fd, marker)
+                    if marker_st is not None:
+                        yield _found(Found, (index, marker_st, True, NO_MARKS))
                 continue
             if whiteout.is_whiteout_stat(st) or (
                 index in marked and whiteout.is_xattr_whiteout(layer.full_path(path), st, formats)
@@ -260,7 +263,7 @@ def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...], en
             with os.scandir(fd) as it:
                 for de in it:
                     name = os.fsencode(de.name)
-                    if aufs and whiteout.is_aufs_marker(name):
+                    if aufs and name.startswith(AUFS_PREFIX):
                         target = whiteout.aufs_hidden_name(name)
                         if target is not None:
                             deleted.append(target)

@@ -96,8 +96,9 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrForma
     return any(xattrs.get(path, fmt.whiteout) is not None for fmt in formats)
 
 
-#: the longest file name
+#: the longest file name, and the longest path one system call takes
 NAME_MAX = 255
+PATH_MAX = 4095
 
 #: the prefix of every AUFS marker, and of the markers that are AUFS's own metadata (not whiteouts)
 AUFS_PREFIX = b".wh."
@@ -122,18 +123,23 @@ def aufs_hidden_name(marker: bytes) -> bytes | None:
     return marker[len(AUFS_PREFIX) :]
 
 
-def _lstat_or_none(dir_fd: int, parent: bytes, name: bytes) -> os.stat_result | None:
-    """The stat of ``parent/name`` under ``dir_fd`` (not followed), None when there is nothing; ``parent`` is a
-    path relative to ``dir_fd``, ``b"."`` for itself. A path too long for one call is reached through the
-    parent's descriptor."""
-    path = name if parent == b"." else parent + b"/" + name
-    try:
-        return os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _ABSENT:
-            raise
-        if exc.errno != errno.ENAMETOOLONG or len(name) > NAME_MAX or parent == b".":
+def aufs_whiteout_path(path: bytes) -> bytes:
+    """The path of the marker ``.wh.NAME`` that deletes ``path`` (``parent/NAME``, or ``NAME`` in the root)."""
+    head, sep, name = path.rpartition(b"/")
+    return head + sep + AUFS_PREFIX + name
+
+
+def aufs_marker(dir_fd: int, marker: bytes) -> os.stat_result | None:
+    """The stat of marker ``marker`` (a path relative to the layer ``dir_fd``; any type, not followed), None
+    when there is none. Its absence, the common answer, costs one system call and no exception; a path
+    longer than PATH_MAX is reached through its parent's descriptor."""
+    if len(marker) <= PATH_MAX:
+        if not os.access(marker, os.F_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False):
             return None
+        return _lstat(dir_fd, marker)
+    parent, _, name = marker.rpartition(b"/")
+    if len(name) > NAME_MAX:
+        return None
     try:
         pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
@@ -141,24 +147,23 @@ def _lstat_or_none(dir_fd: int, parent: bytes, name: bytes) -> os.stat_result | 
             return None
         raise
     try:
-        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _ABSENT:
-            return None
-        raise
+        return _lstat(pfd, name)
     finally:
         os.close(pfd)
 
 
-def aufs_whiteout(dir_fd: int, parent: bytes, name: bytes) -> os.stat_result | None:
-    """The stat of ``.wh.NAME`` in directory ``parent`` of the layer ``dir_fd``, which deletes ``name`` from
-    the layers beneath (asked only where the layer itself holds no ``name``); None without one."""
-    return _lstat_or_none(dir_fd, parent, AUFS_PREFIX + name)
+def _lstat(dir_fd: int, path: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise
 
 
 def has_aufs_opaque(dir_fd: int, path: bytes) -> bool:
     """Whether directory ``path`` of the layer ``dir_fd`` holds ``.wh..wh..opq`` (it is opaque)."""
-    return _lstat_or_none(dir_fd, path, AUFS_OPAQUE) is not None
+    return aufs_marker(dir_fd, AUFS_OPAQUE if path == b"." else path + b"/" + AUFS_OPAQUE) is not None
 
 
 def with_opaque(marks: DirMarks) -> DirMarks:
