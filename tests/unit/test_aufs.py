@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from unit_tree import WHITEOUT, Dir, Env, File, is_whiteout
 
+from unionfs import whiteout
 from unionfs.layers import PATH_MAX, ROOT, Stack
 from unionfs.prescan import Prescanned
 from unionfs.union import Union
@@ -20,7 +21,10 @@ from unionfs.whiteout import XattrFormat
 #: an AUFS marker as containers/storage writes it: an empty regular file, mode 0000
 WH = File(b"", mode=0o000)
 
-pytestmark = pytest.mark.parametrize("prescan", [False, True], ids=["probing", "prescan"])
+@pytest.fixture(params=[False, True], ids=["probing", "prescan"])
+def prescan(request: pytest.FixtureRequest) -> bool:
+    """Whether the lower layers are answered from the table made at mount (``-o prescan``)."""
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -42,6 +46,40 @@ def aufs_env(make_env: Any, prescan: bool) -> Any:
 
 def _mode(env: Env, path: str) -> int:
     return stat.S_IFMT(env.entry(path).st.st_mode)
+
+
+# -- the markers --------------------------------------------------------------------------------------------
+
+
+def test_marker_paths_and_names() -> None:
+    assert whiteout.aufs_whiteout_path(b"f") == b".wh.f"
+    assert whiteout.aufs_whiteout_path(b"a/b/f") == b"a/b/.wh.f"
+    assert whiteout.aufs_hidden_name(b".wh.f") == b"f"
+    assert whiteout.aufs_hidden_name(b".wh..f") == b".f"
+    assert whiteout.aufs_hidden_name(b".wh..wh..opq") is None
+    assert whiteout.aufs_hidden_name(b".wh..wh.plnk") is None
+    assert whiteout.is_aufs_marker(b".wh.")
+    assert not whiteout.is_aufs_marker(b".wh") and not whiteout.is_aufs_marker(b"x.wh.")
+
+
+def test_a_marker_of_any_type_counts(tmp_path: Path) -> None:
+    """Whatever the marker is (fuse-overlayfs asks only whether it exists), even a dangling symlink."""
+    (tmp_path / "d").mkdir()
+    os.symlink("nowhere", tmp_path / "d" / ".wh.l")
+    (tmp_path / "d" / ".wh.dir").mkdir()
+    os.mkfifo(tmp_path / "d" / ".wh.p")
+    (tmp_path / "d" / ".wh..wh..opq").mkdir()
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for name in (b"l", b"dir", b"p"):
+            assert whiteout.aufs_marker(fd, whiteout.aufs_whiteout_path(b"d/" + name)) is not None, name
+        assert whiteout.aufs_marker(fd, b"d/.wh.none") is None
+        assert whiteout.aufs_marker(fd, b"nodir/.wh.none") is None
+        assert whiteout.aufs_marker(fd, b"d/.wh." + b"n" * 252) is None  # longer than NAME_MAX
+        assert whiteout.has_aufs_opaque(fd, b"d")
+        assert not whiteout.has_aufs_opaque(fd, b".")
+    finally:
+        os.close(fd)
 
 
 # -- lookups and listings -----------------------------------------------------------------------------------
