@@ -18,9 +18,9 @@ from .whiteout import AUFS_PREFIX, NO_MARKS, DirMarks, XattrFormat
 
 ROOT = b"."
 
-#: Largest merged path we accept (the kernel's PATH_MAX minus the terminating NUL).
-PATH_MAX = 4095
-NAME_MAX = 255
+#: Largest merged path we accept (the kernel's PATH_MAX minus the terminating NUL), and the longest name.
+PATH_MAX = whiteout.PATH_MAX
+NAME_MAX = whiteout.NAME_MAX
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -202,9 +202,8 @@ class Probing:
                 if index >= markers_from:
                     if marker is None:
                         marker = whiteout.aufs_whiteout_path(path)
-                    marker_st = whiteout.aufs_marker(layer.fd, marker)
-                    if marker_st is not None:
-                        yield _found(Found, (index, marker_st, True, NO_MARKS))
+                    if whiteout.has_aufs_marker(layer.fd, marker):
+                        yield _found(Found, (index, whiteout.AUFS_WHITEOUT_STAT, True, NO_MARKS))
                 continue
             if whiteout.is_whiteout_stat(st) or (
                 index in marked and whiteout.is_xattr_whiteout(layer.full_path(path), st, formats)

@@ -96,7 +96,7 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrForma
     return any(xattrs.get(path, fmt.whiteout) is not None for fmt in formats)
 
 
-#: the longest file name, and the longest path one system call takes
+#: the longest file name, and the longest path one system call takes (the kernel's PATH_MAX minus the NUL)
 NAME_MAX = 255
 PATH_MAX = 4095
 
@@ -106,8 +106,8 @@ AUFS_META_PREFIX = b".wh..wh."
 #: the marker making its directory opaque
 AUFS_OPAQUE = b".wh..wh..opq"
 
-#: what a failed lookup of a marker may say when the marker is simply not there
-_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+#: what a failed lookup of a marker's parent may say when it is simply not there
+_ABSENT = (errno.ENOENT, errno.ENOTDIR)
 
 
 def is_aufs_marker(name: bytes) -> bool:
@@ -129,41 +129,36 @@ def aufs_whiteout_path(path: bytes) -> bytes:
     return head + sep + AUFS_PREFIX + name
 
 
-def aufs_marker(dir_fd: int, marker: bytes) -> os.stat_result | None:
-    """The stat of marker ``marker`` (a path relative to the layer ``dir_fd``; any type, not followed), None
-    when there is none. Its absence, the common answer, costs one system call and no exception; a path
-    longer than PATH_MAX is reached through its parent's descriptor."""
+#: what a lookup shows of an AUFS whiteout: the stat of a kernel whiteout (character device 0/0, mode 0), as
+#: whose equal it counts
+AUFS_WHITEOUT_STAT = os.stat_result((stat.S_IFCHR, 0, 0, 1, 0, 0, 0, 0, 0, 0))
+
+
+def has_aufs_marker(dir_fd: int, marker: bytes) -> bool:
+    """Whether marker ``marker`` (a path relative to the layer ``dir_fd``; any type, not followed) exists.
+    One system call, and no exception when it does not (the common answer); an error asking counts as no
+    marker, as access(2) tells no more. A path longer than PATH_MAX is reached through its parent's
+    descriptor."""
     if len(marker) <= PATH_MAX:
-        if not os.access(marker, os.F_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False):
-            return None
-        return _lstat(dir_fd, marker)
+        return os.access(marker, os.F_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False)
     parent, _, name = marker.rpartition(b"/")
     if len(name) > NAME_MAX:
-        return None
+        return False
     try:
         pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in _ABSENT:
-            return None
+            return False
         raise
     try:
-        return _lstat(pfd, name)
+        return os.access(name, os.F_OK, dir_fd=pfd, effective_ids=True, follow_symlinks=False)
     finally:
         os.close(pfd)
 
 
-def _lstat(dir_fd: int, path: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _ABSENT:
-            return None
-        raise
-
-
 def has_aufs_opaque(dir_fd: int, path: bytes) -> bool:
     """Whether directory ``path`` of the layer ``dir_fd`` holds ``.wh..wh..opq`` (it is opaque)."""
-    return aufs_marker(dir_fd, AUFS_OPAQUE if path == b"." else path + b"/" + AUFS_OPAQUE) is not None
+    return has_aufs_marker(dir_fd, AUFS_OPAQUE if path == b"." else path + b"/" + AUFS_OPAQUE)
 
 
 def with_opaque(marks: DirMarks) -> DirMarks:

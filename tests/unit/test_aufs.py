@@ -72,10 +72,10 @@ def test_a_marker_of_any_type_counts(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
         for name in (b"l", b"dir", b"p"):
-            assert whiteout.aufs_marker(fd, whiteout.aufs_whiteout_path(b"d/" + name)) is not None, name
-        assert whiteout.aufs_marker(fd, b"d/.wh.none") is None
-        assert whiteout.aufs_marker(fd, b"nodir/.wh.none") is None
-        assert whiteout.aufs_marker(fd, b"d/.wh." + b"n" * 252) is None  # longer than NAME_MAX
+            assert whiteout.has_aufs_marker(fd, whiteout.aufs_whiteout_path(b"d/" + name)), name
+        assert not whiteout.has_aufs_marker(fd, b"d/.wh.none")
+        assert not whiteout.has_aufs_marker(fd, b"nodir/.wh.none")
+        assert not whiteout.has_aufs_marker(fd, b"d/.wh." + b"n" * 252)  # longer than NAME_MAX
         assert whiteout.has_aufs_opaque(fd, b"d")
         assert not whiteout.has_aufs_opaque(fd, b".")
     finally:
