@@ -7,6 +7,8 @@ are compared, after mounting, after the same changes, and after mounting the cha
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -37,6 +39,20 @@ pytestmark = [
 
 #: an AUFS marker as containers/storage writes it: empty, mode 0000
 WH = File(b"", mode=0o000)
+
+
+def _owned(layer: dict[str, Any]) -> dict[str, Any]:
+    """``layer`` with every object (implied parent directories too) owned by this process's user, so that an
+    ordinary user can lay it out (the rootless pass runs these tests as one)."""
+    out: dict[str, Any] = {}
+    for rel in sorted(layer):
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            out.setdefault("/".join(parts[:i]), Dir())
+        entry = layer[rel]
+        out[rel] = File(entry.encode()) if isinstance(entry, str) else entry
+    return {rel: dataclasses.replace(e, uid=os.getuid(), gid=os.getgid()) for rel, e in out.items()}
+
 
 #: top first. No layer holds both NAME and its marker ``.wh.NAME`` (see test_aufs: there the layer's own NAME
 #: shows, where fuse-overlayfs lets the marker win).
@@ -93,22 +109,35 @@ CHANGES: list[tuple[Any, ...]] = [
 ]
 
 
+def _side(root: Path) -> Side:
+    """The AUFS layers laid out under ``root``, with an empty upper layer, a workdir and a mount point (built
+    for each side, not cloned: an ordinary user cannot read the mode 0000 markers)."""
+    template = build_template(root, [_owned(layer) for layer in AUFS_LOWERS])
+    (root / "work").mkdir()
+    (root / "mnt").mkdir()
+    return Side(root, [template.lower(i) for i in range(template.nlowers)], template.upper, root / "work",
+                root / "mnt")
+
+
 class AufsUnionfs(FuseMount):
-    """unionfs with ``-o aufs_markers``."""
+    """unionfs with ``-o aufs_markers`` and ``options``."""
+
+    def __init__(self, side: Side, options: str) -> None:
+        super().__init__(side, "unionfs")
+        self.options = options
 
     def command(self) -> list[str]:
         cmd = super().command()
-        cmd[-2] += ",aufs_markers"
+        cmd[-2] += "," + self.options
         return cmd
 
 
-@pytest.fixture
-def sides(tmp_path: Path, fuse_ready: None) -> Iterator[tuple[Mount, Mount]]:
-    """The AUFS layers, cloned for fuse-overlayfs and for unionfs -o aufs_markers, both mounted; always torn
-    down."""
-    template = build_template(tmp_path / "template", AUFS_LOWERS)
-    mounts: list[Mount] = [FuseMount(Side.from_template(template, tmp_path / "fuse-overlayfs"), "fuse-overlayfs"),
-                           AufsUnionfs(Side.from_template(template, tmp_path / "unionfs"), "unionfs")]
+@pytest.fixture(params=["aufs_markers", "aufs_markers,prescan"])
+def sides(request: pytest.FixtureRequest, tmp_path: Path, fuse_ready: None) -> Iterator[tuple[Mount, Mount]]:
+    """The AUFS layers, cloned for fuse-overlayfs and for unionfs -o aufs_markers (with the lower layers
+    probed, or prescanned), both mounted; always torn down."""
+    mounts: list[Mount] = [FuseMount(_side(tmp_path / "fuse-overlayfs"), "fuse-overlayfs"),
+                           AufsUnionfs(_side(tmp_path / "unionfs"), request.param)]
     try:
         for m in mounts:
             m.mount()
