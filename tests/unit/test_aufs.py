@@ -105,8 +105,8 @@ def test_name_held_beside_its_marker_in_the_same_layer_shows(aufs_env: Any) -> N
 
 def test_directory_beside_its_marker_merges_as_without_it(aufs_env: Any) -> None:
     """A marker is read only where its layer lacks the name: a directory held beside its own marker merges with
-    those beneath as usual (fuse-overlayfs lets the marker win there; containers/storage writes no such layer,
-    since a directory made again gets ``.wh..wh..opq`` instead)."""
+    those beneath as usual (fuse-overlayfs lets the marker win there; a layer diff marks a directory made again
+    with ``.wh..wh..opq`` instead)."""
     env = aufs_env(lowers=[{".wh.d": WH, "d": {"mine": "1"}}, {"d": {"below": "2"}}])
     assert env.entry("d").dirs == (1, 2)
     assert env.names("d") == {"mine", "below"}
