@@ -67,6 +67,7 @@ AUFS_LOWERS: tuple[dict[str, Any], ...] = (
         "mixed/.wh.a": WH, "mixed/b.txt": "b from l1\n",
         ".wh..wh.plnk": Dir(mode=0o700), ".wh..wh.plnk/x": "aufs metadata\n", ".wh..wh.aufs": WH,
         "sub/top.txt": File(b"top\n", mode=0o600),
+        ".wh.target": WH, "mover": "moved over a whited-out name\n",
     },
     {
         "gone.txt": "gone from l2\n",
@@ -76,6 +77,7 @@ AUFS_LOWERS: tuple[dict[str, Any], ...] = (
         "mixed/a": "a from l2\n", "mixed/c.txt": "c from l2\n",
         "sub/.wh.x": WH, "sub/y": "y from l2\n",
         "exec": File(b"#!/bin/sh\n", mode=0o755),
+        "target": "hidden by l1's marker\n",
     },
     {
         "gone.txt": "gone from l3\n",
@@ -90,7 +92,7 @@ AUFS_LOWERS: tuple[dict[str, Any], ...] = (
 #: the merged view the markers make (names only; contents, types and modes are compared with fuse-overlayfs)
 EXPECTED_NAMES = {
     ".", "keep.txt", "opq", "opq/new.txt", "swap", "back", "back/again.txt", "mixed", "mixed/b.txt",
-    "mixed/c.txt", "mixed/d.txt", "sub", "sub/top.txt", "sub/y", "sub/z", "exec",
+    "mixed/c.txt", "mixed/d.txt", "sub", "sub/top.txt", "sub/y", "sub/z", "exec", "mover",
 }
 
 CHANGES: list[tuple[Any, ...]] = [
@@ -105,6 +107,7 @@ CHANGES: list[tuple[Any, ...]] = [
     ("create", "opq/old.txt", b"old again\n"),            # a name hidden by the opacity, made again
     ("rename", "mixed/b.txt", "mixed/d.txt"),            # over a lower name
     ("rename", "swap", "swapped"),
+    ("rename", "mover", "target"),                       # onto a whited-out name
     ("chmod", "exec", 0o700),
 ]
 

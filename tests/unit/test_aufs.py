@@ -291,6 +291,18 @@ def test_rename_over_a_directory_whose_lower_content_is_whited_out(aufs_env: Any
     assert env.resolve("src") is None
 
 
+def test_rename_onto_a_whited_out_name(aufs_env: Any) -> None:
+    env = aufs_env(lowers=[{".wh.f": WH, "a": "moved"}, {"f": "old", "a": "below"}])
+    env.union.rename(*env.parent("a"), *env.parent("f"))
+    assert env.read("f") == b"moved"
+    assert env.resolve("a") is None and is_whiteout(env.upper / "a")
+    assert env.names() == {"f"}
+    env.union.unlink(*env.parent("f"))
+    assert env.resolve("f") is None
+    assert not os.path.lexists(env.upper / "f")  # the lower marker still hides what is beneath
+    assert env.names() == set()
+
+
 def test_create_a_whited_out_name_again(aufs_env: Any) -> None:
     env = aufs_env(lowers=[{".wh.f": WH, ".wh.d": WH}, {"f": "old", "d": {"x": "1"}}])
     root = env.entry("")
