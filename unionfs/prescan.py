@@ -2,9 +2,11 @@
 as through one.
 
 Without it a lookup probes every lower layer that holds the parent directory (one ``lstat``, and for a
-directory one xattr read, per layer), as the kernel does: its cost grows with the number of layers.  With it
-the merged view of the lower layers is walked once at mount, through the probing source itself
-(:class:`~unionfs.layers.Probing` and :func:`~unionfs.layers.merged_listing`), and kept as a table: merged
+directory one xattr read, per layer; with ``-o aufs_markers`` also one ``access`` per layer missing the name
+and per lower directory), as the kernel does: its cost grows with the number of layers.  With it the merged
+view of the lower layers is walked once at mount, through the probing source itself
+(:meth:`~unionfs.layers.Probing.lookup` and :meth:`~unionfs.layers.Probing.listdir`, AUFS markers read as
+there), and kept as a table: merged
 path -> where the object lives (the layer of a non-directory, or a directory's contributing layers and
 markers).  A lookup then consults the upper layer (one ``lstat``), the table, and stats the one lower object
 it names.
