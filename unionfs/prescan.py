@@ -6,10 +6,9 @@ directory one xattr read, per layer; with ``-o aufs_markers`` also one ``access`
 and per lower directory), as the kernel does: its cost grows with the number of layers.  With it the merged
 view of the lower layers is walked once at mount, through the probing source itself
 (:meth:`~unionfs.layers.Probing.lookup` and :meth:`~unionfs.layers.Probing.listdir`, AUFS markers read as
-there), and kept as a table: merged
-path -> where the object lives (the layer of a non-directory, or a directory's contributing layers and
-markers).  A lookup then consults the upper layer (one ``lstat``), the table, and stats the one lower object
-it names.
+there), and kept as a table: merged path -> where the object lives (the layer of a non-directory, or a
+directory's contributing layers and markers).  A lookup then consults the upper layer (one ``lstat``), the
+table, and stats the one lower object it names.
 
 Lower layers must not change while mounted (overlayfs requires the same); with this option a name added to a
 lower layer after the mount stays unseen until the next mount.  Memory: about 100 bytes per lower path.
