@@ -21,6 +21,7 @@ from unionfs.whiteout import XattrFormat
 #: an AUFS marker as containers/storage writes it: an empty regular file, mode 0000
 WH = File(b"", mode=0o000)
 
+
 @pytest.fixture(params=[False, True], ids=["probing", "prescan"])
 def prescan(request: pytest.FixtureRequest) -> bool:
     """Whether the lower layers are answered from the table made at mount (``-o prescan``)."""
