@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from . import whiteout
-from .whiteout import NO_MARKS, DirMarks, XattrFormat
+from .whiteout import AUFS_PREFIX, NO_MARKS, DirMarks, XattrFormat
 
 ROOT = b"."
 
-#: Largest merged path we accept (the kernel's PATH_MAX minus the terminating NUL).
-PATH_MAX = 4095
-NAME_MAX = 255
+#: Largest merged path we accept (the kernel's PATH_MAX minus the terminating NUL), and the longest name.
+PATH_MAX = whiteout.PATH_MAX
+NAME_MAX = whiteout.NAME_MAX
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -169,33 +169,50 @@ class LowerSource(Protocol):
 
 
 class Probing:
-    """A :class:`LowerSource` that asks each lower layer at every lookup, as the kernel does."""
+    """A :class:`LowerSource` that asks each lower layer at every lookup, as the kernel does.
 
-    def __init__(self, layers: Sequence[Layer], first: int, formats: tuple[XattrFormat, ...]) -> None:
+    With ``aufs``, AUFS markers count in the lower layers (see :mod:`unionfs.whiteout`): a layer missing a name
+    is asked for ``.wh.NAME`` (a whiteout there), a lower directory for ``.wh..wh..opq`` (opaque), and names
+    starting with ``.wh.`` resolve to nothing."""
+
+    def __init__(self, layers: Sequence[Layer], first: int, formats: tuple[XattrFormat, ...],
+                 aufs: bool = False) -> None:
         self.layers = layers
         #: index of the top-most lower layer (1 above an upper layer, else 0)
         self.first = first
         self.formats = formats
+        self.aufs = aufs
+        #: index of the first layer whose AUFS markers count (past the last layer without ``aufs``)
+        self.markers_from = first if aufs else len(layers)
 
     def found(self, path: bytes, dirs: Iterable[int], marked: frozenset[int]) -> Iterator[Found]:
         """What each of the layers ``dirs`` holds at ``path``, top-down, those holding nothing left out; each is
         asked only when the next is wanted. xattr whiteouts are looked for in the layers ``marked`` only (where
         the parent directory says it holds some)."""
-        layers, formats = self.layers, self.formats
+        layers, formats, markers_from = self.layers, self.formats, self.markers_from
+        marker: bytes | None = None  # the path of the AUFS whiteout of ``path``, once wanted
         for index in dirs:
             layer = layers[index]
             try:
                 st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False)
             except OSError as exc:
-                if exc.errno in _MISSING:
-                    continue
-                raise
+                if exc.errno not in _MISSING:
+                    raise
+                if index >= markers_from:
+                    if marker is None:
+                        marker = whiteout.aufs_whiteout_path(path)
+                    if whiteout.has_aufs_marker(layer.fd, marker):
+                        yield _found(Found, (index, whiteout.AUFS_WHITEOUT_STAT, True, NO_MARKS))
+                continue
             if whiteout.is_whiteout_stat(st) or (
                 index in marked and whiteout.is_xattr_whiteout(layer.full_path(path), st, formats)
             ):
                 yield _found(Found, (index, st, True, NO_MARKS))
             elif stat.S_ISDIR(st.st_mode):
-                yield _found(Found, (index, st, False, whiteout.read_dir_marks(layer.full_path(path), formats)))
+                marks = whiteout.read_dir_marks(layer.full_path(path), formats)
+                if index >= markers_from and not marks.opaque and whiteout.has_aufs_opaque(layer.fd, path):
+                    marks = whiteout.with_opaque(marks)
+                yield _found(Found, (index, st, False, marks))
             else:
                 yield _found(Found, (index, st, False, NO_MARKS))
 
@@ -203,25 +220,37 @@ class Probing:
         return stack(ROOT, self.found(ROOT, range(self.first, len(self.layers)), _NONE))
 
     def lookup(self, parent: Entry, name: bytes) -> Entry | None:
+        if self.aufs and whiteout.is_aufs_marker(name):
+            return None
         dirs = parent.dirs
         if dirs and dirs[0] < self.first:  # the upper layer is not ours to ask
             dirs = dirs[1:]
         path = join(parent.path, name)
         return stack(path, self.found(path, dirs, parent.xattr_whiteouts))
 
+    def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
+        """Merged listing of directory ``entry`` (see :func:`merged_listing`), markers read as in lookups."""
+        return merged_listing(self.layers, self.formats, entry, self.markers_from)
 
-def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...],
-                   entry: Entry) -> dict[bytes, tuple[int, int]]:
+
+def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...], entry: Entry,
+                   markers_from: int | None = None) -> dict[bytes, tuple[int, int]]:
     """Merged listing of directory ``entry``: name -> (layer index, d_type as stat S_IFMT bits).
 
     Names are deduplicated top-down; whiteouts hide names below them; the order is the top layer first, then
-    each one beneath in turn, each in the order its directory returned them.
+    each one beneath in turn, each in the order its directory returned them. In the layers from index
+    ``markers_from`` on (none when None), AUFS markers are never listed, and ``.wh.NAME`` hides NAME in the
+    layers beneath its own.
     """
     out: dict[bytes, tuple[int, int]] = {}
     hidden: set[bytes] = set()
+    if markers_from is None:
+        markers_from = len(layers)
     for i in entry.dirs:
         layer = layers[i]
         check_xattr = i in entry.xattr_whiteouts
+        aufs = i >= markers_from
+        deleted: list[bytes] = []  # by this layer's markers: hidden beneath it, not in it
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
         except OSError as exc:
@@ -232,6 +261,11 @@ def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...],
             with os.scandir(fd) as it:
                 for de in it:
                     name = os.fsencode(de.name)
+                    if aufs and name.startswith(AUFS_PREFIX):
+                        target = whiteout.aufs_hidden_name(name)
+                        if target is not None:
+                            deleted.append(target)
+                        continue
                     if name in out or name in hidden:
                         continue
                     if de.is_dir(follow_symlinks=False):
@@ -254,6 +288,7 @@ def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...],
                     out[name] = (i, stat.S_IFMT(st.st_mode))
         finally:
             os.close(fd)
+        hidden.update(deleted)
     return out
 
 
@@ -282,7 +317,7 @@ class Stack:
             #: xattr prefixes hidden (escaped) in the merged view
             self.private_prefixes: tuple[bytes, ...] = tuple(f.prefix for f in self.read_formats)
             self._first_lower = 1 if writable else 0
-            self.probing = Probing(self.layers, self._first_lower, self.read_formats)
+            self.probing = Probing(self.layers, self._first_lower, self.read_formats, aufs)
             self.lowers: LowerSource = self.probing if lowers is None else lowers(self.probing)
         except BaseException:
             self.close()
@@ -358,7 +393,7 @@ class Stack:
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
         """Merged listing of a directory (see :func:`merged_listing`)."""
-        return merged_listing(self.layers, self.read_formats, entry)
+        return self.probing.listdir(entry)
 
 
 def check_name(name: bytes) -> None:

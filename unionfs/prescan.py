@@ -2,12 +2,13 @@
 as through one.
 
 Without it a lookup probes every lower layer that holds the parent directory (one ``lstat``, and for a
-directory one xattr read, per layer), as the kernel does: its cost grows with the number of layers.  With it
-the merged view of the lower layers is walked once at mount, through the probing source itself
-(:class:`~unionfs.layers.Probing` and :func:`~unionfs.layers.merged_listing`), and kept as a table: merged
-path -> where the object lives (the layer of a non-directory, or a directory's contributing layers and
-markers).  A lookup then consults the upper layer (one ``lstat``), the table, and stats the one lower object
-it names.
+directory one xattr read, per layer; with ``-o aufs_markers`` also one ``access`` per layer missing the name
+and per lower directory), as the kernel does: its cost grows with the number of layers.  With it the merged
+view of the lower layers is walked once at mount, through the probing source itself
+(:meth:`~unionfs.layers.Probing.lookup` and :meth:`~unionfs.layers.Probing.listdir`, AUFS markers read as
+there), and kept as a table: merged path -> where the object lives (the layer of a non-directory, or a
+directory's contributing layers and markers).  A lookup then consults the upper layer (one ``lstat``), the
+table, and stats the one lower object it names.
 
 Lower layers must not change while mounted (overlayfs requires the same); with this option a name added to a
 lower layer after the mount stays unseen until the next mount.  Memory: about 100 bytes per lower path.
@@ -19,7 +20,7 @@ import dataclasses
 import stat
 from collections.abc import Callable
 
-from .layers import ROOT, Entry, Probing, join, merged_listing
+from .layers import ROOT, Entry, Probing, join
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,7 +67,7 @@ class Prescanned:
 
     def _scan(self, parent: Entry, todo: list[Entry]) -> None:
         probing = self.probing
-        for name, (layer, ftype) in merged_listing(probing.layers, probing.formats, parent).items():
+        for name, (layer, ftype) in probing.listdir(parent).items():
             path = join(parent.path, name)
             if ftype != stat.S_IFDIR:
                 self.paths[path] = layer

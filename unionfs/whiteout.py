@@ -3,12 +3,18 @@
 Whiteouts: a character device 0/0 (what the kernel writes), or (kernel 6.7+) an empty regular file carrying
 the ``overlay.whiteout`` xattr inside a directory marked ``overlay.opaque=x``.  Opaque directories carry
 ``overlay.opaque=y``.  The xattr namespace is ``trusted.`` normally and ``user.`` with ``-o userxattr``.
+
+AUFS-style markers, honoured in lower layers only when asked (``-o aufs_markers``; never written): a name
+``.wh.NAME`` deletes NAME from the layers beneath its own, and ``.wh..wh..opq`` makes its directory opaque.
+Every name starting with ``.wh.`` in such a layer is a marker (``.wh..wh.*`` ones are AUFS's own metadata),
+never an entry of the merged view.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import os
 import stat
 
@@ -88,6 +94,76 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrForma
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
     return any(xattrs.get(path, fmt.whiteout) is not None for fmt in formats)
+
+
+#: the longest file name, and the longest path one system call takes (the kernel's PATH_MAX minus the NUL)
+NAME_MAX = 255
+PATH_MAX = 4095
+
+#: the prefix of every AUFS marker, and of the markers that are AUFS's own metadata (not whiteouts)
+AUFS_PREFIX = b".wh."
+AUFS_META_PREFIX = b".wh..wh."
+#: the marker making its directory opaque
+AUFS_OPAQUE = b".wh..wh..opq"
+
+#: what a failed lookup of a marker's parent may say when it is simply not there
+_ABSENT = (errno.ENOENT, errno.ENOTDIR)
+
+
+def is_aufs_marker(name: bytes) -> bool:
+    """Whether ``name`` is an AUFS marker (never an entry, in a layer whose markers are read)."""
+    return name.startswith(AUFS_PREFIX)
+
+
+def aufs_hidden_name(marker: bytes) -> bytes | None:
+    """The name an AUFS marker deletes from the layers beneath its own (None for AUFS metadata such as
+    ``.wh..wh..opq`` or ``.wh..wh.plnk``)."""
+    if marker.startswith(AUFS_META_PREFIX):
+        return None
+    return marker[len(AUFS_PREFIX) :]
+
+
+def aufs_whiteout_path(path: bytes) -> bytes:
+    """The path of the marker ``.wh.NAME`` that deletes ``path`` (``parent/NAME``, or ``NAME`` in the root)."""
+    head, sep, name = path.rpartition(b"/")
+    return head + sep + AUFS_PREFIX + name
+
+
+#: what a lookup shows of an AUFS whiteout: the stat of a kernel whiteout (character device 0/0, mode 0), as
+#: whose equal it counts
+AUFS_WHITEOUT_STAT = os.stat_result((stat.S_IFCHR, 0, 0, 1, 0, 0, 0, 0, 0, 0))
+
+
+def has_aufs_marker(dir_fd: int, marker: bytes) -> bool:
+    """Whether marker ``marker`` (a path relative to the layer ``dir_fd``; any type, not followed) exists.
+    One system call, and no exception when it does not (the common answer); an error asking counts as no
+    marker, as access(2) tells no more. A path longer than PATH_MAX is reached through its parent's
+    descriptor."""
+    if len(marker) <= PATH_MAX:
+        return os.access(marker, os.F_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False)
+    parent, _, name = marker.rpartition(b"/")
+    if len(name) > NAME_MAX:
+        return False
+    try:
+        pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return False
+        raise
+    try:
+        return os.access(name, os.F_OK, dir_fd=pfd, effective_ids=True, follow_symlinks=False)
+    finally:
+        os.close(pfd)
+
+
+def has_aufs_opaque(dir_fd: int, path: bytes) -> bool:
+    """Whether directory ``path`` of the layer ``dir_fd`` holds ``.wh..wh..opq`` (it is opaque)."""
+    return has_aufs_marker(dir_fd, AUFS_OPAQUE if path == b"." else path + b"/" + AUFS_OPAQUE)
+
+
+def with_opaque(marks: DirMarks) -> DirMarks:
+    """``marks`` of a directory that is also opaque."""
+    return OPAQUE if marks is NO_MARKS else DirMarks(True, marks.xwhiteouts)
 
 
 def make_whiteout(name: bytes, dir_fd: int) -> None:

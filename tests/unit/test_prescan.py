@@ -1,6 +1,6 @@
 """``-o prescan``: lookups answered from a table of the lower layers made at mount must resolve exactly as the
-probing lookups do, over random stacks with whiteouts (both kinds), opaque directories and type conflicts,
-before and after changes in the upper layer."""
+probing lookups do, over random stacks with whiteouts (both kinds, and AUFS markers with ``aufs``), opaque
+directories and type conflicts, before and after changes in the upper layer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, Env, Symlink, as_nobody, readable_layers
 
@@ -19,9 +19,11 @@ from unionfs.prescan import Prescanned
 from unionfs.whiteout import XattrFormat
 
 NAMES = ["a", "b"]
+#: AUFS markers: whiteouts of the names above, the opaque marker, and AUFS metadata (only a name, to hide)
+AUFS_NAMES = [".wh.a", ".wh.b", ".wh..wh..opq", ".wh..wh.plnk"]
 
 
-def _node(depth: int, xw_ok: bool) -> st.SearchStrategy[Any]:
+def _node(depth: int, xw_ok: bool, names: list[str]) -> st.SearchStrategy[Any]:
     leaves: list[st.SearchStrategy[Any]] = [st.sampled_from(["f1", "f2"]), st.just(WHITEOUT),
                                             st.just(Symlink("t"))]
     if xw_ok:
@@ -29,17 +31,22 @@ def _node(depth: int, xw_ok: bool) -> st.SearchStrategy[Any]:
     leaf = st.one_of(*leaves)
     if depth == 0:
         return leaf
-    return st.one_of(_dir(depth - 1), _dir(depth - 1), leaf)  # directories twice as often: they make the cases
+    # directories twice as often: they make the cases
+    return st.one_of(_dir(depth - 1, names), _dir(depth - 1, names), leaf)
 
 
-def _dir(depth: int) -> st.SearchStrategy[Dir]:
+def _dir(depth: int, names: list[str] = NAMES) -> st.SearchStrategy[Dir]:
     """A directory, plain, opaque, or holding xattr whiteouts (the two markers share one xattr)."""
+    size = 2 if names is NAMES else 4
     return st.sampled_from(["plain", "opaque", "xw"]).flatmap(
-        lambda kind: st.dictionaries(st.sampled_from(NAMES), _node(depth, kind == "xw"), max_size=2).map(
+        lambda kind: st.dictionaries(st.sampled_from(names), _node(depth, kind == "xw", names), max_size=size).map(
             lambda ch: Dir(ch, opaque=kind == "opaque", xwhiteouts=kind == "xw")))
 
 
-LAYER = st.dictionaries(st.sampled_from(NAMES), _node(2, False), min_size=1, max_size=2)
+LAYER = st.dictionaries(st.sampled_from(NAMES), _node(2, False, NAMES), min_size=1, max_size=2)
+#: a layer whose directories may hold AUFS markers (and, in an upper layer, ordinary files of those names)
+AUFS_LAYER = st.dictionaries(st.sampled_from(NAMES + AUFS_NAMES), _node(2, False, NAMES + AUFS_NAMES),
+                             min_size=1, max_size=4)
 
 
 def _describe(entry: Entry | None) -> Any:
@@ -49,31 +56,41 @@ def _describe(entry: Entry | None) -> Any:
             entry.opaque)
 
 
-def _all_resolutions(stack: Stack) -> dict[bytes, Any]:
-    """Every path a walk over the given stack reaches by lookup of every candidate name, with its Entry."""
+def _all_resolutions(stack: Stack, names: list[str] = NAMES) -> dict[bytes, Any]:
+    """Every path a walk over the given stack reaches by lookup of every candidate name, with its Entry; the
+    merged listing of each directory reached must name exactly the candidates that resolve, with their types."""
     out: dict[bytes, Any] = {ROOT: _describe(stack.root())}
     todo = [stack.root()]
     while todo:
         parent = todo.pop()
-        for name in (n.encode() for n in NAMES):
+        resolved: dict[bytes, int] = {}
+        for name in (n.encode() for n in names):
             child = stack.lookup(parent, name)
             out[join(parent.path, name)] = _describe(child)
             below = stack.below_upper(parent, name)
             out[join(parent.path, name) + b" (below upper)"] = _describe(below)
-            if child is not None and child.is_dir:
-                todo.append(child)
+            if child is not None:
+                resolved[name] = stat.S_IFMT(child.st.st_mode)
+                if child.is_dir:
+                    todo.append(child)
+        listed = {name: ftype for name, (_layer, ftype) in stack.listdir(parent).items()}
+        assert listed == resolved, (parent.path, listed, resolved)
     return out
 
 
-def _compare(env: Env) -> None:
-    assert env.stack.lowers is env.stack.probing
-    probed = _all_resolutions(env.stack)
-    table = Stack(env.layer_dirs, env.stack.writable, env.stack.fmt, lowers=Prescanned)
+def _compare(env: Env, aufs: bool = False) -> None:
+    names = NAMES + AUFS_NAMES if aufs else NAMES
+    probing = Stack(env.layer_dirs, env.stack.writable, env.stack.fmt, aufs=True) if aufs else env.stack
+    table = Stack(env.layer_dirs, env.stack.writable, env.stack.fmt, lowers=Prescanned, aufs=aufs)
     try:
+        assert probing.lowers is probing.probing
+        probed = _all_resolutions(probing, names)
         assert isinstance(table.lowers, Prescanned) and len(table.lowers) >= 1
-        assert _all_resolutions(table) == probed
+        assert _all_resolutions(table, names) == probed
     finally:
         table.close()
+        if probing is not env.stack:
+            probing.close()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -84,6 +101,21 @@ def test_prescanned_lookups_resolve_as_probing_ones(upper: dict[str, Any], lower
         env = Env(Path(tmp) / "env", upper, lowers, writable=writable)
         try:
             _compare(env)
+        finally:
+            env.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(upper=AUFS_LAYER, lowers=st.lists(AUFS_LAYER, min_size=1, max_size=3), writable=st.booleans())
+@example(upper={".wh.a": "f1"}, lowers=[{".wh.a": "f1"}, {"a": "f2"}], writable=True)  # an upper name like a marker
+@example(upper={"a": {}}, lowers=[{"a": {".wh..wh..opq": "f1", ".wh.b": WHITEOUT}}, {"a": {"b": "f1", "a": "f1"}}],
+         writable=True)
+def test_prescanned_lookups_resolve_as_probing_ones_with_aufs_markers(
+        upper: dict[str, Any], lowers: list[dict[str, Any]], writable: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="unionfs-prescan-aufs-") as tmp:
+        env = Env(Path(tmp) / "env", upper, lowers, writable=writable)
+        try:
+            _compare(env, aufs=True)
         finally:
             env.close()
 
