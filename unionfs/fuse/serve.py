@@ -66,6 +66,12 @@ def _stderr_captured() -> Iterator[list[str]]:
             lines += f.read(65536).decode(errors="replace").splitlines()
 
 
+def libfuse_options(options: set[str]) -> set[str]:
+    """``options`` as libfuse reads them: it splits every ``-o`` argument on commas, a backslash escaping a
+    comma or a backslash (``fsname=a\\,b`` is the source ``a,b``)."""
+    return {opt.replace("\\", "\\\\").replace(",", "\\,") for opt in options}
+
+
 def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int | None = None,
           mask: set[int | signal.Signals] | None = None) -> None:
     """Serve ``prepared`` until unmounted or signalled; always leaves the mountpoint clean.
@@ -82,7 +88,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     if mask is None:
         mask = blocked
-    options = fuse_options(prepared.spec)
+    options = libfuse_options(fuse_options(prepared.spec))
     if device is not None:
         try:
             pyfuse3.init(ops, f"/dev/fd/{device}", options)
