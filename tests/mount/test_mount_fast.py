@@ -156,9 +156,21 @@ def test_regression_server_writes_its_pid_file_without_waiting_for_its_own_mount
     assert who.read(layers.mnt / "bottom.txt") == "from l2\n"
 
 
-def test_fusermount_unmount_ends_the_server(layers: Layers, mounts: Mounts, who: Who) -> None:
+def test_umount_while_the_server_starts(layers: Layers, mounts: Mounts, who: Who) -> None:
+    """``unionfs umount`` right after the mount, while the server still loads pyfuse3: unmounted, and the
+    server (which then finds the connection gone) has exited when it returns."""
     pid = _mount(who, mounts, layers)
-    assert who.read(layers.mnt / "top.txt") == "from l1\n"
+    r = who.cli("umount", layers.mnt)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert not is_mounted(layers.mnt)
+    assert not pid_alive(pid), "unionfs umount returned before the server exited"
+
+
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_fusermount_unmount_ends_the_server(layers: Layers, mounts: Mounts, who: Who, when: str) -> None:
+    pid = _mount(who, mounts, layers)
+    if when == "serving":
+        assert who.read(layers.mnt / "top.txt") == "from l1\n"
     r = who.run("fusermount3", "-u", layers.mnt)
     assert r.returncode == 0, r.stderr
     assert wait_pid_exit(pid), "the server did not exit after fusermount3 -u"
