@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import cleanup_mounts_under, cpu_model, is_mounted, tool_version  # noqa: E402  (bench/ is no package)
+from run import cleanup_mounts_under, cpu_model, is_mounted, short_reason, tool_version  # noqa: E402  (no package)
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ("unionfs mount", "unionfs -o", "fuse-overlayfs")
@@ -99,7 +99,7 @@ def wait_exit(pid: int | None) -> None:
 def unmount(command: str, mnt: Path, repo: Path) -> None:
     """Unmount ``mnt`` and wait for its server to exit (so that it does not run into the next measurement)."""
     if command.startswith("unionfs"):
-        subprocess.run([sys.executable, "-m", "unionfs", "umount", str(mnt)], env=unionfs_env(repo),
+        subprocess.run([sys.executable, "-m", "unionfs", "umount", str(mnt)], env=unionfs_env(repo), cwd=repo,
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
     else:
         pid = fuse_overlayfs_pid(mnt)
@@ -130,12 +130,13 @@ def measure_once(command: str, root: Path, lowers: list[Path], run: int, repo: P
     argv = argv_of(command, opts, mnt)
     try:
         start = time.perf_counter()
-        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        # (run from the repository: ``python -m`` looks in the working directory first)
+        proc = subprocess.run(argv, env=env, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, timeout=DEADLINE)
         exited = time.perf_counter()
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"exit status {proc.returncode}: {err[-1] if err else ''}")
+            raise RuntimeError(short_reason(f"exit status {proc.returncode}: {err[-1] if err else ''}"))
         if not is_mounted(mnt):
             raise RuntimeError("the command exited before the mount was in the mount table")
         os.stat(mnt / PROBE)

@@ -212,16 +212,30 @@ def test_refused_mount_is_one_line_and_leaves_nothing_mounted(layers: Layers, mo
     assert snapshot(layers.l1, layers.l2, layers.upper) == before
 
 
-#: a module that shadows pyfuse3 for the server: its import fails
-SHADOW = 'raise ImportError("pyfuse3 shadowed by the test")\n'
+#: modules that shadow pyfuse3 for the server: the import fails; the real pyfuse3 loads but its init fails
+SHADOWS = {
+    "import": 'raise ImportError("pyfuse3 shadowed by the test")\n',
+    "init": """\
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+del sys.modules[__name__]
+import pyfuse3 as real
+def init(*args, **kwargs):
+    raise RuntimeError("pyfuse3 shadowed by the test: init failed")
+real.init = init
+sys.modules[__name__] = real
+""",
+}
 
 
-def test_server_that_fails_to_start_leaves_no_mount(layers: Layers, mounts: Mounts, who: Who) -> None:
-    """The command has mounted (and returned 0) before the server loads pyfuse3; when that import fails, the
-    server detaches the mount, says why in its log, and exits."""
+@pytest.mark.parametrize("fails", sorted(SHADOWS))
+def test_server_that_fails_to_start_leaves_no_mount(layers: Layers, mounts: Mounts, who: Who, fails: str) -> None:
+    """The command has mounted (and returned 0) before the server loads pyfuse3; when that import, or
+    pyfuse3.init on the device, fails, the server detaches the mount, says why in its log, and exits."""
     shadow = layers.base / "shadow"
     shadow.mkdir()
-    (shadow / "pyfuse3.py").write_text(SHADOW)
+    (shadow / "pyfuse3.py").write_text(SHADOWS[fails])
     os.chmod(shadow, 0o755)
     log = layers.base / "server.log"
     env = dict(os.environ)
@@ -229,8 +243,8 @@ def test_server_that_fails_to_start_leaves_no_mount(layers: Layers, mounts: Moun
     mounts.points.append(layers.mnt)
     r = who.cli("mount", "--log", log, "-o", layers.opts(), layers.mnt, env=env)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr  # (so the command did not load pyfuse3 itself)
-    wait_unmounted(layers.mnt)
-    wait_until(lambda: who.pid(layers.mnt) is None, "the failed server's pid file to go")
+    wait_until(lambda: who.pid(layers.mnt) is None, "the failed server's pid file to go")  # (its last act)
+    assert not is_mounted(layers.mnt)
     text = log.read_text()
     assert "pyfuse3 shadowed by the test" in text, text
     assert "detached the mount" in text, text

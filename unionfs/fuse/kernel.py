@@ -39,7 +39,7 @@ class Refused(MountError):
 
 
 def mount_fuse(mountpoint: str, options: Iterable[str]) -> int:
-    """Mount FUSE on ``mountpoint`` (an absolute path) with ``options`` (as :func:`unionfs.fuse.server.fuse_options`
+    """Mount FUSE on ``mountpoint`` (an absolute path) with ``options`` (as :func:`unionfs.fuse.prepare.fuse_options`
     gives them: ``fsname=``, ``subtype=``, ``allow_other``, ``allow_root``, ``default_permissions``, ``ro``,
     ``noatime``/``atime``); returns the open ``/dev/fuse`` descriptor (close-on-exec) the server must read.
 

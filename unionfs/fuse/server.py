@@ -232,33 +232,34 @@ def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Si
     serves, it detaches the mount, so that no mount without a server stays behind, and logs why."""
     spec, mountpoint = prepared.spec, prepared.mountpoint
     code = 0
-    serving = False
+    serving: list[bool] = []  # (set once pyfuse3 has the device and the loop starts)
     try:
         os.setsid()
-        with _pidfile(pid_paths):
+        _detach_stdio()  # (first: whoever reads the command's output sees its end once the command exits)
+        with _pidfile(pid_paths):  # (removed last: `unionfs umount` waits for the server while it exists)
             os.write(report, b"ok\n")
             os.close(report)
             report = -1
-            _detach_stdio()
-            setup_logging(False, spec.debug, log_file)
-            if prepared.stale:
-                log.info("removed %d stale entries from the work directory", prepared.stale)
-            from .serve import serve
+            try:
+                setup_logging(False, spec.debug, log_file)
+                if prepared.stale:
+                    log.info("removed %d stale entries from the work directory", prepared.stale)
+                from .serve import serve
 
-            serving = True
-            serve(prepared, device=device, mask=mask)
+                serve(prepared, lambda: serving.append(True), device=device, mask=mask)
+            except BaseException:
+                code = 1
+                log.exception("server failed")
+                if not serving:
+                    with contextlib.suppress(OSError):
+                        os.close(device)
+                    kernel.detach(mountpoint)
+                    log.error("%s: detached the mount, which nobody serves", mountpoint)
     except BaseException as exc:
         code = 1
         if report >= 0:  # the parent still waits: it reports, and removes the mount
             with contextlib.suppress(OSError):
                 os.write(report, f"error: {exc}\n".encode())
-        else:
-            log.exception("server failed")
-            if not serving:
-                with contextlib.suppress(OSError):
-                    os.close(device)
-                kernel.detach(mountpoint)
-                log.error("%s: detached the mount, which nobody serves", mountpoint)
     finally:
         os._exit(code)
 
