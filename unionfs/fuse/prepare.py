@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,6 +22,9 @@ from ..preflight import WorkdirLock, check
 from ..union import Union, default_format
 
 log = logging.getLogger("unionfs")
+
+#: the signals that make a server unmount and exit
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def fuse_options(spec: MountSpec) -> set[str]:

@@ -22,11 +22,9 @@ import trio
 from ..preflight import MountError
 from . import errors, kernel
 from .operations import Operations
-from .prepare import Mount, fuse_options
+from .prepare import SIGNALS, Mount, fuse_options
 
 log = logging.getLogger("unionfs")
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> None:

@@ -24,9 +24,9 @@ from .. import mountinfo
 from ..options import MountSpec
 from ..preflight import MountError
 from . import kernel
+from .prepare import SIGNALS, prescan_display
 from .prepare import Mount as Mount
 from .prepare import fuse_options as fuse_options
-from .prepare import prescan_display
 
 log = logging.getLogger("unionfs")
 
@@ -42,6 +42,7 @@ def __getattr__(name: str) -> Any:
     if name in ("pyfuse3", "trio"):
         return importlib.import_module(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def runtime_dirs() -> list[str]:
     """Where servers leave their pid files (so ``unionfs umount`` can wait for the server to exit), in order
@@ -191,7 +192,7 @@ def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
     behind and nobody to serve or remove it."""
     spec, mountpoint = prepared.spec, prepared.mountpoint
     pid_paths = pid_files(mountpoint)  # (before the mount: resolving the path then would wait for the server)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         try:
             device = kernel.mount_fuse(mountpoint, fuse_options(spec))
@@ -220,9 +221,6 @@ def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
         raise MountError(msg.strip().removeprefix("error: ") or "the server exited before it started")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Signals],
