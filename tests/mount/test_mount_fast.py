@@ -290,6 +290,16 @@ def test_regression_fsname_with_a_comma(layers: Layers, mounts: Mounts, who: Who
     assert who.cli("umount", layers.mnt).returncode == 0
 
 
+def test_regression_fsname_not_ascii(layers: Layers, mounts: Mounts, who: Who) -> None:
+    # The server gave pyfuse3.init the fsname, which pyfuse3 encodes as ASCII: the server failed once mounted
+    # (and removed the mount) although the command had succeeded.
+    _mount(who, mounts, layers, "fsname=ünion")
+    m = mount_of(layers.mnt)
+    assert m is not None and m.source == "ünion"
+    assert who.read(layers.mnt / "top.txt") == "from l1\n"
+    assert who.cli("umount", layers.mnt).returncode == 0
+
+
 def test_regression_fsname_with_a_comma_in_the_foreground(layers: Layers, mounts: Mounts) -> None:
     # (the same, where libfuse mounts)
     p = mounts.foreground(layers.opts("fsname=my\\,stack"), layers.mnt)

@@ -88,8 +88,10 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
         mask = blocked
     options = libfuse_options(fuse_options(prepared.spec))
     if device is not None:
+        # (the mount is made: libfuse ignores the options that name it, and pyfuse3 takes ASCII options only)
+        session = {opt for opt in options if not opt.startswith(("fsname=", "subtype="))}
         try:
-            pyfuse3.init(ops, f"/dev/fd/{device}", options)
+            pyfuse3.init(ops, f"/dev/fd/{device}", session)
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             raise
