@@ -310,3 +310,18 @@ def test_regression_fsname_with_a_comma_in_the_foreground(layers: Layers, mounts
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert p.wait(30) == 0
+
+
+def test_allow_root_turns_away_other_users(layers: Layers, mounts: Mounts, who: Who) -> None:
+    """allow_root is allow_other in the kernel, the server itself turning away all but root and the owner (it
+    is told so at its start, the mount being made before)."""
+    if who.ordinary:
+        pytest.skip("allow_root needs user_allow_other in /etc/fuse.conf for an ordinary user")
+    _mount(who, mounts, layers, "allow_root")
+    m = mount_of(layers.mnt)
+    assert m is not None and "allow_other" in m.super_opts
+    assert (layers.mnt / "top.txt").read_text() == "from l1\n"
+    other = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "cat",
+                            str(layers.mnt / "top.txt")], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "Permission denied" in other.stderr, other.stderr
+    assert who.cli("umount", layers.mnt).returncode == 0
