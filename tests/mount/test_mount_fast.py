@@ -325,3 +325,30 @@ def test_allow_root_turns_away_other_users(layers: Layers, mounts: Mounts, who: 
                             str(layers.mnt / "top.txt")], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0 and "Permission denied" in other.stderr, other.stderr
     assert who.cli("umount", layers.mnt).returncode == 0
+
+
+# -- the options of the mount made without libfuse (nothing mounted) -------------------------------------------
+
+
+def test_kernel_mount_options() -> None:
+    from unionfs.fuse import kernel
+
+    opts = {"fsname=my,stack", "subtype=unionfs", "default_permissions", "allow_root", "noatime", "ro",
+            "context=system_u:object_r:container_file_t:s0"}
+    assert kernel.kernel_options(opts) == ["allow_other", "context=system_u:object_r:container_file_t:s0",
+                                           "default_permissions"]
+    assert kernel.fusermount_options(opts) == (
+        "ro,nosuid,nodev,noatime,allow_other,context=system_u:object_r:container_file_t:s0,default_permissions,"
+        "fsname=my\\,stack,subtype=unionfs")
+    assert kernel.fusermount_options({"atime", "fsname=a\\b"}) == "rw,nosuid,nodev,fsname=a\\\\b"
+
+
+def test_options_without_a_kernel_mount_keep_libfuse() -> None:
+    """auto_unmount, and any option the kernel mount does not know, go to libfuse's mount (not dropped)."""
+    from unionfs.fuse import kernel
+
+    assert kernel.can_mount({"fsname=unionfs", "subtype=unionfs", "default_permissions", "allow_other", "atime"})
+    assert not kernel.can_mount({"fsname=unionfs", "auto_unmount"})
+    assert not kernel.can_mount({"fsname=unionfs", "max_read=4096"})
+    with pytest.raises(ValueError, match="without libfuse"):
+        kernel.mount_fuse("/nowhere", {"auto_unmount"})

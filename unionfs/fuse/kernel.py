@@ -28,10 +28,26 @@ FUSERMOUNT = "fusermount3"
 #: the variable that tells fusermount3 which of its descriptors is the socket to send the device over
 COMMFD_VAR = "_FUSE_COMMFD"
 
-#: options the kernel's FUSE driver takes in the mount data (the rest are flags or named elsewhere)
+#: options the kernel takes in the mount data as they are (the FUSE driver's, and the security modules')
 _KERNEL_OPTIONS = frozenset({"default_permissions", "allow_other"})
-#: options that are mount(2) flags
-_FLAGS = {"ro": _sys.MS_RDONLY, "noatime": _sys.MS_NOATIME}
+_KERNEL_VALUES = ("context=", "fscontext=", "defcontext=", "rootcontext=")
+#: options that are mount(2) flags (``rw`` and ``atime``: the absence of one)
+_FLAGS = {"ro": _sys.MS_RDONLY, "rw": 0, "noatime": _sys.MS_NOATIME, "atime": 0}
+#: options that name the mount: its source and its type
+_NAMES = ("fsname=", "subtype=")
+
+
+def _unknown(opts: Iterable[str]) -> list[str]:
+    return sorted(opt for opt in opts if opt not in _KERNEL_OPTIONS and opt not in _FLAGS
+                  and opt != "allow_root" and not opt.startswith(_KERNEL_VALUES + _NAMES))
+
+
+def can_mount(options: Iterable[str]) -> bool:
+    """Whether :func:`mount_fuse` can make a mount with ``options``: not with ``auto_unmount``, nor with an
+    option it does not know (which it would otherwise drop unseen; libfuse's mount, slower to start, takes
+    them)."""
+    opts = set(options)
+    return "auto_unmount" not in opts and not _unknown(opts)
 
 
 class Refused(MountError):
@@ -45,12 +61,12 @@ def mount_fuse(mountpoint: str, options: Iterable[str]) -> int:
 
     ``allow_root`` becomes ``allow_other`` in the kernel: the server itself turns away everyone but root and the
     owner (libfuse's allow_root, given to the session). ``auto_unmount`` cannot be had here: it needs fusermount3
-    to stay alive beside the server, which only libfuse arranges.
+    to stay alive beside the server, which only libfuse arranges (see :func:`can_mount`).
 
     :class:`Refused` (a MountError saying why in one line) when the mount is refused."""
     opts = set(options)
-    if "auto_unmount" in opts:
-        raise ValueError("auto_unmount needs libfuse's mount (fusermount3 staying beside the server)")
+    if not can_mount(opts):
+        raise ValueError(f"cannot mount with the FUSE options {', '.join(sorted(opts))} without libfuse")
     try:
         fd = _mount_syscall(mountpoint, opts)
     except PermissionError:  # not allowed to mount here: the helper may be
@@ -66,8 +82,11 @@ def _named(opts: set[str], key: str, default: str) -> str:
     return default
 
 
-def _kernel_options(opts: set[str]) -> list[str]:
-    kernel = {"allow_other" if opt == "allow_root" else opt for opt in opts if opt in _KERNEL_OPTIONS | {"allow_root"}}
+def kernel_options(opts: set[str]) -> list[str]:
+    """What of ``opts`` goes into the kernel's mount data (after ``fd=``, ``rootmode=``, ``user_id=``,
+    ``group_id=``)."""
+    kernel = {"allow_other" if opt == "allow_root" else opt for opt in opts
+              if opt in _KERNEL_OPTIONS or opt == "allow_root" or opt.startswith(_KERNEL_VALUES)}
     return sorted(kernel)
 
 
@@ -85,7 +104,7 @@ def _mount_syscall(mountpoint: str, opts: set[str]) -> int:
     except OSError as exc:
         raise Refused(f"mounting {mountpoint} failed: cannot open {FUSE_DEVICE}: {exc.strerror}") from None
     data = ",".join([f"fd={fd}", f"rootmode={stat.S_IFMT(root.st_mode):o}", f"user_id={os.getuid()}",
-                     f"group_id={os.getgid()}", *_kernel_options(opts)])
+                     f"group_id={os.getgid()}", *kernel_options(opts)])
     subtype = _named(opts, "subtype", "")
     fstype = "fuse." + subtype if subtype else "fuse"
     source = _named(opts, "fsname", subtype or FUSE_DEVICE)
@@ -110,7 +129,7 @@ def fusermount_options(opts: set[str]) -> str:
     words = ["ro" if "ro" in opts else "rw", "nosuid", "nodev"]
     if "noatime" in opts:
         words.append("noatime")
-    words += _kernel_options(opts)
+    words += kernel_options(opts)
     for key in ("fsname", "subtype"):
         value = _named(opts, key, "")
         if value:

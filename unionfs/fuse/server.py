@@ -115,7 +115,8 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     forks the server, and returns as soon as the server has its pid file: pyfuse3 and trio, slow to import,
     load in the server only, while the kernel holds the first requests until the server answers. Two cases
     keep libfuse's own mount, made by the server: the foreground (``-f``, ``-d``), and ``auto_unmount``,
-    which needs the fusermount3 that libfuse starts to stay alive beside the server."""
+    which needs the fusermount3 that libfuse starts to stay alive beside the server (and any FUSE option
+    :func:`unionfs.fuse.kernel.can_mount` does not know)."""
     mountpoint = os.path.abspath(mountpoint)  # the server changes to / before serving
     if log_file:
         log_file = os.path.abspath(log_file)  # (likewise)
@@ -135,10 +136,10 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
             with _pidfile(pid_files(mountpoint)):
                 serve(prepared)
             return
-        if spec.auto_unmount:
-            _serve_in_background(prepared, log_file)
-        else:
+        if kernel.can_mount(fuse_options(spec)):
             _mount_then_serve(prepared, log_file)
+        else:  # (auto_unmount)
+            _serve_in_background(prepared, log_file)
     finally:
         os.umask(caller_umask)  # (in the parent: the server has its own)
 
