@@ -1,36 +1,47 @@
-"""Mount, serve and unmount: daemonizing, readiness, signals, and the pyfuse3 option set.
+"""Mount, serve and unmount: the mount API, daemonizing, readiness, pid files and logging.
 
 :func:`mount` is the one way to mount a :class:`MountSpec`; ``unionfs mount`` and ``unionfs snapshot mount``
-both call it. Importing this module loads pyfuse3 and trio: the commands import it only to mount or unmount.
+both call it. In the background (the default) the command makes the FUSE mount itself
+(:mod:`unionfs.fuse.kernel`) and forks the server, which loads pyfuse3 and trio and serves the mounted device:
+the command returns once the mount is in place, without waiting for those imports (requests made meanwhile
+wait in the kernel). This module does not load pyfuse3 or trio at its import; :mod:`unionfs.fuse.serve` does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import importlib
 import logging
-import logging.handlers
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-import pyfuse3
-import trio
-
-from .. import mountinfo, prescan
-from ..copyup import Workdir
-from ..layers import Stack
+from .. import mountinfo
 from ..options import MountSpec
-from ..preflight import MountError, WorkdirLock, check
-from ..union import Union, default_format
-from . import errors
-from .operations import Operations
+from ..preflight import MountError
+from . import kernel
+from .prepare import SIGNALS, prescan_display
+from .prepare import Mount as Mount
+from .prepare import fuse_options as fuse_options
 
 log = logging.getLogger("unionfs")
+
+try:  # (the built-in SHA-256: hashlib loads OpenSSL first, which takes longer than the rest of this module)
+    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
+except ImportError:
+    from hashlib import sha256 as _sha256
+
+
+def __getattr__(name: str) -> Any:
+    """``pyfuse3`` and ``trio``, as attributes of this module, load when first asked for: the server uses them
+    (:mod:`unionfs.fuse.serve`), the command that mounts must not wait for them."""
+    if name in ("pyfuse3", "trio"):
+        return importlib.import_module(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def runtime_dirs() -> list[str]:
@@ -49,7 +60,7 @@ def pid_files(mountpoint: str) -> list[str]:
 
 
 def _pid_paths(real_mountpoint: str) -> list[str]:
-    digest = hashlib.sha256(os.fsencode(real_mountpoint)).hexdigest()[:24]
+    digest = _sha256(os.fsencode(real_mountpoint)).hexdigest()[:24]
     return [os.path.join(d, digest + ".pid") for d in runtime_dirs()]
 
 
@@ -57,172 +68,6 @@ def pid_file(mountpoint: str) -> str:
     """The pid file of the server of ``mountpoint``: the one that exists, else where it would be written."""
     candidates = pid_files(mountpoint)
     return next((p for p in candidates if os.path.exists(p)), candidates[0])
-
-
-def fuse_options(spec: MountSpec) -> set[str]:
-    opts = {"fsname=" + spec.fsname, "subtype=unionfs", "default_permissions"}
-    if spec.allow_root:
-        opts.add("allow_root")
-    elif spec.allow_other or (spec.allow_other is None and os.geteuid() == 0):
-        opts.add("allow_other")
-    if spec.auto_unmount:
-        opts.add("auto_unmount")
-    opts.add("atime" if spec.atime else "noatime")
-    if not spec.writable:
-        opts.add("ro")
-    if spec.context is not None:
-        opts.add("context=" + spec.context)
-    return opts
-
-
-def _prescan_progress(paths: int) -> None:
-    log.info("prescan: %d lower paths so far", paths)
-
-
-@contextlib.contextmanager
-def _prescan_display() -> Iterator[Callable[[int], None]]:
-    """A progress display of ``-o prescan`` on the terminal (stderr), gone when the scan is done."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (SpinnerColumn(), TextColumn("prescan: {task.completed:,.0f} lower paths"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("prescan", total=None)
-        yield lambda paths: bar.update(task, completed=paths)
-
-
-class Mount:
-    """Everything one mount holds open: the lock, the layers, the workdir, the core."""
-
-    def __init__(self, spec: MountSpec, mountpoint: str,
-                 progress: Callable[[int], None] = _prescan_progress) -> None:
-        """``progress``: told the number of lower paths scanned so far, now and then, by ``-o prescan``."""
-        self.spec = spec
-        self.mountpoint = mountpoint
-        mp = os.fsencode(os.path.abspath(mountpoint))
-        check(spec, mp)
-        self.lock: WorkdirLock | None = None
-        self.stale = 0
-        self.work: Workdir | None = None
-        writable = spec.writable
-        if writable:
-            assert spec.work is not None
-            self.lock = WorkdirLock(spec.work)
-        try:
-            if writable:
-                assert spec.work is not None
-                self.work = Workdir(spec.work)
-                self.stale = self.work.clean()
-                fmt = default_format(self.work.path, spec.userxattr)
-            else:
-                fmt = default_format(None, spec.userxattr)
-            started = time.monotonic()
-            lowers = prescan.scanner(progress) if spec.prescan else None
-            self.stack = Stack(spec.layer_dirs(), writable, fmt, lowers, aufs=spec.aufs_markers)
-            self.prescanned: tuple[int, float] | None = None
-            if isinstance(self.stack.lowers, prescan.Prescanned):
-                self.prescanned = (len(self.stack.lowers), time.monotonic() - started)
-        except BaseException:
-            self.close()
-            raise
-        self.union = Union(self.stack, self.work, ownership=spec.ownership, durable=spec.fsync,
-                           xattrs=spec.xattrs)
-
-    def describe(self) -> str:
-        return (f"{self.mountpoint}: {len(self.stack.layers)} layers "
-                f"({'writable' if self.stack.writable else 'read-only'}), "
-                f"markers in {self.stack.fmt.value}.overlay.* xattrs"
-                + (f"; prescanned {self.prescanned[0]} lower paths in {self.prescanned[1]:.2f}s"
-                   if self.prescanned else ""))
-
-    def close(self) -> None:
-        if getattr(self, "stack", None) is not None:
-            self.stack.close()
-        if self.work is not None:
-            self.work.close()
-        if self.lock is not None:
-            self.lock.close()
-
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with trio.open_signal_receiver(*_SIGNALS) as signals:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what arrived meanwhile is delivered now
-                task_status.started()
-                async for _sig in signals:
-                    terminated.append(True)
-                    pyfuse3.terminate()
-                    return
-
-        await nursery.start(on_signals)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-
-
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """What is written to file descriptor 2 inside the block (by libfuse, and by the fusermount3 it runs, which
-    inherits it), as lines in the list yielded, filled when the block ends; fd 2 is put back then. A background
-    server's stderr is /dev/null, so that fusermount3's explanation of a refusal would be lost otherwise."""
-    lines: list[str] = []
-    sys.stderr.flush()
-    capture = os.memfd_create("unionfs-mount-stderr", os.MFD_CLOEXEC)
-    saved = os.dup(2)
-    os.dup2(capture, 2)
-    try:
-        yield lines
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.lseek(capture, 0, os.SEEK_SET)
-        with os.fdopen(capture, "rb") as f:
-            lines += f.read(65536).decode(errors="replace").splitlines()
-
-
-def serve(prepared: Mount) -> None:
-    """Mount and serve until unmounted or signalled; always leaves the mountpoint clean."""
-    ops = Operations(prepared.union, prepared.spec.timeout)
-    errors.set_debug(prepared.spec.debug)
-    ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
-    # A signal between the mount and the handler's installation must not kill us with the mount left behind.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    try:
-        with _stderr_captured() as said:
-            pyfuse3.init(ops, prepared.mountpoint, fuse_options(prepared.spec))
-    except RuntimeError as exc:  # the kernel or fusermount3 refused the mount
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        prepared.close()
-        why = "; ".join(line.strip() for line in said if line.strip()) or str(exc)
-        raise MountError(f"mounting {prepared.mountpoint} failed: {why}") from None
-    if said:  # (what was written meanwhile about a mount made anyway goes where it was going)
-        os.write(2, ("\n".join(said) + "\n").encode())
-    terminated: list[bool] = []
-    log.info("mounted %s", prepared.describe())
-    try:
-        _report_ready()
-        trio.run(_serve, terminated, mask)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        pyfuse3.close(unmount=bool(terminated))
-        prepared.close()
-    log.info("unmounted %s", prepared.mountpoint)
-
-
-_ready_fd: int | None = None
-
-
-def _report_ready() -> None:
-    """Tell a waiting parent process that the mount is in place."""
-    global _ready_fd
-    if _ready_fd is not None:
-        os.write(_ready_fd, b"ok\n")
-        os.close(_ready_fd)
-        _ready_fd = None
 
 
 #: the mode a new log file is created with
@@ -246,7 +91,9 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        from logging.handlers import SysLogHandler  # (only here: it loads socket, pickle, threading...)
+
+        handler = SysLogHandler(address="/dev/log")
         fmt = logging.Formatter("unionfs[%(process)d]: %(levelname)s %(message)s")
     else:
         handler = logging.NullHandler()
@@ -262,9 +109,15 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     (``foreground``), else in a background process, returning once the mount is in place.
 
     MountError when the mount is refused (nothing on disk has changed then) or fails; ``log_file``, when
-    given, receives the server's log (appended)."""
-    global _ready_fd
-    mountpoint = os.path.abspath(mountpoint)  # the server changes to / before mounting
+    given, receives the server's log (appended).
+
+    In the background this process makes the FUSE mount (:func:`unionfs.fuse.kernel.mount_fuse`) before it
+    forks the server, and returns as soon as the server has its pid file: pyfuse3 and trio, slow to import,
+    load in the server only, while the kernel holds the first requests until the server answers. Two cases
+    keep libfuse's own mount, made by the server: the foreground (``-f``, ``-d``), and ``auto_unmount``,
+    which needs the fusermount3 that libfuse starts to stay alive beside the server (and any FUSE option
+    :func:`unionfs.fuse.kernel.can_mount` does not know)."""
+    mountpoint = os.path.abspath(mountpoint)  # the server changes to / before serving
     if log_file:
         log_file = os.path.abspath(log_file)  # (likewise)
     setup_logging(True, spec.debug, log_file)
@@ -273,38 +126,56 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     caller_umask = os.umask(0)  # the server creates files with exactly the modes it is asked for
     try:
         if spec.prescan and foreground and sys.stderr.isatty():
-            with _prescan_display() as progress:
+            with prescan_display() as progress:
                 prepared = Mount(spec, mountpoint, progress)
         else:
             prepared = Mount(spec, mountpoint)
         if foreground:
-            with _pidfile(mountpoint):
+            from .serve import serve
+
+            with _pidfile(pid_files(mountpoint)):
                 serve(prepared)
             return
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the server
-            os.close(rfd)
-            code = 0
-            try:
-                os.setsid()
-                _detach_stdio()
-                setup_logging(False, spec.debug, log_file)
-                if prepared.stale:
-                    log.info("removed %d stale entries from the work directory", prepared.stale)
-                _ready_fd = wfd
-                with _pidfile(mountpoint):
-                    serve(prepared)
-            except BaseException as exc:  # report to the parent if it still waits, then die
-                code = 1
-                if _ready_fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.write(_ready_fd, f"error: {exc}\n".encode())
-                log.exception("server failed")
-            finally:
-                os._exit(code)
+        if kernel.can_mount(fuse_options(spec)):
+            _mount_then_serve(prepared, log_file)
+        else:  # (auto_unmount)
+            _serve_in_background(prepared, log_file)
     finally:
         os.umask(caller_umask)  # (in the parent: the server has its own)
+
+
+def _serve_in_background(prepared: Mount, log_file: str | None) -> None:
+    """libfuse mounts, in the forked server, which reports back once the mount is in place."""
+    spec, mountpoint = prepared.spec, prepared.mountpoint
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        os.close(rfd)
+        code = 0
+        report = [wfd]
+
+        def ready() -> None:
+            os.write(wfd, b"ok\n")
+            os.close(report.pop())
+
+        try:
+            os.setsid()
+            _detach_stdio()
+            setup_logging(False, spec.debug, log_file)
+            if prepared.stale:
+                log.info("removed %d stale entries from the work directory", prepared.stale)
+            from .serve import serve
+
+            with _pidfile(pid_files(mountpoint)):
+                serve(prepared, ready)
+        except BaseException as exc:  # report to the parent if it still waits, then die
+            code = 1
+            if report:
+                with contextlib.suppress(OSError):
+                    os.write(wfd, f"error: {exc}\n".encode())
+            log.exception("server failed")
+        finally:
+            os._exit(code)
     os.close(wfd)
     prepared.close()
     msg = _read_report(rfd)
@@ -312,6 +183,84 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
         return
     os.waitpid(pid, 0)
     raise MountError(msg.strip().removeprefix("error: ") or "the server exited before the mount was ready")
+
+
+def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
+    """Mount here, then fork the server, which serves the device once it has loaded pyfuse3.
+
+    The signals that end a server are blocked from before the mount until the server's handlers are in place
+    (in the server) or the server has reported (here): neither process may die of one with the mount left
+    behind and nobody to serve or remove it."""
+    spec, mountpoint = prepared.spec, prepared.mountpoint
+    pid_paths = pid_files(mountpoint)  # (before the mount: resolving the path then would wait for the server)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        try:
+            device = kernel.mount_fuse(mountpoint, fuse_options(spec))
+        except BaseException:
+            prepared.close()
+            raise
+        try:
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+        except BaseException:
+            os.close(device)
+            kernel.detach(mountpoint)
+            prepared.close()
+            raise
+        if pid == 0:  # the server
+            os.close(rfd)
+            _server(prepared, device, wfd, mask, log_file, pid_paths)
+        os.close(wfd)
+        os.close(device)
+        prepared.close()
+        msg = _read_report(rfd)
+        if msg.startswith("ok"):
+            return
+        os.waitpid(pid, 0)
+        kernel.detach(mountpoint)  # (the server did not start: nobody serves the mount)
+        raise MountError(msg.strip().removeprefix("error: ") or "the server exited before it started")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Signals],
+            log_file: str | None, pid_paths: list[str]) -> None:
+    """The forked server of :func:`_mount_then_serve`: reports to the parent once its pid file is written (the
+    mount is in place already), then loads pyfuse3 and serves ``device``; never returns. If it fails before it
+    serves, it detaches the mount, so that no mount without a server stays behind, and logs why."""
+    spec, mountpoint = prepared.spec, prepared.mountpoint
+    code = 0
+    serving: list[bool] = []  # (set once pyfuse3 has the device and the loop starts)
+    try:
+        os.setsid()
+        _detach_stdio()  # (first: whoever reads the command's output sees its end once the command exits)
+        with _pidfile(pid_paths):  # (removed last: `unionfs umount` waits for the server while it exists)
+            os.write(report, b"ok\n")
+            os.close(report)
+            report = -1
+            try:
+                setup_logging(False, spec.debug, log_file)
+                if prepared.stale:
+                    log.info("removed %d stale entries from the work directory", prepared.stale)
+                from .serve import serve
+
+                serve(prepared, lambda: serving.append(True), device=device, mask=mask)
+            except BaseException:
+                code = 1
+                log.exception("server failed")
+                if not serving:
+                    with contextlib.suppress(OSError):
+                        os.close(device)
+                    kernel.detach(mountpoint)
+                    log.error("%s: detached the mount, which nobody serves", mountpoint)
+    except BaseException as exc:
+        code = 1
+        if report >= 0:  # the parent still waits: it reports, and removes the mount
+            with contextlib.suppress(OSError):
+                os.write(report, f"error: {exc}\n".encode())
+    finally:
+        os._exit(code)
 
 
 def _read_report(fd: int) -> str:
@@ -337,9 +286,12 @@ def _detach_stdio() -> None:
 
 
 @contextlib.contextmanager
-def _pidfile(mountpoint: str) -> Iterator[None]:
+def _pidfile(candidates: list[str]) -> Iterator[None]:
+    """This process's pid in the first of ``candidates`` (:func:`pid_files`) that can be written, for the time of
+    the block. (The candidates come from the caller: once the mountpoint is mounted, resolving its path would
+    wait for the server.)"""
     path = ""
-    for candidate in pid_files(mountpoint):
+    for candidate in candidates:
         try:
             os.makedirs(os.path.dirname(candidate), mode=0o700, exist_ok=True)
             fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -419,6 +371,8 @@ def unmount(mountpoint: str, timeout: float = 30.0, lazy: bool = False) -> None:
 
 def _fusermount_unmount(mountpoint: str, target: str, lazy: bool, deadline: float, timeout: float) -> None:
     """``fusermount3 -u [-z] TARGET``, given up (and killed) at ``deadline``: the unmount waits for the server."""
+    import subprocess
+
     proc = subprocess.Popen(["fusermount3", "-u", *(["-z"] if lazy else []), target],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
