@@ -35,6 +35,8 @@ stamp=.venv/.unionfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing Python dependencies into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".[test]"
+    # compat: a plain path in a .pth file, no import hook: the interpreter starts ~8 ms sooner (the mount
+    # program of podman starts with every container)
+    .venv/bin/python -m pip install -q -e ".[test]" --config-settings editable_mode=compat
     touch "$stamp"
 fi

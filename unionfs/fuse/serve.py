@@ -10,6 +10,7 @@ unmount from outside (``fusermount3 -u``, ``unionfs umount``) ends it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,9 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     log.info("mounted %s", prepared.describe())
     try:
         ready()
+        # What start-up made lives as long as the server: out of the collector's sight, which is on again.
+        gc.freeze()
+        gc.enable()
         trio.run(_serve, terminated, mask)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -10,6 +10,7 @@ wait in the kernel). This module does not load pyfuse3 or trio at its import; :m
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -124,6 +125,11 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     if not foreground and not spec.debug and not log_file:  # (the caller's stderr: problems only)
         logging.getLogger().setLevel(logging.WARNING)
     caller_umask = os.umask(0)  # the server creates files with exactly the modes it is asked for
+    # No garbage collection while the mount is made and the server loads pyfuse3 and trio (their import makes
+    # many objects and no garbage: collecting meanwhile costs ~6 ms of the start); serve() turns it on again,
+    # as does the end of this call in the caller.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         if spec.prescan and foreground and sys.stderr.isatty():
             with prescan_display() as progress:
@@ -142,6 +148,8 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
             _serve_in_background(prepared, log_file)
     finally:
         os.umask(caller_umask)  # (in the parent: the server has its own)
+        if collecting:
+            gc.enable()
 
 
 def _serve_in_background(prepared: Mount, log_file: str | None) -> None:
