@@ -214,3 +214,25 @@ def test_regression_lower_layers_on_detached_mounts_are_still_served(layers: Lay
             subprocess.run(["umount", "-l", str(bind)], check=True)
     _use_everything(layers, layers.mnt)
     fusermount_unmount(layers.mnt)
+
+
+def test_noxattrs_and_volatile_through_the_mount(layers: Layers, mounts: Mounts) -> None:
+    """``noxattrs=1``: every xattr call fails with EOPNOTSUPP and nothing is copied up for one; ``volatile``:
+    fsync succeeds (it returns without syncing) and writes land in the upper layer."""
+    mount_program(mounts, layers.opts("noxattrs=1", "volatile"), layers.mnt)
+    target = layers.mnt / "top.txt"
+    for call in (lambda: os.getxattr(target, "user.a"), lambda: os.listxattr(target),
+                 lambda: os.setxattr(target, "user.a", b"v"), lambda: os.removexattr(target, "user.a")):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EOPNOTSUPP
+    assert not (layers.upper / "top.txt").exists(), "a refused setxattr copies nothing up"
+    fd = os.open(layers.mnt / "new", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"data")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert (layers.upper / "new").read_bytes() == b"data"
+    fusermount_unmount(layers.mnt)
