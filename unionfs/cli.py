@@ -1,7 +1,9 @@
-"""The ``unionfs`` command: mount and umount (and the ``mount -t fuse.unionfs`` helper form).
+"""The ``unionfs`` command: mount and umount, the ``mount -t fuse.unionfs`` helper form, and the form
+containers/storage runs a mount program in (``unionfs -o OPTIONS MOUNTPOINT``, as fuse-overlayfs).
 
-Both hand a :class:`MountSpec` to :mod:`unionfs.fuse.server`, imported only then (it loads pyfuse3 and trio);
-every error ends the command as one line on stderr (:mod:`unionfs.cli_errors`).
+Both hand a :class:`MountSpec` to :mod:`unionfs.fuse.server`, imported only then (it makes the mount; only the
+server it forks loads pyfuse3 and trio); every error ends the command as one line on stderr
+(:mod:`unionfs.cli_errors`).
 """
 
 from __future__ import annotations
