@@ -68,3 +68,11 @@ def umount2(target: bytes, flags: int = 0) -> None:
     """umount2(2) (``flags``: MNT_DETACH); raises OSError (its filename the target)."""
     if _umount2(target, flags) != 0:
         _raise_errno(target)
+
+
+_PR_SET_NAME = 15
+
+
+def set_process_name(name: bytes) -> None:
+    """The name ``ps -o comm`` and ``/proc/PID/comm`` show for this process (at most 15 bytes are kept)."""
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)

@@ -75,6 +75,7 @@ REFUSED = {
 SELINUX_OPTIONS = ("context", "fscontext", "defcontext", "rootcontext")
 
 DEFAULT_TIMEOUT = 300.0
+DEFAULT_SPARE_IDLE = 60.0
 DEFAULT_FSNAME = "unionfs"
 
 
@@ -111,6 +112,9 @@ class MountSpec:
     xattrs: bool = True
     #: the SELinux context of every object (``context=``), passed to the kernel as it is
     context: str | None = None
+    #: keep a spare server that has loaded pyfuse3 and trio for the next mount, for so many idle seconds
+    #: (``spare[=SECONDS]``; unionfs.fuse.spare)
+    spare: float | None = None
 
     @property
     def writable(self) -> bool:
@@ -196,6 +200,16 @@ _FLAGS: dict[str, tuple[str, bool]] = {
 _FLAG_OPTIONS = {setting: option for option, setting in reversed(_FLAGS.items())}
 
 
+def _seconds(value: str, key: str, zero: bool = False) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise OptionError(f"{key} needs a number of seconds, not {value!r}") from None
+    if not (0 if zero else 0.001) <= t <= 86400:
+        raise OptionError(f"{key} must be between {0 if zero else 0.001} and 86400 seconds, not {value}")
+    return t
+
+
 def _no_effect(key: str, sep: str, value: str) -> bool:
     """Whether ``key[=value]`` is one of the options accepted without effect (:data:`NO_EFFECT`)."""
     if key not in NO_EFFECT:
@@ -243,13 +257,7 @@ def parse(option_texts: list[str]) -> MountSpec:
             elif key in REFUSED:
                 raise OptionError(f"{opt}: not supported: {REFUSED[key]}")
             elif key == "timeout":
-                try:
-                    t = float(value)
-                except ValueError:
-                    raise OptionError(f"timeout needs a number of seconds, not {value!r}") from None
-                if not 0 <= t <= 86400:
-                    raise OptionError(f"timeout must be between 0 and 86400 seconds, not {value}")
-                kw["timeout"] = t
+                kw["timeout"] = _seconds(value, key, zero=True)
             elif key in ("uidmapping", "gidmapping"):
                 try:
                     owner_kw["uidmap" if key == "uidmapping" else "gidmap"] = parse_idmap(value, key)
@@ -272,6 +280,8 @@ def parse(option_texts: list[str]) -> MountSpec:
                     kw["fsync"] = value == "1"
                 else:
                     kw["xattrs"] = value == "0"
+            elif key == "spare":
+                kw["spare"] = _seconds(value, key) if sep else DEFAULT_SPARE_IDLE
             elif key in SELINUX_OPTIONS:
                 if not value:
                     raise OptionError(f"{key} needs a value: {key}=CONTEXT")
@@ -358,6 +368,8 @@ def spec_to_options(spec: MountSpec) -> list[str]:
         opts.append("noxattrs=1")
     if spec.context is not None:
         opts.append(f"context={spec.context}")
+    if spec.spare is not None:
+        opts.append("spare" if spec.spare == DEFAULT_SPARE_IDLE else f"spare={spec.spare!r}")
     return opts
 
 

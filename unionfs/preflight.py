@@ -115,5 +115,12 @@ class WorkdirLock:
                 raise MountError(f"workdir {_show(workdir)} is in use by another mount") from None
             raise
 
+    @classmethod
+    def adopt(cls, fd: int) -> WorkdirLock:
+        """The lock held through ``fd``, a descriptor of the locked workdir passed by the process that took it."""
+        lock = cls.__new__(cls)
+        lock.fd = fd
+        return lock
+
     def close(self) -> None:
         os.close(self.fd)

@@ -251,8 +251,10 @@ def short_tmp() -> str:
 
 
 def short_name(mode: str, program: str) -> str:
-    """The directory name of an engine: r-fo, r-uf (root), u-fo, u-uf (rootless user)."""
-    return ("r" if mode == "root" else "u") + "-" + ("fo" if program == "fuse-overlayfs" else "uf")
+    """The directory name of an engine: r-fo, r-uf, r-us (root), u-fo, u-uf, u-us (rootless user); us: unionfs with
+    spare servers (``mountopt = "spare"``, bench/podman.py)."""
+    short = {"fuse-overlayfs": "fo", "unionfs": "uf", "unionfs-spare": "us"}[program]
+    return ("r" if mode == "root" else "u") + "-" + short
 
 
 # -- the image ---------------------------------------------------------------------------------------------
@@ -349,6 +351,8 @@ class Engine:
     top: Path
     containers_conf: Path
     user: User | None  # the rootless user; None as root
+    #: options containers/storage adds for the mount program (storage.conf's ``mountopt``)
+    mount_options: str = ""
 
     @property
     def id(self) -> str:
@@ -381,6 +385,7 @@ class Engine:
             f'rootless_storage_path = "{self.graphroot}"\n'
             "\n[storage.options.overlay]\n"
             f'mount_program = "{self.program_path}"\n'
+            + (f'mountopt = "{self.mount_options}"\n' if self.mount_options else "")
         )
         if self.user is not None and os.geteuid() == 0:
             for dirpath, dirnames, filenames in os.walk(self.top):

@@ -63,24 +63,30 @@ class Mount:
     """Everything one mount holds open: the lock, the layers, the workdir, the core."""
 
     def __init__(self, spec: MountSpec, mountpoint: str,
-                 progress: Callable[[int], None] = _prescan_progress) -> None:
-        """``progress``: told the number of lower paths scanned so far, now and then, by ``-o prescan``."""
+                 progress: Callable[[int], None] = _prescan_progress, *, checked: bool = False,
+                 lock: WorkdirLock | None = None) -> None:
+        """``progress``: told the number of lower paths scanned so far, now and then, by ``-o prescan``.
+        ``checked``: the command that made the mount checked the spec, took the workdir ``lock`` and cleaned the
+        workdir already (a server started by a spare, :mod:`unionfs.fuse.spare`): none of it is done again (the
+        mountpoint is mounted by then: looking at it would wait for this very server)."""
         self.spec = spec
         self.mountpoint = mountpoint
         mp = os.fsencode(os.path.abspath(mountpoint))
-        check(spec, mp)
-        self.lock: WorkdirLock | None = None
+        adopted = checked
+        if not adopted:
+            check(spec, mp)
+        self.lock: WorkdirLock | None = lock
         self.stale = 0
         self.work: Workdir | None = None
         writable = spec.writable
-        if writable:
+        if writable and not adopted:
             assert spec.work is not None
             self.lock = WorkdirLock(spec.work)
         try:
             if writable:
                 assert spec.work is not None
                 self.work = Workdir(spec.work)
-                self.stale = self.work.clean()
+                self.stale = 0 if adopted else self.work.clean()
                 fmt = default_format(self.work.path, spec.userxattr)
             else:
                 fmt = default_format(None, spec.userxattr)

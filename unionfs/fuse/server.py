@@ -16,15 +16,16 @@ import logging
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from .. import mountinfo
-from ..options import MountSpec
-from ..preflight import MountError
-from . import kernel
+from ..options import MountSpec, parse, render
+from ..preflight import MountError, WorkdirLock
+from . import kernel, spare
 from .prepare import SIGNALS, prescan_display
 from .prepare import Mount as Mount
 from .prepare import fuse_options as fuse_options
@@ -208,6 +209,8 @@ def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
         except BaseException:
             prepared.close()
             raise
+        if spec.spare is not None and _handed_to_spare(prepared, device, log_file, pid_paths):
+            return
         try:
             rfd, wfd = os.pipe()
             pid = os.fork()
@@ -253,6 +256,9 @@ def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Si
                     log.info("removed %d stale entries from the work directory", prepared.stale)
                 from .serve import serve
 
+                if spec.spare is not None:
+                    spare.start(spare.socket_path(runtime_dirs()), spec.spare,
+                                lambda: _close_mount(prepared, device), _serve_request)
                 serve(prepared, lambda: serving.append(True), device=device, mask=mask)
             except BaseException:
                 code = 1
@@ -269,6 +275,65 @@ def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Si
                 os.write(report, f"error: {exc}\n".encode())
     finally:
         os._exit(code)
+
+
+def _handed_to_spare(prepared: Mount, device: int, log_file: str | None, pid_paths: list[str]) -> bool:
+    """Whether a spare server (``-o spare``) took the mount: then it serves it, and this process has nothing
+    more to do. MountError when the spare's server could not start (the mount is detached then)."""
+    lock = prepared.lock
+    request: dict[str, object] = {"options": render(prepared.spec), "mountpoint": prepared.mountpoint,
+               "log_file": log_file,
+               "pid_paths": pid_paths}
+    answer = spare.hand_over(spare.socket_path(runtime_dirs()), request,
+                             [device] + ([lock.fd] if lock is not None else []))
+    if answer is None:
+        return False  # (no spare: the caller starts the server)
+    os.close(device)
+    prepared.close()
+    if answer.startswith("ok"):
+        return True
+    kernel.detach(prepared.mountpoint)
+    raise MountError(answer.removeprefix("error: "))
+
+
+def _close_mount(prepared: Mount, device: int) -> None:
+    """What a spare closes of the server it was forked from: its mount's files, lock and device."""
+    prepared.close()
+    os.close(device)
+
+
+def _serve_request(request: dict[str, object], fds: list[int], conn: socket.socket) -> None:
+    """In a child of a spare: serve the mount a command handed over (``fds``: the mounted device, and the
+    workdir lock); answers on ``conn`` ("ok" once the pid file is written, or "error: WHY"); never returns."""
+    from .serve import serve
+
+    mountpoint = str(request["mountpoint"])
+    log_file = request["log_file"]
+    pid_paths = [str(p) for p in request["pid_paths"]]  # type: ignore[attr-defined]
+    device = fds[0]
+    os.umask(0)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    serving: list[bool] = []
+    try:
+        spec = parse([str(request["options"])])
+        setup_logging(False, spec.debug, str(log_file) if log_file else None)
+        lock = WorkdirLock.adopt(fds[1]) if len(fds) > 1 else None
+        prepared = Mount(spec, mountpoint, checked=True, lock=lock)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            conn.send(f"error: {exc}".encode())
+        raise
+    with _pidfile(pid_paths):
+        conn.send(b"ok")
+        conn.close()
+        log.info("serving %s, handed over by its command", mountpoint)
+        try:
+            serve(prepared, lambda: serving.append(True), device=device, mask=mask)
+        except BaseException:
+            if not serving:
+                kernel.detach(mountpoint)
+                log.error("%s: detached the mount, which nobody serves", mountpoint)
+            raise
 
 
 def _read_report(fd: int) -> str:

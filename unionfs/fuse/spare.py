@@ -1,0 +1,204 @@
+"""Spare servers (``-o spare``): a server that has loaded pyfuse3 and trio waits for the next mount.
+
+A server's start is bounded by Python's start and the import of pyfuse3 and trio (~85 ms here), which every
+container podman starts with unionfs as its mount program waits for. With ``-o spare[=SECONDS]`` the first
+server forks, once it has loaded them, a *spare*: a process that holds no mount and no file of any layer, and
+waits on a socket for the next ``unionfs`` command of the same user in the same namespaces. That command makes
+its mount as always (checks, workdir lock, FUSE mount), then hands the mounted device and the lock to the
+spare, which forks the mount's server at once. The spare exits after SECONDS (60) without a mount to start,
+and whenever anything fails the command starts its own server as it would without the option.
+
+What a spare's server differs in from one the command forks: it is a child of the spare (reparented once the
+spare exits), in the session, cgroup and resource limits of the spare, that is of the first server.
+
+The socket lies in the first runtime directory of :func:`unionfs.fuse.server.runtime_dirs` (mode 0700, owned by
+the user), named by the user, its user, mount and pid namespaces, and the unionfs installation, so that a
+command only ever reaches a spare of its own kind; a spare serves only connections of its own user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+
+from .. import _sys
+
+log = logging.getLogger("unionfs")
+
+#: how long a spare waits for a mount to start, by default
+DEFAULT_IDLE = 60.0
+#: how long a command waits for a spare's answer before starting its own server
+ANSWER_TIMEOUT = 10.0
+_MAX_REQUEST = 1 << 20
+
+
+def _key() -> str:
+    from .. import __file__ as package
+    from .. import __version__
+
+    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__]
+    for ns in ("user", "mnt", "pid"):
+        try:
+            parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
+        except OSError:
+            parts.append("-")
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - (every CPython has it)
+        from hashlib import sha256
+    return str(sha256("\0".join(parts).encode()).hexdigest()[:24])
+
+
+def socket_path(dirs: list[str]) -> str | None:
+    """Where this user's spare for this kind of command listens: in the first of ``dirs`` that is (or can be
+    made) a private directory of the user; None when there is none."""
+    for d in dirs:
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+            return os.path.join(d, f"spare-{_key()}.sock")
+    return None
+
+
+# -- the command's side ----------------------------------------------------------------------------------------
+
+
+def hand_over(path: str | None, request: dict[str, object], fds: list[int]) -> str | None:
+    """Give the mount to the spare listening at ``path``: ``request`` (what :func:`_serve_request` needs) and
+    ``fds`` (the mounted device, and the workdir lock when there is one). Returns the spare server's answer
+    ("ok" once it has its pid file, or "error: WHY"), or None when no spare took the mount (none listens, or
+    it went away before answering): the caller then serves the mount itself."""
+    if path is None:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        conn.settimeout(ANSWER_TIMEOUT)
+        try:
+            conn.connect(path)
+            socket.send_fds(conn, [json.dumps(request).encode()], fds)
+            answer = conn.recv(4096)
+        except OSError:
+            return None
+        return answer.decode(errors="replace").strip() or None
+    finally:
+        conn.close()
+
+
+# -- the spare -------------------------------------------------------------------------------------------------
+
+
+def start(path: str | None, idle: float, close: Callable[[], None],
+          serve_request: Callable[[dict[str, object], list[int], socket.socket], None]) -> None:
+    """Fork a spare listening at ``path`` (nothing when ``path`` is None or a live spare listens there). In the
+    spare, ``close`` first closes what the forking server holds of its own mount; then each request is served
+    in a forked child by ``serve_request(request, fds, connection)``, which must not return."""
+    if path is None:
+        return
+    pid = os.fork()
+    if pid != 0:
+        return
+    code = 0
+    try:
+        close()
+        os.setsid()
+        _sys.set_process_name(b"unionfs-spare")
+        _spare(path, idle, serve_request)
+    except BaseException:
+        code = 1
+        log.exception("spare server failed")
+    finally:
+        os._exit(code)
+
+
+def _listen(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            sock.close()
+            raise
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+            sock.close()
+            return None  # a live spare listens there (this one, connected, takes the connection for a request
+            # and finds none: it goes on waiting)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # (stale: its spare is gone)
+            sock.bind(path)
+        finally:
+            probe.close()
+    sock.listen(8)
+    return sock
+
+
+def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], list[int], socket.socket],
+                                                              None]) -> None:
+    sock = _listen(path)
+    if sock is None:
+        return
+    ours = os.stat(path).st_ino
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # (the servers it forks are reaped by the kernel)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    log.info("spare server waiting at %s", path)
+    sock.settimeout(idle)
+    try:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                return
+            with conn:
+                try:
+                    _take(conn, sock, serve_request)
+                except OSError as exc:
+                    log.warning("spare server: a request failed: %s", exc)
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == ours:
+                os.unlink(path)
+        sock.close()
+
+
+def _take(conn: socket.socket, listening: socket.socket,
+          serve_request: Callable[[dict[str, object], list[int], socket.socket], None]) -> None:
+    """One request: the peer must be this user; the mount's server is forked for it."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    conn.settimeout(ANSWER_TIMEOUT)
+    msg, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, 4)
+    try:
+        if uid != os.geteuid() or not msg or not fds:
+            return
+        request = json.loads(msg)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                listening.close()
+                os.setsid()
+                serve_request(request, fds, conn)
+            except BaseException:
+                code = 1
+                log.exception("server started by a spare failed")
+            finally:
+                os._exit(code)
+    finally:
+        for fd in fds:
+            os.close(fd)
