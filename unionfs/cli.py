@@ -59,6 +59,10 @@ options (-o, comma separated, may be repeated; a backslash escapes a comma insid
   volatile | fsync=0      fsync returns at once and copy-ups are not synced (fsync=1: the default)
   noxattrs=1              extended attributes are turned off: every xattr call fails (ENOTSUP)
   context=CONTEXT         the SELinux context of every object, given to the kernel (needs SELinux)
+  spare[=SECONDS]         once this server has loaded pyfuse3 and trio, keep a spare that has too, for the
+                          next mount of this user, cgroup and namespaces (it then answers at once instead of
+                          ~50 ms later); the spare exits after SECONDS (60) without a mount to start; for
+                          podman: mountopt = "spare" in storage.conf
   prescan                 walk the lower layers once at mount and answer lookups in them from memory:
                           lookups cost the same through hundreds of layers as through one; costs mount time
                           and ~100 bytes per lower path; lower layers must not change while mounted

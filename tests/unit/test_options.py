@@ -244,6 +244,7 @@ def specs(draw: st.DrawFn, backslashes: bool = True) -> MountSpec:
         xattrs=draw(st.booleans()),
         context=draw(st.sampled_from([None, "system_u:object_r:tmp_t:s0",
                                       '"system_u:object_r:container_file_t:s0:c1,c2"'])),
+        spare=draw(st.sampled_from([None, 60.0, 2.5])),
     )
 
 
@@ -417,3 +418,15 @@ def test_a_quoted_value_keeps_its_commas_and_round_trips() -> None:
     assert parse([render(spec)]) == spec
     # a quote that does not open the value is an ordinary character
     assert split_options('fsname=a"b,ro') == ['fsname=a"b', "ro"]
+
+
+@pytest.mark.parametrize("opt, idle", [("spare", 60.0), ("spare=2.5", 2.5), ("spare=86400", 86400.0)])
+def test_spare_takes_an_idle_time(opt: str, idle: float) -> None:
+    assert parse([f"lowerdir=/a,{opt}"]).spare == idle
+    assert parse(["lowerdir=/a"]).spare is None
+
+
+@pytest.mark.parametrize("opt", ["spare=0", "spare=-1", "spare=x", "spare=86401"])
+def test_spare_refuses_a_bad_idle_time(opt: str) -> None:
+    with pytest.raises(OptionError, match="spare"):
+        parse([f"lowerdir=/a,{opt}"])

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .. import mountinfo
+from .. import _sys, mountinfo
 from ..options import MountSpec, parse, render
 from ..preflight import MountError, WorkdirLock
 from . import kernel, spare
@@ -282,7 +282,7 @@ def _handed_to_spare(prepared: Mount, device: int, log_file: str | None, pid_pat
     more to do. MountError when the spare's server could not start (the mount is detached then)."""
     lock = prepared.lock
     request: dict[str, object] = {"options": render(prepared.spec), "mountpoint": prepared.mountpoint,
-               "log_file": log_file,
+               "log_file": log_file, "argv": sys.argv,
                "pid_paths": pid_paths}
     answer = spare.hand_over(spare.socket_path(runtime_dirs()), request,
                              [device] + ([lock.fd] if lock is not None else []))
@@ -323,6 +323,10 @@ def _serve_request(request: dict[str, object], fds: list[int], conn: socket.sock
         with contextlib.suppress(OSError):
             conn.send(f"error: {exc}".encode())
         raise
+    import setproctitle
+
+    setproctitle.setproctitle(" ".join(str(a) for a in request.get("argv") or ["unionfs", mountpoint]))  # type: ignore[attr-defined]
+    _sys.set_process_name(b"unionfs")
     with _pidfile(pid_paths):
         conn.send(b"ok")
         conn.close()

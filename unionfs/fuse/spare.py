@@ -41,11 +41,21 @@ ANSWER_TIMEOUT = 10.0
 _MAX_REQUEST = 1 << 20
 
 
+def _cgroup() -> str:
+    """This process's cgroups: a spare serves only commands of its own cgroup, so that no server outlives, or
+    dies with, the cgroup of another (a systemd unit's, say)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            return f.read()
+    except OSError:
+        return "-"
+
+
 def _key() -> str:
     from .. import __file__ as package
     from .. import __version__
 
-    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__]
+    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__, _cgroup()]
     for ns in ("user", "mnt", "pid"):
         try:
             parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
@@ -113,7 +123,6 @@ def start(path: str | None, idle: float, close: Callable[[], None],
     try:
         close()
         os.setsid()
-        _sys.set_process_name(b"unionfs-spare")
         _spare(path, idle, serve_request)
     except BaseException:
         code = 1
@@ -156,6 +165,10 @@ def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], l
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    import setproctitle  # (here, before any request: the servers forked for requests set their titles at once)
+
+    setproctitle.setproctitle(f"unionfs-spare: waiting {idle:g} s for the next mount ({path})")
+    _sys.set_process_name(b"unionfs-spare")
     log.info("spare server waiting at %s", path)
     sock.settimeout(idle)
     try:
