@@ -32,6 +32,7 @@ ENTRY_MODULES = (
     "unionfs.cli", "unionfs.fuse.server", "pyfuse3", "trio", "xattr", "pytest", "hypothesis",
     "hypothesis.strategies",
     "rich.progress",  # loaded only when progress is shown on a terminal
+    "setproctitle",  # loaded only by spare servers
 )
 PROJECT = ("pyproject.toml", "unionfs", "tests", "examples")
 #: Loaded by the interpreter's own start-up hooks (a ``.pth`` file), not by unionfs or the tests.
