@@ -111,7 +111,7 @@ def stage(dest: Path, python: str) -> None:
     # The copy's own directories come first on sys.path, so that the command also runs without PYTHONPATH (as
     # containers/storage's mount program, say).
     exe.write_text(f"#!{python}\nimport sys\n\nsys.path[:0] = [{str(src)!r}, {str(site)!r}]\n\n"
-                   "from unionfs.cli import main\n\nsys.exit(main())\n")
+                   "from unionfs.cli import run\n\nrun()\n")
     exe.chmod(0o755)
     _open_to_all(dest)
     print(f"staged {len(roots)} top-level modules for {python}: {' '.join(sorted(roots))}", file=sys.stderr)
