@@ -162,7 +162,7 @@ def split_options(text: str) -> list[str]:
             escaped = False
         elif ch == "\\":
             escaped = True
-        elif ch == '"' and cur and cur[-1] == "=":
+        elif ch == '"' and cur and cur[-1] == "=" and "=" not in cur[:-1]:
             cur.append(ch)
             quoted = True
         elif ch == ",":
@@ -172,6 +172,8 @@ def split_options(text: str) -> list[str]:
             cur.append(ch)
     if escaped:
         cur.append("\\")
+    if quoted:
+        raise OptionError(f"unterminated quoted value: {''.join(cur)!r}")
     out.append("".join(cur))
     return [o for o in out if o]
 
@@ -283,7 +285,7 @@ def parse(option_texts: list[str]) -> MountSpec:
             elif key == "spare":
                 kw["spare"] = _seconds(value, key) if sep else DEFAULT_SPARE_IDLE
             elif key in SELINUX_OPTIONS:
-                if not value:
+                if value.strip('"') == "":
                     raise OptionError(f"{key} needs a value: {key}=CONTEXT")
                 if key != "context":
                     raise OptionError(f"{opt}: not supported: unionfs passes only context= to the kernel")

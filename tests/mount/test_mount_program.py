@@ -217,8 +217,9 @@ def test_regression_lower_layers_on_detached_mounts_are_still_served(layers: Lay
 
 
 def test_noxattrs_and_volatile_through_the_mount(layers: Layers, mounts: Mounts) -> None:
-    """``noxattrs=1``: every xattr call fails with EOPNOTSUPP and nothing is copied up for one; ``volatile``:
-    fsync succeeds (it returns without syncing) and writes land in the upper layer."""
+    """``noxattrs=1``: every xattr call fails with EOPNOTSUPP and nothing is copied up for one; with
+    ``volatile`` too, fsync and fdatasync still succeed and writes land in the upper layer (that they skip the
+    disk is checked in tests/unit/test_volatile_and_noxattrs.py)."""
     mount_program(mounts, layers.opts("noxattrs=1", "volatile"), layers.mnt)
     target = layers.mnt / "top.txt"
     for call in (lambda: os.getxattr(target, "user.a"), lambda: os.listxattr(target),

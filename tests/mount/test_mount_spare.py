@@ -83,11 +83,25 @@ def _wait_spare(path: str) -> int:
     return found[-1]
 
 
+def _holds(pid: int, *roots: Path) -> list[str]:
+    """What of /dev/fuse and of ``roots`` process ``pid`` has open."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target == "/dev/fuse" or any(target.startswith(str(r)) for r in roots):
+            held.append(target)
+    return held
+
+
 def test_a_spare_serves_the_next_mount(base: Path, mounts: Mounts, no_spare: str) -> None:
     first, second = _pair(base)
     mounts.mount(first.opts("spare=30"), first.mnt)
     spare_pid = _wait_spare(no_spare)
     assert _comm(spare_pid) == "unionfs-spare"
+    assert _holds(spare_pid, first.base) == [], "the spare holds nothing of the mount it was forked beside"
     mounts.mount(second.opts("spare=30"), second.mnt)
     pid = server_pid(second.mnt)
     assert pid is not None and _ppid(pid) == spare_pid, "the second mount is served by a child of the spare"
@@ -95,13 +109,34 @@ def test_a_spare_serves_the_next_mount(base: Path, mounts: Mounts, no_spare: str
     (second.mnt / "new").write_text("written\n")
     assert (second.upper / "new").read_text() == "written\n"
     assert (first.mnt / "f").read_text() == "first\n"
-    # the spare holds nothing of either mount: both unmount, their servers exit, the spare stays
+    assert _holds(spare_pid, first.base, second.base) == [], "nor of the mount it handed to its server"
+    first_server = server_pid(first.mnt)
+    assert first_server is not None and _ppid(spare_pid) != first_server, "the spare is nobody's zombie"
+    # both unmount, their servers exit, the spare stays
     mounts.umount(second.mnt)
     mounts.umount(first.mnt)
     assert wait_pid_exit(pid)
     assert _spare_pid(no_spare) == spare_pid
-    assert not any(str(first.base) in os.readlink(f"/proc/{spare_pid}/fd/{fd}")
-                   for fd in os.listdir(f"/proc/{spare_pid}/fd") if os.path.exists(f"/proc/{spare_pid}/fd/{fd}"))
+
+
+def test_regression_a_malformed_request_ends_no_spare(layers: Layers, mounts: Mounts, no_spare: str) -> None:
+    """A request that is not JSON (or not an object) is dropped; the spare goes on waiting (it ended the
+    spare)."""
+    mounts.mount(layers.opts("spare=30"), layers.mnt)
+    pid = _wait_spare(no_spare)
+    for junk in (b"not json", b"[1, 2]"):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        r, w = os.pipe()
+        try:
+            conn.connect(no_spare)
+            socket.send_fds(conn, [junk], [r])
+            conn.settimeout(5)
+            assert conn.recv(64) == b"", "nothing is taken"
+        finally:
+            conn.close()
+            os.close(r)
+            os.close(w)
+    assert _spare_pid(no_spare) == pid
 
 
 def test_without_the_option_no_spare_starts(layers: Layers, mounts: Mounts, no_spare: str) -> None:
@@ -132,6 +167,6 @@ def test_regression_a_spare_gone_away_leaves_the_command_to_serve(base: Path, mo
     mounts.mount(second.opts("spare=30"), second.mnt)
     assert (second.mnt / "f").read_text() == "second\n"
     pid = server_pid(second.mnt)
-    assert pid is not None and _comm(pid) != "unionfs-spare"
+    assert pid is not None and _comm(_ppid(pid)) != "unionfs-spare", "served by the command's own server"
     new = _wait_spare(no_spare)
     assert new != old

@@ -430,3 +430,25 @@ def test_spare_takes_an_idle_time(opt: str, idle: float) -> None:
 def test_spare_refuses_a_bad_idle_time(opt: str) -> None:
     with pytest.raises(OptionError, match="spare"):
         parse([f"lowerdir=/a,{opt}"])
+
+
+@pytest.mark.parametrize("text", ['lowerdir=/l,context="a,upperdir=/u,workdir=/w', 'lowerdir=/l,context="'])
+def test_regression_an_unterminated_quote_is_refused(text: str) -> None:
+    """(regression: it swallowed the options after it, here the upper and work directories)"""
+    with pytest.raises(OptionError, match="unterminated"):
+        parse([text])
+
+
+def test_regression_only_a_quote_right_after_the_keys_equals_sign_opens_a_value() -> None:
+    assert split_options('lowerdir=/a="b,ro') == ['lowerdir=/a="b', "ro"]
+    with pytest.raises(OptionError, match="needs a value"):
+        parse(['lowerdir=/a,context=""'])
+
+
+def test_regression_fusermount3_gets_the_comma_of_a_context_escaped() -> None:
+    """fusermount3 splits its options on every comma a backslash does not escape (regression: a context of an
+    SELinux category pair, ``s0:c1,c2``, reached it split in two)."""
+    from unionfs.fuse import kernel
+
+    text = kernel.fusermount_options({"default_permissions", 'context="u:r:t:s0:c1,c2"', "fsname=unionfs"})
+    assert text == 'rw,nosuid,nodev,context="u:r:t:s0:c1\\,c2",default_permissions,fsname=unionfs'

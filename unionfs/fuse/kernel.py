@@ -129,7 +129,7 @@ def fusermount_options(opts: set[str]) -> str:
     words = ["ro" if "ro" in opts else "rw", "nosuid", "nodev"]
     if "noatime" in opts:
         words.append("noatime")
-    words += kernel_options(opts)
+    words += [_escaped(opt) for opt in kernel_options(opts)]  # (context="...:s0:c1,c2" has a comma)
     for key in ("fsname", "subtype"):
         value = _named(opts, key, "")
         if value:

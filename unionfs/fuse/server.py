@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import _sys, mountinfo
-from ..options import MountSpec, parse, render
+from ..options import MountSpec, OptionError, parse, render
 from ..preflight import MountError, WorkdirLock
 from . import kernel, spare
 from .prepare import SIGNALS, prescan_display
@@ -80,6 +80,8 @@ def setup_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
     """Send the log to ``log_file``, else to stderr in the foreground, else to syslog."""
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger()
+    for old in root.handlers:  # (closed: a server forked by a spare must not keep the first server's log open)
+        old.close()
     root.handlers.clear()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s unionfs[%(process)d] %(levelname)s %(message)s")
@@ -202,6 +204,7 @@ def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
     behind and nobody to serve or remove it."""
     spec, mountpoint = prepared.spec, prepared.mountpoint
     pid_paths = pid_files(mountpoint)  # (before the mount: resolving the path then would wait for the server)
+    request = _spare_request(prepared, log_file, pid_paths)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         try:
@@ -209,8 +212,17 @@ def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
         except BaseException:
             prepared.close()
             raise
-        if spec.spare is not None and _handed_to_spare(prepared, device, log_file, pid_paths):
-            return
+        if request is not None:
+            try:
+                handed = _handed_to_spare(prepared, device, request)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(device)
+                kernel.detach(mountpoint)
+                prepared.close()
+                raise
+            if handed:
+                return
         try:
             rfd, wfd = os.pipe()
             pid = os.fork()
@@ -257,8 +269,11 @@ def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Si
                 from .serve import serve
 
                 if spec.spare is not None:
-                    spare.start(spare.socket_path(runtime_dirs()), spec.spare,
-                                lambda: _close_mount(prepared, device), _serve_request)
+                    try:
+                        spare.start(spare.socket_path(runtime_dirs()), spec.spare,
+                                    lambda: _close_mount(prepared, device), _serve_request)
+                    except Exception as exc:  # (no spare: this mount is served all the same)
+                        log.warning("could not start a spare server: %s", exc)
                 serve(prepared, lambda: serving.append(True), device=device, mask=mask)
             except BaseException:
                 code = 1
@@ -277,23 +292,34 @@ def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Si
         os._exit(code)
 
 
-def _handed_to_spare(prepared: Mount, device: int, log_file: str | None, pid_paths: list[str]) -> bool:
-    """Whether a spare server (``-o spare``) took the mount: then it serves it, and this process has nothing
-    more to do. MountError when the spare's server could not start (the mount is detached then)."""
+def _spare_request(prepared: Mount, log_file: str | None, pid_paths: list[str]) -> dict[str, object] | None:
+    """What a spare's server needs to serve this mount (``-o spare``), or None when no spare is to be asked:
+    without the option, and with ``-o prescan`` (a spare's server builds the mount's table again: the command's
+    one would be wasted)."""
+    spec = prepared.spec
+    if spec.spare is None or spec.prescan:
+        return None
+    try:
+        options = render(spec)
+    except OptionError:  # (a spec that no option string gives back: served as without the option)
+        return None
+    return {"options": options, "mountpoint": prepared.mountpoint, "log_file": log_file, "argv": sys.argv,
+            "pid_paths": pid_paths}
+
+
+def _handed_to_spare(prepared: Mount, device: int, request: dict[str, object]) -> bool:
+    """Whether a spare server took the mount: then it serves it, and this process has nothing more to do.
+    MountError when the spare's server could not start (the caller detaches the mount then)."""
     lock = prepared.lock
-    request: dict[str, object] = {"options": render(prepared.spec), "mountpoint": prepared.mountpoint,
-               "log_file": log_file, "argv": sys.argv,
-               "pid_paths": pid_paths}
-    answer = spare.hand_over(spare.socket_path(runtime_dirs()), request,
-                             [device] + ([lock.fd] if lock is not None else []))
-    if answer is None:
-        return False  # (no spare: the caller starts the server)
-    os.close(device)
-    prepared.close()
-    if answer.startswith("ok"):
-        return True
-    kernel.detach(prepared.mountpoint)
-    raise MountError(answer.removeprefix("error: "))
+    try:
+        handed = spare.hand_over(spare.socket_path(runtime_dirs()), request,
+                                 [device] + ([lock.fd] if lock is not None else []))
+    except spare.HandOverFailed as exc:
+        raise MountError(str(exc)) from None
+    if handed:
+        os.close(device)
+        prepared.close()
+    return handed
 
 
 def _close_mount(prepared: Mount, device: int) -> None:
@@ -382,8 +408,11 @@ def _pidfile(candidates: list[str]) -> Iterator[None]:
         yield
     finally:
         if path:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            with contextlib.suppress(OSError, ValueError):
+                with open(path) as f:  # (only this process's: another server may have written it since)
+                    mine = int(f.read().strip() or 0) == os.getpid()
+                if mine:
+                    os.unlink(path)
 
 
 FSTYPE = b"fuse.unionfs"

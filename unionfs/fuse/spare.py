@@ -36,8 +36,10 @@ log = logging.getLogger("unionfs")
 
 #: how long a spare waits for a mount to start, by default
 DEFAULT_IDLE = 60.0
-#: how long a command waits for a spare's answer before starting its own server
-ANSWER_TIMEOUT = 10.0
+#: how long a command waits for a spare's first answer before starting its own server
+ANSWER_TIMEOUT = 2.0
+#: how long a command waits, once a spare's server has taken the mount, for it to start
+START_TIMEOUT = 60.0
 _MAX_REQUEST = 1 << 20
 
 
@@ -51,11 +53,33 @@ def _cgroup() -> str:
         return "-"
 
 
+def _identity() -> list[str]:
+    """What a server inherits from the process it is forked from and a spare's server must share with the
+    command it serves: ids and groups, capabilities, no_new_privs, seccomp, the security label, resource
+    limits."""
+    keep = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:",
+            "Seccomp:")
+    parts: list[str] = []
+    for name, want in (("/proc/self/status", keep), ("/proc/self/attr/current", None)):
+        try:
+            with open(name) as f:
+                text = f.read()
+        except OSError:
+            parts.append("-")
+            continue
+        parts += [line for line in text.splitlines() if want is None or line.startswith(want)]
+    import resource
+
+    parts += [repr(resource.getrlimit(getattr(resource, limit))) for limit in sorted(
+        n for n in dir(resource) if n.startswith("RLIMIT_"))]
+    return parts
+
+
 def _key() -> str:
     from .. import __file__ as package
     from .. import __version__
 
-    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__, _cgroup()]
+    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__, _cgroup(), *_identity()]
     for ns in ("user", "mnt", "pid"):
         try:
             parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
@@ -85,23 +109,48 @@ def socket_path(dirs: list[str]) -> str | None:
 # -- the command's side ----------------------------------------------------------------------------------------
 
 
-def hand_over(path: str | None, request: dict[str, object], fds: list[int]) -> str | None:
-    """Give the mount to the spare listening at ``path``: ``request`` (what :func:`_serve_request` needs) and
-    ``fds`` (the mounted device, and the workdir lock when there is one). Returns the spare server's answer
-    ("ok" once it has its pid file, or "error: WHY"), or None when no spare took the mount (none listens, or
-    it went away before answering): the caller then serves the mount itself."""
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+class HandOverFailed(Exception):
+    """A spare's server took the mount and could not start; the message says why."""
+
+
+def hand_over(path: str | None, request: dict[str, object], fds: list[int]) -> bool:
+    """Give the mount to the spare listening at ``path``: ``request`` (what the spare's server needs) and ``fds``
+    (the mounted device, and the workdir lock when there is one). True once the spare's server has its pid file
+    (it serves the mount); False when no spare took the mount (none listens, or none answered in time): the
+    caller then serves it itself. Once a spare's server has said it takes the mount (and been told to go on),
+    there is no way back: HandOverFailed when it fails then.
+
+    The exchange: request and descriptors; the server forked for it answers "taken" at once; this side answers
+    "go" (a server that sees no "go" exits without touching the mount, so that a command that gave up waiting
+    and serves the mount itself is never joined by a second server); the server answers "ok" or "error: WHY"."""
     if path is None:
-        return None
+        return False
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(ANSWER_TIMEOUT)
         try:
             conn.connect(path)
+            if _peer_uid(conn) != os.geteuid():
+                return False
             socket.send_fds(conn, [json.dumps(request).encode()], fds)
-            answer = conn.recv(4096)
+            if conn.recv(64) != b"taken":
+                return False
+            conn.send(b"go")
         except OSError:
-            return None
-        return answer.decode(errors="replace").strip() or None
+            return False
+        conn.settimeout(START_TIMEOUT)
+        try:
+            answer = conn.recv(4096).decode(errors="replace")
+        except OSError as exc:
+            raise HandOverFailed(f"the server a spare started for the mount did not answer: {exc}") from None
+        if answer == "ok":
+            return True
+        raise HandOverFailed(answer.removeprefix("error: ") or "the server a spare started for the mount exited")
     finally:
         conn.close()
 
@@ -113,17 +162,20 @@ def start(path: str | None, idle: float, close: Callable[[], None],
           serve_request: Callable[[dict[str, object], list[int], socket.socket], None]) -> None:
     """Fork a spare listening at ``path`` (nothing when ``path`` is None or a live spare listens there). In the
     spare, ``close`` first closes what the forking server holds of its own mount; then each request is served
-    in a forked child by ``serve_request(request, fds, connection)``, which must not return."""
+    in a forked child by ``serve_request(request, fds, connection)``, which must not return. The spare is
+    forked twice, so that it is nobody's child (no zombie stays of it)."""
     if path is None:
         return
     pid = os.fork()
     if pid != 0:
+        os.waitpid(pid, 0)  # (the spare is its child: this process keeps no zombie of it)
         return
     code = 0
     try:
         close()
         os.setsid()
-        _spare(path, idle, serve_request)
+        if os.fork() == 0:
+            _spare(path, idle, serve_request)
     except BaseException:
         code = 1
         log.exception("spare server failed")
@@ -180,7 +232,7 @@ def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], l
             with conn:
                 try:
                     _take(conn, sock, serve_request)
-                except OSError as exc:
+                except (OSError, ValueError, TypeError) as exc:  # (one bad request ends no spare)
                     log.warning("spare server: a request failed: %s", exc)
     finally:
         with contextlib.suppress(OSError):
@@ -191,21 +243,27 @@ def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], l
 
 def _take(conn: socket.socket, listening: socket.socket,
           serve_request: Callable[[dict[str, object], list[int], socket.socket], None]) -> None:
-    """One request: the peer must be this user; the mount's server is forked for it."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
+    """One request: the peer must be this user; the mount's server is forked for it, which answers."""
     conn.settimeout(ANSWER_TIMEOUT)
     msg, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, 4)
     try:
-        if uid != os.geteuid() or not msg or not fds:
+        for fd in fds:
+            os.set_inheritable(fd, False)  # (never to the fusermount3 a server may run)
+        if _peer_uid(conn) != os.geteuid() or not msg or not fds:
             return
         request = json.loads(msg)
+        if not isinstance(request, dict):
+            raise ValueError("a request must be a JSON object")
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 listening.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (the server waits for what it runs)
                 os.setsid()
+                conn.send(b"taken")
+                if conn.recv(64) != b"go":
+                    os._exit(0)  # the command gave up waiting: it serves the mount itself
                 serve_request(request, fds, conn)
             except BaseException:
                 code = 1
