@@ -268,6 +268,14 @@ class Union:
         return removed.is_dir or removed.st.st_nlink <= 1 or removed.layer != 0
 
     def _owner_and_mode(self, target: bytes | int, st: os.stat_result) -> tuple[int, int, int]:
+        """Owner (as the merged view shows it) and mode of an object."""
+        uid, gid, mode = self._stored_owner_and_mode(target, st)
+        uid, gid = self.ownership.show(uid, gid)
+        return uid, gid, mode
+
+    def _stored_owner_and_mode(self, target: bytes | int, st: os.stat_result) -> tuple[int, int, int]:
+        """Owner (as stored: on the object, or in the override xattr with ``xattr_permissions``, both in the ids
+        of the disk) and mode of an object."""
         mode = st.st_mode
         uid, gid = st.st_uid, st.st_gid
         if self.ownership.xattr_permissions and not stat.S_ISLNK(mode):
@@ -276,7 +284,6 @@ class Union:
             if stored is not None:
                 uid, gid = stored[0], stored[1]
                 mode = stat.S_IFMT(mode) | stored[2]
-        uid, gid = self.ownership.show(uid, gid)
         return uid, gid, mode
 
     def readlink(self, entry: Entry) -> bytes:
@@ -720,11 +727,12 @@ class Union:
     def _set_owner(self, target: bytes | int, st: os.stat_result, uid: int, gid: int) -> None:
         """Give the object the owner a chown of the merged view asks for: stored in the override xattr
         (xattr_permissions), else mapped to the ids on disk."""
+        uid, gid = self.ownership.to_disk(uid, gid)
         if self.ownership.xattr_permissions and not stat.S_ISLNK(st.st_mode):
-            cur_uid, cur_gid, mode = self._owner_and_mode(target, st)
+            # (the xattr holds ids of the disk, as the file's own owner and a copy-up's record do)
+            cur_uid, cur_gid, mode = self._stored_owner_and_mode(target, st)
             self._store_override(target, cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode)
             return
-        uid, gid = self.ownership.to_disk(uid, gid)
         if isinstance(target, int):
             os.chown(target, uid, gid)
         else:
@@ -732,7 +740,7 @@ class Union:
 
     def _set_mode(self, target: bytes | int, st: os.stat_result, mode: int) -> None:
         if self.ownership.xattr_permissions:
-            uid, gid, _mode = self._owner_and_mode(target, st)
+            uid, gid, _mode = self._stored_owner_and_mode(target, st)
             self._store_override(target, uid, gid, mode)
             return
         os.chmod(target, stat.S_IMODE(mode))

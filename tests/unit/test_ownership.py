@@ -203,3 +203,20 @@ def test_regression_objects_created_under_a_mapping_store_the_mapped_owner(make_
     with pytest.raises(OSError) as exc:
         union.chown(entry, 5, -1)
     assert exc.value.errno == errno.EINVAL
+
+
+def test_regression_xattr_permissions_under_a_mapping_store_ids_of_the_disk(make_env: Any) -> None:
+    """With xattr_permissions and uidmapping/gidmapping, the override xattr holds ids of the disk, as the file's
+    own owner does (regression: chmod stored the shown owner, which then showed mapped twice, as 65534)."""
+    env = make_env(lowers=[{"f": File(b"x", mode=0o644, uid=0, gid=0)}, {}])
+    union = _union(env, Ownership(uidmap=parse_idmap("0:100000:65536", "uidmapping"),
+                                  gidmap=parse_idmap("0:100000:65536", "gidmapping"), xattr_permissions=True))
+    entry = union.chmod(env.entry("f"), 0o600)
+    assert os.getxattr(env.upper / "f", OVERRIDE_XATTR) == b"0:0:0600"
+    assert union.shown(entry, os.lstat(env.upper / "f"))[:3] == (100000, 100000, stat.S_IFREG | 0o600)
+    entry = union.chown(entry, 100005, -1)
+    assert os.getxattr(env.upper / "f", OVERRIDE_XATTR) == b"5:0:0600"
+    assert union.shown(entry, os.lstat(env.upper / "f"))[:2] == (100005, 100000)
+    with pytest.raises(OSError) as exc:
+        union.chown(entry, 7, -1)
+    assert exc.value.errno == errno.EINVAL
