@@ -210,8 +210,15 @@ class Probing:
                 yield _found(Found, (index, st, True, NO_MARKS))
             elif stat.S_ISDIR(st.st_mode):
                 marks = whiteout.read_dir_marks(layer.full_path(path), formats)
-                if index >= markers_from and not marks.opaque and whiteout.has_aufs_opaque(layer.fd, path):
-                    marks = whiteout.with_opaque(marks)
+                if index >= markers_from and not marks.opaque:
+                    # Opaque by ``.wh..wh..opq`` inside, or by its own ``.wh.NAME`` beside it: that marker deletes
+                    # what the layers beneath hold at NAME, and the layer's NAME is new (OCI's rule for a
+                    # whiteout and its name in one layer): only its own entries show.
+                    if marker is None and path != ROOT:
+                        marker = whiteout.aufs_whiteout_path(path)
+                    if whiteout.has_aufs_opaque(layer.fd, path) or (
+                            marker is not None and whiteout.has_aufs_marker(layer.fd, marker)):
+                        marks = whiteout.with_opaque(marks)
                 yield _found(Found, (index, st, False, marks))
             else:
                 yield _found(Found, (index, st, False, NO_MARKS))

@@ -104,13 +104,14 @@ def test_name_held_beside_its_marker_in_the_same_layer_shows(aufs_env: Any) -> N
     assert env.names() == {"f"}
 
 
-def test_directory_beside_its_marker_merges_as_without_it(aufs_env: Any) -> None:
-    """A marker is read only where its layer lacks the name: a directory held beside its own marker merges with
-    those beneath as usual (fuse-overlayfs lets the marker win there; a layer diff marks a directory made again
-    with ``.wh..wh..opq`` instead)."""
+def test_regression_a_directory_beside_its_own_marker_is_opaque(aufs_env: Any) -> None:
+    """A marker deletes what the layers beneath hold; the name beside it in its own layer is new (OCI's rule
+    for a whiteout and its name in one layer): a directory there shows only its own entries (regression: it
+    merged with the directories beneath, bringing back what the marker deleted)."""
     env = aufs_env(lowers=[{".wh.d": WH, "d": {"mine": "1"}}, {"d": {"below": "2"}}])
-    assert env.entry("d").dirs == (1, 2)
-    assert env.names("d") == {"mine", "below"}
+    assert env.entry("d").dirs == (1,)
+    assert env.names("d") == {"mine"}
+    assert env.resolve("d/below") is None
 
 
 def test_marker_names_are_never_entries(aufs_env: Any) -> None:
