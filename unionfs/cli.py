@@ -9,7 +9,6 @@ server it forks loads pyfuse3 and trio); every error ends the command as one lin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -285,8 +284,10 @@ def run() -> NoReturn:
     if _state["mounted"]:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            try:
                 stream.flush()
+            except Exception:
+                status = status or 120  # (what the interpreter's own exit gives when a flush fails)
         os._exit(status)
     sys.exit(status)
 

@@ -223,11 +223,14 @@ def _mount_then_serve(prepared: Mount, log_file: str | None) -> None:
                 raise
             if handed:
                 return
+        rfd = wfd = -1
         try:
             rfd, wfd = os.pipe()
             pid = os.fork()
         except BaseException:
-            os.close(device)
+            for fd in (rfd, wfd, device):
+                if fd >= 0:
+                    os.close(fd)
             kernel.detach(mountpoint)
             prepared.close()
             raise
