@@ -1,0 +1,581 @@
+"""Apply one OCI/Docker layer tar into a directory in the kernel's overlay on-disk format (containerd's
+``pkg/archive`` semantics, written from scratch).
+
+* Every entry name is resolved inside ``root`` as if chrooted. A name whose ``..`` climbs above the root is
+  refused; absolute names are relative to the root. The directories on the way are opened one at a time with
+  ``openat(O_PATH|O_NOFOLLOW)``; a symlink met on the way (planted by this layer or already there) is read and
+  followed inside the root (an absolute target restarts at the root, ``..`` stops at it). Missing parent
+  directories are made (mode 0755). The last component is never followed: what is there is replaced
+  (removed first) unless both it and the entry are directories.
+* ``.wh.NAME`` removes what this layer put at NAME and leaves a whiteout there (a character device 0/0);
+  ``.wh..wh..opq`` marks its directory opaque (``overlay.opaque=y`` in the namespace of ``fmt``), hiding the
+  lower layers only, so entries this layer adds there, before or after the marker, stay. Other
+  ``.wh..wh.*`` names (AUFS metadata) are skipped. Whiteouts naming ``.``, ``..`` or nothing, or whose
+  directory is reached through a symlink, are refused.
+* Regular files, directories, symlinks (targets kept verbatim), hard links (only to an earlier entry of this
+  layer), FIFOs and device nodes; numeric owners, modes, mtimes (directories' mode and times set once the
+  whole layer is written, deepest first) and ``SCHILY.xattr.*`` PAX xattrs. Xattrs in the overlay namespaces
+  (``trusted.overlay.*``, ``user.overlay.*``) would be read by overlayfs as its own markers (opaque,
+  redirect, metacopy...) and ``user.containers.override_stat`` as a stored owner: they are dropped and
+  counted, never written. Xattrs the file system or our privileges refuse (EPERM, ENOTSUP, EACCES) are
+  dropped and counted too.
+* ``rootless=True``: no chown is attempted; files stay owned by the applying user, regular files get at least
+  ``u+rw`` and directories ``u+rwx`` on disk (so that this user can go on writing and reading them), and where
+  the owner or mode on disk differs from the entry's, ``user.containers.override_stat`` records
+  ``UID:GID:0MODE`` (what unionfs's ``xattr_permissions`` shows). A device node is stored as an empty
+  regular file whose override also names the device (``UID:GID:0MODE:char-MAJ-MIN`` or ``block-...``;
+  ``xattr_permissions`` reads the first three fields: it shows a regular file with the recorded owner and
+  mode, not a device). The kernel allows no ``user.*`` xattr on symlinks and FIFOs: an owner or mode
+  they cannot hold is counted in ``unrecorded``, not stored.
+
+Hostile or broken input raises :class:`LayerError` naming the entry; the directory is then half-applied:
+use :func:`apply_into_new` to build into a fresh directory that only appears when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+from .. import xattrs
+from ..ownership import OVERRIDE_XATTR, encode_override
+from ..whiteout import AUFS_META_PREFIX, AUFS_OPAQUE, AUFS_PREFIX, TRUSTED_PREFIX, USER_PREFIX, XattrFormat
+from ..whiteout import make_whiteout as _make_whiteout
+from ._stream import HashingSource, LayerError, LayerStream, digest_hex
+
+#: how many symlinks one resolution may follow (the kernel's limit)
+_MAX_LINKS = 40
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: the errnos meaning "this xattr cannot be stored here": the xattr is dropped and counted
+_XATTR_REFUSED = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
+_COPY = 1 << 20
+_CACHE_MAX = 64
+_XATTR_PAX = "SCHILY.xattr."
+
+Progress = Callable[[int, int], None]
+"""Called after each entry with (entries applied, compressed bytes read so far)."""
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    """What one layer held, and its two digests (computed while reading)."""
+
+    entries: int = 0
+    #: bytes of regular file data written
+    bytes: int = 0
+    whiteouts: int = 0
+    opaque_dirs: int = 0
+    #: entries whose owner or mode went to ``user.containers.override_stat`` (rootless)
+    overrides: int = 0
+    #: entries whose owner or mode could neither be stored nor recorded (rootless symlinks and FIFOs)
+    unrecorded: int = 0
+    #: PAX xattrs not written (overlay-private names, or refused by the file system)
+    dropped_xattrs: int = 0
+    #: ``sha256:...`` of the uncompressed tar (the layer's diff-id) and of the stream as read (its digest)
+    diff_id: str = ""
+    digest: str = ""
+    compression: str = ""
+    compressed_size: int = 0
+    uncompressed_size: int = 0
+
+    def summary(self) -> str:
+        """One line for a command's output."""
+        line = (
+            f"{self.entries} entries, {self.bytes} bytes, {self.whiteouts} whiteouts, "
+            f"{self.opaque_dirs} opaque directories"
+        )
+        if self.overrides:
+            line += f", {self.overrides} owners/modes recorded in {OVERRIDE_XATTR.decode()}"
+        if self.unrecorded:
+            line += f", {self.unrecorded} owners/modes of symlinks or FIFOs not recorded"
+        if self.dropped_xattrs:
+            line += f", {self.dropped_xattrs} xattrs dropped"
+        return line
+
+
+def _clean(name: bytes, what: str) -> tuple[bytes, ...]:
+    """The components of a name relative to the root, ``..`` applied lexically; refused when it climbs above."""
+    out: list[bytes] = []
+    for comp in name.split(b"/"):
+        if comp in (b"", b"."):
+            continue
+        if comp == b"..":
+            if not out:
+                raise LayerError(f"{what} {name!r} escapes the root")
+            out.pop()
+            continue
+        out.append(comp)
+    return tuple(out)
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return repr(b"/" + b"/".join(path))
+
+
+@dataclasses.dataclass
+class _DirMeta:
+    mode: int
+    uid: int
+    gid: int
+    times: tuple[int, int]
+
+
+class _Applier:
+    def __init__(self, root: bytes, fmt: XattrFormat, rootless: bool, result: ApplyResult) -> None:
+        self.root_fd = os.open(root, _PATH_FLAGS)
+        self.fmt = fmt
+        self.rootless = rootless
+        self.res = result
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        #: (raw parent components, follow) -> (O_PATH fd, resolved components)
+        self._cache: dict[tuple[tuple[bytes, ...], bool], tuple[int, tuple[bytes, ...]]] = {}
+        #: resolved paths of the non-directory entries this layer made (hard links may name only these)
+        self.made: set[tuple[bytes, ...]] = set()
+        self.dirs: dict[tuple[bytes, ...], _DirMeta] = {}
+        self._retired: list[int] = []
+
+    def close(self) -> None:
+        self._forget()
+        self._close_retired()
+        os.close(self.root_fd)
+
+    def _forget(self) -> None:
+        """Drop the resolution cache (after a removal). Its descriptors are closed at the next entry: the
+        current one may still be using one of them."""
+        self._retired.extend(fd for fd, _ in self._cache.values())
+        self._cache.clear()
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            os.close(self._retired.pop())
+
+    # -- resolution ------------------------------------------------------------------------------------
+
+    def _walk(
+        self, comps: tuple[bytes, ...], *, follow: bool, create: bool, what: str
+    ) -> tuple[int, tuple[bytes, ...]]:
+        """An O_PATH descriptor of directory ``comps`` inside the root, and its resolved components."""
+        todo = list(reversed(comps))
+        names: list[bytes] = []
+        fds: list[int] = []
+        links = 0
+        try:
+            while todo:
+                comp = todo.pop()
+                if comp in (b"", b"."):
+                    continue
+                if comp == b"..":
+                    if names:
+                        names.pop()
+                        os.close(fds.pop())
+                    continue
+                cur = fds[-1] if fds else self.root_fd
+                try:
+                    st: os.stat_result | None = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is None:
+                    if not create:
+                        raise LayerError(f"{what}: {_show((*names, comp))} does not exist")
+                    os.mkdir(comp, 0o755, dir_fd=cur)
+                elif stat.S_ISLNK(st.st_mode):
+                    if not follow:
+                        raise LayerError(f"{what}: goes through the symlink {_show((*names, comp))}")
+                    links += 1
+                    if links > _MAX_LINKS:
+                        raise LayerError(f"{what}: too many levels of symlinks")
+                    target = os.readlink(comp, dir_fd=cur)
+                    if target.startswith(b"/"):
+                        names.clear()
+                        while fds:
+                            os.close(fds.pop())
+                    todo.extend(reversed(target.split(b"/")))
+                    continue
+                elif not stat.S_ISDIR(st.st_mode):
+                    raise LayerError(f"{what}: {_show((*names, comp))} is not a directory")
+                fds.append(os.open(comp, _PATH_FLAGS, dir_fd=cur))
+                names.append(comp)
+            result = fds.pop() if fds else os.open(b".", _PATH_FLAGS, dir_fd=self.root_fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return result, tuple(names)
+
+    def _parent(self, comps: tuple[bytes, ...], *, follow: bool, what: str) -> tuple[int, tuple[bytes, ...]]:
+        key = (comps, follow)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if len(self._cache) >= _CACHE_MAX:
+            self._forget()
+        found = self._walk(comps, follow=follow, create=True, what=what)
+        self._cache[key] = found
+        return found
+
+    def _clear(self, pfd: int, base: bytes, path: tuple[bytes, ...], keep_dir: bool) -> bool:
+        """Remove what is at ``base`` (not followed; ``path`` from the root) unless ``keep_dir`` and it is a
+        directory; whether a directory is kept."""
+        try:
+            st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            self._forget()
+            shutil.rmtree(base, dir_fd=pfd)
+            depth = len(path)
+            self.made.difference_update([p for p in self.made if p[:depth] == path])
+        else:
+            if stat.S_ISLNK(st.st_mode):
+                self._forget()  # a cached resolution may go through it
+            os.unlink(base, dir_fd=pfd)
+            self.made.discard(path)
+        return False
+
+    # -- entries ---------------------------------------------------------------------------------------
+
+    def apply(self, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        self._close_retired()
+        raw = m.name.encode("utf-8", "surrogateescape")
+        what = f"entry {raw!r}"
+        comps = _clean(raw, "entry")
+        base = comps[-1] if comps else b""
+        if base.startswith(AUFS_PREFIX):
+            self._whiteout(comps, raw, what)
+            return
+        if not comps:
+            if not m.isdir():
+                raise LayerError(f"{what}: names the root, and is not a directory")
+            self._dir_meta(self.root_fd, b".", (), m, what)
+            return
+        pfd, parent = self._parent(comps[:-1], follow=True, what=what)
+        path = (*parent, base)
+        try:
+            self._entry(m, tf, pfd, base, path, what)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{what}: {exc.strerror}") from None
+
+    def _whiteout(self, comps: tuple[bytes, ...], raw: bytes, what: str) -> None:
+        base = comps[-1]
+        if base == AUFS_OPAQUE:
+            pfd, _ = self._parent(comps[:-1], follow=False, what=f"opaque marker {raw!r}")
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                os.setxattr(fd, self.fmt.opaque, b"y")
+            finally:
+                os.close(fd)
+            self.res.opaque_dirs += 1
+            return
+        if base.startswith(AUFS_META_PREFIX):
+            return  # AUFS metadata (.wh..wh.plnk and such): nothing to apply
+        name = base[len(AUFS_PREFIX) :]
+        if name in (b"", b".", b".."):
+            raise LayerError(f"whiteout {raw!r} names {name.decode(errors='replace') or 'nothing'!r}")
+        pfd, parent = self._parent(comps[:-1], follow=False, what=f"whiteout {raw!r}")
+        self._clear(pfd, name, (*parent, name), keep_dir=False)
+        try:
+            _make_whiteout(name, pfd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"whiteout {raw!r}: cannot make a whiteout: {exc.strerror}") from None
+        self.res.whiteouts += 1
+
+    def _entry(
+        self, m: tarfile.TarInfo, tf: tarfile.TarFile, pfd: int, base: bytes, path: tuple[bytes, ...], what: str
+    ) -> None:
+        kept_dir = self._clear(pfd, base, path, keep_dir=m.isdir())
+        if m.isdir():
+            if not kept_dir:
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            self.made.discard(path)
+            fd = os.open(base, _PATH_FLAGS, dir_fd=pfd)
+            try:
+                self._dir_meta(fd, b".", path, m, what)
+            finally:
+                os.close(fd)
+            return
+        self.made.add(path)
+        if m.isreg():
+            self._file(m, tf, pfd, base, what)
+        elif m.issym():
+            os.symlink(m.linkname.encode("utf-8", "surrogateescape"), base, dir_fd=pfd)
+            self._meta(pfd, base, m, symlink=True)
+        elif m.islnk():
+            self._hardlink(m, pfd, base, what)
+        elif m.isfifo():
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+            self._meta(pfd, base, m)
+        elif m.ischr() or m.isblk():
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            if self.rootless:
+                fd = os.open(
+                    base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+                )
+                try:
+                    label = b"%s-%d-%d" % (b"char" if m.ischr() else b"block", m.devmajor, m.devminor)
+                    self._fd_meta(fd, m, device=label)
+                finally:
+                    os.close(fd)
+            else:
+                os.mknod(base, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+                self._meta(pfd, base, m)
+        else:
+            raise LayerError(f"{what}: unsupported entry type {m.type!r}")
+
+    def _file(self, m: tarfile.TarInfo, tf: tarfile.TarFile, pfd: int, base: bytes, what: str) -> None:
+        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+        try:
+            src = tf.extractfile(m)
+            assert src is not None  # a regular file always has a reader
+            left = m.size
+            while left > 0:
+                try:
+                    chunk = src.read(min(_COPY, left))
+                except tarfile.ReadError:
+                    chunk = b""
+                if not chunk:
+                    raise LayerError(f"{what}: truncated ({m.size - left} of {m.size} bytes)")
+                left -= len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            self.res.bytes += m.size
+            self._fd_meta(fd, m)
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, m: tarfile.TarInfo, pfd: int, base: bytes, what: str) -> None:
+        link = m.linkname.encode("utf-8", "surrogateescape")
+        tcomps = _clean(link, f"{what}: hard link target")
+        if not tcomps:
+            raise LayerError(f"{what}: hard link to the root")
+        tfd, tparent = self._walk(tcomps[:-1], follow=True, create=False, what=f"{what}: hard link target {link!r}")
+        try:
+            target = (*tparent, tcomps[-1])
+            if target not in self.made:
+                raise LayerError(f"{what}: hard link to {link!r}, not an earlier entry of this layer")
+            try:
+                os.link(tcomps[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise LayerError(f"{what}: hard link to {link!r}, which is no longer there") from None
+        finally:
+            os.close(tfd)
+
+    # -- metadata --------------------------------------------------------------------------------------
+
+    def _xattrs(self, m: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
+        found = []
+        for key, value in m.pax_headers.items():
+            if not key.startswith(_XATTR_PAX):
+                continue
+            name = key[len(_XATTR_PAX) :].encode("utf-8", "surrogateescape")
+            if name.startswith((TRUSTED_PREFIX, USER_PREFIX)) or name == OVERRIDE_XATTR:
+                self.res.dropped_xattrs += 1
+                continue
+            found.append((name, value.encode("utf-8", "surrogateescape")))
+        return found
+
+    def _set_xattrs(self, target: bytes | int, m: tarfile.TarInfo) -> None:
+        for name, value in self._xattrs(m):
+            try:
+                xattrs.write(target, name, value)
+            except OSError as exc:
+                if exc.errno not in _XATTR_REFUSED:
+                    raise
+                self.res.dropped_xattrs += 1
+
+    @staticmethod
+    def _times(m: tarfile.TarInfo) -> tuple[int, int]:
+        mtime = int(round(float(m.mtime) * 1e9))
+        atime_text = m.pax_headers.get("atime")
+        try:
+            atime = int(round(float(atime_text) * 1e9)) if atime_text else mtime
+        except ValueError:
+            atime = mtime
+        return atime, mtime
+
+    def _record(self, target: bytes | int, st: os.stat_result, m: tarfile.TarInfo, device: bytes = b"") -> None:
+        """Rootless: record the entry's owner and mode where the disk does not hold them."""
+        want = (m.uid, m.gid, m.mode & 0o7777)
+        if not device and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == want:
+            return
+        value = encode_override(m.uid, m.gid, m.mode) + (b":" + device if device else b"")
+        try:
+            xattrs.write(target, OVERRIDE_XATTR, value)
+        except OSError as exc:
+            if exc.errno not in _XATTR_REFUSED:
+                raise
+            self.res.unrecorded += 1
+            return
+        self.res.overrides += 1
+
+    def _fd_meta(self, fd: int, m: tarfile.TarInfo, device: bytes = b"") -> None:
+        """Owner, mode, xattrs and times of a regular file open for writing."""
+        self._set_xattrs(fd, m)
+        if self.rootless:
+            os.fchmod(fd, (m.mode & 0o7777 | 0o600) if not device else 0o600)
+            self._record(fd, os.fstat(fd), m, device)
+        else:
+            os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o7777)
+        os.utime(fd, ns=self._times(m))
+
+    def _meta(self, pfd: int, base: bytes, m: tarfile.TarInfo, symlink: bool = False) -> None:
+        """Owner, mode, xattrs and times of a symlink, FIFO or device node ``base`` just made in ``pfd``."""
+        via_proc = b"/proc/self/fd/%d/%s" % (pfd, base)
+        self._set_xattrs(via_proc, m)
+        if self.rootless:
+            if not symlink:
+                os.chmod(base, m.mode & 0o7777 | 0o600, dir_fd=pfd)
+            st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+            if symlink:
+                if (st.st_uid, st.st_gid) != (m.uid, m.gid):
+                    self.res.unrecorded += 1
+            else:
+                self._record(via_proc, st, m)
+        else:
+            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            if not symlink:
+                # fchmodat cannot refuse to follow; ``base`` was just made here and is no symlink
+                os.chmod(base, m.mode & 0o7777, dir_fd=pfd)
+        os.utime(base, ns=self._times(m), dir_fd=pfd, follow_symlinks=False)
+
+    def _dir_meta(self, pfd: int, base: bytes, path: tuple[bytes, ...], m: tarfile.TarInfo, what: str) -> None:
+        """Owner and xattrs of a directory now; its mode and times once the layer is written."""
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            self._set_xattrs(fd, m)
+            if not self.rootless:
+                os.fchown(fd, m.uid, m.gid)
+        finally:
+            os.close(fd)
+        self.dirs[path] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, self._times(m))
+
+    def finish_dirs(self) -> None:
+        """The directories' modes and times, deepest first (a directory's own changes come before its parent's)."""
+        self._forget()
+        for path in sorted(self.dirs, key=len, reverse=True):
+            meta = self.dirs[path]
+            try:
+                pfd, _ = self._walk(path[:-1], follow=False, create=False, what="")
+            except (LayerError, OSError):
+                continue  # removed or replaced later in the layer
+            try:
+                try:
+                    fd = os.open(
+                        path[-1] if path else b".",
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=pfd,
+                    )
+                except OSError:
+                    continue
+                try:
+                    if self.rootless:
+                        os.fchmod(fd, meta.mode | 0o700)
+                        fake = tarfile.TarInfo()
+                        fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
+                        self._record(fd, os.fstat(fd), fake)
+                    else:
+                        os.fchmod(fd, meta.mode)
+                    os.utime(fd, ns=meta.times)
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(pfd)
+
+
+def _check_end(stream: LayerStream, offset: int) -> None:
+    """The tar must end with its end-of-archive marker (two zero blocks) where tarfile stopped: anything else
+    there is a truncated archive or a corrupt header (which tarfile's stream mode takes for the end)."""
+    tail = stream.bytes_at(offset, 2 * tarfile.BLOCKSIZE)
+    if tail is None:
+        raise LayerError(f"corrupt tar: cannot check the end of the archive at offset {offset}")
+    if len(tail) < 2 * tarfile.BLOCKSIZE:
+        if tail.strip(b"\0"):
+            raise LayerError(f"truncated tar: a partial header at offset {offset}")
+        raise LayerError(f"truncated tar: no end-of-archive marker at offset {offset}")
+    if tail.strip(b"\0"):
+        raise LayerError(f"corrupt tar: invalid header at offset {offset}")
+
+
+def apply_layer(
+    source: BinaryIO | bytes | str | os.PathLike[str],
+    root: bytes,
+    *,
+    fmt: XattrFormat,
+    rootless: bool,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """Apply the layer ``source`` (an open binary file, or a path; uncompressed, gzip or zstd) into the
+    existing directory ``root``. Raises :class:`LayerError` for hostile or broken input, OSError for the
+    file system's errors; ``root`` is then half-applied."""
+    if isinstance(source, (bytes, str, os.PathLike)):
+        with open(source, "rb") as f:
+            return apply_layer(f, root, fmt=fmt, rootless=rootless, progress=progress)
+    raw = HashingSource(source)
+    stream = LayerStream(raw)
+    result = ApplyResult(compression=stream.compression)
+    applier = _Applier(root, fmt, rootless, result)
+    try:
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]  # noqa: SIM115
+        except tarfile.ReadError as exc:
+            raise LayerError(f"not a tar archive: {exc}") from None
+        with tf:
+            while True:
+                try:
+                    m = tf.next()
+                except tarfile.ReadError as exc:
+                    raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
+                if m is None:
+                    break
+                applier.apply(m, tf)
+                result.entries += 1
+                if progress is not None:
+                    progress(result.entries, raw.count)
+            _check_end(stream, tf.offset)
+        applier.finish_dirs()
+    finally:
+        applier.close()
+    stream.drain()
+    while raw.read(1 << 16):
+        pass
+    result.diff_id = digest_hex(stream.sha)
+    result.digest = digest_hex(raw.sha)
+    result.compressed_size = raw.count
+    result.uncompressed_size = stream.count
+    return result
+
+
+def apply_into_new(
+    source: BinaryIO | bytes | str | os.PathLike[str],
+    parent: bytes,
+    name: bytes,
+    *,
+    fmt: XattrFormat,
+    rootless: bool,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """Apply the layer into a new directory ``parent/name``: built in a temporary sibling, renamed into place
+    only once complete, removed on any error. ``parent/name`` must not exist (FileExistsError; checked before
+    and at the rename, which would otherwise replace an empty directory)."""
+    if os.path.lexists(os.path.join(parent, name)):
+        raise FileExistsError(errno.EEXIST, "already exists", os.path.join(parent, name))
+    tmp = tempfile.mkdtemp(prefix=b"." + name + b".partial-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)
+        result = apply_layer(source, tmp, fmt=fmt, rootless=rootless, progress=progress)
+        if os.path.lexists(os.path.join(parent, name)):
+            raise FileExistsError(errno.EEXIST, "already exists", os.path.join(parent, name))
+        os.rename(tmp, os.path.join(parent, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
