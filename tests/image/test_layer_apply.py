@@ -398,3 +398,20 @@ def test_real_unprivileged_run(box: Box) -> None:
     assert is_whiteout_stat((box.root / "gone").lstat())
     assert "1 whiteouts" in proc.stdout
     tar.unlink()
+
+
+def test_file_capability_survives_owner(box: Box) -> None:
+    cap = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+    box.apply(build([reg("ping", b"x", mode=0o755, uid=1000, gid=1000, xattrs={"security.capability": cap})]))
+    assert os.getxattr(box.root / "ping", "security.capability") == cap
+    assert (box.root / "ping").stat().st_uid == 1000
+
+
+def test_non_utf8_names(box: Box) -> None:
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    box.apply(build([reg(name, b"1"), sym("l", name)]))
+    assert os.listdir(bytes(box.root)) == [b"caf\xe9", b"l"] or sorted(os.listdir(bytes(box.root))) == [
+        b"caf\xe9",
+        b"l",
+    ]
+    assert os.readlink(bytes(box.root / "l")) == b"caf\xe9"

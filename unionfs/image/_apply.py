@@ -417,21 +417,23 @@ class _Applier:
         self.res.overrides += 1
 
     def _fd_meta(self, fd: int, m: tarfile.TarInfo, device: bytes = b"") -> None:
-        """Owner, mode, xattrs and times of a regular file open for writing."""
-        self._set_xattrs(fd, m)
+        """Owner, xattrs, mode and times of a regular file open for writing (in this order: a chown clears
+        ``security.capability`` and the setuid bits)."""
         if self.rootless:
+            self._set_xattrs(fd, m)
             os.fchmod(fd, (m.mode & 0o7777 | 0o600) if not device else 0o600)
             self._record(fd, os.fstat(fd), m, device)
         else:
             os.fchown(fd, m.uid, m.gid)
+            self._set_xattrs(fd, m)
             os.fchmod(fd, m.mode & 0o7777)
         os.utime(fd, ns=self._times(m))
 
     def _meta(self, pfd: int, base: bytes, m: tarfile.TarInfo, symlink: bool = False) -> None:
-        """Owner, mode, xattrs and times of a symlink, FIFO or device node ``base`` just made in ``pfd``."""
+        """Owner, xattrs, mode and times of a symlink, FIFO or device node ``base`` just made in ``pfd``."""
         via_proc = b"/proc/self/fd/%d/%s" % (pfd, base)
-        self._set_xattrs(via_proc, m)
         if self.rootless:
+            self._set_xattrs(via_proc, m)
             if not symlink:
                 os.chmod(base, m.mode & 0o7777 | 0o600, dir_fd=pfd)
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
@@ -442,6 +444,7 @@ class _Applier:
                 self._record(via_proc, st, m)
         else:
             os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self._set_xattrs(via_proc, m)
             if not symlink:
                 # fchmodat cannot refuse to follow; ``base`` was just made here and is no symlink
                 os.chmod(base, m.mode & 0o7777, dir_fd=pfd)
@@ -451,9 +454,9 @@ class _Applier:
         """Owner and xattrs of a directory now; its mode and times once the layer is written."""
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
-            self._set_xattrs(fd, m)
             if not self.rootless:
                 os.fchown(fd, m.uid, m.gid)
+            self._set_xattrs(fd, m)
         finally:
             os.close(fd)
         self.dirs[path] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, self._times(m))
@@ -525,7 +528,7 @@ def apply_layer(
     applier = _Applier(root, fmt, rootless, result)
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]  # noqa: SIM115
+            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]  # noqa: SIM115
         except tarfile.ReadError as exc:
             raise LayerError(f"not a tar archive: {exc}") from None
         with tf:
