@@ -10,8 +10,8 @@
 * ``.wh.NAME`` removes what this layer put at NAME and leaves a whiteout there (a character device 0/0);
   ``.wh..wh..opq`` marks its directory opaque (``overlay.opaque=y`` in the namespace of ``fmt``), hiding the
   lower layers only, so entries this layer adds there, before or after the marker, stay. Other
-  ``.wh..wh.*`` names (AUFS metadata) are skipped. Whiteouts naming ``.``, ``..`` or nothing, or whose
-  directory is reached through a symlink, are refused.
+  ``.wh..wh.*`` names (AUFS metadata) and what is below them are skipped; ``.wh.NAME/child`` is refused.
+  Whiteouts naming ``.``, ``..`` or nothing, or whose directory is reached through a symlink, are refused.
 * Regular files, directories, symlinks (targets kept verbatim), hard links (only to an earlier entry of this
   layer), FIFOs and device nodes; numeric owners, modes, mtimes (directories' mode and times set once the
   whole layer is written, deepest first) and ``SCHILY.xattr.*`` PAX xattrs. Xattrs in the overlay namespaces
@@ -248,6 +248,11 @@ class _Applier:
         what = f"entry {raw!r}"
         comps = _clean(raw, "entry")
         base = comps[-1] if comps else b""
+        for comp in comps[:-1]:
+            if comp.startswith(AUFS_META_PREFIX):
+                return  # inside AUFS metadata (such as .wh..wh.plnk/, its hard link store): skipped
+            if comp.startswith(AUFS_PREFIX):
+                raise LayerError(f"{what}: a whiteout name as a directory")
         if base.startswith(AUFS_PREFIX):
             self._whiteout(comps, raw, what)
             return
