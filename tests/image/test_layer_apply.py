@@ -424,3 +424,18 @@ def test_non_utf8_names(box: Box) -> None:
         b"l",
     ]
     assert os.readlink(bytes(box.root / "l")) == b"caf\xe9"
+
+
+@pytest.mark.parametrize("comp", ["gzip", "zstd"])
+def test_large_compressed_layer(box: Box, comp: str) -> None:
+    big = os.urandom(300_000) + b"z" * 3_000_000
+    tar = build([reg("big", big), reg("small", b"s"), reg("big2", big[::-1])])
+    data = gz(tar) if comp == "gzip" else zst(tar)
+    res = box.apply(data)
+    assert (box.root / "big").read_bytes() == big and (box.root / "big2").read_bytes() == big[::-1]
+    assert res.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert res.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert res.uncompressed_size == len(tar) and res.compressed_size == len(data)
+    shutil.rmtree(box.root)
+    box.root.mkdir()
+    refused(box, data[: len(data) // 2], "truncated")

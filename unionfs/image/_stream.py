@@ -70,17 +70,22 @@ class _GzipDecoder:
             raise LayerError(f"corrupt gzip stream: {exc}") from None
 
     def more(self) -> bytes:
-        if self._obj.eof:
-            if self._obj.unused_data:
-                return self.feed(b"")
-            return b""
-        tail = self._obj.unconsumed_tail
-        if not tail:
-            return b""
-        try:
-            return self._obj.decompress(tail, _CHUNK)
-        except zlib.error as exc:
-            raise LayerError(f"corrupt gzip stream: {exc}") from None
+        """Output from input already given (b"" only when more input is needed)."""
+        while True:
+            if self._obj.eof:
+                if not self._obj.unused_data.strip(b"\0"):
+                    return b""
+                out = self.feed(b"")  # the next member
+            else:
+                tail = self._obj.unconsumed_tail
+                if not tail:
+                    return b""
+                try:
+                    out = self._obj.decompress(tail, _CHUNK)
+                except zlib.error as exc:
+                    raise LayerError(f"corrupt gzip stream: {exc}") from None
+            if out:
+                return out
 
     def at_end(self) -> bool:
         return self._obj.eof and not self._obj.unused_data.strip(b"\0")
@@ -103,22 +108,24 @@ class _ZstdDecoder:
         return self.more()
 
     def more(self) -> bytes:
-        if not self._pending:
-            return b""
-        piece, self._pending = self._pending[:_ZSTD_FEED], self._pending[_ZSTD_FEED:]
-        if self._eof:
-            if not piece.startswith(ZSTD_MAGIC[: len(piece)]):
-                raise LayerError("corrupt zstd stream: garbage after a frame")
-            self._obj = self._dctx.decompressobj()
-            self._eof = False
-        try:
-            out: bytes = self._obj.decompress(piece)
-        except self._mod.ZstdError as exc:
-            raise LayerError(f"corrupt zstd stream: {exc}") from None
-        if self._obj.eof:
-            self._eof = True
-            self._pending = self._obj.unused_data + self._pending
-        return out
+        """Output from input already given (b"" only when more input is needed)."""
+        while self._pending:
+            piece, self._pending = self._pending[:_ZSTD_FEED], self._pending[_ZSTD_FEED:]
+            if self._eof:
+                if not piece.startswith(ZSTD_MAGIC[: len(piece)]):
+                    raise LayerError("corrupt zstd stream: garbage after a frame")
+                self._obj = self._dctx.decompressobj()
+                self._eof = False
+            try:
+                out: bytes = self._obj.decompress(piece)
+            except self._mod.ZstdError as exc:
+                raise LayerError(f"corrupt zstd stream: {exc}") from None
+            if self._obj.eof:
+                self._eof = True
+                self._pending = self._obj.unused_data + self._pending
+            if out:
+                return out
+        return b""
 
     def at_end(self) -> bool:
         return self._eof and not self._pending
@@ -164,11 +171,13 @@ class LayerStream:
 
     def _fill(self) -> bool:
         """Add decompressed bytes to the buffer; False at the end of the stream."""
-        out = self._dec.more()
-        if out:
-            self._buf += out
-            return True
-        while not self._raw_done:
+        while True:
+            out = self._dec.more()
+            if out:
+                self._buf += out
+                return True
+            if self._raw_done:
+                return False
             if self._pending_first is not None:
                 raw, self._pending_first = self._pending_first, None
             else:
@@ -182,11 +191,6 @@ class LayerStream:
             if out:
                 self._buf += out
                 return True
-        out = self._dec.more()
-        if out:
-            self._buf += out
-            return True
-        return False
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
