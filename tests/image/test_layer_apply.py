@@ -275,9 +275,28 @@ def test_refuses_non_directory_root_entry(box: Box) -> None:
 def test_refuses_truncated_tar(box: Box) -> None:
     tar = build([reg("a", b"x" * 3000), reg("b", b"y" * 100)])
     refused(box, tar[:1200], "truncated")  # inside a's data
-    refused(box, tar[: 512 * 8 + 100], "truncated")  # inside b's header
-    refused(box, tar[: 512 * 9], "truncated")  # b's header, data missing
-    refused(box, tar[: 512 * 10], "truncated")  # no end-of-archive marker
+    refused(box, tar[: 512 * 7 + 100], "truncated")  # inside b's header
+    refused(box, tar[: 512 * 8 + 50], "truncated")  # inside b's data
+    refused(box, tar[: 512 * 9], "truncated")  # no end-of-archive marker
+
+
+def test_one_zero_block_at_the_end_accepted(box: Box) -> None:
+    tar = build([reg("a", b"x")])
+    box.apply(tar[: 3 * 512])
+    assert (box.root / "a").read_bytes() == b"x"
+
+
+def test_refuses_symlink_loop(box: Box) -> None:
+    refused(box, build([sym("a", "b"), sym("b", "a"), reg("a/x")]), "too many levels of symlinks")
+
+
+def test_refuses_entry_below_a_file(box: Box) -> None:
+    refused(box, build([reg("f"), sym("l", "f"), reg("l/x")]), "not a directory")
+
+
+def test_directory_over_directory_keeps_contents(box: Box) -> None:
+    box.apply(build([dir_("d", mode=0o700), reg("d/f"), dir_("d", mode=0o750)]))
+    assert (box.root / "d/f").exists() and stat.S_IMODE((box.root / "d").stat().st_mode) == 0o750
 
 
 def test_refuses_corrupt_header(box: Box) -> None:

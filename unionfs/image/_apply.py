@@ -500,17 +500,18 @@ class _Applier:
 
 
 def _check_end(stream: LayerStream, offset: int) -> None:
-    """The tar must end with its end-of-archive marker (two zero blocks) where tarfile stopped: anything else
-    there is a truncated archive or a corrupt header (which tarfile's stream mode takes for the end)."""
+    """The tar must end with its end-of-archive marker where tarfile stopped: anything else there is a
+    truncated archive or a corrupt header (which tarfile's stream mode takes for the end). The marker is
+    two zero blocks; one zero block at the very end of the stream is accepted too (what some writers do)."""
     tail = stream.bytes_at(offset, 2 * tarfile.BLOCKSIZE)
     if tail is None:
         raise LayerError(f"corrupt tar: cannot check the end of the archive at offset {offset}")
-    if len(tail) < 2 * tarfile.BLOCKSIZE:
-        if tail.strip(b"\0"):
-            raise LayerError(f"truncated tar: a partial header at offset {offset}")
-        raise LayerError(f"truncated tar: no end-of-archive marker at offset {offset}")
     if tail.strip(b"\0"):
+        if len(tail) < tarfile.BLOCKSIZE:
+            raise LayerError(f"truncated tar: a partial header at offset {offset}")
         raise LayerError(f"corrupt tar: invalid header at offset {offset}")
+    if len(tail) < tarfile.BLOCKSIZE:
+        raise LayerError(f"truncated tar: no end-of-archive marker at offset {offset}")
 
 
 def apply_layer(
