@@ -299,6 +299,22 @@ def test_directory_over_directory_keeps_contents(box: Box) -> None:
     assert (box.root / "d/f").exists() and stat.S_IMODE((box.root / "d").stat().st_mode) == 0o750
 
 
+def test_refuses_out_of_range_fields(box: Box) -> None:
+    ti, data = reg("big-uid")
+    ti.pax_headers = {"uid": str(2**40)}
+    refused(box, build([(ti, data)]), "out of range")
+    ti, data = reg("nul")
+    ti.pax_headers = {"path": "a\0b"}
+    refused(box, build([(ti, data)]), "NUL")
+
+
+def test_huge_mtime_clamped(box: Box) -> None:
+    ti, data = reg("f")
+    ti.pax_headers = {"mtime": "1e30"}
+    box.apply(build([(ti, data)]))
+    assert (box.root / "f").exists()
+
+
 def test_refuses_corrupt_header(box: Box) -> None:
     tar = bytearray(build([reg("a", b"x"), reg("b", b"y")]))
     tar[1024 + 148] ^= 0xFF  # b's header checksum

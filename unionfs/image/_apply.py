@@ -119,6 +119,28 @@ def _show(path: tuple[bytes, ...]) -> str:
     return repr(b"/" + b"/".join(path))
 
 
+_NS_MAX = 2**63 - 1
+#: the largest uid/gid (2**32 - 1 means "unchanged" to chown) and device number part Linux takes
+_ID_MAX = 2**32 - 2
+_DEV_MAX = 2**32 - 1
+
+
+def _clamp_ns(seconds: float) -> int:
+    if seconds != seconds:  # NaN
+        return 0
+    return max(-_NS_MAX, min(_NS_MAX, int(seconds * 1e9)))
+
+
+def _check_fields(m: tarfile.TarInfo, raw: bytes, what: str) -> None:
+    """Refuse what no file system can hold: NUL in names, ids or device numbers out of range."""
+    if b"\0" in raw or "\0" in m.linkname:
+        raise LayerError(f"{what}: a NUL byte in its name or link target")
+    if not (0 <= m.uid <= _ID_MAX and 0 <= m.gid <= _ID_MAX):
+        raise LayerError(f"{what}: owner {m.uid}:{m.gid} out of range")
+    if (m.ischr() or m.isblk()) and not (0 <= m.devmajor <= _DEV_MAX and 0 <= m.devminor <= _DEV_MAX):
+        raise LayerError(f"{what}: device number {m.devmajor}:{m.devminor} out of range")
+
+
 @dataclasses.dataclass
 class _DirMeta:
     mode: int
@@ -246,6 +268,7 @@ class _Applier:
         self._close_retired()
         raw = m.name.encode("utf-8", "surrogateescape")
         what = f"entry {raw!r}"
+        _check_fields(m, raw, what)
         comps = _clean(raw, "entry")
         base = comps[-1] if comps else b""
         for comp in comps[:-1]:
@@ -398,10 +421,11 @@ class _Applier:
 
     @staticmethod
     def _times(m: tarfile.TarInfo) -> tuple[int, int]:
-        mtime = int(round(float(m.mtime) * 1e9))
+        """(atime, mtime) in nanoseconds, clamped to what the kernel takes (a 64-bit count)."""
+        mtime = _clamp_ns(float(m.mtime))
         atime_text = m.pax_headers.get("atime")
         try:
-            atime = int(round(float(atime_text) * 1e9)) if atime_text else mtime
+            atime = _clamp_ns(float(atime_text)) if atime_text else mtime
         except ValueError:
             atime = mtime
         return atime, mtime
