@@ -143,10 +143,13 @@ def merged_tree(stack: Stack) -> dict[str, Any]:
 @given(
     st.lists(st.tuples(path_st, kind_st, st.binary(max_size=3)), max_size=12),
     st.lists(op_st, max_size=12),
+    st.booleans(),
 )
 def test_applied_layer_merges_as_oci_says(
-    lower_items: list[tuple[str, str, bytes]], op_items: list[tuple[str, str, bytes]]
+    lower_items: list[tuple[str, str, bytes]], op_items: list[tuple[str, str, bytes]], rootless: bool
 ) -> None:
+    """``rootless``: applied as an ordinary user would (user.* markers, no chown), read in the user format."""
+    fmt = XattrFormat.USER if rootless else XattrFormat.TRUSTED
     lower_items = consistent(lower_items, "FL")
     ops = consistent(op_items, "FLW")
     top = Path(tempfile.mkdtemp(prefix="unionfs-layer-model-"))
@@ -154,8 +157,8 @@ def test_applied_layer_merges_as_oci_says(
         (top / "lower").mkdir()
         (top / "upper").mkdir()
         lower = make_lower(top / "lower", lower_items)
-        apply_layer(io.BytesIO(tar_of(ops)), os.fsencode(top / "upper"), fmt=XattrFormat.TRUSTED, rootless=False)
-        stack = Stack([os.fsencode(top / "upper"), os.fsencode(top / "lower")], writable=False, fmt=XattrFormat.TRUSTED)
+        apply_layer(io.BytesIO(tar_of(ops)), os.fsencode(top / "upper"), fmt=fmt, rootless=rootless)
+        stack = Stack([os.fsencode(top / "upper"), os.fsencode(top / "lower")], writable=False, fmt=fmt)
         try:
             assert merged_tree(stack) == model(lower, ops)
         finally:
