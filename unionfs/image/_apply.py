@@ -30,6 +30,11 @@
 
 Hostile or broken input raises :class:`LayerError` naming the entry; the directory is then half-applied:
 use :func:`apply_into_new` to build into a fresh directory that only appears when complete.
+
+Not done here: nothing is fsync'd (the caller syncs if it needs durability); the digests are computed, not
+compared with expected ones (the caller compares); no id mapping is applied to owners; when the kernel
+refuses to make a 0/0 device for a whiteout, the apply fails (no fallback to xattr whiteouts); sparse files
+are written out in full; overlay-private xattrs of the archive are dropped, not stored escaped.
 """
 
 from __future__ import annotations
