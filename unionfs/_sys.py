@@ -76,3 +76,13 @@ _PR_SET_NAME = 15
 def set_process_name(name: bytes) -> None:
     """The name ``ps -o comm`` and ``/proc/PID/comm`` show for this process (at most 15 bytes are kept)."""
     _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def short_digest(data: bytes) -> str:
+    """The first 24 hex digits of ``data``'s SHA-256, a name for a file (pid files, spare sockets). The built-in
+    module first: hashlib loads OpenSSL, which takes longer than a mount command's own start-up work."""
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - (every CPython has it)
+        from hashlib import sha256
+    return str(sha256(data).hexdigest()[:24])

@@ -32,11 +32,6 @@ from .prepare import fuse_options as fuse_options
 
 log = logging.getLogger("unionfs")
 
-try:  # (the built-in SHA-256: hashlib loads OpenSSL first, which takes longer than the rest of this module)
-    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
-except ImportError:
-    from hashlib import sha256 as _sha256
-
 
 def __getattr__(name: str) -> Any:
     """``pyfuse3`` and ``trio``, as attributes of this module, load when first asked for: the server uses them
@@ -62,7 +57,7 @@ def pid_files(mountpoint: str) -> list[str]:
 
 
 def _pid_paths(real_mountpoint: str) -> list[str]:
-    digest = _sha256(os.fsencode(real_mountpoint)).hexdigest()[:24]
+    digest = _sys.short_digest(os.fsencode(real_mountpoint))
     return [os.path.join(d, digest + ".pid") for d in runtime_dirs()]
 
 

@@ -85,11 +85,7 @@ def _key() -> str:
             parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
         except OSError:
             parts.append("-")
-    try:
-        from _sha256 import sha256  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - (every CPython has it)
-        from hashlib import sha256
-    return str(sha256("\0".join(parts).encode()).hexdigest()[:24])
+    return _sys.short_digest("\0".join(parts).encode())
 
 
 def socket_path(dirs: list[str]) -> str | None:
