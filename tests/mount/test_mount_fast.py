@@ -47,16 +47,19 @@ class Who:
 
     name: str
     prefix: list[str]
+    #: the interpreter and the PYTHONPATH this user runs the project with (tests/conftest.py: others_python)
+    python: str = PY
+    path: str = SOURCE
 
     def run(self, *argv: str | os.PathLike[str], env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         environ = dict(os.environ if env is None else env)
-        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [environ.get("PYTHONPATH"), SOURCE]))
+        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [environ.get("PYTHONPATH"), self.path]))
         return subprocess.run([*self.prefix, *map(str, argv)], capture_output=True, text=True, timeout=timeout,
                               env=environ, stdin=subprocess.DEVNULL)
 
     def cli(self, *args: str | os.PathLike[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return self.run(PY, "-m", "unionfs", *args, env=env)
+        return self.run(self.python, "-m", "unionfs", *args, env=env)
 
     def read(self, path: Path) -> str:
         if not self.prefix:
@@ -76,8 +79,8 @@ class Who:
         """The pid in the server's pid file (where this user's server writes it)."""
         if not self.prefix:
             return server_pid(mnt)
-        r = self.run(PY, "-c", "import sys; from unionfs.fuse.server import pid_file; print(pid_file(sys.argv[1]))",
-                     mnt)
+        r = self.run(self.python, "-c",
+                     "import sys; from unionfs.fuse.server import pid_file; print(pid_file(sys.argv[1]))", mnt)
         assert r.returncode == 0, r.stderr
         try:
             return int(Path(r.stdout.strip()).read_text().strip())
@@ -100,6 +103,7 @@ def _test_user() -> pwd.struct_passwd | None:
 
 @pytest.fixture(params=["self", "user"])
 def who(request: pytest.FixtureRequest, layers: Layers) -> Who:
+    """The user of the test; an ordinary user runs the project with ``others_python``."""
     if request.param == "self":
         return Who("self", [])
     if os.geteuid() != 0:
@@ -113,7 +117,9 @@ def who(request: pytest.FixtureRequest, layers: Layers) -> Who:
         for name in [*dirnames, *filenames]:
             os.lchown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
     os.chown(layers.base, user.pw_uid, user.pw_gid)
-    return Who(user.pw_name, ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"])
+    python, path = request.getfixturevalue("others_python")
+    return Who(user.pw_name, ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"],
+               python, path)
 
 
 def _mount(who: Who, mounts: Mounts, layers: Layers, *extra: str,
@@ -271,7 +277,7 @@ sys.exit(code)
 
 def test_command_mounts_before_loading_pyfuse3_or_trio(layers: Layers, mounts: Mounts, who: Who) -> None:
     mounts.points.append(layers.mnt)
-    r = who.run(PY, "-c", WATCH, "mount", "-o", layers.opts(), layers.mnt)
+    r = who.run(who.python, "-c", WATCH, "mount", "-o", layers.opts(), layers.mnt)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     assert r.stdout == "[[]] []\n"
     pid = who.pid(layers.mnt)
