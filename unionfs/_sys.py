@@ -36,6 +36,9 @@ _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
     _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     _renameat2.restype = ctypes.c_int
+_syncfs = _libc.syncfs
+_syncfs.argtypes = [ctypes.c_int]
+_syncfs.restype = ctypes.c_int
 _mount = _libc.mount
 _mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _mount.restype = ctypes.c_int
@@ -56,6 +59,16 @@ def renameat2(src: bytes, dst: bytes, flags: int, src_dir_fd: int = AT_FDCWD, ds
     if _renameat2(src_dir_fd, src, dst_dir_fd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def syncfs(path: bytes | str) -> None:
+    """Write out everything cached of the file system holding ``path`` (syncfs(2)); raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _syncfs(fd) != 0:
+            _raise_errno(path)
+    finally:
+        os.close(fd)
 
 
 def mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> None:

@@ -182,6 +182,8 @@ COMMANDS = {
     "mount": "mount a layer stack (unionfs mount --help)",
     "umount": "unmount and wait for the server to exit",
     "snapshot": "build layer chains: prepare, mount, commit (unionfs snapshot --help)",
+    "image": "container images: import, mount, commit, export (unionfs image --help)",
+    "layer": "one layer tar into or out of a snapshot: apply, diff (unionfs layer --help)",
 }
 
 
@@ -259,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .snapshots.cli import main as snapshot_main
 
         return snapshot_main(args[1:])
+    if cmd in ("image", "images"):
+        from .image.cli import image_main
+
+        return image_main(args[1:])
+    if cmd in ("layer", "layers"):
+        from .image.cli import layer_main
+
+        return layer_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))

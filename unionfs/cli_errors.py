@@ -7,7 +7,10 @@ status      reason
 0           success
 1           a failure: the mount was refused or failed, an I/O error, anything unexpected
 2           bad usage: a malformed command line (argparse's own message) or mount option
-3 - 6       ``unionfs snapshot`` only: not found, already exists, failed precondition, invalid argument
+3 - 6       ``unionfs snapshot``, ``image``, ``layer``: not found, already exists, failed precondition, invalid
+            argument
+7           ``unionfs image``, ``layer``: an image or layer refused as broken or hostile (the line names the
+            blob or entry)
 130         interrupted (Ctrl-C)
 141         ``unionfs snapshot`` only: its output was closed by the reader (``| head``); nothing is printed
 ==========  =================================================================================================
@@ -27,6 +30,7 @@ from .preflight import MountError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -49,6 +53,16 @@ def describe(exc: BaseException) -> tuple[str, int]:
 
         if isinstance(exc, SnapshotError):
             return f"{exc.kind}: {exc}", exc.exit_status
+    if "unionfs.image._stream" in sys.modules:
+        from .image._stream import LayerError
+
+        if isinstance(exc, LayerError):
+            return f"refused: {exc}", EXIT_REFUSED
+    if "unionfs.image._oci" in sys.modules:
+        from .image._oci import ImageError
+
+        if isinstance(exc, ImageError):
+            return f"refused: {exc}", EXIT_REFUSED
     if isinstance(exc, OptionError):
         return f"error: {exc}", EXIT_USAGE
     if isinstance(exc, MountError):

@@ -17,13 +17,14 @@ The package imports neither pyfuse3 nor trio; mounting goes through the ``unionf
 from ..options import option_string
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 from ._snapshotter import STEPS, Finding, Snapshotter, default_root
-from ._types import Info, Kind, Mount, Usage
+from ._types import ImageInfo, Info, Kind, Mount, Usage
 
 __all__ = [
     "STEPS",
     "AlreadyExists",
     "FailedPrecondition",
     "Finding",
+    "ImageInfo",
     "Info",
     "InvalidArgument",
     "Kind",

@@ -36,8 +36,8 @@ from ..xattrs import can_store_trusted
 from . import _files, _filters, _mounts, _progress
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 from ._mounts import Record as MountRecord
-from ._store import Row, Store, Tx
-from ._types import Info, Kind, Mount, Usage, from_ns
+from ._store import ImageRow, Row, Store, Tx
+from ._types import ImageInfo, Info, Kind, Mount, Usage, from_ns
 
 log = logging.getLogger("unionfs.snapshots")
 
@@ -130,6 +130,17 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidArgument(f"label {k!r}: key and value take {n} bytes, more than {MAX_LABEL_BYTES}")
         out[k] = v
     return out
+
+
+def _check_mount_options(options: Sequence[str]) -> None:
+    for text in options:
+        for opt in split_options(text):
+            name = opt.partition("=")[0]
+            if name in FIXED_MOUNT_OPTIONS:
+                raise InvalidArgument(
+                    f"mount option {name!r} cannot be given for a snapshot: its layers and the xattr namespace "
+                    "of their markers are the snapshot's"
+                )
 
 
 def _kind_with_article(kind: str) -> str:
@@ -352,6 +363,12 @@ class Snapshotter:
                 else:
                     rows.append(row)
             going = {r.id for r in rows}
+            for sid, names in sorted(tx.images_on(going).items()):
+                key = next(r.key for r in rows if r.id == sid)
+                problems.append(FailedPrecondition(
+                    f'snapshot "{key}" is a layer of the image{"s" if len(names) > 1 else ""} '
+                    f'{", ".join(names)}; remove {"them" if len(names) > 1 else "it"} with `unionfs image rm`'
+                ))
             for row in rows:
                 try:
                     held.enter_context(self._not_mounted(row, "remove"))
@@ -449,6 +466,120 @@ class Snapshotter:
                 tick()
 
         _files.remove_tree(trash, deleted)
+
+    # -- images ------------------------------------------------------------------------------------------------
+
+    def _image_info(self, tx: Tx, row: ImageRow) -> ImageInfo:
+        top = tx.by_id(row.top_id) if row.top_id is not None else None
+        return ImageInfo(name=row.name, manifest_digest=row.manifest_digest,
+                         manifest_media_type=row.manifest_media_type, config_digest=row.config_digest,
+                         top=top.key if top else None, platform=row.platform, labels=dict(row.labels),
+                         created=from_ns(row.created_ns), updated=from_ns(row.updated_ns))
+
+    def put_image(self, name: str, *, manifest_digest: str, manifest_media_type: str, config_digest: str,
+                  top: str | None, platform: str, labels: Mapping[str, str] | None = None) -> ImageInfo:
+        """Name an image: ``name`` now stands for the manifest ``manifest_digest`` whose layers are the chain of
+        the committed snapshot ``top`` (None: no layers). An existing name is pointed at the new image.
+
+        NotFound when ``top`` does not exist, FailedPrecondition when it is not committed."""
+        name = _check_key(name, "image name")
+        checked = _check_labels(labels)
+        with self._store.write() as tx:
+            top_id = None
+            if top is not None:
+                row = self._get(tx, top)
+                if row.kind != Kind.COMMITTED.value:
+                    raise FailedPrecondition(f'snapshot "{top}" is {_kind_with_article(row.kind)}, not committed')
+                top_id = row.id
+            tx.put_image(name, manifest_digest, manifest_media_type, config_digest, top_id, platform, checked)
+            stored = tx.image(name)
+            assert stored is not None
+            return self._image_info(tx, stored)
+
+    def image(self, name: str) -> ImageInfo:
+        """The image ``name`` (NotFound when there is none)."""
+        with self._store.read() as tx:
+            row = tx.image(name)
+            if row is None:
+                raise NotFound(f'image "{name}" does not exist')
+            return self._image_info(tx, row)
+
+    def images(self) -> list[ImageInfo]:
+        """Every image, by name."""
+        with self._store.read() as tx:
+            return [self._image_info(tx, row) for row in tx.images()]
+
+    def image_chain(self, name: str) -> list[str]:
+        """The names of the committed snapshots of image ``name``'s layers, bottom first."""
+        with self._store.read() as tx:
+            row = tx.image(name)
+            if row is None:
+                raise NotFound(f'image "{name}" does not exist')
+            if row.top_id is None:
+                return []
+            top = tx.by_id(row.top_id)
+            assert top is not None
+            return [a.key for a in reversed(tx.ancestors(top.id))] + [top.key]
+
+    def remove_image(self, name: str) -> list[str]:
+        """Remove the name ``name``, and the snapshots of its chain that nothing uses any more (no other image,
+        no snapshot built on them); returns the names of the snapshots removed, top first.
+
+        NotFound when there is no such image. The name and those snapshots go in one transaction."""
+        with contextlib.ExitStack() as held, self._store.write() as tx:
+            row = tx.image(name)
+            if row is None:
+                raise NotFound(f'image "{name}" does not exist')
+            tx.delete_image(name)
+            chain: list[Row] = []
+            if row.top_id is not None:
+                top = tx.by_id(row.top_id)
+                assert top is not None
+                chain = [top, *tx.ancestors(top.id)]
+            used = tx.images_on({r.id for r in chain})
+            going: list[Row] = []
+            for r in chain:  # top first: once one stays, those beneath it stay too
+                if r.id in used or tx.child_ids(r.id) - {g.id for g in going}:
+                    break
+                try:
+                    held.enter_context(self._not_mounted(r, "remove"))
+                except FailedPrecondition:
+                    break
+                going.append(r)
+            for r in going:
+                tx.delete(r.id)
+        for r in going:
+            try:
+                with self.progress(f'image rm "{name}": deleting the layer {r.key}') as tick:
+                    self._reclaim(self._dir(r.id), progress=True, tick=tick)
+            except OSError as exc:
+                log.warning("removed %s but could not delete %s: %s", r.key, self._dir(r.id), exc.strerror)
+        return [r.key for r in going]
+
+    # -- layers ------------------------------------------------------------------------------------------------
+
+    def layer_dirs(self, key: str) -> tuple[str, list[str]]:
+        """The layer directory of snapshot ``key`` (the upper directory of an active snapshot) and those of its
+        parents, nearest first (NotFound when there is no such snapshot)."""
+        with self._store.read() as tx:
+            row = self._get(tx, key)
+            return self._fs(row.id), [self._fs(a.id) for a in tx.ancestors(row.id)]
+
+    @contextlib.contextmanager
+    def editing(self, key: str, verb: str) -> Iterator[tuple[str, list[str]]]:
+        """Hold the active snapshot ``key`` unmounted (no mount of it can start meanwhile) and give its layer
+        directory and its parents', nearest first, for changing or reading the layer directly.
+
+        NotFound when there is no such snapshot, FailedPrecondition when it is not active or is mounted."""
+        with self._store.read() as tx:
+            row = self._get(tx, key)
+            if row.kind != Kind.ACTIVE.value:
+                raise FailedPrecondition(
+                    f'snapshot "{key}" is {_kind_with_article(row.kind)}; only an active snapshot can be changed'
+                )
+            lowers = [self._fs(a.id) for a in tx.ancestors(row.id)]
+        with self._not_mounted(row, verb):
+            yield self._fs(row.id), lowers
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -581,14 +712,7 @@ class Snapshotter:
         snapshot without parents a writable mount whose upper layer is the snapshot's layer above the store's
         empty directory. The xattr namespace of the markers is always given (``userxattr`` or
         ``nouserxattr``): the store's, whoever mounts."""
-        for text in options:
-            for opt in split_options(text):
-                name = opt.partition("=")[0]
-                if name in FIXED_MOUNT_OPTIONS:
-                    raise InvalidArgument(
-                        f"mount option {name!r} cannot be given for a snapshot: its layers and the xattr namespace "
-                        "of their markers are the snapshot's"
-                    )
+        _check_mount_options(options)
         row, ancestors = self._chain(key)
         lowers = [self._fs(a.id) for a in ancestors]
         if row.kind == Kind.ACTIVE.value:
@@ -628,6 +752,27 @@ class Snapshotter:
             self._registry.prune(mountinfo.read())
             record = self._registry.add(target, row.key, [row.id, *(a.id for a in tx.ancestors(row.id))])
         return spec, record
+
+    def begin_chain_mount(self, name: str | None, mountpoint: str | os.PathLike[str],
+                          options: Sequence[str] = ()) -> tuple[MountSpec, MountRecord | None]:
+        """A read-only mount of the committed snapshot ``name`` over its parents (None: of nothing, an empty
+        directory), with no snapshot made for it, and a record of it as :meth:`begin_mount` gives (None for
+        nothing), which keeps those snapshots from removal while the mount lasts. ``options`` as for
+        :meth:`mount_spec`."""
+        _check_mount_options(options)
+        if name is None:
+            spec = self._union_spec([self.empty_dir], readonly=True, pin_xattr=True)
+            return (parse([render(spec), *options]) if options else spec), None
+        target = os.fsencode(os.path.realpath(mountpoint))
+        with self._store.write() as tx:
+            row = self._get(tx, name)
+            if row.kind != Kind.COMMITTED.value:
+                raise FailedPrecondition(f'snapshot "{name}" is {_kind_with_article(row.kind)}, not committed')
+            chain = [row, *tx.ancestors(row.id)]
+            spec = self._union_spec([self._fs(r.id) for r in chain], readonly=True, pin_xattr=True)
+            self._registry.prune(mountinfo.read())
+            record = self._registry.add(target, row.key, [r.id for r in chain])
+        return (parse([render(spec), *options]) if options else spec), record
 
     def mount_placed(self, record: MountRecord) -> None:
         """The mount of ``record`` (:meth:`begin_mount`) is in place; its record outlives this process."""

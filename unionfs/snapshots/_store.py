@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from ._errors import FailedPrecondition, SnapshotError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -38,6 +38,18 @@ CREATE TABLE IF NOT EXISTS snapshots (
     inodes     INTEGER
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots (parent_id);
+CREATE TABLE IF NOT EXISTS images (
+    name                TEXT    PRIMARY KEY,
+    manifest_digest     TEXT    NOT NULL,
+    manifest_media_type TEXT    NOT NULL,
+    config_digest       TEXT    NOT NULL,
+    top_id              INTEGER REFERENCES snapshots (id) ON DELETE RESTRICT,
+    platform            TEXT    NOT NULL,
+    created_ns          INTEGER NOT NULL,
+    updated_ns          INTEGER NOT NULL,
+    labels              TEXT    NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS images_top ON images (top_id);
 """
 
 _COLUMNS = "id, key, kind, parent_id, created_ns, updated_ns, labels, size, inodes"
@@ -56,6 +68,36 @@ class Row:
     labels: dict[str, str]
     size: int | None
     inodes: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRow:
+    """One image name as stored: its manifest and config (blobs of the content store) and the committed
+    snapshot of its top layer (None for an image without layers)."""
+
+    name: str
+    manifest_digest: str
+    manifest_media_type: str
+    config_digest: str
+    top_id: int | None
+    platform: str
+    created_ns: int
+    updated_ns: int
+    labels: dict[str, str]
+
+
+_IMAGE_COLUMNS = ("name, manifest_digest, manifest_media_type, config_digest, top_id, platform, created_ns,"
+                  " updated_ns, labels")
+
+
+def _image_row(values: tuple[object, ...]) -> ImageRow:
+    name, manifest, media_type, config, top_id, platform, created, updated, labels = values
+    assert isinstance(name, str) and isinstance(manifest, str) and isinstance(media_type, str)
+    assert isinstance(config, str) and (top_id is None or isinstance(top_id, int)) and isinstance(platform, str)
+    assert isinstance(created, int) and isinstance(updated, int) and isinstance(labels, str)
+    decoded = json.loads(labels)
+    return ImageRow(name, manifest, media_type, config, top_id, platform, created, updated,
+                    {str(k): str(v) for k, v in decoded.items()})
 
 
 def _row(values: tuple[object, ...]) -> Row:
@@ -141,6 +183,44 @@ class Tx:
 
     def delete(self, sid: int) -> None:
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (sid,))
+
+    # -- images --
+
+    def image(self, name: str) -> ImageRow | None:
+        cur = self._db.execute(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE name = ?", (name,))
+        values = cur.fetchone()
+        return None if values is None else _image_row(values)
+
+    def images(self) -> list[ImageRow]:
+        return [_image_row(v) for v in self._db.execute(f"SELECT {_IMAGE_COLUMNS} FROM images ORDER BY name")]
+
+    def put_image(self, name: str, manifest_digest: str, manifest_media_type: str, config_digest: str,
+                  top_id: int | None, platform: str, labels: dict[str, str]) -> None:
+        """Insert the image ``name``, or point an existing name at another image (its creation time stays)."""
+        now = time.time_ns()
+        self._db.execute(
+            "INSERT INTO images (name, manifest_digest, manifest_media_type, config_digest, top_id, platform,"
+            " created_ns, updated_ns, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET manifest_digest = excluded.manifest_digest,"
+            " manifest_media_type = excluded.manifest_media_type, config_digest = excluded.config_digest,"
+            " top_id = excluded.top_id, platform = excluded.platform,"
+            " updated_ns = max(images.updated_ns + 1, excluded.updated_ns), labels = excluded.labels",
+            (name, manifest_digest, manifest_media_type, config_digest, top_id, platform, now, now, _dump(labels)),
+        )
+
+    def delete_image(self, name: str) -> None:
+        self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+    def images_on(self, ids: set[int]) -> dict[int, list[str]]:
+        """For each snapshot id of ``ids``, the names of the images whose chain holds it (top or beneath)."""
+        used: dict[int, list[str]] = {}
+        for image in self.images():
+            if image.top_id is None:
+                continue
+            chain = {image.top_id, *(a.id for a in self.ancestors(image.top_id))}
+            for sid in chain & ids:
+                used.setdefault(sid, []).append(image.name)
+        return used
 
     def meta(self, name: str) -> str | None:
         values = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()

@@ -83,3 +83,32 @@ class Mount:
 
     def to_json(self) -> dict[str, object]:
         return {"type": self.type, "source": self.source, "options": list(self.options)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """An image name in the store: its manifest and config (blobs of the store's content store, by digest) and
+    ``top``, the name of the committed snapshot of its top layer (its chain ID; None for no layers)."""
+
+    name: str
+    manifest_digest: str
+    manifest_media_type: str
+    config_digest: str
+    top: str | None
+    platform: str
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    created: datetime.datetime | None = None
+    updated: datetime.datetime | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "manifest_digest": self.manifest_digest,
+            "manifest_media_type": self.manifest_media_type,
+            "config_digest": self.config_digest,
+            "top": self.top,
+            "platform": self.platform,
+            "labels": dict(self.labels),
+            "created": self.created.isoformat() if self.created else None,
+            "updated": self.updated.isoformat() if self.updated else None,
+        }
