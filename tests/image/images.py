@@ -192,7 +192,7 @@ def blob_path(root: Path, dig: str) -> Path:
 
 
 def edit_json(path: Path, hook: Hook) -> None:
-    """Rewrite a JSON file after ``hook`` edited its dict (a list at the top level is passed wrapped: ``{"": [...]}``)."""
+    """Rewrite a JSON file after ``hook`` edited its dict (a top-level list is passed wrapped: ``{"": [...]}``)."""
     obj = json.loads(path.read_bytes())
     if isinstance(obj, list):
         box = {"": obj}
