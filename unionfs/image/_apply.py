@@ -65,7 +65,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, Literal
 
 from .. import xattrs
-from ..ownership import OVERRIDE_XATTR, decode_override, encode_override
+from ..ownership import OVERRIDE_XATTR, encode_override
 from ..whiteout import (
     AUFS_META_PREFIX,
     AUFS_OPAQUE,
@@ -177,6 +177,8 @@ class _DirMeta:
     uid: int
     gid: int
     times: tuple[int, int]
+    #: a copy-up of a lower directory: its mode on disk is copied as it is, and its override with its xattrs
+    copied: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,17 +328,6 @@ class _Applier:
                     raise
                 self.res.dropped_xattrs += 1
 
-    def _shown_meta(self, found: _LowerFound) -> _DirMeta:
-        """The owner and mode a lower object shows (rootless: its override, when it holds one) and its times."""
-        st = found.st
-        uid, gid, mode = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-        if self.rootless:
-            value = xattrs.get(self._lower_proc(found), OVERRIDE_XATTR)
-            decoded = decode_override(value) if value is not None else None
-            if decoded is not None:
-                uid, gid, mode = decoded
-        return _DirMeta(mode, uid, gid, (st.st_atime_ns, st.st_mtime_ns))
-
     def _copy_up_dir(self, cur: int, comp: bytes, path: tuple[bytes, ...], found: _LowerFound) -> None:
         """Make ``comp`` in ``cur`` (root's ``path``) as a copy-up of the lower directory ``found``: its owner
         and xattrs now, its mode and times once the layer is written."""
@@ -348,7 +339,10 @@ class _Applier:
             self._copy_xattrs(found, fd)
         finally:
             os.close(fd)
-        self.dirs[path] = self._shown_meta(found)
+        st = found.st
+        self.dirs[path] = _DirMeta(
+            stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, (st.st_atime_ns, st.st_mtime_ns), copied=True
+        )
 
     def _copy_up_file(self, pfd: int, base: bytes, found: _LowerFound, what: str) -> None:
         """Make ``base`` in ``pfd`` a copy of the lower non-directory ``found`` (content, owner, xattrs,
@@ -757,7 +751,9 @@ class _Applier:
                 except OSError:
                     continue
                 try:
-                    if self.rootless:
+                    if meta.copied:
+                        os.fchmod(fd, meta.mode)
+                    elif self.rootless:
                         os.fchmod(fd, meta.mode | 0o700)
                         fake = tarfile.TarInfo()
                         fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
