@@ -1,24 +1,37 @@
 """Apply one OCI/Docker layer tar into a directory in the kernel's overlay on-disk format (containerd's
 ``pkg/archive`` semantics, written from scratch).
 
-* Every entry name is resolved inside ``root`` as if chrooted. A name whose ``..`` climbs above the root is
-  refused; absolute names are relative to the root. The directories on the way are opened one at a time with
-  ``openat(O_PATH|O_NOFOLLOW)``; a symlink met on the way (planted by this layer or already there) is read and
-  followed inside the root (an absolute target restarts at the root, ``..`` stops at it). Missing parent
-  directories are made (mode 0755). The last component is never followed: what is there is replaced
-  (removed first) unless both it and the entry are directories.
-* ``.wh.NAME`` removes what this layer put at NAME and leaves a whiteout there (a character device 0/0);
-  ``.wh..wh..opq`` marks its directory opaque (``overlay.opaque=y`` in the namespace of ``fmt``), hiding the
-  lower layers only, so entries this layer adds there, before or after the marker, stay. Other
-  ``.wh..wh.*`` names (AUFS metadata) and what is below them are skipped; ``.wh.NAME/child`` is refused.
-  Whiteouts naming ``.``, ``..`` or nothing, or whose directory is reached through a symlink, are refused.
-* Regular files, directories, symlinks (targets kept verbatim), hard links (only to an earlier entry of this
-  layer), FIFOs and device nodes; numeric owners, modes, mtimes (directories' mode and times set once the
-  whole layer is written, deepest first) and ``SCHILY.xattr.*`` PAX xattrs. Xattrs in the overlay namespaces
-  (``trusted.overlay.*``, ``user.overlay.*``) would be read by overlayfs as its own markers (opaque,
-  redirect, metacopy...) and ``user.containers.override_stat`` as a stored owner: they are dropped and
-  counted, never written. Xattrs the file system or our privileges refuse (EPERM, ENOTSUP, EACCES) are
-  dropped and counted too.
+* Every entry name is resolved as if chrooted into the merged view of ``root`` over ``lowers`` (the layers
+  beneath this one, already applied, uppermost first; only read). A name whose ``..`` climbs above the root
+  is refused; absolute names are relative to the root. The directories on the way are opened one at a time
+  with ``openat(O_PATH|O_NOFOLLOW)``; a symlink met on the way (planted by this layer, or in a lower one) is
+  read and followed inside the root: an absolute target restarts at the root, ``..`` stops at it, 40 links at
+  most, and the resolution goes on in the merged view (``lib -> /usr/lib`` in a lower layer, then ``lib/x`` in
+  this one, lands in ``usr/lib/x``). The lower layers are consulted only for a component ``root`` does not
+  hold, top-down: a whiteout (a character device 0/0, or an xattr whiteout in a directory marked
+  ``overlay.opaque=x``) hides the name and everything beneath; a directory marked opaque (``overlay.opaque=y``
+  in the namespace of ``fmt``, in a lower layer or in ``root``) hides what the layers beneath hold inside it;
+  a non-directory hides the directories beneath it. A directory only a lower layer holds is made in ``root``
+  as a copy-up would make it: with the owner, mode and times of the top-most one and its xattrs (overlay-
+  private ones left out; rootless: ``user.containers.override_stat`` with them), not opaque. A missing
+  directory (nowhere, or whited out) is made with mode 0755. The last component is never followed: what
+  ``root`` holds there is replaced (removed first) unless both it and the entry are directories. A directory
+  entry replacing, in ``root``, a non-directory this layer put over a lower directory (such as its whiteout)
+  is marked opaque: the lower directory it hid stays hidden.
+* ``.wh.NAME`` removes what this layer put at NAME and leaves a whiteout there (a character device 0/0),
+  whether or not a lower layer holds NAME; ``.wh..wh..opq`` marks its directory opaque (``overlay.opaque=y``
+  in the namespace of ``fmt``), hiding the lower layers only, so entries this layer adds there, before or
+  after the marker, stay. Other ``.wh..wh.*`` names (AUFS metadata) and what is below them are skipped;
+  ``.wh.NAME/child`` is refused. Whiteouts naming ``.``, ``..`` or nothing, or whose directory is reached
+  through a symlink (of this layer or of a lower one), are refused.
+* Regular files, directories, symlinks (targets kept verbatim), hard links, FIFOs and device nodes; numeric
+  owners, modes, mtimes (directories' mode and times set once the whole layer is written, deepest first) and
+  ``SCHILY.xattr.*`` PAX xattrs. A hard link names an earlier entry of this layer, or a non-directory of the
+  lower layers: that one is copied up into ``root`` first (content, owner, mode, times, xattrs but the
+  overlay-private ones), then linked. Xattrs in the overlay namespaces (``trusted.overlay.*``,
+  ``user.overlay.*``) would be read by overlayfs as its own markers (opaque, redirect, metacopy...) and
+  ``user.containers.override_stat`` as a stored owner: they are dropped and counted, never written. Xattrs
+  the file system or our privileges refuse (EPERM, ENOTSUP, EACCES) are dropped and counted too.
 * ``rootless=True``: no chown is attempted; files stay owned by the applying user, regular files get at least
   ``u+rw`` and directories ``u+rwx`` on disk (so that this user can go on writing and reading them), and where
   the owner or mode on disk differs from the entry's, ``user.containers.override_stat`` records
@@ -34,7 +47,9 @@ use :func:`apply_into_new` to build into a fresh directory that only appears whe
 Not done here: nothing is fsync'd (the caller syncs if it needs durability); the digests are computed, not
 compared with expected ones (the caller compares); no id mapping is applied to owners; when the kernel
 refuses to make a 0/0 device for a whiteout, the apply fails (no fallback to xattr whiteouts); sparse files
-are written out in full; overlay-private xattrs of the archive are dropped, not stored escaped.
+are written out in full; overlay-private xattrs of the archive are dropped, not stored escaped; the lower
+layers are taken as they are (not checked for changes while the layer is applied), their merged paths must
+fit in PATH_MAX, and neither metacopy nor redirect xattrs in them are followed.
 """
 
 from __future__ import annotations
@@ -46,12 +61,22 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, Literal
 
 from .. import xattrs
 from ..ownership import OVERRIDE_XATTR, encode_override
-from ..whiteout import AUFS_META_PREFIX, AUFS_OPAQUE, AUFS_PREFIX, TRUSTED_PREFIX, USER_PREFIX, XattrFormat
+from ..whiteout import (
+    AUFS_META_PREFIX,
+    AUFS_OPAQUE,
+    AUFS_PREFIX,
+    TRUSTED_PREFIX,
+    USER_PREFIX,
+    XattrFormat,
+    is_whiteout_stat,
+    is_xattr_whiteout,
+    read_dir_marks,
+)
 from ..whiteout import make_whiteout as _make_whiteout
 from ._stream import HashingSource, LayerError, LayerStream, digest_hex
 
@@ -152,10 +177,38 @@ class _DirMeta:
     uid: int
     gid: int
     times: tuple[int, int]
+    #: a copy-up of a lower directory: its mode on disk is copied as it is, and its override with its xattrs
+    copied: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _LowerDir:
+    """The lower layers contributing to one merged directory, top first, and those of them whose directory
+    holds xattr whiteouts (``overlay.opaque=x``)."""
+
+    dirs: tuple[int, ...]
+    xwhiteouts: frozenset[int] = frozenset()
+
+
+_NO_LOWER = _LowerDir(())
+_Cleared = Literal["nothing", "kept", "removed"]
+#: what a lookup in a lower layer may say when the name is simply not there
+_MISSING = (errno.ENOENT, errno.ENOTDIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LowerFound:
+    """What the merged lower view shows at a name: the top-most layer holding it and its stat."""
+
+    layer: int
+    st: os.stat_result
+    path: bytes
 
 
 class _Applier:
-    def __init__(self, root: bytes, fmt: XattrFormat, rootless: bool, result: ApplyResult) -> None:
+    def __init__(
+        self, root: bytes, fmt: XattrFormat, rootless: bool, result: ApplyResult, lowers: Sequence[bytes] = ()
+    ) -> None:
         self.root_fd = os.open(root, _PATH_FLAGS)
         self.fmt = fmt
         self.rootless = rootless
@@ -167,28 +220,179 @@ class _Applier:
         self.made: set[tuple[bytes, ...]] = set()
         self.dirs: dict[tuple[bytes, ...], _DirMeta] = {}
         self._retired: list[int] = []
+        self.lower_fds: list[int] = []
+        try:
+            for lower in lowers:
+                self.lower_fds.append(os.open(lower, _PATH_FLAGS))
+        except BaseException:
+            self.close()
+            raise
+        #: resolved directory path -> the lower layers contributing to it (computed when root misses a name)
+        self._lower_dirs: dict[tuple[bytes, ...], _LowerDir] = {}
+        #: resolved paths of the lower symlinks followed by the cached resolutions
+        self._lower_links: set[tuple[bytes, ...]] = set()
 
     def close(self) -> None:
         self._forget()
         self._close_retired()
         os.close(self.root_fd)
+        while self.lower_fds:
+            os.close(self.lower_fds.pop())
 
     def _forget(self) -> None:
-        """Drop the resolution cache (after a removal). Its descriptors are closed at the next entry: the
-        current one may still be using one of them."""
+        """Drop the resolution caches (after a removal, or when a lower name they used is hidden). Their
+        descriptors are closed at the next entry: the current one may still be using one of them."""
         self._retired.extend(fd for fd, _ in self._cache.values())
         self._cache.clear()
+        self._lower_dirs.clear()
+        self._lower_links.clear()
 
     def _close_retired(self) -> None:
         while self._retired:
             os.close(self._retired.pop())
 
+    # -- the lower layers ------------------------------------------------------------------------------
+
+    def _root_opaque(self, path: tuple[bytes, ...]) -> bool:
+        """Whether root's directory ``path`` (resolved, all directories in root) is marked opaque."""
+        proc = b"/proc/self/fd/%d/%s" % (self.root_fd, b"/".join(path) or b".")
+        return xattrs.get(proc, self.fmt.opaque) == b"y"
+
+    def _lower_dir(self, path: tuple[bytes, ...]) -> _LowerDir:
+        """The lower layers merged into root's directory ``path`` (which root holds, as do its ancestors)."""
+        hit = self._lower_dirs.get(path)
+        if hit is not None:
+            return hit
+        if self._root_opaque(path):
+            found = _NO_LOWER
+        elif not path:
+            found = _LowerDir(tuple(range(len(self.lower_fds))))
+        else:
+            found = self._lower_lookup(path[:-1], path[-1])[1]
+        self._lower_dirs[path] = found
+        return found
+
+    def _lower_lookup(self, parent: tuple[bytes, ...], name: bytes) -> tuple[_LowerFound | None, _LowerDir]:
+        """What the lower layers show at ``name`` in root's directory ``parent``: the top-most object (None
+        when missing or whited out) and, for a directory, the layers merged into it. A whiteout hides the name
+        and everything beneath; a non-directory on top stands alone; a directory merges with the directories
+        beneath it down to an opaque one or to a non-directory."""
+        above = self._lower_dir(parent)
+        if not above.dirs:
+            return None, _NO_LOWER
+        path = b"/".join((*parent, name))
+        top: _LowerFound | None = None
+        dirs: list[int] = []
+        marked: list[int] = []
+        for index in above.dirs:
+            fd = self.lower_fds[index]
+            try:
+                st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _MISSING:
+                    raise
+                continue
+            proc = b"/proc/self/fd/%d/%s" % (fd, path)
+            if is_whiteout_stat(st) or (index in above.xwhiteouts and is_xattr_whiteout(proc, st, (self.fmt,))):
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                if top is None:
+                    top = _LowerFound(index, st, path)
+                break
+            if top is None:
+                top = _LowerFound(index, st, path)
+            dirs.append(index)
+            marks = read_dir_marks(proc, (self.fmt,))
+            if marks.xwhiteouts:
+                marked.append(index)
+            if marks.opaque:
+                break
+        return top, _LowerDir(tuple(dirs), frozenset(marked)) if dirs else _NO_LOWER
+
+    def _lower_proc(self, found: _LowerFound) -> bytes:
+        return b"/proc/self/fd/%d/%s" % (self.lower_fds[found.layer], found.path)
+
+    def _copy_xattrs(self, found: _LowerFound, target: bytes | int) -> None:
+        """The xattrs of a lower object onto its copy in root, overlay-private ones left out."""
+        src = self._lower_proc(found)
+        for name in xattrs.names(src):
+            if name.startswith((TRUSTED_PREFIX, USER_PREFIX)):
+                continue
+            value = xattrs.get(src, name)
+            if value is None:
+                continue
+            try:
+                xattrs.write(target, name, value)
+            except OSError as exc:
+                if exc.errno not in _XATTR_REFUSED:
+                    raise
+                self.res.dropped_xattrs += 1
+
+    def _copy_up_dir(self, cur: int, comp: bytes, path: tuple[bytes, ...], found: _LowerFound) -> None:
+        """Make ``comp`` in ``cur`` (root's ``path``) as a copy-up of the lower directory ``found``: its owner
+        and xattrs now, its mode and times once the layer is written."""
+        os.mkdir(comp, 0o700, dir_fd=cur)
+        fd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+        try:
+            if not self.rootless:
+                os.fchown(fd, found.st.st_uid, found.st.st_gid)
+            self._copy_xattrs(found, fd)
+        finally:
+            os.close(fd)
+        st = found.st
+        self.dirs[path] = _DirMeta(
+            stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, (st.st_atime_ns, st.st_mtime_ns), copied=True
+        )
+
+    def _copy_up_file(self, pfd: int, base: bytes, found: _LowerFound, what: str) -> None:
+        """Make ``base`` in ``pfd`` a copy of the lower non-directory ``found`` (content, owner, xattrs,
+        mode, times)."""
+        st = found.st
+        lfd = self.lower_fds[found.layer]
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        if stat.S_ISREG(st.st_mode):
+            src = os.open(found.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
+            try:
+                fd = os.open(
+                    base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+                )
+                try:
+                    while os.sendfile(fd, src, None, _COPY):
+                        pass
+                    if not self.rootless:
+                        os.fchown(fd, st.st_uid, st.st_gid)
+                    self._copy_xattrs(found, fd)
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                    os.utime(fd, ns=times)
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(src)
+            return
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(found.path, dir_fd=lfd), base, dir_fd=pfd)
+        elif stat.S_ISFIFO(st.st_mode):
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            os.mknod(base, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=pfd)
+        else:
+            raise LayerError(f"{what}: hard link to a lower object of an unsupported type")
+        via_proc = b"/proc/self/fd/%d/%s" % (pfd, base)
+        if not self.rootless:
+            os.chown(base, st.st_uid, st.st_gid, dir_fd=pfd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            self._copy_xattrs(found, via_proc)
+            os.chmod(base, stat.S_IMODE(st.st_mode), dir_fd=pfd)
+        os.utime(base, ns=times, dir_fd=pfd, follow_symlinks=False)
+
     # -- resolution ------------------------------------------------------------------------------------
 
     def _walk(
-        self, comps: tuple[bytes, ...], *, follow: bool, create: bool, what: str
+        self, comps: tuple[bytes, ...], *, follow: bool, create: bool, what: str, lower: bool = True
     ) -> tuple[int, tuple[bytes, ...]]:
-        """An O_PATH descriptor of directory ``comps`` inside the root, and its resolved components."""
+        """An O_PATH descriptor of directory ``comps`` inside the root (in the merged view of root over the
+        lower layers, unless not ``lower``), and its resolved components. A directory only a lower layer holds
+        is copied up; a missing one is made when ``create``."""
         todo = list(reversed(comps))
         names: list[bytes] = []
         fds: list[int] = []
@@ -208,25 +412,36 @@ class _Applier:
                     st: os.stat_result | None = os.stat(comp, dir_fd=cur, follow_symlinks=False)
                 except FileNotFoundError:
                     st = None
+                target: bytes | None = None
                 if st is None:
-                    if not create:
-                        raise LayerError(f"{what}: {_show((*names, comp))} does not exist")
-                    os.mkdir(comp, 0o755, dir_fd=cur)
+                    found = self._lower_lookup(tuple(names), comp)[0] if lower and self.lower_fds else None
+                    if found is None:
+                        if not create:
+                            raise LayerError(f"{what}: {_show((*names, comp))} does not exist")
+                        os.mkdir(comp, 0o755, dir_fd=cur)
+                    elif stat.S_ISLNK(found.st.st_mode):
+                        target = os.readlink(found.path, dir_fd=self.lower_fds[found.layer])
+                        self._lower_links.add((*names, comp))
+                    elif stat.S_ISDIR(found.st.st_mode):
+                        self._copy_up_dir(cur, comp, (*names, comp), found)
+                    else:
+                        raise LayerError(f"{what}: {_show((*names, comp))} is not a directory")
                 elif stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(comp, dir_fd=cur)
+                elif not stat.S_ISDIR(st.st_mode):
+                    raise LayerError(f"{what}: {_show((*names, comp))} is not a directory")
+                if target is not None:
                     if not follow:
                         raise LayerError(f"{what}: goes through the symlink {_show((*names, comp))}")
                     links += 1
                     if links > _MAX_LINKS:
                         raise LayerError(f"{what}: too many levels of symlinks")
-                    target = os.readlink(comp, dir_fd=cur)
                     if target.startswith(b"/"):
                         names.clear()
                         while fds:
                             os.close(fds.pop())
                     todo.extend(reversed(target.split(b"/")))
                     continue
-                elif not stat.S_ISDIR(st.st_mode):
-                    raise LayerError(f"{what}: {_show((*names, comp))} is not a directory")
                 fds.append(os.open(comp, _PATH_FLAGS, dir_fd=cur))
                 names.append(comp)
             result = fds.pop() if fds else os.open(b".", _PATH_FLAGS, dir_fd=self.root_fd)
@@ -246,16 +461,19 @@ class _Applier:
         self._cache[key] = found
         return found
 
-    def _clear(self, pfd: int, base: bytes, path: tuple[bytes, ...], keep_dir: bool) -> bool:
+    def _clear(self, pfd: int, base: bytes, path: tuple[bytes, ...], keep_dir: bool) -> _Cleared:
         """Remove what is at ``base`` (not followed; ``path`` from the root) unless ``keep_dir`` and it is a
-        directory; whether a directory is kept."""
+        directory; what was there. A lower symlink the cached resolutions went through is hidden by what
+        comes here next: they are dropped."""
+        if path in self._lower_links:
+            self._forget()
         try:
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            return False
+            return "nothing"
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
-                return True
+                return "kept"
             self._forget()
             shutil.rmtree(base, dir_fd=pfd)
             depth = len(path)
@@ -265,7 +483,7 @@ class _Applier:
                 self._forget()  # a cached resolution may go through it
             os.unlink(base, dir_fd=pfd)
             self.made.discard(path)
-        return False
+        return "removed"
 
     # -- entries ---------------------------------------------------------------------------------------
 
@@ -306,6 +524,8 @@ class _Applier:
             finally:
                 os.close(fd)
             self.res.opaque_dirs += 1
+            if self.lower_fds:
+                self._forget()  # the lower names beneath it are hidden now
             return
         if base.startswith(AUFS_META_PREFIX):
             return  # AUFS metadata (.wh..wh.plnk and such): nothing to apply
@@ -323,14 +543,21 @@ class _Applier:
     def _entry(
         self, m: tarfile.TarInfo, tf: tarfile.TarFile, pfd: int, base: bytes, path: tuple[bytes, ...], what: str
     ) -> None:
-        kept_dir = self._clear(pfd, base, path, keep_dir=m.isdir())
+        cleared = self._clear(pfd, base, path, keep_dir=m.isdir())
         if m.isdir():
-            if not kept_dir:
+            if cleared != "kept":
                 os.mkdir(base, 0o700, dir_fd=pfd)
             self.made.discard(path)
             fd = os.open(base, _PATH_FLAGS, dir_fd=pfd)
             try:
                 self._dir_meta(fd, b".", path, m, what)
+                if cleared == "removed" and self.lower_fds:
+                    # what this layer put here (a whiteout, a file...) hid a lower directory: the new one
+                    # replaces it, and is opaque (as it would be in a tree extracted onto the merged view)
+                    found = self._lower_lookup(path[:-1], base)[0]
+                    if found is not None and stat.S_ISDIR(found.st.st_mode):
+                        xattrs.write(b"/proc/self/fd/%d" % fd + b"/.", self.fmt.opaque, b"y")
+                        self._forget()
             finally:
                 os.close(fd)
             return
@@ -393,7 +620,17 @@ class _Applier:
         try:
             target = (*tparent, tcomps[-1])
             if target not in self.made:
-                raise LayerError(f"{what}: hard link to {link!r}, not an earlier entry of this layer")
+                found = None
+                if self.lower_fds and not _lexists(tcomps[-1], tfd):
+                    found = self._lower_lookup(tparent, tcomps[-1])[0]
+                if found is None:
+                    raise LayerError(
+                        f"{what}: hard link to {link!r}, not an earlier entry of this layer or a lower file"
+                    )
+                if stat.S_ISDIR(found.st.st_mode):
+                    raise LayerError(f"{what}: hard link to {link!r}, a directory")
+                self._copy_up_file(tfd, tcomps[-1], found, what)
+                self.made.add(target)
             try:
                 os.link(tcomps[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:
@@ -501,7 +738,7 @@ class _Applier:
         for path in sorted(self.dirs, key=len, reverse=True):
             meta = self.dirs[path]
             try:
-                pfd, _ = self._walk(path[:-1], follow=False, create=False, what="")
+                pfd, _ = self._walk(path[:-1], follow=False, create=False, what="", lower=False)
             except (LayerError, OSError):
                 continue  # removed or replaced later in the layer
             try:
@@ -514,7 +751,9 @@ class _Applier:
                 except OSError:
                     continue
                 try:
-                    if self.rootless:
+                    if meta.copied:
+                        os.fchmod(fd, meta.mode)
+                    elif self.rootless:
                         os.fchmod(fd, meta.mode | 0o700)
                         fake = tarfile.TarInfo()
                         fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
@@ -526,6 +765,14 @@ class _Applier:
                     os.close(fd)
             finally:
                 os.close(pfd)
+
+
+def _lexists(name: bytes, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _check_end(stream: LayerStream, offset: int) -> None:
@@ -550,17 +797,20 @@ def apply_layer(
     fmt: XattrFormat,
     rootless: bool,
     progress: Progress | None = None,
+    lowers: Sequence[bytes] = (),
 ) -> ApplyResult:
     """Apply the layer ``source`` (an open binary file, or a path; uncompressed, gzip or zstd) into the
-    existing directory ``root``. Raises :class:`LayerError` for hostile or broken input, OSError for the
-    file system's errors; ``root`` is then half-applied."""
+    existing directory ``root``, its names resolved in the merged view of ``root`` over the directories
+    ``lowers`` (the layers beneath it, uppermost first, in the format ``fmt``; only read). Raises
+    :class:`LayerError` for hostile or broken input, OSError for the file system's errors; ``root`` is then
+    half-applied."""
     if isinstance(source, (bytes, str, os.PathLike)):
         with open(source, "rb") as f:
-            return apply_layer(f, root, fmt=fmt, rootless=rootless, progress=progress)
+            return apply_layer(f, root, fmt=fmt, rootless=rootless, progress=progress, lowers=lowers)
     raw = HashingSource(source)
     stream = LayerStream(raw)
     result = ApplyResult(compression=stream.compression)
-    applier = _Applier(root, fmt, rootless, result)
+    applier = _Applier(root, fmt, rootless, result, lowers)
     try:
         try:
             tf = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]  # noqa: SIM115
@@ -600,16 +850,18 @@ def apply_into_new(
     fmt: XattrFormat,
     rootless: bool,
     progress: Progress | None = None,
+    lowers: Sequence[bytes] = (),
 ) -> ApplyResult:
-    """Apply the layer into a new directory ``parent/name``: built in a temporary sibling, renamed into place
-    only once complete, removed on any error. ``parent/name`` must not exist (FileExistsError; checked before
-    and at the rename, which would otherwise replace an empty directory)."""
+    """Apply the layer (over ``lowers``, as :func:`apply_layer` does) into a new directory ``parent/name``:
+    built in a temporary sibling, renamed into place only once complete, removed on any error.
+    ``parent/name`` must not exist (FileExistsError; checked before and at the rename, which would otherwise
+    replace an empty directory)."""
     if os.path.lexists(os.path.join(parent, name)):
         raise FileExistsError(errno.EEXIST, "already exists", os.path.join(parent, name))
     tmp = tempfile.mkdtemp(prefix=b"." + name + b".partial-", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        result = apply_layer(source, tmp, fmt=fmt, rootless=rootless, progress=progress)
+        result = apply_layer(source, tmp, fmt=fmt, rootless=rootless, progress=progress, lowers=lowers)
         if os.path.lexists(os.path.join(parent, name)):
             raise FileExistsError(errno.EEXIST, "already exists", os.path.join(parent, name))
         os.rename(tmp, os.path.join(parent, name))
