@@ -31,10 +31,11 @@ class BlobWriter:
         self._sha = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
-        self._f.write(data)
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._f.write(data)
         self._sha.update(data)
-        self.size += len(data)
+        self.size += n
+        return n
 
     @property
     def digest(self) -> str:

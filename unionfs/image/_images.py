@@ -33,7 +33,6 @@ from ..whiteout import XattrFormat
 from ._apply import ApplyResult, apply_layer
 from ._content import ContentStore, Tee
 from ._diff import DiffResult, write_diff, write_diff_file
-from ._export import write_image
 from ._feedback import Feedback, human_bytes
 from ._oci import (
     DOCKER_LAYER_GZIP,
@@ -416,6 +415,8 @@ def export(sn: Snapshotter, name: str, dest: str | os.PathLike[str], fmt: str,
            feedback: Feedback | None = None) -> None:
     """Write image ``name`` to ``dest``: an OCI layout directory (``fmt`` "oci"), an OCI archive
     ("oci-archive") or a ``docker save`` tarball ("docker")."""
+    from ._export import write_image
+
     feedback = feedback or Feedback(mode="quiet")
     content = ContentStore(sn.root)
     s = load(sn, name, content)

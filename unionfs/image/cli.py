@@ -20,6 +20,7 @@ from typing import Any
 from .. import __version__
 from ..cli_errors import EXIT_USAGE, run_command
 from ..snapshots import InvalidArgument, Snapshotter
+from ..snapshots._mounts import Record as MountRecord
 from ..snapshots._progress import for_stream
 from ..snapshots._snapshotter import ROOT_ENV
 from . import _images
@@ -215,6 +216,7 @@ def _owner_options(sn: Snapshotter) -> list[str]:
 
 def _mount(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
     options = [*_owner_options(sn), *args.options, *(["debug"] if args.debug else [])]
+    record: MountRecord | None
     if args.writable:
         key = _images.prepare_writable(sn, args.ref, args.key)
         spec, record = sn.begin_mount(key, args.mountpoint, options)

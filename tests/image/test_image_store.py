@@ -1,0 +1,361 @@
+"""Images in a snapshot store, without mounts: import (all formats), sharing of layers by chain ID, refusals
+that leave the store as it was, rm, commit of a writable snapshot's layer, export and re-import, and the
+``unionfs image`` / ``unionfs layer`` commands' output and exit statuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from unionfs.image import _images
+from unionfs.image._content import ContentStore
+from unionfs.image._feedback import Feedback
+from unionfs.image._oci import ImageError
+from unionfs.image._stream import LayerError
+from unionfs.snapshots import FailedPrecondition, NotFound, Snapshotter
+
+import images as im
+from layers import Entry, build, dir_, hard, listing, reg, sym
+
+BASE = [
+    dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+    dir_("usr"), dir_("usr/lib"), reg("usr/lib/libc.so", b"\x7fELF" + b"x" * 5000, mode=0o755),
+    sym("lib", "usr/lib"), dir_("var"), dir_("var/cache"), reg("var/cache/a", b"a"), reg("var/cache/b", b"b"),
+    dir_("opt", mode=0o700), reg("opt/tool", b"tool", mode=0o4755),
+]
+APP = [
+    reg("etc/.wh.passwd"), dir_("var"), dir_("var/cache"),
+    reg("var/cache/.wh..wh..opq"), reg("var/cache/new", b"new"),
+    reg("lib/app.so", b"app"), hard("etc/os-link", "etc/os-release"), reg("etc/os-release", b"ID=app\n"),
+]
+
+
+def _store(root: Path) -> Snapshotter:
+    return Snapshotter(root / "store")
+
+
+def _layout(tmp: Path, layers: list[list[Entry]], name: str = "test:1", **kw: Any) -> tuple[Path, im.Built]:
+    b = im.image([build(entries) for entries in layers], **kw)
+    return im.write_oci_layout(tmp / f"layout-{name.replace(':', '-').replace('/', '-')}", [(name, b)]), b
+
+
+def _merged(sn: Snapshotter, image: str) -> dict[str, tuple[object, ...]]:
+    """The merged view of an image's chain computed from its layer directories by overlay rules (whiteouts
+    hide, opaque directories hide what the layers beneath hold), for comparing stores without mounting."""
+    dirs = [Path(sn.layer_dirs(key)[0]) for key in reversed(sn.image_chain(image))]  # top first
+    fmt = _images.store_format(sn).opaque.decode()
+    out: dict[str, tuple[object, ...]] = {}
+    hidden: set[str] = set()
+    opaque: set[str] = set()
+
+    def under(rel: str, tops: set[str], itself: bool) -> bool:
+        parts = rel.split("/")
+        return any("/".join(parts[:i]) in tops for i in range(1, len(parts) + (1 if itself else 0)))
+
+    for d in dirs:
+        seen = listing(d)
+        for rel in sorted(seen):
+            mode = int(str(seen[rel][0]))
+            if under(rel, hidden, True) or under(rel, opaque, False):
+                continue
+            if stat.S_ISCHR(mode) and seen[rel][6] == 0:
+                hidden.add(rel)
+                continue
+            if rel not in out:
+                data = (d / rel).read_bytes() if stat.S_ISREG(mode) else None
+                out[rel] = (*seen[rel][:4], seen[rel][5], data)
+            if not stat.S_ISDIR(mode):
+                hidden.add(rel)
+        for rel in seen:
+            if stat.S_ISDIR(int(str(seen[rel][0]))):
+                try:
+                    if os.getxattr(d / rel, fmt) == b"y":
+                        opaque.add(rel)
+                except OSError:
+                    pass
+    return out
+
+
+def test_import_makes_one_committed_snapshot_per_layer_named_by_its_chain_id(tmp_path: Path) -> None:
+    layout, b = _layout(tmp_path, [BASE, APP])
+    with _store(tmp_path) as sn:
+        report = _images.import_image(sn, layout)
+        chain = im.chain_ids(b.diff_ids)
+        assert report.name == "test:1" and report.applied == 2
+        assert sn.image_chain("test:1") == chain
+        for key in chain:
+            assert sn.stat(key).kind.value == "committed"
+            assert sn.stat(key).labels[_images.LABEL_DIFF_ID] in b.diff_ids
+        assert sn.stat(chain[1]).parent == chain[0]
+        assert [i.name for i in sn.images()] == ["test:1"]
+        assert not [i for i in sn.walk() if i.kind.value != "committed"]
+        top = Path(sn.layer_dirs(chain[1])[0])
+        # lib -> usr/lib in the base: the app's lib/app.so lands in usr/lib, and usr/lib keeps its metadata
+        assert (top / "usr/lib/app.so").read_bytes() == b"app"
+        assert not (top / "lib").exists()
+        # whiteout, opaque marker, hard link to an entry of the same layer
+        assert stat.S_ISCHR((top / "etc/passwd").lstat().st_mode)
+        fmt = _images.store_format(sn)
+        assert os.getxattr(top / "var/cache", fmt.opaque.decode()) == b"y"
+        assert (top / "var/cache/new").read_bytes() == b"new"
+        # the link was made to the base's etc/os-release (copied up), which the layer then replaced
+        assert (top / "etc/os-link").read_bytes() == b"ID=test\n"
+        assert (top / "etc/os-release").read_bytes() == b"ID=app\n"
+        content = ContentStore(sn.root)
+        for d in [b.manifest_digest, b.config_digest, *b.layer_digests]:
+            assert content.has(d)
+
+
+def test_a_second_image_sharing_the_base_applies_only_its_new_layers(tmp_path: Path) -> None:
+    base = build(BASE)
+    one = im.image([base, build(APP)])
+    two = im.image([base, build([reg("other", b"2")])], compress=["zstd", "gzip"])  # same diff-id, other blob
+    layout = im.write_oci_layout(tmp_path / "l", [("one:1", one), ("two:1", two)])
+    with _store(tmp_path) as sn:
+        r1 = _images.import_image(sn, layout, name="one:1")
+        r2 = _images.import_image(sn, layout, name="two:1")
+        assert [x.state for x in r1.layers] == ["applied", "applied"]
+        assert [x.state for x in r2.layers] == ["present, blob stored", "applied"]
+        assert "1 already in the store" in r2.summary()
+        assert sn.image_chain("one:1")[0] == sn.image_chain("two:1")[0]
+        r3 = _images.import_image(sn, layout, name="two:1")
+        assert [x.state for x in r3.layers] == ["present", "present"]
+
+
+@pytest.mark.parametrize("form", ["oci-layout", "oci-archive", "docker-classic", "docker-oci"])
+def test_every_format_imports_to_the_same_chain(tmp_path: Path, form: str) -> None:
+    b = im.image([build(BASE), build(APP)], compress=["gzip", "zstd"] if form != "docker-classic" else "gzip")
+    if form == "oci-layout":
+        path = im.write_oci_layout(tmp_path / "x", [("img:1", b)])
+    elif form == "oci-archive":
+        path = im.write_oci_archive(tmp_path / "x.tar", [("img:1", b)])
+    else:
+        path = im.write_docker_save(tmp_path / "x.tar", [(["img:1"], b)], form=form.split("-")[1])
+    with _store(tmp_path) as sn:
+        report = _images.import_image(sn, path)
+        assert report.name.endswith("img:1")
+        assert sn.image_chain(report.name) == im.chain_ids(b.diff_ids)
+        assert _merged(sn, report.name)["etc/os-release"][-1] == b"ID=app\n"
+
+
+def _host_untouched(tmp_path: Path) -> None:
+    assert sorted(p.name for p in (tmp_path / "outside").iterdir()) == ["keep"]
+    assert (tmp_path / "outside" / "keep").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("layer", [
+    [reg("../../outside/evil", b"x")],
+    [hard("h", "../../outside/keep")],
+    [reg(".wh..."), ],
+    [dir_("a"), reg("a/ok", b"1"), hard("b", "missing")],
+    [sym("esc", "../../../outside"), reg("esc/.wh.keep")],
+], ids=["dotdot", "hardlink-out", "whiteout-dotdot", "hardlink-missing", "whiteout-through-symlink"])
+def test_a_hostile_layer_leaves_the_store_as_it_was(tmp_path: Path, layer: list[Entry]) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep").write_bytes(b"keep")
+    layout, b = _layout(tmp_path, [BASE, layer])
+    with _store(tmp_path) as sn:
+        with pytest.raises((LayerError, ImageError)) as info:
+            _images.import_image(sn, layout)
+        assert "layer 2/2" in str(info.value)
+        assert sn.images() == []
+        keys = [i.name for i in sn.walk()]
+        assert keys == [b.diff_ids[0]]  # the base layer, complete and shared by right; nothing else
+        assert sorted(os.listdir(Path(sn.root) / "snapshots")) == [str(sn_id) for sn_id in _ids(sn)]
+    _host_untouched(tmp_path)
+
+
+def test_symlinks_out_of_the_root_are_followed_inside_it(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep").write_bytes(b"keep")
+    layout, b = _layout(tmp_path, [BASE, [sym("esc", "../../../outside"), reg("esc/evil", b"x"),
+                                          sym("abs", str(tmp_path / "outside")), reg("abs/evil2", b"y")]])
+    with _store(tmp_path) as sn:
+        _images.import_image(sn, layout)
+        merged = _merged(sn, "test:1")
+        assert merged["outside/evil"][-1] == b"x"
+        assert merged[str(tmp_path / "outside" / "evil2").lstrip("/")][-1] == b"y"
+    _host_untouched(tmp_path)
+
+
+def _ids(sn: Snapshotter) -> list[int]:
+    return sorted(int(Path(sn.layer_dirs(i.name)[0]).parent.name) for i in sn.walk())
+
+
+def test_a_config_lying_about_a_diff_id_is_refused(tmp_path: Path) -> None:
+    def lie(cfg: dict[str, object]) -> None:
+        rootfs = cfg["rootfs"]
+        assert isinstance(rootfs, dict)
+        rootfs["diff_ids"] = ["sha256:" + "0" * 64]
+
+    layout, _b = _layout(tmp_path, [BASE], config_hook=lie)
+    with _store(tmp_path) as sn:
+        with pytest.raises(ImageError, match="diff-id"):
+            _images.import_image(sn, layout)
+        assert sn.walk() == [] and sn.images() == []
+
+
+def test_a_corrupt_layer_blob_is_refused_and_nothing_stays(tmp_path: Path) -> None:
+    layout, b = _layout(tmp_path, [BASE, APP])
+    path = im.blob_path(layout, b.layer_digests[1])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with _store(tmp_path) as sn:
+        with pytest.raises((ImageError, LayerError)):
+            _images.import_image(sn, layout)
+        assert [i.name for i in sn.walk()] == [b.diff_ids[0]] and sn.images() == []
+        assert not ContentStore(sn.root).has(b.layer_digests[1])
+
+
+def test_rm_removes_what_no_other_image_uses(tmp_path: Path) -> None:
+    base = build(BASE)
+    one, two = im.image([base, build(APP)]), im.image([base, build([reg("x")])])
+    layout = im.write_oci_layout(tmp_path / "l", [("one", one), ("two", two)])
+    with _store(tmp_path) as sn:
+        _images.import_image(sn, layout, name="one")
+        _images.import_image(sn, layout, name="two")
+        with pytest.raises(FailedPrecondition, match="image"):
+            sn.remove(sn.image_chain("one")[1])
+        removed, blobs = _images.remove(sn, "one")
+        assert removed == [im.chain_ids(one.diff_ids)[1]]
+        assert blobs is not None and one.layer_digests[1] in blobs and one.layer_digests[0] not in blobs
+        assert sn.image_chain("two")[0] == im.chain_ids(one.diff_ids)[0]
+        removed, _ = _images.remove(sn, "two")
+        assert len(removed) == 2 and sn.walk() == []
+        assert ContentStore(sn.root).digests() == set()
+        with pytest.raises(NotFound):
+            _images.remove(sn, "two")
+
+
+def test_rm_keeps_layers_a_writable_snapshot_is_built_on(tmp_path: Path) -> None:
+    layout, _ = _layout(tmp_path, [BASE])
+    with _store(tmp_path) as sn:
+        _images.import_image(sn, layout)
+        key = _images.prepare_writable(sn, "test:1")
+        removed, _ = _images.remove(sn, "test:1")
+        assert removed == [] and sn.stat(key).parent is not None
+
+
+def test_commit_adds_one_layer_and_keeps_the_others_digests(tmp_path: Path) -> None:
+    layout, b = _layout(tmp_path, [BASE, APP])
+    with _store(tmp_path) as sn:
+        _images.import_image(sn, layout)
+        key = _images.prepare_writable(sn, "test:1")
+        with sn.editing(key, "change") as (upper, _lowers):
+            Path(upper, "hello").write_bytes(b"hello\n")
+            os.mknod(Path(upper, "opt"), stat.S_IFCHR | 0o000, 0)  # a whiteout: rm -r /opt
+        report = _images.commit(sn, key, "test:2", source_date_epoch=1_700_000_000)
+        s1, s2 = _images.load(sn, "test:1"), _images.load(sn, "test:2")
+        assert [d.digest for d in s2.layers[:2]] == [d.digest for d in s1.layers] == b.layer_digests
+        assert s2.diff_ids[:2] == s1.diff_ids and s2.diff_ids[2] == report.diff.diff_id
+        assert s2.config["history"][-1]["created_by"] == "unionfs image commit"
+        assert s2.config["created"] == "2023-11-14T22:13:20Z"
+        assert report.diff.whiteouts == 1 and sn.image_chain("test:2")[-1] == report.chain_id
+        merged = _merged(sn, "test:2")
+        assert merged["hello"][-1] == b"hello\n" and "opt" not in merged and "opt/tool" not in merged
+        with pytest.raises(NotFound):
+            sn.stat(key)  # it became the committed snapshot of the new layer
+
+        # export, re-import into another store: the same merged view, the same layer digests
+        for fmt in ("oci", "oci-archive", "docker"):
+            dest = tmp_path / f"out-{fmt}"
+            _images.export(sn, "test:2", dest, fmt)
+            with Snapshotter(tmp_path / f"store-{fmt}") as other:
+                again = _images.import_image(other, dest)
+                assert _merged(other, again.name) == merged
+                if fmt != "docker":
+                    assert [d.digest for d in _images.load(other, again.name).layers] == [d.digest for d in s2.layers]
+                    assert again.manifest_digest == s2.info.manifest_digest
+
+
+def test_commit_of_a_snapshot_not_built_on_an_image_is_refused(tmp_path: Path) -> None:
+    with _store(tmp_path) as sn:
+        sn.prepare("loose")
+        with pytest.raises(FailedPrecondition, match="not built on an image"):
+            _images.commit(sn, "loose", "x")
+
+
+def test_layer_apply_is_all_or_nothing(tmp_path: Path) -> None:
+    good = tmp_path / "good.tar"
+    good.write_bytes(build([reg("a", b"1"), dir_("d"), reg("d/b", b"2")]))
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(build([reg("c", b"3"), reg("../../escape", b"x")]))
+    with _store(tmp_path) as sn:
+        sn.prepare("k")
+        _images.apply_to_snapshot(sn, "k", good)
+        upper = Path(sn.layer_dirs("k")[0])
+        before = listing(upper)
+        with pytest.raises(LayerError):
+            _images.apply_to_snapshot(sn, "k", bad)
+        assert listing(upper) == before and not (upper / "c").exists()
+        third = tmp_path / "third.tar"
+        third.write_bytes(build([reg(".wh.a"), reg("d/e", b"5")]))
+        _images.apply_to_snapshot(sn, "k", third)
+        assert stat.S_ISCHR((upper / "a").lstat().st_mode) and (upper / "d/b").read_bytes() == b"2"
+        assert sorted(os.listdir(upper.parent)) == ["fs", "work"]
+
+
+def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unionfs", *args[:1], "--root", str(tmp_path / "store"), *args[1:]],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_commands_import_ls_inspect_diff_rm(tmp_path: Path) -> None:
+    layout, b = _layout(tmp_path, [BASE, APP])
+    r = _cli(tmp_path, "image", "import", str(layout), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["name"] == "test:1" and [x["state"] for x in data["layers"]] == ["applied", "applied"]
+    assert "layer 1/2" in r.stderr  # plain progress lines when stderr is not a terminal
+    r = _cli(tmp_path, "image", "ls")
+    assert r.returncode == 0 and "test:1" in r.stdout and "linux/amd64" in r.stdout
+    r = _cli(tmp_path, "image", "inspect", "test:1", "--json")
+    info = json.loads(r.stdout)
+    assert [x["digest"] for x in info["layers"]] == b.layer_digests and info["chain"] == im.chain_ids(b.diff_ids)
+    r = _cli(tmp_path, "image", "inspect", "test:1")
+    assert "layers (bottom first" in r.stdout and b.layer_digests[0] in r.stdout
+    top = im.chain_ids(b.diff_ids)[1]
+    out1, out2 = tmp_path / "a.tar.gz", tmp_path / "b.tar.gz"
+    env = {"SOURCE_DATE_EPOCH": "1600000000"}
+    r = _cli(tmp_path, "layer", "diff", top, "-o", str(out1), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "diff-id: sha256:" in r.stdout
+    r = _cli(tmp_path, "layer", "diff", top, "-o", str(out2), "--quiet", env=env)
+    assert out1.read_bytes() == out2.read_bytes() and r.stderr == ""
+    r = _cli(tmp_path, "image", "rm", "test:1")
+    assert r.returncode == 0 and "2 layer snapshots" in r.stdout
+    r = _cli(tmp_path, "image", "inspect", "test:1")
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+
+
+def test_commands_refuse_a_hostile_image_with_one_line_and_status_7(tmp_path: Path) -> None:
+    layout, _ = _layout(tmp_path, [[reg("../escape", b"x")]])
+    r = _cli(tmp_path, "image", "import", str(layout), "-q")
+    assert r.returncode == 7
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("unionfs image: refused: layer 1/1")
+    assert "Traceback" not in r.stderr and not (tmp_path / "escape").exists()
+    r = _cli(tmp_path, "image", "import", str(tmp_path / "nothing-here"))
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+
+
+def test_feedback_plain_lines_are_periodic(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import unionfs.image._feedback as fbmod
+
+    monkeypatch.setattr(fbmod, "PLAIN_EVERY", 0.0)
+    fb = Feedback(sys.stderr, "plain")
+    with fb.task("layer 1/1", 2048) as update:
+        update(3, 1024)
+    assert "layer 1/1: 1.0 KiB of 2.0 KiB, 3 entries" in capsys.readouterr().err
+    quiet = Feedback(sys.stderr, "quiet")
+    with quiet.task("x", 1) as update:
+        update(1, 1)
+    quiet.say("nothing")
+    assert capsys.readouterr().err == ""
