@@ -154,13 +154,13 @@ class _TarOut:
         self.dirs(name)
         self._tf.addfile(self._info(name, tarfile.REGTYPE, len(data)), io.BytesIO(data))
 
-    def add_stream(self, name: str, size: int, f: Any) -> None:
+    def add_stream(self, name: str, size: int, f: Any, what: str = "") -> None:
         self.dirs(name)
         try:
             self._tf.addfile(self._info(name, tarfile.REGTYPE, size), f)
         except OSError as exc:
             if "unexpected end of data" in str(exc):
-                raise ImageError(f"{name}: stored blob shorter than its declared {size} bytes") from None
+                raise ImageError(f"{what or name}: stored blob shorter than its declared {size} bytes") from None
             raise
 
     def close(self) -> None:
@@ -183,7 +183,7 @@ class _DirOut:
             f.write(data)
             os.fsync(f.fileno())
 
-    def add_stream(self, name: str, size: int, src: Any) -> None:
+    def add_stream(self, name: str, size: int, src: Any, what: str = "") -> None:
         with open(self._path(name), "wb") as f:
             while data := src.read(_CHUNK):
                 f.write(data)
@@ -205,7 +205,7 @@ def _opened(open_blob: Callable[[str], BinaryIO], digest: str) -> Iterator[Binar
 def _copy_blob(out: _TarOut | _DirOut, desc: Descriptor, open_blob: Callable[[str], BinaryIO], prog: _Progress) -> None:
     with _opened(open_blob, desc.digest) as f:
         src = _Checked(f, desc.digest, desc.size, prog)
-        out.add_stream(_blob_name(desc.digest), desc.size, src)
+        out.add_stream(_blob_name(desc.digest), desc.size, src, f"blob {desc.digest}")
         src.check()
 
 
