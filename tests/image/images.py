@@ -239,7 +239,8 @@ def write_oci_layout_dir(
             nested_index_hook(nested)
         raw = canonical(nested)
         d = _put(dest, raw)
-        entry: dict[str, Any] = {"mediaType": nested["mediaType"], "digest": d, "size": len(raw)}
+        entry: dict[str, Any] = {"mediaType": DOCKER_LIST if docker_media_types else OCI_INDEX, "digest": d,
+                                 "size": len(raw)}
         if images and images[0][0] is not None:
             entry["annotations"] = {REF_NAME: images[0][0]}
         entries.append(entry)

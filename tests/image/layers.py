@@ -101,3 +101,24 @@ def listing(top: Path, skip: Path | None = None) -> dict[str, tuple[object, ...]
 def shape(top: Path) -> dict[str, tuple[object, ...]]:
     """Names, types, modes, sizes and link targets under ``top`` (what ``tar -x`` must agree on)."""
     return {k: (v[0], v[3] if stat.S_ISREG(int(str(v[0]))) else None, v[5]) for k, v in listing(top).items()}
+
+
+def blkdev(name: str, major: int, minor: int, mode: int = 0o660, **kw: int) -> Entry:
+    ti = _info(name, tarfile.BLKTYPE, mode, **kw)
+    ti.devmajor, ti.devminor = major, minor
+    return ti, None
+
+
+def tree(top: Path) -> dict[str, tuple[object, ...]]:
+    """:func:`listing` plus link counts, content and every xattr (overlay ones included), with the mtimes of
+    whiteouts (made when applied, not from the layer) left out."""
+    out: dict[str, tuple[object, ...]] = {}
+    for name, row in listing(top).items():
+        p = top / name
+        st = p.lstat()
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            row = (*row[:4], None, *row[5:])
+        data = p.read_bytes() if stat.S_ISREG(st.st_mode) else None
+        attrs = sorted((n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p, follow_symlinks=False))
+        out[name] = (*row, st.st_nlink, data, attrs)
+    return out

@@ -67,7 +67,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 Progress = Callable[[int, int], None]
-"""Called after each entry with (entries written, compressed bytes written so far)."""
+"""Called after each entry with (entries written, bytes of the uncompressed tar so far)."""
 
 
 class DiffError(LayerError):
@@ -587,7 +587,7 @@ def write_diff(
                 result.bytes += st.st_size
             result.entries += 1
             if progress is not None:
-                progress(result.entries, sink.out_count)
+                progress(result.entries, sink.tar_length)
     finally:
         items.close()
     sink.write(_END)

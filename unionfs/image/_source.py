@@ -519,6 +519,9 @@ class ImageSource:
             except ImageError as exc:
                 raise ImageError(f"{what}: layers[{i}]: {exc}") from None
         config = self._read_json_blob(cdesc, f"config {cdesc.digest}")
+        for i, d in enumerate(layers):
+            if self._files.size(self._blob_path(d.digest), what) is None:
+                raise ImageError(f"{what}: layers[{i}]: blob {d.digest} missing from the image")
         return self._image(name, raw, desc.digest, desc.media_type, config, cdesc, layers)
 
     def _image(self, name: str | None, manifest: bytes, manifest_digest: str, manifest_type: str, config: bytes,
@@ -652,11 +655,14 @@ class ImageSource:
         at the read revealing a mismatch)."""
         what = what or f"blob {desc.digest}"
         check_digest(desc.digest, what)
-        algo, _, hexd = desc.digest.partition(":")
-        path = self._paths.get(desc.digest, f"blobs/{algo}/{hexd}")
+        path = self._blob_path(desc.digest)
         if self._files.size(path, what) is None:
             raise ImageError(f"{what}: blob {desc.digest} missing from the image")
         return cast(BinaryIO, _Verified(self._files.open(path, what), desc, what))
+
+    def _blob_path(self, digest: str) -> str:
+        algo, _, hexd = digest.partition(":")
+        return self._paths.get(digest, f"blobs/{algo}/{hexd}")
 
     def close(self) -> None:
         self._files.close()
