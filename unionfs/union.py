@@ -385,10 +385,17 @@ class Union:
                 work.discard(tmp)
         return self._upper_entry(path, opaque=is_dir and over_whiteout)
 
-    @staticmethod
-    def _fix_owner(path: bytes, dir_fd: int, owner: tuple[int, int], mode: int | None) -> None:
+    def _fix_owner(self, path: bytes, dir_fd: int, owner: tuple[int, int], mode: int | None) -> None:
         uid, gid = owner
         if uid == -1 and gid == -1:
+            return
+        st = os.lstat(path, dir_fd=dir_fd)
+        if self.ownership.xattr_permissions and not stat.S_ISLNK(st.st_mode):
+            # the owner goes where a chown of the merged view would put it: the override xattr (the file itself
+            # stays this server's, which needs no privilege)
+            full = b"/proc/self/fd/%d/%s" % (dir_fd, path)
+            self._store_override(full, st.st_uid if uid == -1 else uid, st.st_gid if gid == -1 else gid,
+                                 st.st_mode if mode is None else mode)
             return
         os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):

@@ -220,3 +220,25 @@ def test_regression_xattr_permissions_under_a_mapping_store_ids_of_the_disk(make
     with pytest.raises(OSError) as exc:
         union.chown(entry, 7, -1)
     assert exc.value.errno == errno.EINVAL
+
+
+def test_regression_new_objects_record_their_owner_in_the_override_xattr_with_xattr_permissions(
+        make_env: Any) -> None:
+    """With ``xattr_permissions``, a new object's owner goes to ``user.containers.override_stat`` as a chown of
+    the merged view does, and the object on disk stays the server's (regression: it was chown-ed on disk,
+    which an unprivileged server may not do: creating files in a rootless image mount failed with EPERM)."""
+    from unionfs.ownership import OVERRIDE_XATTR
+    from unionfs.union import Union
+
+    env = make_env(lowers=[{}])
+    own = parse(["lowerdir=/a,xattr_permissions=2,uidmapping=0:1000:1:1:100000:65536,"
+                 "gidmapping=0:1000:1:1:100000:65536"]).ownership
+    union = Union(env.stack, env.work, own)
+    root = env.entry("")
+    union.mkdir(root, b"d", 0o40750, 100005, 100002)
+    fd, _ = union.create(root, b"f", 0o100640, os.O_WRONLY, 100007, 100003)
+    os.close(fd)
+    for name, stored in (("d", b"6:3:0750"), ("f", b"8:4:0640")):
+        st = os.lstat(env.upper / name)
+        assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+        assert os.getxattr(env.upper / name, OVERRIDE_XATTR.decode()) == stored

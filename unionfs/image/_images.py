@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
 from .. import _sys, xattrs
+from ..ownership import OVERRIDE_XATTR, encode_override
 from ..snapshots import AlreadyExists, FailedPrecondition, ImageInfo, NotFound, Snapshotter
 from ..whiteout import XattrFormat
 from ._apply import ApplyResult, apply_layer
@@ -76,6 +77,21 @@ def rootless(sn: Snapshotter) -> bool:
     """Whether layers are applied without the privilege to store other owners and device nodes: owners and
     modes then go to ``user.containers.override_stat``."""
     return os.geteuid() != 0 or sn.xattr == "user"
+
+
+def _root_override(sn: Snapshotter, key: str) -> None:
+    """For a store of an ordinary user: give the root directory of the new snapshot ``key`` the owner and mode
+    of its parent's root as recorded there (else root's, with its mode on disk), as every other directory of
+    an image has them in ``user.containers.override_stat``; without one it would show as this user's."""
+    if not rootless(sn):
+        return
+    upper, lowers = sn.layer_dirs(key)
+    if xattrs.get(os.fsencode(upper), OVERRIDE_XATTR) is not None:
+        return
+    value = xattrs.get(os.fsencode(lowers[0]), OVERRIDE_XATTR) if lowers else None
+    if value is None:
+        value = encode_override(0, 0, stat.S_IMODE(os.stat(upper).st_mode))
+    xattrs.write(os.fsencode(upper), OVERRIDE_XATTR, value)
 
 
 def _short(digest: str) -> str:
@@ -218,6 +234,7 @@ def import_image(sn: Snapshotter, path: str | os.PathLike[str], *, name: str | N
                 key = f"extract-{secrets.token_hex(6)} {chain_id}"
                 sn.prepare(key, parent, labels={LABEL_EXTRACTING: _host()})
                 try:
+                    _root_override(sn, key)
                     with src.open_blob(desc, label) as blob, content.writer(desc.digest) as w:
                         result = _apply_into_snapshot(sn, key, cast(BinaryIO, Tee(blob, w)), label, desc.size,
                                                       feedback)
@@ -314,6 +331,12 @@ def prepare_writable(sn: Snapshotter, name: str, key: str | None = None) -> str:
     info = sn.image(name)
     key = key or f"{name}@rw-{secrets.token_hex(4)}"
     sn.prepare(key, info.top, labels={LABEL_IMAGE: name})
+    try:
+        _root_override(sn, key)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            sn.remove(key)
+        raise
     return key
 
 
