@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import images as im
 import pytest
+from layers import Entry, build, dir_, hard, listing, reg, sym
 
 from unionfs.image import _images
 from unionfs.image._content import ContentStore
@@ -20,9 +22,6 @@ from unionfs.image._feedback import Feedback
 from unionfs.image._oci import ImageError
 from unionfs.image._stream import LayerError
 from unionfs.snapshots import FailedPrecondition, NotFound, Snapshotter
-
-import images as im
-from layers import Entry, build, dir_, hard, listing, reg, sym
 
 BASE = [
     dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
