@@ -167,16 +167,21 @@ class Demo:
         words = [a if a and all(c.isalnum() or c in "-_./:=@$" for c in a) else f"'{a}'" for a in argv]
         return " ".join(words).replace(str(self.tmp), "$T")
 
-    def run(self, argv: Sequence[str], shown: Sequence[str] | None = None, env: dict[str, str] | None = None) -> str:
-        """Print the command, run it, print its output indented; its stdout is returned."""
+    def run(self, argv: Sequence[str], shown: Sequence[str] | None = None, env: dict[str, str] | None = None,
+            merged: bool = False) -> str:
+        """Print the command, run it, print its output indented (its stderr first, or ``merged`` into its stdout
+        in the order written); its stdout is returned."""
         print(f"$ {self.show(shown or argv)}", flush=True)
-        done = subprocess.run(list(argv), capture_output=True, text=True, env=env or self.env,
+        stderr = subprocess.STDOUT if merged else subprocess.PIPE
+        done = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env or self.env,
                               stdin=subprocess.DEVNULL, timeout=120)
-        for line in (done.stderr + done.stdout).splitlines():  # (progress first, then the result)
+        output = (done.stderr or "") + done.stdout
+        for line in output.splitlines():
             print(f"  {line}".replace(str(self.tmp), "$T"))
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            raise DemoError(f"{self.show(shown or argv)} failed: {last}".replace(str(self.tmp), "$T"))
+            last = (output.strip().splitlines() if merged else done.stderr.strip().splitlines()) or [
+                f"exit status {done.returncode}"]
+            raise DemoError(f"{self.show(shown or argv)} failed: {last[-1]}".replace(str(self.tmp), "$T"))
         return done.stdout
 
     def unionfs(self, *args: str) -> str:
@@ -206,7 +211,7 @@ class Demo:
         if not ROOT:
             assert unshare is not None
             argv, shown = [unshare, "-r", *argv], ["unshare", "-r", *shown]
-        return self.run(argv, shown, env={"PATH": "/bin", "HOME": "/root", "LANG": "C"})
+        return self.run(argv, shown, env={"PATH": "/bin", "HOME": "/root", "LANG": "C"}, merged=True)
 
     def cleanup(self) -> None:
         """Unmount whatever is still mounted (lazily if need be), then remove the temporary directory."""
@@ -247,7 +252,7 @@ def demo(d: Demo) -> None:
     if ROOT:
         print("Running as root. An ordinary user runs the same unionfs commands; the differences are noted.")
     else:
-        print(f"Running as {os.getuid()}, an ordinary user: no privilege is needed for any of this.")
+        print(f"Running as uid {os.getuid()}, an ordinary user: no privilege is needed for any of this.")
 
     say("Building a two-layer OCI image layout from /bin/busybox (tarfile, gzip, sha256, JSON; see build_image)")
     layout = d.tmp / "layout"
@@ -257,9 +262,12 @@ def demo(d: Demo) -> None:
             print(f"  {p.relative_to(d.tmp)}  ({p.stat().st_size} bytes)")
 
     say("Importing it into a private store (--root): each layer becomes a committed snapshot named by its chain ID")
-    if not ROOT:
-        print("(As an ordinary user, the owners the layers give (root here) are recorded in the xattr\n"
-              " user.containers.override_stat of each file; mounts show them.)")
+    if ROOT:
+        print("(As root, the store keeps the owners and modes of the layers on disk; an ordinary user's store records\n"
+              " those it cannot keep in the xattr user.containers.override_stat, and its mounts show them.)")
+    else:
+        print("(The owners the layers give, root here, are recorded in the xattr user.containers.override_stat:\n"
+              " an ordinary user cannot give files to root. Mounts show them, root's files as yours.)")
     d.image("import", str(layout))
     d.image("ls")
     d.image("inspect", "demo:1")
@@ -270,7 +278,8 @@ def demo(d: Demo) -> None:
     if ROOT:
         print("Running a shell inside it (an ordinary user runs `unshare -r chroot ...`: root in a user namespace)")
     else:
-        print("Running a shell inside it, as root of a user namespace that maps root to you (unshare -r)")
+        print("Running a shell inside it, as root of a user namespace that maps root to you (unshare -r): there\n"
+              "the image's files are root's again, and you may chroot")
     d.shell(mnt, CHANGE)
 
     say("Unmounting, then committing the changes as a third layer of a new image, demo:2")
@@ -301,7 +310,7 @@ def main() -> int:
     d = Demo(tmp)
     try:
         demo(d)
-    except DemoError as exc:
+    except (DemoError, OSError, subprocess.SubprocessError) as exc:
         print(f"image-demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
