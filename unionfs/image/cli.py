@@ -156,11 +156,11 @@ def _inspect(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
         print("runs with:")
         print("\n".join(lines))
     if data["layers"]:
-        print("layers (bottom first; each is the committed snapshot named by its chain ID):")
+        print("layers (bottom first; each is the committed snapshot named by its chain ID; --json for full digests):")
         rows = [["#", "DIGEST", "SIZE", "DIFF-ID", "SNAPSHOT (CHAIN ID)", "MEDIA TYPE"]]
         for layer in data["layers"]:
-            rows.append([str(layer["index"]), layer["digest"], human_bytes(layer["size"]), _short(layer["diff_id"]),
-                         _short(layer["chain_id"]), layer["media_type"]])
+            rows.append([str(layer["index"]), _short(layer["digest"]), human_bytes(layer["size"]),
+                         _short(layer["diff_id"]), _short(layer["chain_id"]), layer["media_type"]])
         _table(rows)
     history = data["config"].get("history") or []
     if history:
