@@ -392,3 +392,17 @@ def test_broken_streams_are_refused_and_leave_nothing(tmp_path: Path, make: Any,
         assert "layer 2/2" in str(info.value)
         assert [i.name for i in sn.walk()] == [im.digest(base)] and sn.images() == []
         assert sorted(os.listdir(Path(sn.root) / "snapshots")) == [str(i) for i in _ids(sn)]
+
+
+def test_feedback_bar_draws_bytes_and_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import unionfs.image._feedback as fbmod
+
+    monkeypatch.setattr(fbmod, "_REDRAW", 0.0)
+    out = io.StringIO()
+    fb = Feedback(out, "bar")
+    with fb.task("layer 2/5 abcdef", 4 << 20) as update:
+        update(1234, 2 << 20)
+    drawn = out.getvalue()
+    assert "layer 2/5 abcdef" in drawn and "1234 entries" in drawn and "2.1/4.2 MB" in drawn
