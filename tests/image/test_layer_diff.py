@@ -631,3 +631,47 @@ def test_random_trees(top: Path, kids: dict[str, Any], fmt: XattrFormat, comp: s
     assert tree(back) == tree(upper)
     assert diff(back, fmt=fmt, compression=comp)[0] == data
     assert res.entries == len(members(data))
+
+
+class Full(io.RawIOBase):
+    """An output that fails once it holds ``room`` bytes."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = len(memoryview(b))
+        if self.got + n > self.room:
+            raise OSError(28, "No space left on device")
+        self.got += n
+        return n
+
+
+@pytest.mark.parametrize("comp", COMPS)
+def test_output_error_raised(top: Path, comp: str) -> None:
+    a = fresh(top, "a")
+    for i in range(12):
+        (a / f"f{i}").write_bytes(os.urandom(1 << 20))
+    with pytest.raises(OSError, match="No space"):
+        write_diff(bytes(a), Full(3 << 20), fmt=T, compression=comp)  # type: ignore[arg-type]
+    out = io.BytesIO()
+    assert write_diff(bytes(a), out, fmt=T, compression=comp).size == len(out.getvalue())
+
+
+def test_output_chunking_does_not_change_bytes(top: Path) -> None:
+    """Reads of other sizes (short reads) give the same compressed bytes."""
+    from unionfs.image import _diff
+
+    a = fresh(top, "a")
+    (a / "f").write_bytes(os.urandom(200_000) + b"abc" * 500_000)
+    first = {c: diff(a, compression=c)[0] for c in COMPS}
+    old = _diff._COPY
+    try:
+        _diff._COPY = 3000
+        assert {c: diff(a, compression=c)[0] for c in COMPS} == first
+    finally:
+        _diff._COPY = old
