@@ -497,12 +497,14 @@ class Overlay:
         self.top = top
         self.mounted: list[Path] = []
 
-    def mount(self, lowers: list[Path], name: str, upper: Path | None = None) -> Path:
+    def mount(self, lowers: list[Path], name: str, upper: Path | None = None, fmt: XattrFormat = T) -> Path:
         target = fresh(self.top, name)
-        opts = "lowerdir=" + ":".join(map(str, lowers))
+        opts = "lowerdir=" + ":".join(map(str, lowers)) + (",userxattr" if fmt is U else "")
         if upper is not None:
             work = fresh(self.top, name + "-work")
-            opts += f",upperdir={upper},workdir={work},redirect_dir=off,metacopy=off,index=off"
+            opts += f",upperdir={upper},workdir={work},index=off"
+            if fmt is T:  # userxattr turns both off by itself (and refuses redirect_dir=off)
+                opts += ",redirect_dir=off,metacopy=off"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(target)], check=True)
         self.mounted.append(target)
         return target
@@ -522,7 +524,8 @@ def overlay(top: Path) -> Iterator[Overlay]:
 
 @needs_root
 @pytest.mark.kernel
-def test_kernel_upper_to_layer_and_back(top: Path, overlay: Overlay) -> None:
+@pytest.mark.parametrize("fmt", [T, U])
+def test_kernel_upper_to_layer_and_back(top: Path, overlay: Overlay, fmt: XattrFormat) -> None:
     base = [
         dir_("etc"),
         reg("etc/keep", b"k"),
@@ -536,9 +539,9 @@ def test_kernel_upper_to_layer_and_back(top: Path, overlay: Overlay) -> None:
         reg("opq/old", b"o"),
     ]
     lower = fresh(top, "lower")
-    apply(build(base), lower)
+    apply(build(base), lower, fmt)
     upper = fresh(top, "upper")
-    m = overlay.mount([lower], "m1", upper)
+    m = overlay.mount([lower], "m1", upper, fmt)
     (m / "etc" / "remove-me").unlink()
     shutil.rmtree(m / "tree")
     shutil.rmtree(m / "opq")
@@ -551,7 +554,8 @@ def test_kernel_upper_to_layer_and_back(top: Path, overlay: Overlay) -> None:
     seen = merged(m)
     overlay.umount(m)
 
-    data, res = diff(upper, compression="gzip")
+    assert os.getxattr(upper / "opq", fmt.opaque) == b"y"
+    data, res = diff(upper, fmt=fmt, compression="gzip")
     got = {x.name: x for x in members(data)}
     assert set(got) == {
         "etc",
@@ -571,8 +575,8 @@ def test_kernel_upper_to_layer_and_back(top: Path, overlay: Overlay) -> None:
     assert not any("overlay" in k for x in got.values() for k in x.pax_headers)
 
     layer2 = fresh(top, "layer2")
-    apply(data, layer2)
-    m2 = overlay.mount([layer2, lower], "m2")
+    apply(data, layer2, fmt)
+    m2 = overlay.mount([layer2, lower], "m2", fmt=fmt)
     assert merged(m2) == seen
     assert (m2 / "etc" / "modify").read_bytes() == b"old+new"
     overlay.umount(m2)
@@ -618,7 +622,7 @@ def make_upper(root: Path, kids: dict[str, Any], fmt: XattrFormat, stamp: list[i
 
 
 @needs_root
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kids=tree_st, fmt=st.sampled_from([T, U]), comp=st.sampled_from(COMPS))
 def test_random_trees(top: Path, kids: dict[str, Any], fmt: XattrFormat, comp: str) -> None:
     upper, back = top / "upper", top / "back"
@@ -675,3 +679,33 @@ def test_output_chunking_does_not_change_bytes(top: Path) -> None:
         assert {c: diff(a, compression=c)[0] for c in COMPS} == first
     finally:
         _diff._COPY = old
+
+
+@needs_root
+@pytest.mark.kernel
+def test_kernel_xattr_whiteouts(top: Path, overlay: Overlay) -> None:
+    """A layer holding xattr whiteouts (kernel 6.7+ reads them in lower layers), diffed and applied back,
+    shows the same through the kernel."""
+    lower = fresh(top, "lower")
+    apply(build([dir_("d"), reg("d/gone", b"g"), reg("d/kept", b"k"), reg("top-gone", b"t")]), lower)
+    layer = fresh(top, "layer")
+    (layer / "d").mkdir()
+    os.setxattr(layer / "d", T.opaque, b"x")
+    (layer / "d" / "gone").write_bytes(b"")
+    os.setxattr(layer / "d" / "gone", T.whiteout, b"")
+    (layer / "d" / "new").write_bytes(b"n")
+    os.setxattr(layer, T.opaque, b"x")
+    (layer / "top-gone").write_bytes(b"")
+    os.setxattr(layer / "top-gone", T.whiteout, b"")
+    m = overlay.mount([layer, lower], "m1")
+    seen = merged(m)
+    overlay.umount(m)
+    if "gone" in str(seen):
+        pytest.skip("this kernel does not read xattr whiteouts")
+    data, res = diff(layer)
+    assert {x.name for x in members(data)} == {"d", "d/.wh.gone", "d/new", ".wh.top-gone"} and res.whiteouts == 2
+    back = fresh(top, "back")
+    apply(data, back)
+    m2 = overlay.mount([back, lower], "m2")
+    assert merged(m2) == seen
+    overlay.umount(m2)
