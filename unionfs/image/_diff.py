@@ -21,11 +21,17 @@
   ``rootless=True`` writes it) gives the entry's owner and permission bits, and makes it a device again.
 * The output depends on the tree only: not on inode numbers, directory order, atimes or ctimes. With
   ``source_date_epoch`` later mtimes are clamped to it. gzip is written by zlib at a fixed level with an
-  empty gzip header (no name, mtime 0); zstd at level 3, in one thread, in one frame that states its
-  content size (for that the tree is walked twice: once to size the tar, once to write it).
+  empty gzip header (no name, mtime 0); zstd at level 3 without zstd's worker threads, in one frame that
+  states its content size (for that the tree is walked twice: once to size the tar, once to write it).
+  The compressed bytes do not depend on how the tar is cut into pieces (checked for zlib and zstandard).
 * The tar's sha256 (the diff-id) and the output's (the digest) are computed as it is written. File data is
-  streamed in 1 MiB pieces; the output is written in pieces of about that size.
-* A file that vanishes, changes type, size or mtime while it is read raises :class:`DiffError`;
+  streamed in 1 MiB pieces; compression, the digest and the writes run in a second thread, fed in order
+  through a queue of a few MiB; the output is written in pieces of about 1 MiB.
+* The root of ``upper`` is no entry; when it is marked ``overlay.opaque=y`` (what ``apply_layer`` makes of
+  a ``.wh..wh..opq`` at the top of a layer) the layer starts with ``.wh..wh..opq``, although the kernel
+  ignores that marker on the root of a layer.
+* A file that vanishes, or changes type, size or mtime while it is read, raises :class:`DiffError`; so does
+  a tree whose tar, in zstd, is not the size the first walk found;
   :func:`write_diff` has then written part of a layer to ``out`` (the caller discards it);
   :func:`write_diff_file` never leaves a partial file at its destination.
 """
