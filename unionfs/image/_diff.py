@@ -395,7 +395,7 @@ class _Walker:
         """Every entry of the layer, in order (a generator: the directories' descriptors stay open while it
         runs, and are closed when it is closed)."""
         try:
-            root = os.open(self.upper, _DIR_FLAGS)
+            root = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the caller's path: followed
         except OSError as exc:
             raise OSError(exc.errno, f"upper directory {self.upper!r}: {exc.strerror}") from None
         stack: list[_Frame] = []
