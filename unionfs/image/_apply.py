@@ -10,10 +10,11 @@
   this one, lands in ``usr/lib/x``). The lower layers are consulted only for a component ``root`` does not
   hold, top-down: a whiteout (a character device 0/0, or an xattr whiteout in a directory marked
   ``overlay.opaque=x``) hides the name and everything beneath; a directory marked opaque (``overlay.opaque=y``
-  in the namespace of ``fmt``, in a lower layer or in ``root``) hides what the layers beneath hold inside it;
-  a non-directory hides the directories beneath it. A directory only a lower layer holds is made in ``root``
-  as a copy-up would make it: with the owner, mode and times of the top-most one and its xattrs (overlay-
-  private ones left out; rootless: ``user.containers.override_stat`` with them), not opaque. A missing
+  in the namespace of ``fmt``, in a lower layer or in ``root``; not the top directory, where the kernel
+  ignores the marker) hides what the layers beneath hold inside it; a non-directory hides the directories
+  beneath it. A directory only a lower layer holds is made in ``root`` as a copy-up would make it: with the
+  owner, mode and times of the top-most one and its xattrs (overlay-private ones left out; rootless:
+  ``user.containers.override_stat`` with them), not opaque. A missing
   directory (nowhere, or whited out) is made with mode 0755. The last component is never followed: what
   ``root`` holds there is replaced (removed first) unless both it and the entry are directories. A directory
   entry replacing, in ``root``, a non-directory this layer put over a lower directory (such as its whiteout)
@@ -263,10 +264,10 @@ class _Applier:
         hit = self._lower_dirs.get(path)
         if hit is not None:
             return hit
-        if self._root_opaque(path):
-            found = _NO_LOWER
-        elif not path:
+        if not path:  # an opaque marker on the root hides nothing (the kernel ignores it there)
             found = _LowerDir(tuple(range(len(self.lower_fds))))
+        elif self._root_opaque(path):
+            found = _NO_LOWER
         else:
             found = self._lower_lookup(path[:-1], path[-1])[1]
         self._lower_dirs[path] = found
