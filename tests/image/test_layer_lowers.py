@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layers import Entry, build, dir_, hard, listing, reg, sym  # noqa: E402
+from layers import MTIME, Entry, build, dir_, hard, listing, reg, sym  # noqa: E402
 
 from unionfs.image import ApplyResult, LayerError, apply_into_new, apply_layer  # noqa: E402
 from unionfs.ownership import OVERRIDE_XATTR, decode_override  # noqa: E402
@@ -28,6 +28,7 @@ from unionfs.whiteout import XattrFormat, is_whiteout_stat  # noqa: E402
 
 T = XattrFormat.TRUSTED
 U = XattrFormat.USER
+MTIME_NS = MTIME * 10**9
 
 
 class Stack:
@@ -683,3 +684,95 @@ def test_random_stack_matches_gnu_tar_on_the_kernel(lowers: list[list[Op]], laye
     finally:
         mounts.close()
         shutil.rmtree(s.top)
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_usr_merged_image_matches_gnu_tar_on_the_kernel() -> None:
+    """A usr-merged base, a middle layer with whiteouts and an opaque directory, and a layer adding through the
+    lower symlinks, linking lower files and re-typing lower names: the kernel's view of the stack equals GNU
+    tar's extraction into a mount of the lowers."""
+    s = Stack()
+    mounts = Mounts(s.top)
+    try:
+        s.lower(
+            [
+                dir_("usr", mode=0o755),
+                dir_("usr/bin", mode=0o751, uid=2),
+                dir_("usr/lib", mode=0o750, gid=3, mtime=1_300_000_000),
+                dir_("usr/share/doc", mode=0o700, uid=1000, gid=1000),
+                reg("usr/bin/busybox", b"\x7fELF busybox", mode=0o755),
+                reg("usr/lib/libc.so.6", b"libc", mode=0o644),
+                reg("usr/share/doc/README", b"docs", uid=1000),
+                sym("bin", "usr/bin"),
+                sym("lib", "usr/lib"),
+                sym("lib64", "lib"),
+                sym("usr/lib/libc.so", "libc.so.6"),
+                dir_("etc/conf.d", mode=0o700),
+                reg("etc/conf.d/old", b"old"),
+                reg("etc/hosts", b"127.0.0.1 localhost\n"),
+            ]
+        )
+        s.lower(
+            [
+                reg("etc/.wh.hosts"),
+                reg("etc/conf.d/.wh..wh..opq"),
+                reg("etc/conf.d/new", b"new"),
+                sym("usr/share/doc/link", "../../bin/busybox"),
+                dir_("var/lib/apt", mode=0o755),
+                sym("var/run", "../run"),
+            ]
+        )
+        layer = [
+            reg("bin/sh-static", b"sh", mode=0o755, uid=5),
+            hard("bin/sh", "usr/bin/busybox"),
+            hard("usr/lib/libc-hard", "lib64/libc.so.6"),
+            reg("lib64/ld.so", b"ld", mode=0o755),
+            reg("lib/x86_64/libm.so", b"libm"),
+            dir_("usr/share/doc", mode=0o755, uid=0, gid=0),
+            reg("usr/share/doc/more", b"more", mtime=1_234_567_890),
+            reg("etc/conf.d/third", b"3"),
+            reg("etc/hosts", b"::1 localhost\n", mode=0o600),
+            dir_("run", mode=0o755),
+            reg("var/run/pid", b"1"),
+            sym("var/lib/apt/lists", "../../cache"),
+            reg("var/lib/apt/extended", b"e"),
+        ]
+        s.apply(layer)
+        empty = s.top / "empty"
+        empty.mkdir()
+        ours = mounts.mount("ours", [s.root, *s.lowers, empty])
+        upper = s.top / "upper"
+        upper.mkdir()
+        ref = mounts.mount("ref", [*s.lowers, empty], upper=upper)
+        subprocess.run(
+            ["tar", "-x", "--numeric-owner", "-p", "-f", "-", "-C", str(ref)],
+            input=build(layer),
+            check=True,
+            capture_output=True,
+            preexec_fn=lambda: os.umask(0o022),
+        )
+        got = merged(ours)
+        assert got == merged(ref)
+        assert got["usr/bin/sh"][4] == (b"\x7fELF busybox", (s.lowers[1] / "usr/bin/busybox").stat().st_mtime_ns, 2)
+        assert got["usr/lib/x86_64/libm.so"][4] == (b"libm", MTIME_NS, 1)
+        assert got["usr/lib"][:3] == (stat.S_IFDIR | 0o750, 0, 3)
+        assert not (s.root / "lib").exists() and not (s.root / "bin").exists()
+        assert sorted(p for p in got if p.startswith("etc/")) == [
+            "etc/conf.d",
+            "etc/conf.d/new",
+            "etc/conf.d/third",
+            "etc/hosts",
+        ]
+    finally:
+        mounts.close()
+        shutil.rmtree(s.top)
+
+
+def test_removed_directory_metadata_not_applied_to_its_successor(stack: Stack) -> None:
+    stack.lower([dir_("a/b", mode=0o700), reg("a/b/old")])
+    stack.apply([reg("a/b/x"), dir_("a/c", mode=0o711), reg("a"), dir_("a"), reg("a/b/y"), reg("a/c/z")])
+    assert stack.tree() == {"a", "a/b", "a/b/y", "a/c", "a/c/z"}
+    assert os.getxattr(stack.root / "a", T.opaque) == b"y"
+    assert stat.S_IMODE((stack.root / "a/b").lstat().st_mode) == 0o755
+    assert stat.S_IMODE((stack.root / "a/c").lstat().st_mode) == 0o755

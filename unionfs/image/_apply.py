@@ -479,6 +479,8 @@ class _Applier:
             shutil.rmtree(base, dir_fd=pfd)
             depth = len(path)
             self.made.difference_update([p for p in self.made if p[:depth] == path])
+            for gone in [p for p in self.dirs if p[:depth] == path]:
+                del self.dirs[gone]  # a directory made there again gets its own metadata
         else:
             if stat.S_ISLNK(st.st_mode):
                 self._forget()  # a cached resolution may go through it
