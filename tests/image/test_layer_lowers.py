@@ -96,8 +96,9 @@ def stack() -> Iterator[Stack]:
 def test_lower_symlink_followed_inside_the_root(stack: Stack, target: str) -> None:
     stack.lower([dir_("usr", mode=0o750, uid=5, gid=6, mtime=1_400_000_000), dir_("usr/lib", mode=0o711, uid=7)])
     stack.lower([sym("lib", target)])
-    stack.apply([reg("lib/x", b"data", uid=9)])
+    res = stack.apply([reg("lib/x", b"data", uid=9)])
     assert stack.tree() == {"usr", "usr/lib", "usr/lib/x"}
+    assert res.copied_up == 2
     assert (stack.root / "usr/lib/x").read_bytes() == b"data"
     usr, lib = (stack.root / "usr").lstat(), (stack.root / "usr/lib").lstat()
     assert (stat.S_IMODE(usr.st_mode), usr.st_uid, usr.st_gid, usr.st_mtime_ns) == (0o750, 5, 6, 1_400_000_000 * 10**9)
@@ -309,6 +310,8 @@ def test_hard_link_to_lower_file_copied_up(stack: Stack) -> None:
     assert (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (src.st_mode, 3, 4, src.st_mtime_ns)
     assert os.getxattr(busybox, "user.tag") == b"v"
     assert res.bytes == 0
+    assert res.copied_up == 2  # bin and bin/busybox
+    assert "2 copied up from lower layers" in res.summary()
     assert stack.tree() == {"bin", "bin/busybox", "bin/sh", "ls"}
 
 
