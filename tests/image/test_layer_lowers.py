@@ -779,3 +779,24 @@ def test_removed_directory_metadata_not_applied_to_its_successor(stack: Stack) -
     assert os.getxattr(stack.root / "a", T.opaque) == b"y"
     assert stat.S_IMODE((stack.root / "a/b").lstat().st_mode) == 0o755
     assert stat.S_IMODE((stack.root / "a/c").lstat().st_mode) == 0o755
+
+
+def test_layer_symlink_replaces_copied_up_lower_directory(stack: Stack) -> None:
+    stack.lower([dir_("d", mode=0o700), reg("d/x"), dir_("e")])
+    stack.apply([reg("d/a"), sym("d", "e"), reg("d/b"), reg("d/c/f")])
+    assert stack.tree() == {"d", "e", "e/b", "e/c", "e/c/f"}
+    assert os.readlink(stack.root / "d") == "e"
+
+
+def test_rootless_hard_link_to_lower_file_keeps_its_override() -> None:
+    s = Stack(U, rootless=True)
+    try:
+        lower = s.lower([reg("f", b"secret", mode=0o640, uid=1000, gid=1000)])
+        want = os.getxattr(lower / "f", OVERRIDE_XATTR)
+        assert decode_override(want) == (1000, 1000, 0o640)
+        s.apply([hard("g", "f")])
+        assert os.getxattr(s.root / "g", OVERRIDE_XATTR) == want
+        assert (s.root / "g").lstat().st_ino == (s.root / "f").lstat().st_ino
+        assert (s.root / "g").read_bytes() == b"secret"
+    finally:
+        shutil.rmtree(s.top)
