@@ -472,3 +472,8 @@ def test_large_compressed_layer(box: Box, comp: str) -> None:
     shutil.rmtree(box.root)
     box.root.mkdir()
     refused(box, data[: len(data) // 2], "truncated")
+
+
+def test_removed_directory_mode_not_given_to_the_one_made_again(box: Box) -> None:
+    box.apply(build([dir_("a/b", mode=0o700), reg("a"), dir_("a"), reg("a/b/y")]))
+    assert stat.S_IMODE((box.root / "a/b").lstat().st_mode) == 0o755
