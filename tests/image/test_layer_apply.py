@@ -399,6 +399,18 @@ def test_rootless_records_owners_and_devices(box: Box) -> None:
     assert "4 owners/modes recorded" in res.summary()
 
 
+def test_regression_rootless_directories_a_layer_implies_are_recorded_as_roots(
+        box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ordinary user's apply of ``a/b/f`` with no entries for ``a`` and ``a/b`` makes them root's, 0755, as
+    any extraction does, and records that (regression: they carried no override, so a mount reading overrides
+    showed them as the user's own on-disk id, which an image mount maps to a subordinate id: the user could
+    not create files in them)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    box.apply(build([reg("a/b/f", b"x", uid=5, gid=5)]), rootless=True, fmt=XattrFormat.USER)
+    assert override(box.root / "a") == (0, 0, 0o755) and override(box.root / "a/b") == (0, 0, 0o755)
+    assert override(box.root / "a/b/f") == (5, 5, 0o644)
+
+
 UNPRIV = """
 import io, os, sys
 sys.path[:0] = sys.argv[1].split(os.pathsep)

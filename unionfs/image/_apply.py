@@ -128,7 +128,8 @@ class ApplyResult:
         if self.overrides:
             line += f", {self.overrides} owners/modes recorded in {OVERRIDE_XATTR.decode()}"
         if self.unrecorded:
-            line += f", {self.unrecorded} owners/modes of symlinks or FIFOs not recorded"
+            line += (f", {self.unrecorded} symlinks/FIFOs left as this user's (the kernel takes no user xattr on "
+                     "them to record their owner)")
         if self.copied_up:
             line += f", {self.copied_up} copied up from lower layers"
         if self.dropped_xattrs:
@@ -427,6 +428,10 @@ class _Applier:
                         if not create:
                             raise LayerError(f"{what}: {_show((*names, comp))} does not exist")
                         os.mkdir(comp, 0o755, dir_fd=cur)
+                        if self.rootless and os.geteuid() != 0:
+                            # a directory the layer implies is root's, as any tar extraction makes it; this user
+                            # owns it on disk, so it says so where a mount with xattr_permissions reads it
+                            self._imply_root_owner(cur, comp)
                     elif stat.S_ISLNK(found.st.st_mode):
                         target = os.readlink(found.path, dir_fd=self.lower_fds[found.layer])
                         self._lower_links.add((*names, comp))
@@ -681,6 +686,16 @@ class _Applier:
         except ValueError:
             atime = mtime
         return atime, mtime
+
+    def _imply_root_owner(self, dir_fd: int, name: bytes) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            xattrs.write(fd, OVERRIDE_XATTR, encode_override(0, 0, 0o755))
+        except OSError as exc:
+            if exc.errno not in _XATTR_REFUSED:
+                raise
+        finally:
+            os.close(fd)
 
     def _record(self, target: bytes | int, st: os.stat_result, m: tarfile.TarInfo, device: bytes = b"") -> None:
         """Rootless: record the entry's owner and mode where the disk does not hold them."""
