@@ -59,16 +59,20 @@ exit status: 0 success (with --ci: every rule passed), 1 a --ci rule failed, or 
 """
 
 
-def _fraction(text: str) -> float | None:
+def _share(text: str, most: float = math.inf) -> float | None:
     if text == "disabled":
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is no number between 0 and 1 (or 'disabled')") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is no number (or 'disabled')") from None
+    if not 0.0 <= value <= most:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {most:g}")
     return value
+
+
+def _fraction(text: str) -> float | None:
+    return _share(text, 1.0)
 
 
 def _bytes(text: str) -> int | None:
@@ -98,9 +102,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"with --ci: the lowest efficiency allowed, 0..1 (default {DEFAULT_LOWEST_EFFICIENCY})")
     p.add_argument("--highest-wasted-bytes", type=_bytes, default=None, metavar="N",
                    help="with --ci: the most wasted bytes allowed, e.g. 20MB (default disabled)")
-    p.add_argument("--highest-wasted-percent", type=_fraction, default=DEFAULT_HIGHEST_WASTED_PERCENT,
+    p.add_argument("--highest-wasted-percent", type=_share, default=DEFAULT_HIGHEST_WASTED_PERCENT,
                    metavar="F", help="with --ci: the largest share of the layers above the lowest that may be "
-                   f"wasted, 0..1 (default {DEFAULT_HIGHEST_WASTED_PERCENT})")
+                   "wasted, 0..1 (or more: wasted bytes may exceed those layers' size; default "
+                   f"{DEFAULT_HIGHEST_WASTED_PERCENT})")
     return p
 
 
@@ -192,19 +197,20 @@ def _print_human(out: dict[str, Any], ci: list[RuleResult] | None, tty: bool) ->
 
         console = Console()
 
-        def table(rows: list[list[str]], title: str, right: set[int]) -> None:
+        def table(rows: list[list[str]], title: str, right: set[int], wraps: int) -> None:
             t = Table(title=title, title_justify="left")
             for i, name in enumerate(rows[0]):
-                t.add_column(name, justify="right" if i in right else "left")
+                t.add_column(name, justify="right" if i in right else "left", no_wrap=i != wraps,
+                             overflow="fold")
             for r in rows[1:]:
                 t.add_row(*r)
             console.print(t)
 
-        table(out["layers"], out["title"], {0, 2})
+        table(out["layers"], out["title"], {0, 2}, 1)
         for line in out["summary"]:
             console.print(line, highlight=False, markup=False)
         if len(out["wasted"]) > 1:
-            table(out["wasted"], "files wasting most", {0, 1, 2})
+            table(out["wasted"], "files wasting most", {0, 1, 2}, 3)
     else:
         print(out["title"])
         _plain_table(out["layers"])
