@@ -202,12 +202,20 @@ def _walk(top: bytes, fmt: XattrFormat) -> dict[bytes, _Entry]:
     stack: list[tuple[bytes, bytes, bool]] = [(top, b"", False)]
     while stack:
         where, rel, xwhiteouts = stack.pop()
-        with os.scandir(where) as it:
-            items = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(where) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            if not rel:
+                raise
+            continue  # (removed meanwhile: a live mount's writable layer changes as it is read)
         subdirs: list[tuple[bytes, bytes, bool]] = []
         for item in items:
             path = rel + b"/" + item.name if rel else item.name
-            st = item.stat(follow_symlinks=False)
+            try:
+                st = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             if stat.S_ISDIR(st.st_mode):
                 marks = read_dir_marks(item.path, formats)
                 out[path] = _Entry(_DIR, 0, marks.opaque)
@@ -282,17 +290,24 @@ class _View:
 class _Hashes:
     def __init__(self, dirs: Sequence[bytes]) -> None:
         self.dirs = dirs
-        self.cache: dict[tuple[int, bytes], str] = {}
+        self.cache: dict[tuple[int, bytes], str | None] = {}
 
-    def of(self, layer: int, path: bytes) -> str:
+    def of(self, layer: int, path: bytes) -> str | None:
+        """The digest of the regular file ``path`` of layer ``layer`` (None when it went away meanwhile, or
+        is no regular file now)."""
         key = (layer, path)
-        found = self.cache.get(key)
-        if found is None:
-            fd = os.open(os.path.join(self.dirs[layer], path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                found = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        if key not in self.cache:
+            found = None
+            try:
+                fd = os.open(os.path.join(self.dirs[layer], path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            else:
+                with os.fdopen(fd, "rb") as f:
+                    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        found = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
             self.cache[key] = found
-        return found
+        return self.cache[key]
 
 
 # -- the analysis ------------------------------------------------------------------------------------------------
@@ -373,7 +388,8 @@ def analyze_dirs(dirs: Sequence[bytes], fmt: XattrFormat, infos: Sequence[LayerI
         figures.append(fig)
 
     for k, lower, path, size in same_candidates:
-        if hashes.of(k, path) == hashes.of(lower, path):
+        digest = hashes.of(k, path)
+        if digest is not None and digest == hashes.of(lower, path):
             figures[k].unchanged = figures[k].unchanged.plus(size)
 
     return _summarize(figures, view, copies, _duplicates(stored, hashes))
@@ -388,7 +404,9 @@ def _duplicates(stored: list[tuple[int, bytes, int]], hashes: _Hashes) -> list[D
         if len({k for k, _ in where}) < 2:
             continue
         for k, path in where:
-            groups.setdefault((hashes.of(k, path), size), []).append((k, path))
+            digest = hashes.of(k, path)
+            if digest is not None:
+                groups.setdefault((digest, size), []).append((k, path))
     out = [Duplicate(digest, size, tuple((k + 1, p) for k, p in where))
            for (digest, size), where in groups.items() if len({k for k, _ in where}) > 1]
     out.sort(key=lambda d: (-d.bytes, d.digest))

@@ -19,7 +19,8 @@ from unionfs import cli, layers_cli
 from unionfs.analysis import analyze
 from unionfs.image import _images
 from unionfs.snapshots import Snapshotter
-from unionfs.targets import from_image
+from unionfs.targets import STACK_XATTR, from_image, stack_json
+from unionfs.whiteout import XattrFormat
 
 CONFIG_A = b"a" * 1000  # etc/config as the base has it, and as layer 4 puts it back
 CONFIG_B = b"b" * 1200  # etc/config as layer 2 changes it
@@ -298,3 +299,35 @@ def test_targets_named_wrong(store: Path, tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit) as exc:
         _run(capsys, "hand:1", "--ci", "--highest-wasted-bytes", "lots")
     assert exc.value.code == 2 and "lots" in capsys.readouterr().err
+
+
+def test_a_mount_point_names_its_stack(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A directory carrying user.unionfs.stack as a unionfs mount serves it on its root (the layers read are the
+    # image's, and a writable layer with a copy-up of etc/config, the same 1000 B, and bin/tool removed)
+    with Snapshotter(store, create=False) as sn:
+        chain = [os.fsencode(sn.layer_dirs(key)[0]) for key in reversed(sn.image_chain("hand:1"))]
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "config").write_bytes(CONFIG_A)
+    (upper / "bin").mkdir()
+    os.mknod(upper / "bin" / "tool", 0o020000, os.makedev(0, 0))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    os.setxattr(mnt, STACK_XATTR, stack_json(chain, os.fsencode(upper), XattrFormat.TRUSTED))
+    status, data = _json(capsys, str(mnt))
+    assert status == 0
+    assert data["target"]["kind"] == "mount" and data["target"]["name"] == str(mnt)
+    assert [x["label"] for x in data["layers"]] == ["lower 4", "lower 3", "lower 2", "lower 1", "upper"]
+    rw = data["layers"][-1]
+    assert rw["writable"] is True and rw["size"] == 1000
+    assert _fig(rw["modified"]) == (1, 1000) and _fig(rw["unchanged"]) == (1, 1000)
+    assert _fig(rw["removed"]) == (1, 400) and _fig(rw["added"]) == (0, 0)
+    s = data["summary"]
+    # etc/config: a fourth copy (cum 4200); bin/tool: 400 B and a removal (cum 400, smallest 0)
+    assert s["total_size"] == TOTAL + 1000 and s["final_size"] == FINAL - 400
+    assert s["wasted_bytes"] == WASTED + 1000 + 400
+    assert s["efficiency"] == pytest.approx((2110 - 400) / (TOTAL + 1000))
+    status, out, _ = _run(capsys, str(mnt))
+    assert status == 0 and out.startswith(f"mount {mnt}\n")
+    assert _cells(next(line for line in out.splitlines() if line.startswith("5 "))) == [
+        "5", "upper (writable)", "1000 B", "-", "1 (1000 B)", "1 (400 B)", "1 (1000 B)"]

@@ -97,7 +97,8 @@ def test_hard_links_count_once(tmp_path: Path) -> None:
 
 
 def test_unchanged_copies(tmp_path: Path) -> None:
-    a = _analyze(tmp_path, [{"e": {"c": b"same" * 10, "o": b"old!" * 10}}, {"e": {"c": b"same" * 10, "o": b"new!" * 10}}])
+    a = _analyze(tmp_path, [{"e": {"c": b"same" * 10, "o": b"old!" * 10}},
+                            {"e": {"c": b"same" * 10, "o": b"new!" * 10}}])
     # both modified (40 B each); c holds the bytes it replaces
     assert _figs(a)[1] == _fig(80, modified=(2, 80), replaced=80, unchanged=(1, 40))
     assert (a.duplicated.count, a.duplicated.bytes) == (1, 40)
