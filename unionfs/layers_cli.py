@@ -40,8 +40,8 @@ What each layer of a stack adds, modifies and removes, and the space the stack w
   {PROG} busybox                      an image of the store (--root DIR)
   {PROG} --snapshot KEY               a snapshot and its parents (an active one's layer on top)
   {PROG} --layers L1:L2 [--upper U]   layer directories, top-most first (as lowerdir=)
-  {PROG} /mnt/b                       a live unionfs mount, its writable layer included (what copy-ups
-                                      duplicated shows as "unchanged" copies)
+  {PROG} /mnt/b                       a live unionfs mount, its writable layer included
+                                              (what copy-ups duplicated shows as "unchanged")
 
 Per layer: its size, and the entries added (new in the merged view), modified (a new copy of a path the
 layers beneath show) and removed (by a whiteout, an opaque directory, or a directory replaced by a file),
