@@ -3,7 +3,9 @@ modifies and removes, the space the stack wastes, and dive's efficiency score.
 
 The layers are read bottom first (``analyze_dirs``); each is walked on disk: whiteouts (character devices
 0/0, and empty files carrying ``overlay.whiteout`` in a directory marked ``overlay.opaque=x``) and opaque
-directories (``overlay.opaque=y``) are read in the stack's xattr namespace. Nothing here imports pyfuse3 or trio.
+directories (``overlay.opaque=y``) are read in the stack's xattr namespace. AUFS-style ``.wh.`` markers (which a
+mount honours with ``-o aufs_markers`` only) are not read: they count as files. Nothing here imports pyfuse3 or
+trio.
 
 Sizes. An entry's size is what a layer tar records for it: a regular file's length, 0 for directories,
 symbolic links, devices, fifos and whiteouts; a regular file linked several times in one layer counts once
@@ -34,9 +36,9 @@ The figures of the stack, as dive defines them (``filetree.Efficiency`` and ``im
 * *wasted bytes* (dive's ``wastedBytes``): the sum of the cumulative sizes of the paths with two copies or
   more. As in dive this includes the copy still visible: it is the space of the files touched more than once;
 * *wasted percent* (dive's ``userWastedPercent``): wasted bytes over the size of all layers but the lowest
-  (the "user" layers); 0 when both are 0, infinite when only the former is 0;
+  (the "user" layers); 0 when both are 0, infinite (``null`` in JSON) when only the user layers hold none;
 * *efficiency*: the sum over paths of their smallest copy over the sum of their cumulative sizes (1 when
-  there are no bytes);
+  there are no bytes); here the latter sum is the total size of the layers;
 * *reclaimable bytes* (not a figure of dive): cumulative size minus the size of the copy visible in the
   final view, summed over paths; what squashing the stack into one layer would save;
 * *duplicated bytes* (not a figure of dive): for each content (sha256) stored in more than one layer, at the

@@ -28,6 +28,7 @@ from .analysis import (
     parse_bytes,
 )
 from .cli_errors import EXIT_FAILED, run_command
+from .image._feedback import human_bytes
 
 PROG = "unionfs layers"
 #: the exit status of a target that names nothing (as a snapshot or image that is not found)
@@ -141,14 +142,6 @@ def _target(args: argparse.Namespace, p: argparse.ArgumentParser) -> targets.Tar
 # -- output ------------------------------------------------------------------------------------------------------
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _cell(fig: Figure) -> str:
     return f"{fig.count} ({human_bytes(fig.bytes)})" if fig.count else "-"
 
@@ -194,16 +187,17 @@ def _print_human(out: dict[str, Any], ci: list[RuleResult] | None, tty: bool) ->
     if tty:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console()
 
         def table(rows: list[list[str]], title: str, right: set[int], wraps: int) -> None:
-            t = Table(title=title, title_justify="left")
+            t = Table(title=Text(title), title_justify="left")
             for i, name in enumerate(rows[0]):
                 t.add_column(name, justify="right" if i in right else "left", no_wrap=i != wraps,
                              overflow="fold")
             for r in rows[1:]:
-                t.add_row(*r)
+                t.add_row(*(Text(c) for c in r))  # (names are no markup)
             console.print(t)
 
         table(out["layers"], out["title"], {0, 2}, 1)

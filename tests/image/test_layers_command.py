@@ -331,3 +331,19 @@ def test_a_mount_point_names_its_stack(store: Path, tmp_path: Path, capsys: pyte
     assert status == 0 and out.startswith(f"mount {mnt}\n")
     assert _cells(next(line for line in out.splitlines() if line.startswith("5 "))) == [
         "5", "upper (writable)", "1000 B", "-", "1 (1000 B)", "1 (400 B)", "1 (1000 B)"]
+
+
+def test_names_are_shown_as_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a name that looks like rich markup, and one that is no UTF-8, both modified in the upper layer
+    low, up = tmp_path / "low", tmp_path / "up"
+    for d in (low, up):
+        d.mkdir()
+        (d / "[red]f").write_bytes(b"1" * 5)
+        with open(os.fsencode(d) + b"/\xff", "wb") as f:
+            f.write(b"2" * 3)
+    target = layers_cli.targets.from_layers([str(low)], str(up))
+    layers_cli._print_human(layers_cli._rows(analyze(target), target, None), None, True)
+    out = capsys.readouterr().out
+    assert "/[red]f" in out and "/\\xff" in out
+    status, data = _json(capsys, "--layers", str(low), "--upper", str(up))
+    assert status == 0 and [os.fsencode(w["path"]) for w in data["wasted_files"]] == [b"/[red]f", b"/\xff"]
