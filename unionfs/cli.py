@@ -184,6 +184,7 @@ COMMANDS = {
     "snapshot": "build layer chains: prepare, mount, commit (unionfs snapshot --help)",
     "image": "container images: import, mount, commit, export (unionfs image --help)",
     "layer": "one layer tar into or out of a snapshot: apply, diff (unionfs layer --help)",
+    "layers": "what each layer adds, modifies, removes and wastes, as dive shows it (unionfs layers --help)",
 }
 
 
@@ -265,10 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .image.cli import image_main
 
         return image_main(args[1:])
-    if cmd in ("layer", "layers"):
+    if cmd == "layer":
         from .image.cli import layer_main
 
         return layer_main(args[1:])
+    if cmd == "layers":
+        from .layers_cli import main as layers_main
+
+        return layers_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))
