@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import _sys, userns, whiteout, xattrs
 from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
@@ -21,6 +22,9 @@ from .layers import ROOT, Entry, Stack, check_name, join
 from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
 from .userns import R_OK, W_OK, X_OK, Caller, Unmapped, UserNamespace
 from .whiteout import XattrFormat
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 DEFAULT_ACL = b"system.posix_acl_default"
 
@@ -117,11 +121,13 @@ class Union:
     """
 
     def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None, *,
-                 durable: bool = True, xattrs: bool = True) -> None:
+                 durable: bool = True, xattrs: bool = True, trace: Trace | None = None) -> None:
         """``durable``: fsync reaches the disk, and copy-ups are synced (False: ``volatile``/``fsync=0``);
         ``xattrs``: extended attributes are served (False: fuse-overlayfs's ``noxattrs=1``: every xattr call
-        fails with ENOTSUP)."""
+        fails with ENOTSUP); ``trace``: told of each union decision (``-o trace``; None: tracing is off, and
+        costs one attribute test where a decision is made)."""
         self.stack = stack
+        self.trace = trace
         self.work = work
         self.ownership = ownership or Ownership()
         self.durable = durable
@@ -143,7 +149,7 @@ class Union:
             checks_owner = self.ownership.identity and not self.userns.initial
             self.copier = CopyUp(stack, work, self._copied.append, fsync=durable,
                                  owner_xattr=self.ownership.xattr_permissions,
-                                 unmapped=self.unmapped if checks_owner else None)
+                                 unmapped=self.unmapped if checks_owner else None, trace=trace)
 
     def take_copied(self) -> list[CopiedUp]:
         """The copy-ups made since the last call, oldest first."""
@@ -187,7 +193,7 @@ class Union:
         self._may(caller, parent, W_OK | X_OK)
         if self.userns.initial or not parent.st.st_mode & stat.S_ISVTX:
             return
-        victim = self.lookup(parent, name)
+        victim = self.lookup(parent, name, traced=False)
         ids = self.unmapped(victim) if victim is not None else None
         if victim is not None and ids is not None:
             userns.require_sticky(caller, parent.st, self.unmapped(parent), victim.st, ids)
@@ -214,9 +220,10 @@ class Union:
         return self.stack.root()
 
     def lookup(self, parent: Entry, name: bytes, caller: Caller | None = None,
-               listing: dict[bytes, tuple[int, int]] | None = None) -> Entry | None:
+               listing: dict[bytes, tuple[int, int]] | None = None, *, traced: bool = True) -> Entry | None:
         """Resolve ``name`` in ``parent`` (``.`` is ``parent`` itself); with ``listing``, a current merged
-        listing of ``parent``, names it lacks are missing without asking any layer."""
+        listing of ``parent``, names it lacks are missing without asking any layer. ``traced``: the trace
+        is told (False for the lookups an operation makes again of names the kernel looked up)."""
         self._may(caller, parent, X_OK)
         if name == b".":
             return parent
@@ -226,8 +233,16 @@ class Union:
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "Not a directory")
         if listing is not None:
-            return self.stack.lookup_listed(parent, name, listing.get(name))
-        return self.stack.lookup(parent, name)
+            entry = self.stack.lookup_listed(parent, name, listing.get(name))
+        else:
+            entry = self.stack.lookup(parent, name)
+        if self.trace is not None and traced:
+            self._trace_lookup(self.trace, parent, name, entry)
+        return entry
+
+    def _trace_lookup(self, trace: Trace, parent: Entry, name: bytes, entry: Entry | None) -> None:
+        whited_out = None if entry is not None else self.stack.whited_out(parent, name)
+        trace.lookup(join(parent.path, name), entry, whited_out)
 
     def unmapped(self, entry: Entry) -> Unmapped | None:
         """Which ids of a lower object's owner this user namespace does not map (None: both mapped, or the
@@ -290,7 +305,10 @@ class Union:
         return os.readlink(entry.path, dir_fd=self.stack.layers[entry.layer].fd)
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
-        return self.stack.listdir(entry)
+        names = self.stack.listdir(entry)
+        if self.trace is not None and (hidden := self.stack.hidden_by_opaque(entry)) is not None:
+            self.trace.opaque(entry.path, *hidden)
+        return names
 
     def opendir(self, entry: Entry, caller: Caller | None = None) -> None:
         """The checks of opening directory ``entry`` to list it."""
@@ -383,6 +401,8 @@ class Union:
                     os.rename(tmp, path, src_dir_fd=work.fd, dst_dir_fd=upper_fd)
             finally:
                 work.discard(tmp)
+            if self.trace is not None and is_dir:
+                self.trace.opaque_made("mkdir", path)
         return self._upper_entry(path, opaque=is_dir and over_whiteout)
 
     def _fix_owner(self, path: bytes, dir_fd: int, owner: tuple[int, int], mode: int | None) -> None:
@@ -523,7 +543,7 @@ class Union:
     # -- removing -----------------------------------------------------------------------------------------
 
     def _existing(self, parent: Entry, name: bytes) -> Entry:
-        entry = self.lookup(parent, name)
+        entry = self.lookup(parent, name, traced=False)
         if entry is None:
             raise OSError(errno.ENOENT, "No such file or directory")
         return entry
@@ -556,9 +576,13 @@ class Union:
         needs_whiteout = self.stack.below_upper(parent, name) is not None
         if entry.layer != 0:
             whiteout.make_whiteout(path, upper.fd)
+            if self.trace is not None:
+                self.trace.whiteout("rmdir" if entry.is_dir else "unlink", path)
             return
         if needs_whiteout:
             replace_with_whiteout(upper, self._work(), path)
+            if self.trace is not None:
+                self.trace.whiteout("rmdir" if entry.is_dir else "unlink", path)
             return
         if not entry.is_dir:
             os.unlink(path, dir_fd=upper.fd)
@@ -585,7 +609,7 @@ class Union:
         old = self._existing(old_parent, old_name)
         if old.is_dir and old_parent.path != new_parent.path:
             self._may(caller, old, W_OK)  # its ".." changes
-        new = self.lookup(new_parent, new_name)
+        new = self.lookup(new_parent, new_name, traced=False)
         if new is not None and old.layer == new.layer == 0 and self.stack.writable and _same_object(old, new):
             return old, None
         exchange = bool(flags & _sys.RENAME_EXCHANGE)
@@ -611,8 +635,12 @@ class Union:
                 raise OSError(errno.ENOTDIR, "Not a directory")
         copier = self._copier()
         if old.is_dir and (old.layer != 0 or old.merged):
+            if self.trace is not None:
+                self.trace.exdev(old.path, new_path, old)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         if exchange and new is not None and new.is_dir and (new.layer != 0 or new.merged):
+            if self.trace is not None:
+                self.trace.exdev(old.path, new_path, new)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         if new is not None and new.is_dir and not exchange and self.stack.listdir(new):
             raise OSError(errno.ENOTEMPTY, "Directory not empty")
@@ -629,13 +657,19 @@ class Union:
             new = copier.copy_up(new)
             if old.is_dir and not old.opaque and new_parent.merged:
                 whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
+                if self.trace is not None:
+                    self.trace.opaque_made("rename", old.path, new_path)
             if new.is_dir and not new.opaque and old_parent.merged:
                 whiteout.set_opaque(upper.full_path(new.path), self.stack.fmt)
+                if self.trace is not None:
+                    self.trace.opaque_made("rename", new.path, old.path)
             _sys.renameat2(old.path, new_path, _sys.RENAME_EXCHANGE, upper.fd, upper.fd)
             return self._upper_entry(new_path), self._upper_entry(old.path)
 
         if old.is_dir and not old.opaque and new_parent.merged:
             whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
+            if self.trace is not None:
+                self.trace.opaque_made("rename", old.path, new_path)
         discard: bytes | None = None
         try:
             st = upper.lstat(new_path)
@@ -649,6 +683,8 @@ class Union:
         try:
             if old_whiteout:
                 self._rename_leaving_whiteout(old.path, new_path)
+                if self.trace is not None:
+                    self.trace.whiteout("rename", old.path, new_path)
             else:
                 os.rename(old.path, new_path, src_dir_fd=upper.fd, dst_dir_fd=upper.fd)
         finally:
