@@ -70,6 +70,8 @@ options (-o, comma separated, may be repeated; a backslash escapes a comma insid
                           and ~100 bytes per lower path; lower layers must not change while mounted
   fsname=NAME             the source shown in the mount table (default unionfs)
   debug                   log every request and its result (with -f, to stderr)
+  trace[=FILE]            a line for each union decision (lookup, whiteout, opaque directory, copy-up, EXDEV)
+                          naming the overlayfs rule that applied: appended to FILE, else to the server's log
 
 kernel overlayfs options, accepted with the values that name what unionfs does:
   redirect_dir=off|nofollow  index=off  metacopy=off  xino=off|auto  nfs_export=off  uuid=on|off|null|auto
