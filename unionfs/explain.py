@@ -175,7 +175,8 @@ class NextWrite:
         if self.parents:
             out += f", after {self.parents} parent director{'y' if self.parents == 1 else 'ies'}"
         if self.rename_exdev:
-            out += "; EXDEV on rename (merged directory; redirect_dir is off)"
+            what = "merged directory" if self.action == "none" else "directory of a lower layer"
+            out += f"; EXDEV on rename ({what}; redirect_dir is off)"
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -461,7 +462,7 @@ def explain(stack: Stack, path: bytes, *, labels: Sequence[str] | None = None,
             else:
                 write = NextWrite("create", parents=parents, replaces_whiteout=any(w.layer == 0 for w in whiteouts))
         elif found.layer == 0:
-            write = NextWrite("none", rename_exdev=is_dir and len(merged) > 1)
+            write = NextWrite("none", rename_exdev=is_dir and len(merged) > 1 and path != ROOT)
         elif is_dir:
             write = NextWrite("copy-up-dir", found.layer, parents=parents, rename_exdev=True)
         else:

@@ -254,7 +254,7 @@ def check_path(stack: Stack, dirs: list[str], path: str, first_lower: int, aufs:
         assert action in ("create", "enoent", "enotdir")
     elif ex.found.layer == 0:
         assert action == "none"
-        assert ex.next_write.rename_exdev == (entry is not None and entry.is_dir and entry.merged)
+        assert ex.next_write.rename_exdev == (entry is not None and entry.is_dir and entry.merged and path != ".")
     else:
         assert action == ("copy-up-dir" if ex.found.type == "directory" else "copy-up")
         assert ex.next_write.layer == ex.found.layer
