@@ -67,9 +67,9 @@ def test_virtual_xattrs_are_readable_hidden_and_refused(layers: Layers, mnt: Pat
             assert _size_probe(p, name) == len(os.getxattr(p, name)), (rel, name)
         assert _unionfs_names(p) == [], rel
         for name in (LAYER_XATTR, b"user.unionfs.other"):
-            assert errno_of(lambda: os.setxattr(p, name, b"x")) == errno.EPERM, (rel, name)
-            assert errno_of(lambda: os.removexattr(p, name)) == errno.EPERM, (rel, name)
-        assert errno_of(lambda: os.getxattr(p, b"user.unionfs.other")) == errno.ENODATA
+            assert errno_of(lambda p=p, name=name: os.setxattr(p, name, b"x")) == errno.EPERM, (rel, name)
+            assert errno_of(lambda p=p, name=name: os.removexattr(p, name)) == errno.EPERM, (rel, name)
+        assert errno_of(lambda p=p: os.getxattr(p, b"user.unionfs.other")) == errno.ENODATA
     # the refusals copied nothing up, and wrote nothing
     assert sorted(os.listdir(layers.upper)) == []
     target = targets.from_mount(str(mnt))
@@ -90,7 +90,7 @@ def test_a_copy_up_carries_no_virtual_xattr(layers: Layers, mnt: Path) -> None:
         upper = layers.upper / rel
         assert upper.exists()
         assert _unionfs_names(upper) == [], rel
-        assert errno_of(lambda: os.getxattr(upper, LAYER_XATTR)) == errno.ENODATA, rel
+        assert errno_of(lambda upper=upper: os.getxattr(upper, LAYER_XATTR)) == errno.ENODATA, rel
         assert os.getxattr(mnt / rel, LAYER_XATTR) == os.fsencode(layers.upper), rel
     after = json.loads(os.getxattr(mnt / "shared.txt", EXPLAIN_XATTR))
     assert after["found"]["layer"] == 0

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,7 +380,8 @@ def test_a_non_directory_hides_the_directories_beneath() -> None:
         ex = explain(stack, b"d")
         assert ex.merged == (0,)
         assert {h.copy.layer: h.reason.kind for h in ex.shadowed} == {1: "shadowed", 2: "non-directory"}
-        assert explain(stack, b"d/x").absent.kind == "non-directory"  # type: ignore[union-attr]
+        absent = explain(stack, b"d/x").absent
+        assert absent is not None and absent.kind == "non-directory"
 
 
 def test_a_merged_directory_and_its_next_write() -> None:
@@ -452,7 +454,8 @@ def test_virtual_xattrs_of_the_core() -> None:
                 union.removexattr(entry, name)
             assert ei.value.errno == errno.EPERM
         assert not any(n.startswith(b"user.unionfs.") for n in union.listxattr(entry))
-        assert stack.resolve(b"f").layer == 1  # type: ignore[union-attr]  # nothing was copied up
+        assert union.lstat(entry).st_ino == os.lstat(os.path.join(dirs[1], "f")).st_ino
+        assert os.listdir(dirs[0]) == []  # nothing was copied up
         # an on-disk name of the namespace never shows
         os.setxattr(os.path.join(dirs[1], "f"), "user.unionfs.layer", b"forged")
         assert union.getxattr(entry, LAYER_XATTR) == os.fsencode(dirs[1])
@@ -470,3 +473,44 @@ def test_virtual_xattrs_of_the_core() -> None:
         assert VirtualXattrs(stack).get(None, 0, LAYER_XATTR) == os.fsencode(dirs[0])
         with pytest.raises(OSError):
             VirtualXattrs(stack).get(None, 0, EXPLAIN_XATTR)
+
+
+# -- the command on a snapshot store ------------------------------------------------------------------------------
+
+
+def _image_helpers() -> tuple[Any, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "image"))
+    import images
+    import layers as tars
+
+    return images, tars
+
+
+def test_inspect_an_image_names_the_layer_by_its_digest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unionfs import inspect_cli
+    from unionfs.image import _images
+    from unionfs.snapshots import Snapshotter
+
+    im, tars = _image_helpers()
+    base = tars.build([tars.dir_("etc"), tars.reg("etc/os-release", b"base"), tars.reg("etc/gone", b"x")])
+    app = tars.build([tars.dir_("etc"), tars.reg("etc/os-release", b"app v2"), tars.reg("etc/.wh.gone")])
+    built = im.image([base, app])
+    layout = im.write_oci_layout(tmp_path / "layout", [("img:1", built)])
+    with Snapshotter(tmp_path / "store") as sn:
+        _images.import_image(sn, layout, name="img:1")
+    root = str(tmp_path / "store")
+    assert inspect_cli.main(["--image", "img:1", "--root", root, "--json", "/etc/os-release"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    top = built.layer_digests[1]
+    assert data["found"]["digest"] == top and data["found"]["label"].startswith("layer 2/2 " + top[7:19])
+    assert data["found"]["size"] == 6 and data["next_write"]["action"] == "erofs"
+    assert [(h["layer"], h["size"], h["reason"]["kind"]) for h in data["shadowed"]] == [(1, 4, "shadowed")]
+    assert data["layers"][1]["digest"] == built.layer_digests[0]
+    assert inspect_cli.main(["--image", "img:1", "--root", root, "etc/gone"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("etc/gone  absent: whited out by layer #0")
+    assert inspect_cli.main(["--image", "nothing", "--root", root, "etc"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing" in err
+    assert inspect_cli.main(["--layers", str(tmp_path), "../x"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
