@@ -190,7 +190,7 @@ class Explanation:
 
     ``found``: the copy shown (None: absent, for ``absent``'s reason). ``shadowed``: every other layer holding
     an object at the path that does not show, with why. ``whiteouts``: the whiteouts at the path, by layer.
-    ``merged``: the layers a directory is merged from (top first; one for a plain directory). ``opaque``: the
+    ``merged_dir``: the layers a directory is merged from (top first; one for a plain directory). ``opaque``: the
     directory shown is opaque. ``copied_up``: the entry is in the upper layer and the lower layers hold a copy
     it replaces (copied up, or replaced by a new object): what they would show without it.
     """
@@ -202,7 +202,7 @@ class Explanation:
     absent: Reason | None
     shadowed: tuple[Hidden, ...]
     whiteouts: tuple[Copy, ...]
-    merged: tuple[int, ...]
+    merged_dir: tuple[int, ...]
     opaque: bool
     copied_up: Copy | None
     next_write: NextWrite
@@ -215,16 +215,30 @@ class Explanation:
         return {
             "path": os.fsdecode(self.path),
             "writable": self.writable,
-            "layers": [la.to_json() for la in self.layers],
+            "layer_count": len(self.layers),
+            "layers": [self.layers[i].to_json() for i in sorted(self.referenced())],
             "found": found,
             "absent": None if self.absent is None else self.absent.to_json(),
             "shadowed": [h.to_json() for h in self.shadowed],
             "whiteouts": [w.to_json() for w in self.whiteouts],
-            "merged": list(self.merged) if len(self.merged) > 1 else [],
+            "merged_dir": list(self.merged_dir) if len(self.merged_dir) > 1 else [],
             "opaque": self.opaque,
             "copied_up": None if self.copied_up is None else self.copied_up.to_json(),
             "next_write": self.next_write.to_json(),
         }
+
+    def referenced(self) -> set[int]:
+        """The layers the explanation names (the only ones its JSON describes: a stack may have hundreds)."""
+        out = {c.layer for c in (self.found, self.copied_up) if c is not None}
+        out.update(h.copy.layer for h in self.shadowed)
+        out.update(h.reason.by for h in self.shadowed if h.reason.by is not None)
+        out.update(w.layer for w in self.whiteouts)
+        out.update(self.merged_dir)
+        if self.absent is not None and self.absent.by is not None:
+            out.add(self.absent.by)
+        if self.next_write.layer is not None:
+            out.add(self.next_write.layer)
+        return out
 
     def json_bytes(self) -> bytes:
         """:meth:`to_json` as one line of JSON (ASCII: any byte of a name survives, as a surrogate escape)."""
@@ -235,7 +249,7 @@ class Explanation:
         return lines_of(self.to_json())
 
 
-def _copy_text(layers: Sequence[dict[str, Any]], copy: dict[str, Any]) -> str:
+def _copy_text(layers: dict[int, dict[str, Any]], copy: dict[str, Any]) -> str:
     info = layers[copy["layer"]]
     size = f", {copy['size']} bytes" if copy["type"] == "regular file" else ""
     return f"#{copy['layer']} {info['label']} ({info['path']}): {copy['type']}{size}"
@@ -255,7 +269,7 @@ _WHITEOUTS = {
 
 def lines_of(data: dict[str, Any]) -> list[str]:
     """The lines for people of an explanation's JSON (:meth:`Explanation.to_json`, or what a mount served)."""
-    layers = data["layers"]
+    layers = {info["index"]: info for info in data["layers"]}
     path = data["path"]
     shown = "/" if path == "." else path
     out: list[str] = []
@@ -263,7 +277,7 @@ def lines_of(data: dict[str, Any]) -> list[str]:
     def layer(i: int) -> str:
         info = layers[i]
         digest = info.get("digest")
-        extra = f" {digest}" if digest and digest not in info["label"] else ""
+        extra = f" {digest}" if digest and digest.partition(":")[2][:12] not in info["label"] else ""
         return f"#{i} {info['label']}{extra} ({info['path']})"
 
     found = data["found"]
@@ -272,9 +286,10 @@ def lines_of(data: dict[str, Any]) -> list[str]:
     else:
         size = f", {found['size']} bytes" if found["type"] == "regular file" else ""
         out.append(f"{shown}  {found['type']}{size}")
-        out.append(f"  from      layer {layer(found['layer'])}, {found['layer'] + 1} of {len(layers)} from the top")
-    if len(data["merged"]) > 1:
-        out.append("  merged    from layers " + ", ".join(f"#{i}" for i in data["merged"]))
+        place = f"{found['layer'] + 1} of {data['layer_count']} from the top"
+        out.append(f"  from      layer {layer(found['layer'])}, {place}")
+    if len(data["merged_dir"]) > 1:
+        out.append("  merged    from layers " + ", ".join(f"#{i}" for i in data["merged_dir"]))
     if data["opaque"]:
         out.append("  opaque    the directories of the layers beneath are not merged into it")
     for w in data["whiteouts"]:

@@ -159,14 +159,13 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     head, *rest = lines
     console.print(Text(head, style="bold"))
-    for line in rest:
-        key, _, value = line.strip().partition(" ")
+    for line in rest:  # "  KEY       VALUE": the key in its column of ten
         text = Text("  ")
-        text.append(f"{key:<9}", style="cyan")
-        text.append(" " + value.strip())
+        text.append(line[2:12], style="cyan")
+        text.append(line[12:])
         console.print(text)
 
 

@@ -98,7 +98,7 @@ def test_a_copy_up_carries_no_virtual_xattr(layers: Layers, mnt: Path) -> None:
     assert after["next_write"]["text"] == "none (upper)"
     assert [(h["layer"], h["reason"]["kind"]) for h in after["shadowed"]] == [(1, "shadowed"), (2, "shadowed")]
     d = json.loads(os.getxattr(mnt / "dir", EXPLAIN_XATTR))
-    assert d["merged"] == [0, 2] and d["next_write"]["rename"] == "EXDEV"
+    assert d["merged_dir"] == [0, 2] and d["next_write"]["rename"] == "EXDEV"
     assert errno_of(lambda: os.rename(mnt / "dir", mnt / "moved")) == errno.EXDEV
 
 

@@ -230,11 +230,11 @@ def check_path(stack: Stack, dirs: list[str], path: str, first_lower: int, aufs:
         assert ex.found.type == ("directory" if entry.is_dir else ex.found.type)
         assert stat.S_ISDIR(entry.st.st_mode) == (ex.found.type == "directory")
         if entry.is_dir:
-            assert list(ex.merged) == merged == list(entry.dirs), path
+            assert list(ex.merged_dir) == merged == list(entry.dirs), path
     # every other layer holding an object there is listed, with a reason, and nothing else is
     expected = holders(dirs, path, first_lower, aufs) if path != "." else set(range(len(dirs)))
     if ex.found is not None:
-        expected -= {ex.found.layer, *ex.merged}
+        expected -= {ex.found.layer, *ex.merged_dir}
     assert {h.copy.layer for h in ex.shadowed} == expected, path
     for h in ex.shadowed:
         assert h.reason.by is not None and h.reason.by < h.copy.layer
@@ -264,6 +264,9 @@ def check_path(stack: Stack, dirs: list[str], path: str, first_lower: int, aufs:
     # the JSON is JSON, and people get lines
     data = json.loads(ex.json_bytes())
     assert data["path"] == os.fsdecode(normalize(os.fsencode(path)))
+    assert {la["index"] for la in data["layers"]} == ex.referenced() and data["layer_count"] == len(dirs)
+    for la in data["layers"]:
+        assert la["path"] == dirs[la["index"]]
     assert lines_of(data) == ex.lines()
     return ex
 
@@ -353,7 +356,7 @@ def test_an_opaque_directory_hides_the_lower_directory_and_its_children() -> Non
     with stack_of([{"d": Dir({"a": "new"}, opaque=True)}, {"d": {"a": "old", "b": "gone"}}, {}], True) as (
             stack, _u, _d):
         ex = explain(stack, b"d")
-        assert ex.opaque and ex.merged == (0,)
+        assert ex.opaque and ex.merged_dir == (0,)
         assert ex.next_write.action == "none" and not ex.next_write.rename_exdev
         assert ex.copied_up is not None and ex.copied_up.layer == 1  # replaced, not merged
         ex = explain(stack, b"d/b")
@@ -378,7 +381,7 @@ def test_a_non_directory_hides_the_directories_beneath() -> None:
     # a non-directory between two directories: the lower one is not merged
     with stack_of([{"d": {}}, {"d": "file"}, {"d": {"x": "1"}}], True) as (stack, _u, _d):
         ex = explain(stack, b"d")
-        assert ex.merged == (0,)
+        assert ex.merged_dir == (0,)
         assert {h.copy.layer: h.reason.kind for h in ex.shadowed} == {1: "shadowed", 2: "non-directory"}
         absent = explain(stack, b"d/x").absent
         assert absent is not None and absent.kind == "non-directory"
@@ -387,7 +390,7 @@ def test_a_non_directory_hides_the_directories_beneath() -> None:
 def test_a_merged_directory_and_its_next_write() -> None:
     with stack_of([{"d": {}}, {"d": {"x": ""}}, {"d": {}}], True) as (stack, _u, _d):
         ex = explain(stack, b"d")
-        assert ex.merged == (0, 1, 2) and not ex.opaque
+        assert ex.merged_dir == (0, 1, 2) and not ex.opaque
         assert ex.next_write.rename_exdev and "EXDEV on rename" in ex.next_write.text
         assert ex.copied_up is not None and ex.copied_up.layer == 1
     with stack_of([{}, {"d": {"e": {"f": "abc"}}}, {}], True) as (stack, _u, _d):
@@ -505,7 +508,8 @@ def test_inspect_an_image_names_the_layer_by_its_digest(tmp_path: Path, capsys: 
     assert data["found"]["digest"] == top and data["found"]["label"].startswith("layer 2/2 " + top[7:19])
     assert data["found"]["size"] == 6 and data["next_write"]["action"] == "erofs"
     assert [(h["layer"], h["size"], h["reason"]["kind"]) for h in data["shadowed"]] == [(1, 4, "shadowed")]
-    assert data["layers"][1]["digest"] == built.layer_digests[0]
+    assert {la["index"]: la["digest"] for la in data["layers"]} == {0: top, 1: built.layer_digests[0]}
+    assert data["layer_count"] == 2
     assert inspect_cli.main(["--image", "img:1", "--root", root, "etc/gone"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("etc/gone  absent: whited out by layer #0")
