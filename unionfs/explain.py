@@ -242,7 +242,7 @@ class Explanation:
 
     def json_bytes(self) -> bytes:
         """:meth:`to_json` as one line of JSON (ASCII: any byte of a name survives, as a surrogate escape)."""
-        return json.dumps(self.to_json(), sort_keys=True).encode()
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
     def lines(self) -> list[str]:
         """A few lines for people."""

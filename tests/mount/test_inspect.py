@@ -29,6 +29,8 @@ PREFIX = "user.unionfs."
 @pytest.fixture
 def mnt(layers: Layers, mounts: Mounts) -> Iterator[Path]:
     (layers.l1 / "link").symlink_to("top.txt")
+    (layers.l1 / "private").write_text("no one may read this\n")
+    (layers.l1 / "private").chmod(0)  # (an ordinary user may not read its xattrs through the kernel)
     mounts.mount(layers.opts(), layers.mnt)
     yield layers.mnt
     if is_mounted(layers.mnt):
@@ -124,7 +126,7 @@ def test_inspect_on_the_mount_equals_inspect_on_its_layers(layers: Layers, mnt: 
         f.write("x")
     os.unlink(mnt / "bottom.txt")  # one whiteout
     stack = ["--layers", f"{layers.l1}:{layers.l2}", "--upper", layers.upper]
-    for rel in (".", "top.txt", "shared.txt", "dir", "dir/deep.txt", "link"):
+    for rel in (".", "top.txt", "shared.txt", "dir", "dir/deep.txt", "link", "private"):
         on_mount = _inspect_json(mnt / rel)
         assert on_mount == _inspect_json(*stack, rel), rel
     gone = _inspect_json(*stack, "bottom.txt")
