@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import explain, mountinfo, targets
-from .cli_errors import EXIT_FAILED, EXIT_USAGE, run_command
+from .cli_errors import EXIT_USAGE, run_command
 from .layers import Stack
 
 PROG = "unionfs inspect"
@@ -41,9 +41,9 @@ user.unionfs.explain (the JSON of --json) and user.unionfs.stack (the mount's la
 xattrs of regular files and directories only, to readers with read permission, so for other entries this
 command reads the layers named by the mount (user.unionfs.stack of the parent directory) itself.
 
-exit status: 0 explained (whether the entry exists or not: see "found" in the JSON), 1 failure (PATH is in no
-             unionfs mount, an I/O error), 2 bad usage (also a --layers directory that is missing), 3 snapshot
-             or image not found, 130 interrupted
+exit status: 0 explained (whether the entry exists or not: see "found" in the JSON), 1 failure (an I/O
+             error: PATH missing, a layer unreadable), 2 bad usage, 3 no stack found (PATH in no unionfs mount,
+             a --layers directory missing, no such snapshot, image or store), 130 interrupted
 """
 
 
@@ -78,15 +78,12 @@ def _target(args: argparse.Namespace) -> targets.Target | None:
         raise _Refused("--upper goes with --layers", EXIT_USAGE)
     if args.root is not None and args.snapshot is None and args.image is None:
         raise _Refused("--root goes with --snapshot or --image", EXIT_USAGE)
-    try:
-        if args.layers is not None:
-            return targets.from_layers(args.layers, args.upper, userxattr=args.userxattr)
-        if args.snapshot is not None:
-            return targets.from_snapshot(args.snapshot, args.root)
-        if args.image is not None:
-            return targets.from_image(args.image, args.root)
-    except targets.TargetError as exc:
-        raise _Refused(str(exc), EXIT_USAGE) from None
+    if args.layers is not None:
+        return targets.from_layers(args.layers, args.upper, userxattr=args.userxattr)
+    if args.snapshot is not None:
+        return targets.from_snapshot(args.snapshot, args.root)
+    if args.image is not None:
+        return targets.from_image(args.image, args.root)
     return None
 
 
@@ -134,17 +131,17 @@ def explain_mounted(path: str) -> dict[str, Any]:
         try:
             data: dict[str, Any] = json.loads(value)
         except ValueError:
-            raise _Refused(f"{path}: {explain.EXPLAIN_XATTR.decode()} is malformed", EXIT_FAILED) from None
+            raise targets.TargetError(f"{path}: {explain.EXPLAIN_XATTR.decode()} is malformed") from None
         return data
     found = _unionfs_mount_of(path)
     if found is None:
-        raise _Refused(f"{path}: not inside a unionfs mount (name layer directories with --layers, a snapshot "
-                       "with --snapshot, an image with --image)", EXIT_FAILED)
+        raise targets.TargetError(f"{path}: not inside a unionfs mount (name layer directories with --layers, a "
+                                  "snapshot with --snapshot, an image with --image)")
     point, merged = found
     directory = os.path.dirname(os.path.abspath(path)) if merged != b"." else point
     target = targets.from_mount(directory)
     if target is None:
-        raise _Refused(f"{path}: its mount serves no {targets.STACK_XATTR.decode()}", EXIT_FAILED)
+        raise targets.TargetError(f"{path}: its mount serves no {targets.STACK_XATTR.decode()}")
     return explain_target(target, merged)
 
 

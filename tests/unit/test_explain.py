@@ -86,13 +86,11 @@ def model(layers: list[str], path: str, first_lower: int, aufs: bool) -> tuple[i
     overlayfs, read from the layer directories."""
     merged: list[int] = []
     xmark: dict[int, bool] = {}
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers):  # every root merges: the kernel honours no opaque marker on a root
         c = _classify(layer, ".", False, aufs and i >= first_lower)
         assert c is not None and c[0] == "dir"
         merged.append(i)
         xmark[i] = c[2]
-        if c[1]:
-            break
     if path == ".":
         return 0, merged
     parts = path.split("/")
