@@ -187,6 +187,7 @@ COMMANDS = {
     "image": "container images: import, mount, commit, export (unionfs image --help)",
     "layer": "one layer tar into or out of a snapshot: apply, diff (unionfs layer --help)",
     "layers": "what each layer adds, modifies, removes and wastes, as dive shows it (unionfs layers --help)",
+    "inspect": "where an entry of a union comes from and what hides what (unionfs inspect --help)",
 }
 
 
@@ -276,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .layers_cli import main as layers_main
 
         return layers_main(args[1:])
+    if cmd == "inspect":
+        from .inspect_cli import main as inspect_main
+
+        return inspect_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))

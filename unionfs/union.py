@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import _sys, userns, whiteout, xattrs
+from . import _sys, explain, userns, whiteout, xattrs
 from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .fsutil import fsync_dir
 from .layers import ROOT, Entry, Stack, check_name, join
@@ -818,8 +819,29 @@ class Union:
             raise OSError(errno.EPERM, "this xattr holds the stored owner and mode")
         return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
 
+    # The virtual xattrs user.unionfs.* (unionfs.explain): served from the layers on every read, whatever the
+    # other xattr options say, never listed, never stored, and refused for writing (EPERM) as the kernel refuses
+    # writes of the names of its overlay markers; a copy-up copies the object's own xattrs only.
+
+    @functools.cached_property
+    def virtual_xattrs(self) -> explain.VirtualXattrs:
+        return explain.VirtualXattrs(self.stack)
+
+    def _virtual_xattr(self, entry: Entry | int, name: bytes) -> bytes:
+        if isinstance(entry, int):
+            return self.virtual_xattrs.get(None, 0, name)  # (an object open in the upper layer, without a name)
+        return self.virtual_xattrs.get(entry.path, entry.layer, name)
+
+    @staticmethod
+    def _refuse_virtual(name: bytes) -> None:
+        if explain.is_virtual(name):
+            raise OSError(errno.EPERM, f"{name.decode(errors='replace')} is a virtual xattr of unionfs (read-only)")
+
     def getxattr(self, entry: Entry | int, name: bytes) -> bytes:
-        """An xattr of ``entry`` (or of the upper object open as a descriptor, all its names removed)."""
+        """An xattr of ``entry`` (or of the upper object open as a descriptor, all its names removed); names in
+        ``user.unionfs.*`` are the virtual ones."""
+        if explain.is_virtual(name):
+            return self._virtual_xattr(entry, name)
         target = entry if isinstance(entry, int) else self._object_path(entry)
         return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
 
@@ -832,14 +854,17 @@ class Union:
         out = []
         for disk in xattrs.names(target):
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
-            if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")):
+            if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")) \
+                    or explain.is_virtual(name):
                 continue
             out.append(name)
         return out
 
     def setxattr(self, entry: Entry | int, name: bytes, value: bytes, flags: int = 0,
                  caller: Caller | None = None) -> Entry | None:
-        """Set an xattr, copying up first; returns the entry as it is now (None for a descriptor)."""
+        """Set an xattr, copying up first; returns the entry as it is now (None for a descriptor). A name in
+        ``user.unionfs.*`` is refused (EPERM)."""
+        self._refuse_virtual(name)
         self._check_xattrs()
         if isinstance(entry, int):
             xattrs.write(entry, self._disk_name(name), value, flags)
@@ -850,6 +875,8 @@ class Union:
         return entry
 
     def removexattr(self, entry: Entry | int, name: bytes, caller: Caller | None = None) -> Entry | None:
+        """Remove an xattr, copying up first; a name in ``user.unionfs.*`` is refused (EPERM)."""
+        self._refuse_virtual(name)
         self._check_xattrs()
         if isinstance(entry, int):
             xattrs.remove(entry, self._disk_name(name))
