@@ -411,14 +411,21 @@ class Union:
         if uid == -1 and gid == -1:
             return
         st = os.lstat(path, dir_fd=dir_fd)
-        if self.ownership.xattr_permissions and not stat.S_ISLNK(st.st_mode):
+        if self.ownership.xattr_permissions and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             # the owner goes where a chown of the merged view would put it: the override xattr (the file itself
             # stays this server's, which needs no privilege)
             full = b"/proc/self/fd/%d/%s" % (dir_fd, path)
             self._store_override(full, st.st_uid if uid == -1 else uid, st.st_gid if gid == -1 else gid,
                                  st.st_mode if mode is None else mode)
             return
-        os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except PermissionError:
+            if not self.ownership.xattr_permissions:
+                raise
+            # (a symlink, FIFO, socket or device node takes no user.* xattr, and an unprivileged server may not
+            # chown it: it stays the server's, as a rootless copy-up leaves it)
+            return
         if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
             os.chmod(path, mode, dir_fd=dir_fd)
 

@@ -165,7 +165,12 @@ _DEV_MAX = 2**32 - 1
 def _clamp_ns(seconds: float) -> int:
     if seconds != seconds:  # NaN
         return 0
-    return max(-_NS_MAX, min(_NS_MAX, int(seconds * 1e9)))
+    ns = seconds * 1e9
+    if ns >= _NS_MAX:  # (infinity included)
+        return _NS_MAX
+    if ns <= -_NS_MAX:
+        return -_NS_MAX
+    return int(ns)
 
 
 def _check_fields(m: tarfile.TarInfo, raw: bytes, what: str) -> None:
@@ -634,7 +639,7 @@ class _Applier:
         tfd, tparent = self._walk(tcomps[:-1], follow=True, create=False, what=f"{what}: hard link target {link!r}")
         try:
             target = (*tparent, tcomps[-1])
-            if target not in self.made:
+            if target not in self.made and not self._linkable_here(tfd, tcomps[-1]):
                 found = None
                 if self.lower_fds and not _lexists(tcomps[-1], tfd):
                     found = self._lower_lookup(tparent, tcomps[-1])[0]
@@ -652,6 +657,16 @@ class _Applier:
                 raise LayerError(f"{what}: hard link to {link!r}, which is no longer there") from None
         finally:
             os.close(tfd)
+
+    @staticmethod
+    def _linkable_here(dir_fd: int, name: bytes) -> bool:
+        """Whether root already holds a non-directory at ``name`` (not a whiteout) from before this layer: a
+        layer applied onto a snapshot may link to what the snapshot holds."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return not stat.S_ISDIR(st.st_mode) and not is_whiteout_stat(st)
 
     # -- metadata --------------------------------------------------------------------------------------
 
@@ -800,6 +815,29 @@ def _lexists(name: bytes, dir_fd: int) -> bool:
     return True
 
 
+#: the errnos of the file system that mean "this entry asks for what cannot be": the entry is refused
+_ENTRY_ERRNOS = frozenset({errno.ERANGE, errno.E2BIG, errno.ENAMETOOLONG})
+#: the largest PAX or GNU long-name header read into memory (Go's archive/tar, which containerd uses, stops there)
+MAX_META_HEADER = 1 << 20
+_META_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK})
+
+
+def _show_name(name: str) -> str:
+    return repr(name.encode("utf-8", "surrogateescape"))[2:-1][:200]
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar member whose metadata headers (PAX, GNU long names) may not exceed :data:`MAX_META_HEADER`: tarfile
+    reads such a header whole into memory, so a small compressed layer could ask for gigabytes."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_META_HEADER:
+            raise LayerError(f"a {self.size}-byte metadata header (PAX or long name): more than "
+                             f"{MAX_META_HEADER} bytes are refused")
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
 def _check_end(stream: LayerStream, offset: int) -> None:
     """The tar must end with its end-of-archive marker where tarfile stopped: anything else there is a
     truncated archive or a corrupt header (which tarfile's stream mode takes for the end). The marker is
@@ -838,7 +876,8 @@ def apply_layer(
     applier = _Applier(root, fmt, rootless, result, lowers)
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]  # noqa: SIM115
+            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape",  # type: ignore[call-overload]  # noqa: SIM115
+                              tarinfo=_BoundedTarInfo)
         except tarfile.ReadError as exc:
             raise LayerError(f"not a tar archive: {exc}") from None
         with tf:
@@ -849,7 +888,16 @@ def apply_layer(
                     raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
                 if m is None:
                     break
-                applier.apply(m, tf)
+                try:
+                    applier.apply(m, tf)
+                except (ValueError, OverflowError) as exc:
+                    if isinstance(exc, LayerError):
+                        raise
+                    raise LayerError(f"entry {_show_name(m.name)}: {exc}") from None
+                except OSError as exc:
+                    if exc.errno not in _ENTRY_ERRNOS:
+                        raise
+                    raise LayerError(f"entry {_show_name(m.name)}: {exc.strerror}") from None
                 result.entries += 1
                 if progress is not None:
                     progress(result.entries, raw.count)
