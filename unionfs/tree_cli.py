@@ -10,6 +10,7 @@ colours and the SVG.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -34,7 +35,7 @@ terminal each layer has a colour of its own, and a legend of the layers with the
 comes first; piped, the same text without colours), its size, symlink target, and for a directory the
 layers it is merged from and whether it is opaque.
 
-  {PROG} /mnt/c                                   a unionfs mount (or a directory inside one)
+  {PROG} /mnt/c                                   a unionfs mount (or a path inside one)
   {PROG} /mnt/c etc                               a directory of it, given inside the mount
   {PROG} --layers l1:l2 --upper up [PATH]         plain layer directories (lowers top first, as lowerdir=)
   {PROG} --snapshot KEY [PATH]                    a snapshot of the store (--root DIR)
@@ -129,8 +130,8 @@ def _target(args: argparse.Namespace) -> tuple[targets.Target, bytes]:
         raise _Refused(f"a MOUNTPOINT and one PATH inside it, not {' '.join(where)}", EXIT_USAGE)
     from .inspect_cli import _unionfs_mount_of
 
-    if not os.path.isdir(where[0]):
-        raise targets.TargetError(f"{where[0]}: not a directory in a unionfs mount")
+    if not os.path.lexists(where[0]):
+        raise OSError(errno.ENOENT, "No such file or directory", where[0])
     found = _unionfs_mount_of(where[0])
     if found is None:
         raise targets.TargetError(f"{where[0]}: not inside a unionfs mount (name layer directories with --layers, a "

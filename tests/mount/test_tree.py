@@ -37,6 +37,9 @@ def test_tree_of_the_mount_equals_tree_of_its_layers(layers: Layers, mounts: Mou
     for extra in ([], ["--all"], ["--depth", "1"], ["--all", "--json"]):
         assert _tree(*extra, mnt) == _tree(*extra, *stack), extra
     assert _tree("--all", mnt, "dir") == _tree("--all", *stack, "dir") == _tree("--all", mnt / "dir")
+    assert _tree(mnt / "top.txt").splitlines()[-1] == "/top.txt  #1 lower 1  8 B"
+    r = cli("tree", mnt / "bottom.txt")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bottom.txt" in r.stderr
     out = _tree("--all", mnt)
     assert "\x1b" not in out
     lines = out.splitlines()

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import stat
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -303,3 +304,28 @@ def test_a_terminal_gets_colours_and_the_same_text(tmp_path: Path, monkeypatch: 
     _, coloured, _ = _run(capsys, *args)
     assert "\x1b[" in coloured
     assert re.sub(r"\x1b\[[0-9;]*m", "", coloured) == piped
+
+
+def test_an_image_names_its_layers_by_digest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unionfs.image import _images
+    from unionfs.snapshots import Snapshotter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "image"))
+    import images
+    import layers as tars
+
+    base = tars.build([tars.dir_("etc"), tars.reg("etc/os-release", b"base"), tars.reg("etc/gone", b"x")])
+    app = tars.build([tars.dir_("etc"), tars.reg("etc/os-release", b"app v2"), tars.reg("etc/.wh.gone")])
+    built = images.image([base, app])
+    layout = images.write_oci_layout(tmp_path / "layout", [("img:1", built)])
+    with Snapshotter(tmp_path / "store") as sn:
+        _images.import_image(sn, layout, name="img:1")
+    status, out, err = _run(capsys, "--image", "img:1", "--root", tmp_path / "store", "--all", "etc")
+    assert status == 0, err
+    top, bottom = built.layer_digests[1][7:19], built.layer_digests[0][7:19]
+    lines = out.splitlines()
+    assert lines[1].startswith(f"  #0 layer 2/2 {top}  ") and lines[2].startswith(f"  #1 layer 1/2 {bottom}  ")
+    assert f"├── gone  #1 layer 1/2 {bottom}  1 B  hidden: whited out by layer #0" in lines
+    assert f"└── os-release  #0 layer 2/2 {top}  6 B" in lines
+    status, _, err = _run(capsys, "--image", "nothing", "--root", tmp_path / "store")
+    assert status == 3 and err.count("\n") == 1 and "nothing" in err
