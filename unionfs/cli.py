@@ -188,6 +188,7 @@ COMMANDS = {
     "layer": "one layer tar into or out of a snapshot: apply, diff (unionfs layer --help)",
     "layers": "what each layer adds, modifies, removes and wastes, as dive shows it (unionfs layers --help)",
     "inspect": "where an entry of a union comes from and what hides what (unionfs inspect --help)",
+    "tree": "the merged tree, each entry with its layer; --all: what is hidden (unionfs tree --help)",
 }
 
 
@@ -281,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .inspect_cli import main as inspect_main
 
         return inspect_main(args[1:])
+    if cmd == "tree":
+        from .tree_cli import main as tree_main
+
+        return tree_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))
