@@ -109,6 +109,8 @@ def test_round_trip_through_a_writable_mount_commit_export_and_reimport(
     assert sorted(os.listdir(ro / "var/cache")) == ["new"]
     assert (ro / "bin/tool2").stat().st_ino == (ro / "bin/tool").stat().st_ino
     assert view["bin/su"][1] == 0o4755 and view["home/user"][1] == 0o700
+    r = one.cli("image", "rm", "test:1")  # regression: the name went, and the layers' blobs, while mounted
+    assert r.returncode == 5 and "mounted on" in r.stderr
     mounts.umount(ro)
 
     rw = base / "rw"
