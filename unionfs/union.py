@@ -20,7 +20,15 @@ from . import _sys, explain, userns, whiteout, xattrs
 from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .fsutil import fsync_dir
 from .layers import ROOT, Entry, Stack, check_name, join
-from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
+from .ownership import (
+    KEPT_XATTR_PREFIX,
+    OVERRIDE_XATTR,
+    Ownership,
+    decode_override,
+    encode_override,
+    kept_name,
+    kept_original,
+)
 from .userns import R_OK, W_OK, X_OK, Caller, Unmapped, UserNamespace
 from .whiteout import XattrFormat
 
@@ -824,6 +832,8 @@ class Union:
         self._check_xattrs()
         if name in self.hidden_xattrs:
             raise OSError(errno.EPERM, "this xattr holds the stored owner and mode")
+        if name.startswith(KEPT_XATTR_PREFIX):
+            raise OSError(errno.EPERM, "this xattr keeps another one an ordinary user may not set")
         return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
 
     # The virtual xattrs user.unionfs.* (unionfs.explain): served from the layers on every read, whatever the
@@ -850,7 +860,16 @@ class Union:
         if explain.is_virtual(name):
             return self._virtual_xattr(entry, name)
         target = entry if isinstance(entry, int) else self._object_path(entry)
-        return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
+        try:
+            return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA or not self.ownership.xattr_permissions or name.startswith(b"user."):
+                raise
+            # an xattr an ordinary user's store could not set as it is (security.capability...), kept aside
+            kept = xattrs.get(target, kept_name(name))
+            if kept is None:
+                raise
+            return kept
 
     def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
         """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
@@ -860,6 +879,12 @@ class Union:
         privileged = caller is None or caller.uid == 0
         out = []
         for disk in xattrs.names(target):
+            if disk.startswith(KEPT_XATTR_PREFIX):
+                original = kept_original(disk)
+                if self.ownership.xattr_permissions and original and (privileged or not original.startswith(
+                        b"trusted.")) and original not in out:
+                    out.append(original)
+                continue
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
             if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")) \
                     or explain.is_virtual(name):

@@ -524,3 +524,41 @@ def test_commands_exit_statuses_for_a_missing_source_and_an_existing_destination
     assert r.returncode != 0
     with _store(tmp_path) as sn:
         assert [i.name for i in sn.walk() if i.kind.value == "active"] == []  # the writable snapshot went again
+
+
+CAP_NET_RAW = __import__("struct").pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # a v2 vfs_cap_data
+
+
+def test_rootless_keeps_capabilities_it_may_not_set_and_diff_gives_them_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ordinary user may not set security.capability: apply keeps it in user.unionfs-xattr.*, a mount with
+    xattr_permissions shows it (tests/mount), and a diff of the layer writes it as the image had it."""
+    import io
+    import tarfile
+
+    from unionfs.image import _apply, write_diff
+    from unionfs.whiteout import XattrFormat
+
+    real_write = _apply.xattrs.write
+
+    def refusing(target: bytes | int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if name.startswith(b"security."):
+            raise PermissionError(1, "Operation not permitted")
+        real_write(target, name, value, flags)
+
+    monkeypatch.setattr(_apply.xattrs, "write", refusing)
+    root = tmp_path / "root"
+    root.mkdir()
+    layer = build([reg("ping", b"elf", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}),
+                   reg("spoof", b"", xattrs={"user.unionfs-xattr.security.capability": b"forged"})])
+    res = _apply.apply_layer(io.BytesIO(layer), os.fsencode(root), fmt=XattrFormat.USER, rootless=True)
+    assert res.kept_xattrs == 1 and res.dropped_xattrs == 1 and "kept in user.unionfs-xattr" in res.summary()
+    assert os.getxattr(root / "ping", "user.unionfs-xattr.security.capability") == CAP_NET_RAW
+    assert "user.unionfs-xattr.security.capability" not in os.listxattr(root / "spoof")
+    out = tmp_path / "diff.tar"
+    with open(out, "wb") as f:
+        write_diff(os.fsencode(root), f, fmt=XattrFormat.USER, compression="none", overrides=True)
+    with tarfile.open(out) as tf:
+        pax = tf.getmember("ping").pax_headers
+    assert pax["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == CAP_NET_RAW
+    assert not any("unionfs-xattr" in k for k in pax)

@@ -66,7 +66,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, Literal
 
 from .. import xattrs
-from ..ownership import OVERRIDE_XATTR, encode_override
+from ..ownership import KEPT_XATTR_PREFIX, OVERRIDE_XATTR, encode_override, kept_name
 from ..whiteout import (
     AUFS_META_PREFIX,
     AUFS_OPAQUE,
@@ -84,8 +84,9 @@ from ._stream import HashingSource, LayerError, LayerStream, digest_hex
 #: how many symlinks one resolution may follow (the kernel's limit)
 _MAX_LINKS = 40
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: the errnos meaning "this xattr cannot be stored here": the xattr is dropped and counted
-_XATTR_REFUSED = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
+#: the errnos meaning "this xattr cannot be stored here" (EINVAL: a security.capability the kernel will not take
+#: from this user): the xattr is dropped and counted
+_XATTR_REFUSED = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EINVAL)
 _COPY = 1 << 20
 _CACHE_MAX = 64
 _XATTR_PAX = "SCHILY.xattr."
@@ -110,6 +111,8 @@ class ApplyResult:
     #: PAX xattrs not written (overlay-private names, or refused by the file system), and xattrs of lower
     #: objects the file system refused on their copies
     dropped_xattrs: int = 0
+    #: rootless: xattrs this user may not set (``security.capability``...) kept in ``user.unionfs-xattr.*``
+    kept_xattrs: int = 0
     #: directories and hard link targets copied up from the lower layers
     copied_up: int = 0
     #: ``sha256:...`` of the uncompressed tar (the layer's diff-id) and of the stream as read (its digest)
@@ -132,6 +135,8 @@ class ApplyResult:
                      "them to record their owner)")
         if self.copied_up:
             line += f", {self.copied_up} copied up from lower layers"
+        if self.kept_xattrs:
+            line += f", {self.kept_xattrs} xattrs this user may not set kept in user.unionfs-xattr.*"
         if self.dropped_xattrs:
             line += f", {self.dropped_xattrs} xattrs dropped"
         return line
@@ -676,7 +681,7 @@ class _Applier:
             if not key.startswith(_XATTR_PAX):
                 continue
             name = key[len(_XATTR_PAX) :].encode("utf-8", "surrogateescape")
-            if name.startswith((TRUSTED_PREFIX, USER_PREFIX)) or name == OVERRIDE_XATTR:
+            if name.startswith((TRUSTED_PREFIX, USER_PREFIX, KEPT_XATTR_PREFIX)) or name == OVERRIDE_XATTR:
                 self.res.dropped_xattrs += 1
                 continue
             found.append((name, value.encode("utf-8", "surrogateescape")))
@@ -689,7 +694,21 @@ class _Applier:
             except OSError as exc:
                 if exc.errno not in _XATTR_REFUSED:
                     raise
+                if self.rootless and not name.startswith(b"user.") and self._keep_xattr(target, name, value):
+                    continue
                 self.res.dropped_xattrs += 1
+
+    def _keep_xattr(self, target: bytes | int, name: bytes, value: bytes) -> bool:
+        """Rootless: keep an xattr this user may not set (``security.capability``...) under
+        ``user.unionfs-xattr.NAME``, where a mount with ``xattr_permissions`` and a diff find it."""
+        try:
+            xattrs.write(target, kept_name(name), value)
+        except OSError as exc:
+            if exc.errno not in _XATTR_REFUSED:
+                raise
+            return False
+        self.res.kept_xattrs += 1
+        return True
 
     @staticmethod
     def _times(m: tarfile.TarInfo) -> tuple[int, int]:
