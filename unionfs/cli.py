@@ -188,6 +188,7 @@ COMMANDS = {
     "layer": "one layer tar into or out of a snapshot: apply, diff (unionfs layer --help)",
     "layers": "what each layer adds, modifies, removes and wastes, as dive shows it (unionfs layers --help)",
     "inspect": "where an entry of a union comes from and what hides what (unionfs inspect --help)",
+    "explore": "browse the layers and the merged view as of each, in the terminal (unionfs explore --help)",
 }
 
 
@@ -281,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .inspect_cli import main as inspect_main
 
         return inspect_main(args[1:])
+    if cmd == "explore":
+        from .explore import main as explore_main
+
+        return explore_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))

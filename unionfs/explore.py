@@ -39,6 +39,8 @@ PROG = "unionfs explore"
 EXIT_NOT_FOUND = 3
 #: how many entries of a directory the tree makes at a time
 CHUNK = 1000
+#: how many lines "changes only" may make opening the directories holding changes
+OPEN_BUDGET = 200
 
 _STYLE = {Mark.ADDED: "green", Mark.MODIFIED: "yellow", Mark.REMOVED: "red strike", Mark.UNCHANGED: ""}
 _SIGN = {Mark.ADDED: "+", Mark.MODIFIED: "~", Mark.REMOVED: "-", Mark.UNCHANGED: " "}
@@ -115,6 +117,34 @@ class _Panel(ModalScreen[None]):
         self.dismiss(None)
 
 
+class EntryTree(Tree[_Data]):
+    """The tree of the view, with the keys of a file manager besides Tree's own: right opens a directory (or goes
+    to its first entry), left closes it (or goes to its directory)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("right", "open_or_down", "open", show=False),
+        Binding("left", "close_or_up", "close", show=False),
+    ]
+
+    def action_open_or_down(self) -> None:
+        node = self.cursor_node
+        if node is None or not node.allow_expand:
+            return
+        if node.is_expanded and node.children:
+            self.move_cursor(node.children[0])
+        else:
+            node.expand()
+
+    def action_close_or_up(self) -> None:
+        node = self.cursor_node
+        if node is None:
+            return
+        if node.is_expanded:
+            node.collapse()
+        elif node.parent is not None and node.parent is not self.root:
+            self.move_cursor(node.parent)
+
+
 class ExploreApp(App[None]):
     """The browser of ``model``, starting at layer ``layer`` (0: the lowest; default the lowest), showing only
     the changes of the selected layer when ``changes_only``."""
@@ -156,7 +186,7 @@ class ExploreApp(App[None]):
             yield Static(id="details")
         with Vertical(id="right"):
             yield Static(id="status")
-            tree: Tree[_Data] = Tree("/", data=ROOT, id="tree")
+            tree = EntryTree("/", data=ROOT, id="tree")
             tree.show_root = False
             tree.auto_expand = True
             yield tree
@@ -215,9 +245,28 @@ class ExploreApp(App[None]):
         tree.clear()
         self._filled = {tree.root.id}
         self._fill(tree.root, ROOT, 0)
+        if self.changes_only:
+            self._open_changes(tree.root)
         found = self._reopen(tree.root, keep)
         if found is not None:
             self.call_after_refresh(tree.move_cursor, found)
+
+    def _open_changes(self, root: TreeNode[_Data]) -> None:
+        """Open the directories holding changes, the shallowest first, while that makes fewer than
+        :data:`OPEN_BUDGET` lines."""
+        made = len(root.children)
+        todo = list(root.children)
+        while todo:
+            node = todo.pop(0)
+            if not isinstance(node.data, bytes) or not node.allow_expand or node.id in self._filled:
+                continue
+            more = len(self.view.children(node.data, True))
+            if made + more > OPEN_BUDGET:
+                break
+            self._fill(node, node.data, 0)
+            node.expand()
+            made += more
+            todo += node.children
 
     def _reopen(self, node: TreeNode[_Data], keep: bytes | None) -> TreeNode[_Data] | None:
         """Open again the directories under ``node`` that were open; the node of path ``keep``, if made."""
