@@ -150,6 +150,7 @@ class ExploreApp(App[None]):
     the changes of the selected layer when ``changes_only``."""
 
     TITLE = "unionfs explore"
+    ENABLE_COMMAND_PALETTE = False
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "quit"),
         Binding("c", "toggle_changes", "changes only"),
@@ -195,7 +196,7 @@ class ExploreApp(App[None]):
     def on_mount(self) -> None:
         self.sub_title = self.stack_title
         table: DataTable[Any] = self.query_one("#layers", DataTable)
-        table.border_title = f"layers {self.stack_title}".strip()
+        table.border_title = self.stack_title or "layers"
         table.add_column("#", key="index")
         table.add_column("layer", key="label")
         table.add_column(Text("size", justify="right"), key="size")
@@ -222,8 +223,9 @@ class ExploreApp(App[None]):
         lines.append(f"directory {f.path}{' (writable)' if f.writable else ''}\n")
         lines.append(f"size      {human_bytes(f.size)} ({f.size} B) in {f.entries} entries\n")
         lines.append(f"added     {counts[Mark.ADDED]} ({human_bytes(f.added.bytes)})\n", style="green")
+        same = f", {f.unchanged.count} unchanged" if f.unchanged.count else ""
         lines.append(f"modified  {counts[Mark.MODIFIED]} ({human_bytes(f.modified.bytes)}, replacing "
-                     f"{human_bytes(f.replaced_bytes)}), of which unchanged {f.unchanged.count}\n", style="yellow")
+                     f"{human_bytes(f.replaced_bytes)}{same})\n", style="yellow")
         lines.append(f"removed   {counts[Mark.REMOVED]} ({human_bytes(f.removed.bytes)})", style="red")
         a = self.model.analysis
         lines.append(f"\nstack     {human_bytes(a.total_size)}, wasted {human_bytes(a.wasted_bytes)}, "
@@ -235,7 +237,8 @@ class ExploreApp(App[None]):
 
     def _status(self) -> str:
         what = "changes of this layer only" if self.changes_only else "all entries (c: changes only)"
-        return f"as of layer {self.layer + 1} of {len(self.model)}: {what}"
+        label = self.model.infos[self.layer].label
+        return f"as of layer {self.layer + 1} of {len(self.model)} ({label}): {what}"
 
     def _rebuild_tree(self) -> None:
         self.query_one("#status", Static).update(self._status())
@@ -248,6 +251,8 @@ class ExploreApp(App[None]):
         if self.changes_only:
             self._open_changes(tree.root)
         found = self._reopen(tree.root, keep)
+        if found is None and tree.root.children:
+            found = tree.root.children[0]
         if found is not None:
             self.call_after_refresh(tree.move_cursor, found)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from .analysis import _DIR, _REG, _WHITEOUT, Analysis, LayerFigures, LayerInfo, _Entry, _View, _Visible, _walk
 from .analysis import analyze_dirs as _analyze_dirs
+from .layers import ROOT as _STACK_ROOT
 from .layers import Stack
 from .targets import Target
 from .whiteout import XattrFormat
@@ -248,7 +249,7 @@ class ExploreModel:
         writable = self.writable and k == len(self.dirs) - 1
         stack = Stack(dirs, writable, self.fmt)
         try:
-            return explain.explain(stack, path or explain.ROOT, labels=[i.label for i in infos],
+            return explain.explain(stack, path or _STACK_ROOT, labels=[i.label for i in infos],
                                    digests=[i.digest for i in infos]).to_json()
         finally:
             stack.close()
