@@ -53,6 +53,7 @@ unionfs explore: the layers of a stack, and its merged view as of the selected l
   enter / right  open a directory of the tree (left closes it)
   c              show only the changes of the selected layer (and the directories holding them)
   i              what `unionfs inspect` says of the selected entry, in the stack as of the selected layer
+  r              read the layers again (what a live mount wrote meanwhile)
   ?              this help
   q              quit (escape closes a panel)
 
@@ -155,6 +156,7 @@ class ExploreApp(App[None]):
         Binding("q", "quit", "quit"),
         Binding("c", "toggle_changes", "changes only"),
         Binding("i", "inspect", "inspect"),
+        Binding("r", "reload", "reload"),
         Binding("question_mark", "help", "help"),
     ]
     CSS = """
@@ -203,14 +205,17 @@ class ExploreApp(App[None]):
         table.add_column(Text("+", style="green", justify="right"), key="added")
         table.add_column(Text("~", style="yellow", justify="right"), key="modified")
         table.add_column(Text("-", style="red", justify="right"), key="removed")
+        self._fill_table(table)
+        table.move_cursor(row=self.layer)
+        table.focus()
+        self._show_layer()
+
+    def _fill_table(self, table: DataTable[Any]) -> None:
         for f in self.model.analysis.layers:
             table.add_row(Text(str(f.index), justify="right"), Text(f.label + (" (w)" if f.writable else "")),
                           Text(human_bytes(f.size), justify="right"), Text(str(f.added.count), justify="right"),
                           Text(str(f.modified.count), justify="right"), Text(str(f.removed.count), justify="right"),
                           key=str(f.index - 1))
-        table.move_cursor(row=self.layer)
-        table.focus()
-        self._show_layer()
 
     def _show_layer(self) -> None:
         self.view = self.model.view(self.layer)
@@ -332,6 +337,18 @@ class ExploreApp(App[None]):
         self.changes_only = not self.changes_only
         self._rebuild_tree()
 
+    def action_reload(self) -> None:
+        """Read the layers again (what a live mount wrote meanwhile), keeping the layer, the open directories
+        and the entry under the cursor."""
+        self.model.reload()
+        table: DataTable[Any] = self.query_one("#layers", DataTable)
+        layer = self.layer
+        table.clear()
+        self._fill_table(table)
+        table.move_cursor(row=layer)
+        self.layer = layer
+        self._show_layer()
+
     def selected_path(self) -> bytes | None:
         """The path of the entry under the tree's cursor (None: no entry)."""
         node = self.query_one("#tree", Tree).cursor_node
@@ -370,8 +387,8 @@ layer on the right, its entries marked as that layer changed them (+ added, ~ mo
   {PROG} /mnt/b                       a live unionfs mount, its writable layer included
 
 Keys: up/down select, tab switches between layers and tree, enter opens a directory, c shows only the
-changes of the selected layer, i inspects the selected entry (as `unionfs inspect`), ? helps, q quits. No
-mouse is needed. For the same figures without a terminal: `unionfs layers`.
+changes of the selected layer, i inspects the selected entry (as `unionfs inspect`), r reads the layers
+again, ? helps, q quits. No mouse is needed. For the same figures without a terminal: `unionfs layers`.
 
 exit status: 0 success, 1 failure (no terminal), 2 bad usage, 3 the image, snapshot or directory is not
              found, 130 interrupted

@@ -211,6 +211,12 @@ class ExploreModel:
             self._analysis = _analyze_dirs(self.dirs, self.fmt, self.infos)
         return self._analysis
 
+    def reload(self) -> None:
+        """Forget what was read of the layers (a live mount's writable layer changes as it is used)."""
+        self._walks.clear()
+        self._views.clear()
+        self._analysis = None
+
     def figures(self, k: int) -> LayerFigures:
         return self.analysis.layers[k]
 

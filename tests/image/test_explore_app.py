@@ -19,7 +19,7 @@ from textual.widgets.tree import TreeNode
 
 from unionfs import cli, explore
 from unionfs.explore import ExploreApp, _Panel
-from unionfs.explore_model import ExploreModel
+from unionfs.explore_model import ExploreModel, Mark
 from unionfs.targets import from_layers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are made with mknod (root)")
@@ -202,6 +202,29 @@ def test_open_directories_stay_open_from_layer_to_layer(stack: ExploreModel) -> 
         assert "    lib/" in [line.split("  [")[0] for line in _lines(app.query_one("#tree", Tree).root)]
 
     _run(stack, body)
+
+
+def test_reload_reads_what_was_written_meanwhile(tmp_path: Path) -> None:
+    low = _tree(tmp_path / "low", {"etc": {"a": b"1"}})
+    up = _tree(tmp_path / "up", {})
+    model = ExploreModel.from_target(from_layers([str(low)], str(up)))
+
+    async def body(app: ExploreApp, pilot: Any) -> None:
+        await pilot.press("down")  # the upper layer: nothing changed yet
+        assert app.layer == 1 and app.view.counts()[Mark.MODIFIED] == 0
+        await pilot.press("tab", "right")
+        await pilot.pause()
+        assert _label(app, b"etc/a").plain.startswith("  a")
+        _tree(up, {"etc": {"a": b"22", "b": b"3"}})  # a copy-up and a new file, as a mount writes them
+        await pilot.press("r")
+        await pilot.pause()
+        assert app.layer == 1
+        assert _label(app, b"etc/a").plain.startswith("~ a  2 B")  # (etc is still open)
+        assert _label(app, b"etc/b").plain.startswith("+ b")
+        table = app.query_one("#layers", DataTable)
+        assert [table.get_cell_at((1, c)).plain for c in (3, 4, 5)] == ["1", "1", "0"]
+
+    _run(model, body)
 
 
 def test_a_big_directory_is_made_in_chunks(tmp_path: Path) -> None:
