@@ -13,14 +13,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import images as im
 import pytest
+from layers import build, dir_, reg
 from textual.widgets import DataTable, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from unionfs import cli, explore
 from unionfs.explore import ExploreApp, _Panel
 from unionfs.explore_model import ExploreModel, Mark
-from unionfs.targets import from_layers
+from unionfs.image import _images
+from unionfs.snapshots import Snapshotter
+from unionfs.targets import from_image, from_layers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are made with mknod (root)")
 
@@ -264,3 +268,64 @@ def test_the_command_needs_a_terminal_and_a_stack(tmp_path: Path, capsys: pytest
         cli.main(["explore", "--layers", str(layer), "--layer", "2"])
     assert exc.value.code == 2 and "has layers 1 to 1" in capsys.readouterr().err
     assert "explore" in cli._usage()
+
+
+# -- an imported image -------------------------------------------------------------------------------------------
+
+IMAGE_LAYERS = [
+    [dir_("etc"), reg("etc/passwd", b"p" * 10), dir_("data"), reg("data/a", b"a" * 20), reg("data/b", b"b")],
+    [dir_("etc"), reg("etc/.wh.passwd"), reg("etc/group", b"g" * 3)],
+    [dir_("data"), reg("data/.wh..wh..opq"), reg("data/c", b"c" * 4)],
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("explore")
+    built = im.image([build(entries) for entries in IMAGE_LAYERS])
+    layout = im.write_oci_layout(tmp / "layout", [("hand:1", built)])
+    with Snapshotter(tmp / "store") as sn:
+        _images.import_image(sn, layout, name="hand:1")
+    return tmp / "store"
+
+
+def test_an_image_its_layers_by_digest_and_an_opaque_directory(store: Path) -> None:
+    target = from_image("hand:1", str(store))
+    model = ExploreModel.from_target(target)
+
+    async def body(app: ExploreApp, pilot: Any) -> None:
+        table = app.query_one("#layers", DataTable)
+        labels = [table.get_cell_at((r, 1)).plain for r in range(3)]
+        digests = [la.digest for la in reversed(target.layers)]
+        assert all(d is not None for d in digests)
+        assert labels == [f"layer {i + 1}/3 {str(d).partition(':')[2][:12]}" for i, d in enumerate(digests)]
+        assert digests[2] in str(app.query_one("#details", Static).render())
+        assert [table.get_cell_at((r, 5)).plain for r in range(3)] == ["0", "1", "2"]  # removed
+        tree = app.query_one("#tree", Tree)
+        # as of layer 3, changes only: data opaque (~) with data/a and data/b removed, data/c added
+        assert [line.split("  [")[0] for line in _lines(tree.root)] == [
+            "~ data/", "  - a  20 B", "  - b  1 B", "  + c  4 B"]
+        await _select(app, pilot, b"data/a")
+        await pilot.press("i")
+        await pilot.pause()
+        assert isinstance(app.screen, _Panel)
+        text = app.screen.body.plain
+        assert text.startswith("data/a  absent: below the opaque directory data of layer #0")
+        assert "#0 is layer 3" in text
+
+    _run(model, body, layer=2, changes_only=True)
+
+
+def test_the_command_resolves_its_target(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a terminal (the app's run() recorded instead of taking the terminal)."""
+    ran: list[tuple[int, bool, str, int]] = []
+
+    def run(self: ExploreApp) -> None:
+        ran.append((self.layer, self.changes_only, self.stack_title, len(self.model)))
+
+    monkeypatch.setattr(ExploreApp, "run", run)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    assert cli.main(["explore", "hand:1", "--root", str(store), "--layer", "2", "--changes"]) == 0
+    assert cli.main(["explore", "--image", "hand:1", "--root", str(store)]) == 0
+    assert ran == [(1, True, "image hand:1", 3), (0, False, "image hand:1", 3)]
