@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
@@ -109,8 +110,8 @@ class _Panel(ModalScreen[None]):
             box.border_title = self.title_text
             yield Static(self.body, id="panel-body")
 
-    def on_key(self, event: Any) -> None:
-        if getattr(event, "key", None) == self.close_key:
+    def on_key(self, event: events.Key) -> None:
+        if event.key == self.close_key:
             event.stop()
             self.dismiss(None)
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from .analysis import _DIR, _REG, _WHITEOUT, Analysis, LayerFigures, LayerInfo, _Entry, _View, _Visible, _walk
+from .analysis import _DIR, _WHITEOUT, Analysis, LayerFigures, LayerInfo, _Entry, _View, _Visible, _walk
 from .analysis import analyze_dirs as _analyze_dirs
 from .layers import ROOT as _STACK_ROOT
 from .layers import Stack
@@ -259,8 +259,3 @@ class ExploreModel:
                                    digests=[i.digest for i in infos]).to_json()
         finally:
             stack.close()
-
-
-def is_regular(node: Node) -> bool:
-    """Whether ``node`` is a regular file."""
-    return node.kind == _REG
