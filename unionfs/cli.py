@@ -189,6 +189,7 @@ COMMANDS = {
     "layers": "what each layer adds, modifies, removes and wastes, as dive shows it (unionfs layers --help)",
     "inspect": "where an entry of a union comes from and what hides what (unionfs inspect --help)",
     "tree": "the merged tree, each entry with its layer; --all: what is hidden (unionfs tree --help)",
+    "explore": "browse the layers and the merged view as of each, in the terminal (unionfs explore --help)",
 }
 
 
@@ -286,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tree_cli import main as tree_main
 
         return tree_main(args[1:])
+    if cmd == "explore":
+        from .explore import main as explore_main
+
+        return explore_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))
