@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from unionfs import cli, layers_cli
 from unionfs.analysis import analyze
 from unionfs.image import _images
 from unionfs.snapshots import Snapshotter
-from unionfs.targets import STACK_XATTR, from_image, stack_json
+from unionfs.targets import STACK_XATTR, from_image, from_mount, stack_json
 from unionfs.whiteout import XattrFormat
 
 CONFIG_A = b"a" * 1000  # etc/config as the base has it, and as layer 4 puts it back
@@ -301,7 +303,8 @@ def test_targets_named_wrong(store: Path, tmp_path: Path, capsys: pytest.Capture
     assert exc.value.code == 2 and "lots" in capsys.readouterr().err
 
 
-def test_a_mount_point_names_its_stack(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_mount_point_names_its_stack(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      request: pytest.FixtureRequest) -> None:
     # A directory carrying user.unionfs.stack as a unionfs mount serves it on its root (the layers read are the
     # image's, and a writable layer with a copy-up of etc/config, the same 1000 B, and bin/tool removed)
     with Snapshotter(store, create=False) as sn:
@@ -311,9 +314,18 @@ def test_a_mount_point_names_its_stack(store: Path, tmp_path: Path, capsys: pyte
     (upper / "etc" / "config").write_bytes(CONFIG_A)
     (upper / "bin").mkdir()
     os.mknod(upper / "bin" / "tool", 0o020000, os.makedev(0, 0))
-    mnt = tmp_path / "mnt"
+    mnt, work = tmp_path / "mnt", tmp_path / "work"
     mnt.mkdir()
+    work.mkdir()
+    # a plain directory carrying the xattr names nothing: only a unionfs mount serves it
     os.setxattr(mnt, STACK_XATTR, stack_json(chain, os.fsencode(upper), XattrFormat.TRUSTED))
+    assert from_mount(str(mnt)) is None
+    os.removexattr(mnt, STACK_XATTR)
+    opts = "lowerdir=" + ":".join(os.fsdecode(c) for c in chain) + f",upperdir={upper},workdir={work}"
+    r = subprocess.run([sys.executable, "-m", "unionfs", "mount", "-o", opts, str(mnt)], capture_output=True,
+                       text=True, timeout=60)
+    request.addfinalizer(lambda: subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True))
+    assert r.returncode == 0, r.stderr
     status, data = _json(capsys, str(mnt))
     assert status == 0
     assert data["target"]["kind"] == "mount" and data["target"]["name"] == str(mnt)
