@@ -248,9 +248,19 @@ def test_refuses_hardlink_outside_or_missing(box: Box) -> None:
     refused(box, build([sym("c", str(box.top / "canary")), hard("l", "c/file")]), "does not exist|not an earlier")
 
 
-def test_refuses_hardlink_to_lower_content(box: Box) -> None:
-    (box.root / "lowerfile").write_bytes(b"")
-    refused(box, build([hard("l", "lowerfile")]), "not an earlier entry")
+def test_links_to_what_the_root_holds_from_before(box: Box) -> None:
+    """A layer applied onto a directory that holds files already (``unionfs layer apply`` onto a snapshot with
+    content) may link to them, as to an earlier entry: they are the layers beneath it."""
+    (box.root / "earlier").write_bytes(b"e")
+    box.apply(build([hard("l", "earlier")]))
+    assert (box.root / "l").stat().st_ino == (box.root / "earlier").stat().st_ino
+
+
+def test_refuses_hardlink_to_a_directory_or_whiteout_the_root_holds(box: Box) -> None:
+    (box.root / "d").mkdir()
+    os.mknod(box.root / "w", stat.S_IFCHR, 0)
+    refused(box, build([hard("l", "d")]), "not an earlier entry|directory")
+    refused(box, build([hard("l", "w")]), "not an earlier entry")
 
 
 def test_refuses_hardlink_to_removed_entry(box: Box) -> None:
