@@ -1,7 +1,9 @@
 """Reading a layer's byte stream once: the compressed stream hashed (the layer's digest), decompressed by
 its magic bytes (gzip, zstd, or none), and the uncompressed stream hashed (its diff-id).
 
-Truncated or corrupt compressed streams raise :class:`LayerError`. Decompression output is bounded per call
+The reading, decompression and hashing run in a thread of their own, ahead of the reader by a few MiB at
+most (see :class:`LayerStream`): they overlap with what the reader does with the bytes. Truncated or corrupt
+compressed streams raise :class:`LayerError`. Decompression output is bounded per call
 (gzip: by ``max_length``; zstd: by feeding small input chunks), so a highly compressed stream cannot make one
 read hold more than a bounded amount of memory.
 """
@@ -9,6 +11,9 @@ read hold more than a bounded amount of memory.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import weakref
 import zlib
 from typing import Any, BinaryIO, Protocol
 
@@ -20,6 +25,11 @@ _BZIP2_MAGIC = b"BZh"
 #: bytes read from the source at a time; zstd input is fed in smaller pieces (see the module's docstring)
 _CHUNK = 1 << 16
 _ZSTD_FEED = 1 << 12
+#: decompressed bytes handed to the reader at a time, and how many such pieces may wait for it
+_BATCH = 1 << 20
+_AHEAD = 4
+#: seconds between two checks, by a reading thread waiting for its reader, that the stream is still wanted
+_POLL = 0.1
 
 
 class LayerError(ValueError):
@@ -142,67 +152,146 @@ class _Plain:
         return True
 
 
+class _Producer:
+    """The reading side of a :class:`LayerStream`, run in a thread of its own: compressed bytes read from the
+    source (hashed there, and teed when the source tees), decompressed, the output hashed (the diff-id) and
+    handed over in pieces of about :data:`_BATCH` bytes through a queue of at most :data:`_AHEAD` pieces.
+
+    The thread holds no reference to its stream: when the stream is dropped unfinished (an apply that failed),
+    :meth:`stop` is called by a finalizer and the thread ends at its next hand-over."""
+
+    def __init__(self, source: HashingSource, dec: _Decoder, first: bytes, compression: str) -> None:
+        self._src = source
+        self._dec = dec
+        self._first: bytes | None = first
+        self._compression = compression
+        self.sha = hashlib.sha256()
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_AHEAD)
+        self._stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="layer-stream", daemon=True)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        batch = bytearray()
+        try:
+            raw_done = False
+            while True:
+                out = self._dec.more()
+                if not out:
+                    if raw_done:
+                        break
+                    if self._first is not None:
+                        raw, self._first = self._first, None
+                    else:
+                        raw = self._src.read(_CHUNK)
+                    if not raw:
+                        raw_done = True
+                        if not self._dec.at_end():
+                            raise LayerError(f"truncated {self._compression} stream")
+                        continue
+                    out = self._dec.feed(raw)
+                if out:
+                    batch += out
+                    if len(batch) >= _BATCH:
+                        data = bytes(batch)
+                        batch.clear()
+                        self.sha.update(data)
+                        if not self._put(data):
+                            return
+            if batch:
+                data = bytes(batch)
+                self.sha.update(data)
+                if not self._put(data):
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to the reader, raised there
+            if batch:
+                data = bytes(batch)
+                self.sha.update(data)
+                if not self._put(data):
+                    return
+            self._put(exc)
+
+
 class LayerStream:
-    """The uncompressed tar stream: ``read(n)`` as tarfile wants it, hashed as it is handed out.
+    """The uncompressed tar stream: ``read(n)`` as tarfile wants it, hashed as it is produced.
+
+    The source is read, decompressed and hashed ahead of the reader in a thread of its own (zlib, zstd and
+    sha256 let other threads run meanwhile, so this overlaps with the file system work of the reader), at
+    most a few MiB ahead. The whole source is read, to its end, before :meth:`read` returns its last bytes;
+    ``sha`` (the uncompressed stream's) is complete once :meth:`read` has returned b"" (or after
+    :meth:`drain`). Errors of the source or its decompression are raised by :meth:`read` once the bytes
+    before them have been handed out.
 
     The last two pieces handed out are kept, so that the caller can check the bytes at the offset where
     tarfile stopped (the end-of-archive marker) after the fact.
     """
 
     def __init__(self, source: HashingSource) -> None:
-        self._src = source
         first = source.read(_CHUNK)
         self.compression: str
-        self._dec: _Decoder
+        dec: _Decoder
         if first.startswith(GZIP_MAGIC):
-            self.compression, self._dec = "gzip", _GzipDecoder()
+            self.compression, dec = "gzip", _GzipDecoder()
         elif first.startswith(ZSTD_MAGIC):
-            self.compression, self._dec = "zstd", _ZstdDecoder()
+            self.compression, dec = "zstd", _ZstdDecoder()
         elif first.startswith(_XZ_MAGIC) or first.startswith(_BZIP2_MAGIC):
             raise LayerError("unsupported layer compression (xz or bzip2); gzip, zstd and plain tar are read")
         else:
-            self.compression, self._dec = "none", _Plain()
+            self.compression, dec = "none", _Plain()
         self._buf = bytearray()
-        self._raw_done = False
-        self._pending_first: bytes | None = first
-        self.sha = hashlib.sha256()
+        self._pos = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._producer = _Producer(source, dec, first, self.compression)
+        self.sha = self._producer.sha
         self.count = 0
         self._kept: list[tuple[int, bytes]] = []
+        self._finalizer = weakref.finalize(self, self._producer.stop)
+        self._producer.thread.start()
 
     def _fill(self) -> bool:
         """Add decompressed bytes to the buffer; False at the end of the stream."""
-        while True:
-            out = self._dec.more()
-            if out:
-                self._buf += out
-                return True
-            if self._raw_done:
-                return False
-            if self._pending_first is not None:
-                raw, self._pending_first = self._pending_first, None
-            else:
-                raw = self._src.read(_CHUNK)
-            if not raw:
-                self._raw_done = True
-                if not self._dec.at_end():
-                    raise LayerError(f"truncated {self.compression} stream")
-                return False
-            out = self._dec.feed(raw)
-            if out:
-                self._buf += out
-                return True
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return False
+        item = self._producer.queue.get()
+        if item is None:
+            self._done = True
+            self._producer.thread.join()
+            return False
+        if isinstance(item, BaseException):
+            self._error = item
+            self._producer.thread.join()
+            raise item
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += item
+        return True
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             while self._fill():
                 pass
-            n = len(self._buf)
-        while len(self._buf) < n and self._fill():
+            n = len(self._buf) - self._pos
+        while len(self._buf) - self._pos < n and self._fill():
             pass
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
+        data = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += len(data)
         if data:
-            self.sha.update(data)
             self._kept = [*self._kept[-1:], (self.count, data)]
             self.count += len(data)
         return data
@@ -228,6 +317,11 @@ class LayerStream:
         while self.read(_CHUNK):
             pass
         self._kept = []
+
+    def close(self) -> None:
+        """Stop reading ahead (the stream is not read further); waits for the reading thread to end."""
+        self._producer.stop()
+        self._producer.thread.join()
 
 
 def digest_hex(sha: Any) -> str:
