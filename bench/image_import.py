@@ -539,6 +539,15 @@ def table(results: Results) -> list[str]:
     return lines
 
 
+def gzip_library(env: dict[str, str]) -> str:
+    """The gzip library the unionfs command decompresses with (isal when installed, else zlib)."""
+    code = "from unionfs.image import _stream; print(_stream.GZIP_LIBRARY)"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or "unknown"
+    return "unknown"
+
+
 def machine(work: Path) -> dict[str, str]:
     fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(work)], capture_output=True,
                         text=True).stdout.strip()
@@ -553,7 +562,8 @@ def machine(work: Path) -> dict[str, str]:
 def report(results: Results, facts: dict[str, str], desc: str, repeat: int, drop: bool) -> str:
     lines = ["# unionfs image import", "",
              f"{facts['date']}, Linux {facts['kernel']}, {facts['cpu']} ({facts['cores']} CPUs, {facts['memory']}), "
-             f"Python {facts['python']}; {facts['tar']}, {facts['umoci']}; work directory {facts['workdir']}.",
+             f"Python {facts['python']} (unionfs's gzip: {facts['gzip']}); {facts['tar']}, {facts['umoci']}; "
+             f"work directory {facts['workdir']}.",
              f"{desc}. Median of {repeat} runs (fastest–slowest); page cache "
              f"{'dropped before every command' if drop else 'warm (not dropped)'}.", "", *table(results)]
     tar_med = statistics.median(t.command for t in results["tar -x"])
@@ -561,7 +571,8 @@ def report(results: Results, facts: dict[str, str], desc: str, repeat: int, drop
     verdict = f"unionfs import / tar -x: {ours / tar_med:.2f} (target {TARGET})"
     if results.get("umoci unpack"):
         umoci = statistics.median(t.command for t in results["umoci unpack"])
-        verdict += f"; umoci unpack / unionfs import: {umoci / ours:.2f} ({'ahead of' if ours < umoci else 'behind'} umoci)"
+        ahead = 'ahead of' if ours < umoci else 'behind'
+        verdict += f"; umoci unpack / unionfs import: {umoci / ours:.2f} ({ahead} umoci)"
     return "\n".join([*lines, "", verdict]) + "\n"
 
 
@@ -635,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     facts = machine(args.workdir)
+    facts["gzip"] = gzip_library(runner.env)
     desc = describe(images, sizes, args.compression)
     if args.json:
         args.json.write_text(json.dumps({"machine": facts, "image": desc, "runs": {
