@@ -10,6 +10,7 @@ import io
 import threading
 import time
 import zlib
+from typing import Any, BinaryIO, cast
 
 import pytest
 import zstandard
@@ -115,7 +116,7 @@ def test_source_error_reaches_the_reader() -> None:
             b[:] = b"x" * len(b)
             return len(b)
 
-    stream = LayerStream(HashingSource(io.BufferedReader(Failing(), 1 << 16)))  # type: ignore[arg-type]
+    stream = LayerStream(HashingSource(cast(BinaryIO, io.BufferedReader(cast(Any, Failing()), 1 << 16))))
     with pytest.raises(OSError, match="I/O error"):
         while stream.read(1 << 16):
             pass
