@@ -11,7 +11,8 @@ repetition to the next:
 - ``tar -x``: GNU tar extracting each layer blob in turn into one directory (``tar -xzf``; whiteouts are not
   interpreted: they stay as ``.wh.`` files, which costs tar nothing);
 - ``unionfs import``: ``python -m unionfs image --root STORE import LAYOUT -q --json`` into a fresh store, the
-  command as a user runs it (interpreter start included, its bytecode compiled beforehand);
+  command as a user runs it (interpreter start included, its bytecode compiled beforehand), from this
+  repository or the source tree ``--repo``;
 - ``umoci unpack``: ``umoci unpack --image LAYOUT:TAG BUNDLE`` (``--rootless`` when not run as root);
 - the second image: one sharing the first 4 layers with one new layer, imported into the same store (its JSON
   output must say 1 layer applied), beside ``tar -x`` of just that new layer.
@@ -417,12 +418,12 @@ class Timing:
 
 
 class Runner:
-    def __init__(self, work: Path, compression: str, drop: bool) -> None:
+    def __init__(self, work: Path, compression: str, drop: bool, repo: Path) -> None:
         self.work = work
         self.compression = compression
         self.drop = drop
         self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), self.env.get("PYTHONPATH")]))
         self.rootless = os.geteuid() != 0
 
     def fresh(self, name: str) -> Path:
@@ -562,8 +563,8 @@ def machine(work: Path) -> dict[str, str]:
 def report(results: Results, facts: dict[str, str], desc: str, repeat: int, drop: bool) -> str:
     lines = ["# unionfs image import", "",
              f"{facts['date']}, Linux {facts['kernel']}, {facts['cpu']} ({facts['cores']} CPUs, {facts['memory']}), "
-             f"Python {facts['python']} (unionfs's gzip: {facts['gzip']}); {facts['tar']}, {facts['umoci']}; "
-             f"work directory {facts['workdir']}.",
+             f"Python {facts['python']} (unionfs from {facts['repo']}, gzip: {facts['gzip']}); {facts['tar']}, "
+             f"{facts['umoci']}; work directory {facts['workdir']}.",
              f"{desc}. Median of {repeat} runs (fastest–slowest); page cache "
              f"{'dropped before every command' if drop else 'warm (not dropped)'}.", "", *table(results)]
     tar_med = statistics.median(t.command for t in results["tar -x"])
@@ -594,6 +595,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="of the layers (default gzip; umoci is left out for zstd: Debian's umoci reads no zstd)")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before every command")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with umoci's rootfs")
+    p.add_argument("--repo", type=Path, default=REPO,
+                   help="the unionfs source tree to run (default: this repository), e.g. to compare revisions")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write every run's times (seconds) to FILE")
     args = p.parse_args(argv)
     if args.repeat < 1:
@@ -609,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/image_import.py: not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
     images = generate(args.workdir / "unionfs-image-bench-cache", sizes, args.compression)
-    compileall.compile_dir(str(REPO / "unionfs"), quiet=1)
+    compileall.compile_dir(str(args.repo / "unionfs"), quiet=1)
     work = Path(tempfile.mkdtemp(prefix="unionfs-image-bench-", dir=args.workdir))
-    runner = Runner(work, args.compression, args.drop_caches)
+    runner = Runner(work, args.compression, args.drop_caches, args.repo.resolve())
     with_umoci = args.compression == "gzip"
     results: Results = {name: [] for name in CONTENDERS if with_umoci or name != "umoci unpack"}
     checked = args.no_check or not with_umoci
@@ -647,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     facts = machine(args.workdir)
     facts["gzip"] = gzip_library(runner.env)
+    facts["repo"] = str(args.repo.resolve())
     desc = describe(images, sizes, args.compression)
     if args.json:
         args.json.write_text(json.dumps({"machine": facts, "image": desc, "runs": {
