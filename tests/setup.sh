@@ -10,8 +10,10 @@ cd "$(dirname "$0")/.."
 # uidmap (newuidmap) lets the rootless pass (tests/run-rootless.sh) map a range of ids into its user namespace.
 # The podman tests (tests/podman) run podman and buildah (with runc, as root and rootless) on a busybox image
 # made from busybox-static, with fuse-overlayfs as the reference mount program; they need no network.
+# skopeo and umoci are the references of the image tests (tests/image, tests/mount/test_image_*.py): what they
+# write must import, what unionfs exports they must read, and umoci's unpack must show what unionfs mounts.
 packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux uidmap kmod python3 python3-venv python3-dev
-          podman buildah runc busybox-static fuse-overlayfs "$@")
+          podman buildah runc busybox-static fuse-overlayfs skopeo umoci "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -219,6 +219,9 @@ class Probing:
                     if whiteout.has_aufs_opaque(layer.fd, path) or (
                             marker is not None and whiteout.has_aufs_marker(layer.fd, marker)):
                         marks = whiteout.with_opaque(marks)
+                if path == ROOT and marks.opaque:
+                    # The kernel honours no opaque marker on a layer's root: every layer's root merges.
+                    marks = whiteout.DirMarks(False, marks.xwhiteouts)
                 yield _found(Found, (index, st, False, marks))
             else:
                 yield _found(Found, (index, st, False, NO_MARKS))

@@ -399,6 +399,18 @@ def test_rootless_records_owners_and_devices(box: Box) -> None:
     assert "4 owners/modes recorded" in res.summary()
 
 
+def test_regression_rootless_directories_a_layer_implies_are_recorded_as_roots(
+        box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ordinary user's apply of ``a/b/f`` with no entries for ``a`` and ``a/b`` makes them root's, 0755, as
+    any extraction does, and records that (regression: they carried no override, so a mount reading overrides
+    showed them as the user's own on-disk id, which an image mount maps to a subordinate id: the user could
+    not create files in them)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    box.apply(build([reg("a/b/f", b"x", uid=5, gid=5)]), rootless=True, fmt=XattrFormat.USER)
+    assert override(box.root / "a") == (0, 0, 0o755) and override(box.root / "a/b") == (0, 0, 0o755)
+    assert override(box.root / "a/b/f") == (5, 5, 0o644)
+
+
 UNPRIV = """
 import io, os, sys
 sys.path[:0] = sys.argv[1].split(os.pathsep)
@@ -472,3 +484,8 @@ def test_large_compressed_layer(box: Box, comp: str) -> None:
     shutil.rmtree(box.root)
     box.root.mkdir()
     refused(box, data[: len(data) // 2], "truncated")
+
+
+def test_removed_directory_mode_not_given_to_the_one_made_again(box: Box) -> None:
+    box.apply(build([dir_("a/b", mode=0o700), reg("a"), dir_("a"), reg("a/b/y")]))
+    assert stat.S_IMODE((box.root / "a/b").lstat().st_mode) == 0o755

@@ -8,16 +8,19 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layers import Entry, build, dir_, hard, listing, reg, sym  # noqa: E402
+from layers import MTIME, Entry, build, dir_, hard, listing, reg, sym  # noqa: E402
 
 from unionfs.image import ApplyResult, LayerError, apply_into_new, apply_layer  # noqa: E402
 from unionfs.ownership import OVERRIDE_XATTR, decode_override  # noqa: E402
@@ -25,6 +28,7 @@ from unionfs.whiteout import XattrFormat, is_whiteout_stat  # noqa: E402
 
 T = XattrFormat.TRUSTED
 U = XattrFormat.USER
+MTIME_NS = MTIME * 10**9
 
 
 class Stack:
@@ -92,8 +96,9 @@ def stack() -> Iterator[Stack]:
 def test_lower_symlink_followed_inside_the_root(stack: Stack, target: str) -> None:
     stack.lower([dir_("usr", mode=0o750, uid=5, gid=6, mtime=1_400_000_000), dir_("usr/lib", mode=0o711, uid=7)])
     stack.lower([sym("lib", target)])
-    stack.apply([reg("lib/x", b"data", uid=9)])
+    res = stack.apply([reg("lib/x", b"data", uid=9)])
     assert stack.tree() == {"usr", "usr/lib", "usr/lib/x"}
+    assert res.copied_up == 2
     assert (stack.root / "usr/lib/x").read_bytes() == b"data"
     usr, lib = (stack.root / "usr").lstat(), (stack.root / "usr/lib").lstat()
     assert (stat.S_IMODE(usr.st_mode), usr.st_uid, usr.st_gid, usr.st_mtime_ns) == (0o750, 5, 6, 1_400_000_000 * 10**9)
@@ -305,6 +310,8 @@ def test_hard_link_to_lower_file_copied_up(stack: Stack) -> None:
     assert (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (src.st_mode, 3, 4, src.st_mtime_ns)
     assert os.getxattr(busybox, "user.tag") == b"v"
     assert res.bytes == 0
+    assert res.copied_up == 2  # bin and bin/busybox
+    assert "2 copied up from lower layers" in res.summary()
     assert stack.tree() == {"bin", "bin/busybox", "bin/sh", "ls"}
 
 
@@ -347,3 +354,449 @@ def test_apply_into_new_with_lowers(stack: Stack) -> None:
         io.BytesIO(build([reg("lib/x")])), bytes(stack.base), b"new", fmt=T, rootless=False, lowers=stack.lower_args()
     )
     assert set(listing(stack.base / "new")) == {"usr", "usr/lib", "usr/lib/x"}
+
+
+def test_opaque_marker_on_the_top_directory_hides_nothing(stack: Stack) -> None:
+    """The kernel ignores an opaque marker on an overlay's top directory: lower names there stay visible."""
+    stack.lower([dir_("usr/lib"), sym("lib", "usr/lib")])
+    res = stack.apply([reg(".wh..wh..opq"), reg("lib/x")])
+    assert res.opaque_dirs == 1
+    assert stack.tree() == {"usr", "usr/lib", "usr/lib/x"}
+
+
+# -- random stacks: a model, and the kernel with GNU tar ---------------------------------------------------
+
+NAMES = ["a", "b", "c"]
+#: symlink targets: absolute, climbing, looping, dangling
+TARGETS = ["a", "b", "a/b", "c/", "/a", "/b/c", "../a", "/../../c", ".", "a/..", "..", "b/../c", "a/b/c/a"]
+#: targets that neither climb nor start at the root, which GNU tar on a mounted tree would resolve alike
+TAR_TARGETS = ["a", "b", "a/b", "c/", ".", "b/c", "c/a"]
+MODES = [0o755, 0o700, 0o750]
+UIDS = [0, 1000]
+
+Op = tuple[str, tuple[str, ...], object, int, int]
+Node = tuple[object, ...]
+Tree = dict[tuple[str, ...], Node]
+
+
+class Refused(Exception):
+    pass
+
+
+def op_strategy(kinds: str, targets: list[str]) -> st.SearchStrategy[Op]:
+    path = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(tuple)
+    payload = {
+        "F": st.binary(max_size=4),
+        "D": st.just(None),
+        "L": st.sampled_from(targets),
+        "W": st.just(None),
+        "O": st.just(None),
+    }
+    return st.sampled_from(list(kinds)).flatmap(
+        lambda k: st.tuples(st.just(k), path, payload[k], st.sampled_from(MODES), st.sampled_from(UIDS))
+    )
+
+
+def to_entries(ops: list[Op]) -> list[Entry]:
+    out: list[Entry] = []
+    for kind, path, payload, mode, uid in ops:
+        name = "/".join(path)
+        if kind == "F":
+            assert isinstance(payload, bytes)
+            out.append(reg(name, payload, mode=mode & 0o666, uid=uid, gid=uid))
+        elif kind == "D":
+            out.append(dir_(name, mode=mode, uid=uid, gid=uid))
+        elif kind == "L":
+            out.append(sym(name, str(payload)))
+        elif kind == "W":
+            out.append(reg("/".join((*path[:-1], ".wh." + path[-1]))))
+        else:
+            out.append(reg(name + "/.wh..wh..opq"))
+    return out
+
+
+def model_apply(tree: Tree, ops: list[Op]) -> bool:
+    """Apply ``ops`` to ``tree`` (the merged view, updated in place) as a chrooted extraction onto the merged
+    tree would: path -> ("D", mode, uid) | ("F", data, mode, uid) | ("L", target). Raises Refused where the
+    layer is refused; answers whether an entry landed on something GNU tar would not replace alike (a
+    non-directory on a directory, a directory on a symlink, a directory made through a symlink, an entry
+    replacing a symlink its own name goes through)."""
+    inroot: set[tuple[str, ...]] = set()  # what the layer's own directory holds
+    whited: set[tuple[str, ...]] = set()  # whiteouts it made (and holds as character devices)
+    awkward = False
+    followed: list[tuple[str, ...]] = []  # the symlinks the last resolution went through
+
+    def under(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
+        return len(q) > len(p) and q[: len(p)] == p
+
+    def remove(p: tuple[str, ...]) -> None:
+        for q in [q for q in tree if q == p or under(p, q)]:
+            del tree[q]
+        inroot.difference_update([q for q in inroot if under(p, q)])
+        whited.difference_update([q for q in whited if under(p, q)])
+
+    def resolve(comps: tuple[str, ...], follow: bool) -> tuple[str, ...]:
+        names: list[str] = []
+        todo = list(reversed(comps))
+        links = 0
+        followed.clear()
+        while todo:
+            c = todo.pop()
+            if c in ("", "."):
+                continue
+            if c == "..":
+                if names:
+                    names.pop()
+                continue
+            p = (*names, c)
+            if p in whited:
+                raise Refused
+            node = tree.get(p)
+            if node is None:
+                nonlocal awkward
+                awkward |= links > 0  # GNU tar makes no directory through a dangling symlink
+                tree[p] = ("D", 0o755, 0)
+            elif node[0] == "L":
+                links += 1
+                if not follow or links > 40:
+                    raise Refused
+                followed.append(p)
+                target = str(node[1])
+                if target.startswith("/"):
+                    names.clear()
+                todo.extend(reversed(target.split("/")))
+                continue
+            elif node[0] == "F":
+                raise Refused
+            inroot.add(p)
+            names.append(c)
+        return tuple(names)
+
+    for kind, path, payload, mode, uid in ops:
+        if kind == "O":
+            d = resolve(path, follow=False)
+            if d:  # on the top directory the marker hides nothing
+                for q in [q for q in tree if under(d, q) and q not in inroot]:
+                    del tree[q]
+            continue
+        parent = resolve(path[:-1], follow=kind != "W")
+        p = (*parent, path[-1])
+        if kind == "W":
+            remove(p)
+            whited.add(p)
+            inroot.add(p)
+            continue
+        whited.discard(p)
+        old = tree.get(p)
+        # GNU tar removes what is there through the path it was given, then makes the parents again
+        awkward |= any(q == p or under(p, q) for q in followed) and not (kind == "D" and old and old[0] == "D")
+        if kind == "D":
+            if old is not None and old[0] == "D":
+                tree[p] = ("D", mode, uid)
+            else:
+                awkward |= old is not None and old[0] == "L"
+                remove(p)
+                tree[p] = ("D", mode, uid)
+        else:
+            if old is not None and old[0] == "D":
+                awkward = True
+            remove(p)
+            tree[p] = ("F", payload, mode & 0o666, uid) if kind == "F" else ("L", payload)
+        inroot.add(p)
+    return awkward
+
+
+def merged(top: Path) -> dict[str, tuple[object, ...]]:
+    """Every object of a mounted tree: type, mode, owner, size, content or link target, mtime of files."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            p = Path(dirpath, n)
+            try:
+                s = p.lstat()
+            except FileNotFoundError:
+                # a whiteout in a lower directory no layer beneath merges with: listed, never found
+                continue
+            extra: object = None
+            if stat.S_ISREG(s.st_mode):
+                extra = (p.read_bytes(), s.st_mtime_ns, s.st_nlink)
+            elif stat.S_ISLNK(s.st_mode):
+                extra = os.readlink(p)
+            out[str(p.relative_to(top))] = (s.st_mode, s.st_uid, s.st_gid, s.st_size, extra)
+    return out
+
+
+def model_view(tree: Tree) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for path, node in tree.items():
+        if not path:
+            continue
+        if node[0] == "D":
+            out["/".join(path)] = (stat.S_IFDIR | int(str(node[1])), node[2])
+        elif node[0] == "F":
+            out["/".join(path)] = (stat.S_IFREG | int(str(node[2])), node[3], node[1])
+        else:
+            out["/".join(path)] = (stat.S_IFLNK | 0o777, node[1])
+    return out
+
+
+def shown(view: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
+    """What the model knows of a mounted tree's objects."""
+    out: dict[str, tuple[object, ...]] = {}
+    for name, (mode, uid, _gid, _size, extra) in view.items():
+        m = int(str(mode))
+        if stat.S_ISDIR(m):
+            out[name] = (m, uid)
+        elif stat.S_ISREG(m):
+            assert isinstance(extra, tuple)
+            out[name] = (m, uid, extra[0])
+        else:
+            out[name] = (m, extra)
+    return out
+
+
+class Mounts:
+    """Overlay mounts made by a test, all lazily unmounted at the end."""
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.made: list[Path] = []
+
+    def mount(self, name: str, lowers: list[Path], upper: Path | None = None) -> Path:
+        point = self.top / name
+        point.mkdir()
+        opts = "lowerdir=" + ":".join(str(p) for p in lowers)
+        if upper is None:
+            opts = "ro," + opts
+        else:
+            work = self.top / (name + ".work")
+            work.mkdir()
+            opts += f",upperdir={upper},workdir={work}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(point)], check=True)
+        self.made.append(point)
+        return point
+
+    def close(self) -> None:
+        for point in reversed(self.made):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def model_lowers(lowers: list[list[Op]]) -> tuple[Tree, list[bool]]:
+    """The model's merged tree of the lower layers, each applied over those before it, and which of them are
+    refused (a refused one is left out of the stack)."""
+    tree: Tree = {(): ("D", 0o755, 0)}
+    refused = []
+    for ops in lowers:
+        attempt = dict(tree)
+        try:
+            model_apply(attempt, ops)
+        except Refused:
+            refused.append(True)
+            continue
+        refused.append(False)
+        tree = attempt
+    return tree, refused
+
+
+def build_lowers(s: Stack, lowers: list[list[Op]], refused: list[bool]) -> None:
+    """Apply each lower over the ones before it; one the model refuses must be refused, and is dropped."""
+    for ops, no in zip(lowers, refused, strict=True):
+        if no:
+            with pytest.raises(LayerError):
+                s.lower(to_entries(ops))
+            shutil.rmtree(s.base / f"L{len(s.lowers)}")
+        else:
+            s.lower(to_entries(ops))
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root")
+
+
+@needs_root
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lowers=st.lists(st.lists(op_strategy("FDLWO", TARGETS), min_size=1, max_size=6), min_size=1, max_size=3),
+    layer=st.lists(op_strategy("FDLWO", TARGETS), min_size=1, max_size=8),
+)
+def test_random_stack_matches_model(lowers: list[list[Op]], layer: list[Op]) -> None:
+    """Where each entry lands, through random lower stacks of directories, symlinks, whiteouts and opaque
+    directories: the kernel's merged view of the root over its lowers equals a model of chrooted extraction
+    onto the merged tree."""
+    tree, refused = model_lowers(lowers)
+    s = Stack()
+    mounts = Mounts(s.top)
+    try:
+        build_lowers(s, lowers, refused)
+        try:
+            model_apply(tree, layer)
+        except Refused:
+            with pytest.raises(LayerError):
+                s.apply(to_entries(layer))
+            return
+        s.apply(to_entries(layer))
+        empty = s.top / "empty"
+        empty.mkdir()
+        view = mounts.mount("merged", [s.root, *s.lowers, empty])
+        assert shown(merged(view)) == model_view(tree)
+    finally:
+        mounts.close()
+        shutil.rmtree(s.top)
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lowers=st.lists(st.lists(op_strategy("FDLWO", TAR_TARGETS), min_size=1, max_size=6), min_size=1, max_size=3),
+    layer=st.lists(op_strategy("FDL", TAR_TARGETS), min_size=1, max_size=8),
+)
+def test_random_stack_matches_gnu_tar_on_the_kernel(lowers: list[list[Op]], layer: list[Op]) -> None:
+    """The layer applied over its lowers, mounted with them by the kernel, against GNU tar extracting the same
+    layer into a kernel mount of the same lowers over an empty upper directory (tar follows the symlinks it
+    meets on the way, and the kernel copies the directories up): names, types, modes, owners, sizes,
+    contents, link targets and mtimes of files agree."""
+    tree, refused = model_lowers(lowers)
+    try:
+        awkward = model_apply(tree, layer)
+    except Refused:
+        awkward = True
+    assume(not awkward)
+    lowers = [ops for ops, no in zip(lowers, refused, strict=True) if not no]
+    s = Stack()
+    mounts = Mounts(s.top)
+    try:
+        build_lowers(s, lowers, [False] * len(lowers))
+        data = build(to_entries(layer))
+        s.apply(to_entries(layer))
+        empty = s.top / "empty"
+        empty.mkdir()
+        ours = mounts.mount("ours", [s.root, *s.lowers, empty])
+        upper = s.top / "upper"
+        upper.mkdir()
+        ref = mounts.mount("ref", [*s.lowers, empty], upper=upper)
+        subprocess.run(
+            ["tar", "-x", "--numeric-owner", "-p", "-f", "-", "-C", str(ref)],
+            input=data,
+            check=True,
+            capture_output=True,
+            preexec_fn=lambda: os.umask(0o022),
+        )
+        got, want = merged(ours), merged(ref)
+        assert got == want
+        assert shown(got) == model_view(tree)
+    finally:
+        mounts.close()
+        shutil.rmtree(s.top)
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_usr_merged_image_matches_gnu_tar_on_the_kernel() -> None:
+    """A usr-merged base, a middle layer with whiteouts and an opaque directory, and a layer adding through the
+    lower symlinks, linking lower files and re-typing lower names: the kernel's view of the stack equals GNU
+    tar's extraction into a mount of the lowers."""
+    s = Stack()
+    mounts = Mounts(s.top)
+    try:
+        s.lower(
+            [
+                dir_("usr", mode=0o755),
+                dir_("usr/bin", mode=0o751, uid=2),
+                dir_("usr/lib", mode=0o750, gid=3, mtime=1_300_000_000),
+                dir_("usr/share/doc", mode=0o700, uid=1000, gid=1000),
+                reg("usr/bin/busybox", b"\x7fELF busybox", mode=0o755),
+                reg("usr/lib/libc.so.6", b"libc", mode=0o644),
+                reg("usr/share/doc/README", b"docs", uid=1000),
+                sym("bin", "usr/bin"),
+                sym("lib", "usr/lib"),
+                sym("lib64", "lib"),
+                sym("usr/lib/libc.so", "libc.so.6"),
+                dir_("etc/conf.d", mode=0o700),
+                reg("etc/conf.d/old", b"old"),
+                reg("etc/hosts", b"127.0.0.1 localhost\n"),
+            ]
+        )
+        s.lower(
+            [
+                reg("etc/.wh.hosts"),
+                reg("etc/conf.d/.wh..wh..opq"),
+                reg("etc/conf.d/new", b"new"),
+                sym("usr/share/doc/link", "../../bin/busybox"),
+                dir_("var/lib/apt", mode=0o755),
+                sym("var/run", "../run"),
+            ]
+        )
+        layer = [
+            reg("bin/sh-static", b"sh", mode=0o755, uid=5),
+            hard("bin/sh", "usr/bin/busybox"),
+            hard("usr/lib/libc-hard", "lib64/libc.so.6"),
+            reg("lib64/ld.so", b"ld", mode=0o755),
+            reg("lib/x86_64/libm.so", b"libm"),
+            dir_("usr/share/doc", mode=0o755, uid=0, gid=0),
+            reg("usr/share/doc/more", b"more", mtime=1_234_567_890),
+            reg("etc/conf.d/third", b"3"),
+            reg("etc/hosts", b"::1 localhost\n", mode=0o600),
+            dir_("run", mode=0o755),
+            reg("var/run/pid", b"1"),
+            sym("var/lib/apt/lists", "../../cache"),
+            reg("var/lib/apt/extended", b"e"),
+        ]
+        s.apply(layer)
+        empty = s.top / "empty"
+        empty.mkdir()
+        ours = mounts.mount("ours", [s.root, *s.lowers, empty])
+        upper = s.top / "upper"
+        upper.mkdir()
+        ref = mounts.mount("ref", [*s.lowers, empty], upper=upper)
+        subprocess.run(
+            ["tar", "-x", "--numeric-owner", "-p", "-f", "-", "-C", str(ref)],
+            input=build(layer),
+            check=True,
+            capture_output=True,
+            preexec_fn=lambda: os.umask(0o022),
+        )
+        got = merged(ours)
+        assert got == merged(ref)
+        assert got["usr/bin/sh"][4] == (b"\x7fELF busybox", (s.lowers[1] / "usr/bin/busybox").stat().st_mtime_ns, 2)
+        assert got["usr/lib/x86_64/libm.so"][4] == (b"libm", MTIME_NS, 1)
+        assert got["usr/lib"][:3] == (stat.S_IFDIR | 0o750, 0, 3)
+        assert not (s.root / "lib").exists() and not (s.root / "bin").exists()
+        assert sorted(p for p in got if p.startswith("etc/")) == [
+            "etc/conf.d",
+            "etc/conf.d/new",
+            "etc/conf.d/third",
+            "etc/hosts",
+        ]
+    finally:
+        mounts.close()
+        shutil.rmtree(s.top)
+
+
+def test_removed_directory_metadata_not_applied_to_its_successor(stack: Stack) -> None:
+    stack.lower([dir_("a/b", mode=0o700), reg("a/b/old")])
+    stack.apply([reg("a/b/x"), dir_("a/c", mode=0o711), reg("a"), dir_("a"), reg("a/b/y"), reg("a/c/z")])
+    assert stack.tree() == {"a", "a/b", "a/b/y", "a/c", "a/c/z"}
+    assert os.getxattr(stack.root / "a", T.opaque) == b"y"
+    assert stat.S_IMODE((stack.root / "a/b").lstat().st_mode) == 0o755
+    assert stat.S_IMODE((stack.root / "a/c").lstat().st_mode) == 0o755
+
+
+def test_layer_symlink_replaces_copied_up_lower_directory(stack: Stack) -> None:
+    stack.lower([dir_("d", mode=0o700), reg("d/x"), dir_("e")])
+    stack.apply([reg("d/a"), sym("d", "e"), reg("d/b"), reg("d/c/f")])
+    assert stack.tree() == {"d", "e", "e/b", "e/c", "e/c/f"}
+    assert os.readlink(stack.root / "d") == "e"
+
+
+def test_rootless_hard_link_to_lower_file_keeps_its_override() -> None:
+    s = Stack(U, rootless=True)
+    try:
+        lower = s.lower([reg("f", b"secret", mode=0o640, uid=1000, gid=1000)])
+        want = os.getxattr(lower / "f", OVERRIDE_XATTR)
+        assert decode_override(want) == (1000, 1000, 0o640)
+        s.apply([hard("g", "f")])
+        assert os.getxattr(s.root / "g", OVERRIDE_XATTR) == want
+        assert (s.root / "g").lstat().st_ino == (s.root / "f").lstat().st_ino
+        assert (s.root / "g").read_bytes() == b"secret"
+    finally:
+        shutil.rmtree(s.top)

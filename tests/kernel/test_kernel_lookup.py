@@ -131,3 +131,20 @@ def test_run_op_reports_errno_names(tmp_path) -> None:  # type: ignore[no-untype
     assert run_op(tmp_path, ("stat", "missing")) == ("err", "ENOENT")
     assert run_op(tmp_path, ("mkdir", "d"))[0] == "ok"
     assert run_op(tmp_path, ("mkdir", "d")) == ("err", "EEXIST")
+
+
+def test_regression_an_opaque_marker_on_a_layer_root_is_ignored_as_the_kernel_ignores_it(
+        make_pair) -> None:  # type: ignore[no-untyped-def]
+    """The kernel merges every layer's root, whatever opaque marker it carries (regression: unionfs honoured
+    one, upper or lower, and showed only that layer's entries at the root)."""
+    import os
+
+    from kernel_diff import OPAQUE_XATTR
+
+    for marked in ("upper", "l1"):
+        p = make_pair(upper={"new": "in upper\n"}, mount=False, name=f"root-opaque-{marked}")
+        for side in (p.kside, p.uside):
+            os.setxattr(side.upper if marked == "upper" else side.lowers[0], OPAQUE_XATTR, b"y")
+        p.mount()
+        p.assert_ops([("listdir", ""), ("stat", "bottom.txt"), ("read", "shared.txt"), ("read", "mid.txt")])
+        p.assert_same_tree()

@@ -10,14 +10,15 @@
   this one, lands in ``usr/lib/x``). The lower layers are consulted only for a component ``root`` does not
   hold, top-down: a whiteout (a character device 0/0, or an xattr whiteout in a directory marked
   ``overlay.opaque=x``) hides the name and everything beneath; a directory marked opaque (``overlay.opaque=y``
-  in the namespace of ``fmt``, in a lower layer or in ``root``) hides what the layers beneath hold inside it;
-  a non-directory hides the directories beneath it. A directory only a lower layer holds is made in ``root``
-  as a copy-up would make it: with the owner, mode and times of the top-most one and its xattrs (overlay-
-  private ones left out; rootless: ``user.containers.override_stat`` with them), not opaque. A missing
-  directory (nowhere, or whited out) is made with mode 0755. The last component is never followed: what
-  ``root`` holds there is replaced (removed first) unless both it and the entry are directories. A directory
-  entry replacing, in ``root``, a non-directory this layer put over a lower directory (such as its whiteout)
-  is marked opaque: the lower directory it hid stays hidden.
+  in the namespace of ``fmt``, in a lower layer or in ``root``; not the top directory, where the kernel
+  ignores the marker) hides what the layers beneath hold inside it; a non-directory hides the directories
+  beneath it. A directory only a lower layer holds is made in ``root`` as a copy-up would make it: with the
+  owner, mode and times of the top-most one and its xattrs (overlay-private ones left out; rootless:
+  ``user.containers.override_stat`` with them), not opaque. A missing directory (nowhere, or whited out) is
+  made with mode 0755. The last component is never followed: what ``root`` holds there is replaced (removed
+  first) unless both it and the entry are directories. A directory entry replacing, in ``root``, a
+  non-directory this layer put over a lower directory (such as its whiteout) is marked opaque: the lower
+  directory it hid stays hidden.
 * ``.wh.NAME`` removes what this layer put at NAME and leaves a whiteout there (a character device 0/0),
   whether or not a lower layer holds NAME; ``.wh..wh..opq`` marks its directory opaque (``overlay.opaque=y``
   in the namespace of ``fmt``), hiding the lower layers only, so entries this layer adds there, before or
@@ -106,8 +107,11 @@ class ApplyResult:
     overrides: int = 0
     #: entries whose owner or mode could neither be stored nor recorded (rootless symlinks and FIFOs)
     unrecorded: int = 0
-    #: PAX xattrs not written (overlay-private names, or refused by the file system)
+    #: PAX xattrs not written (overlay-private names, or refused by the file system), and xattrs of lower
+    #: objects the file system refused on their copies
     dropped_xattrs: int = 0
+    #: directories and hard link targets copied up from the lower layers
+    copied_up: int = 0
     #: ``sha256:...`` of the uncompressed tar (the layer's diff-id) and of the stream as read (its digest)
     diff_id: str = ""
     digest: str = ""
@@ -124,7 +128,10 @@ class ApplyResult:
         if self.overrides:
             line += f", {self.overrides} owners/modes recorded in {OVERRIDE_XATTR.decode()}"
         if self.unrecorded:
-            line += f", {self.unrecorded} owners/modes of symlinks or FIFOs not recorded"
+            line += (f", {self.unrecorded} symlinks/FIFOs left as this user's (the kernel takes no user xattr on "
+                     "them to record their owner)")
+        if self.copied_up:
+            line += f", {self.copied_up} copied up from lower layers"
         if self.dropped_xattrs:
             line += f", {self.dropped_xattrs} xattrs dropped"
         return line
@@ -263,10 +270,10 @@ class _Applier:
         hit = self._lower_dirs.get(path)
         if hit is not None:
             return hit
-        if self._root_opaque(path):
-            found = _NO_LOWER
-        elif not path:
+        if not path:  # an opaque marker on the root hides nothing (the kernel ignores it there)
             found = _LowerDir(tuple(range(len(self.lower_fds))))
+        elif self._root_opaque(path):
+            found = _NO_LOWER
         else:
             found = self._lower_lookup(path[:-1], path[-1])[1]
         self._lower_dirs[path] = found
@@ -332,6 +339,7 @@ class _Applier:
         """Make ``comp`` in ``cur`` (root's ``path``) as a copy-up of the lower directory ``found``: its owner
         and xattrs now, its mode and times once the layer is written."""
         os.mkdir(comp, 0o700, dir_fd=cur)
+        self.res.copied_up += 1
         fd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
         try:
             if not self.rootless:
@@ -350,6 +358,7 @@ class _Applier:
         st = found.st
         lfd = self.lower_fds[found.layer]
         times = (st.st_atime_ns, st.st_mtime_ns)
+        self.res.copied_up += 1
         if stat.S_ISREG(st.st_mode):
             src = os.open(found.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
             try:
@@ -419,6 +428,10 @@ class _Applier:
                         if not create:
                             raise LayerError(f"{what}: {_show((*names, comp))} does not exist")
                         os.mkdir(comp, 0o755, dir_fd=cur)
+                        if self.rootless and os.geteuid() != 0:
+                            # a directory the layer implies is root's, as any tar extraction makes it; this user
+                            # owns it on disk, so it says so where a mount with xattr_permissions reads it
+                            self._imply_root_owner(cur, comp)
                     elif stat.S_ISLNK(found.st.st_mode):
                         target = os.readlink(found.path, dir_fd=self.lower_fds[found.layer])
                         self._lower_links.add((*names, comp))
@@ -478,6 +491,8 @@ class _Applier:
             shutil.rmtree(base, dir_fd=pfd)
             depth = len(path)
             self.made.difference_update([p for p in self.made if p[:depth] == path])
+            for gone in [p for p in self.dirs if p[:depth] == path]:
+                del self.dirs[gone]  # a directory made there again gets its own metadata
         else:
             if stat.S_ISLNK(st.st_mode):
                 self._forget()  # a cached resolution may go through it
@@ -671,6 +686,16 @@ class _Applier:
         except ValueError:
             atime = mtime
         return atime, mtime
+
+    def _imply_root_owner(self, dir_fd: int, name: bytes) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            xattrs.write(fd, OVERRIDE_XATTR, encode_override(0, 0, 0o755))
+        except OSError as exc:
+            if exc.errno not in _XATTR_REFUSED:
+                raise
+        finally:
+            os.close(fd)
 
     def _record(self, target: bytes | int, st: os.stat_result, m: tarfile.TarInfo, device: bytes = b"") -> None:
         """Rootless: record the entry's owner and mode where the disk does not hold them."""

@@ -21,11 +21,17 @@
   ``rootless=True`` writes it) gives the entry's owner and permission bits, and makes it a device again.
 * The output depends on the tree only: not on inode numbers, directory order, atimes or ctimes. With
   ``source_date_epoch`` later mtimes are clamped to it. gzip is written by zlib at a fixed level with an
-  empty gzip header (no name, mtime 0); zstd at level 3, in one thread, in one frame that states its
-  content size (for that the tree is walked twice: once to size the tar, once to write it).
+  empty gzip header (no name, mtime 0); zstd at level 3 without zstd's worker threads, in one frame that
+  states its content size (for that the tree is walked twice: once to size the tar, once to write it).
+  The compressed bytes do not depend on how the tar is cut into pieces (checked for zlib and zstandard).
 * The tar's sha256 (the diff-id) and the output's (the digest) are computed as it is written. File data is
-  streamed in 1 MiB pieces; the output is written in pieces of about that size.
-* A file that vanishes, changes type, size or mtime while it is read raises :class:`DiffError`;
+  streamed in 1 MiB pieces; compression, the digest and the writes run in a second thread, fed in order
+  through a queue of a few MiB; the output is written in pieces of about 1 MiB.
+* The root of ``upper`` is no entry; when it is marked ``overlay.opaque=y`` (what ``apply_layer`` makes of
+  a ``.wh..wh..opq`` at the top of a layer) the layer starts with ``.wh..wh..opq``, although the kernel
+  ignores that marker on the root of a layer.
+* A file that vanishes, or changes type, size or mtime while it is read, raises :class:`DiffError`; so does
+  a tree whose tar, in zstd, is not the size the first walk found;
   :func:`write_diff` has then written part of a layer to ``out`` (the caller discards it);
   :func:`write_diff_file` never leaves a partial file at its destination.
 """
@@ -36,9 +42,11 @@ import dataclasses
 import errno
 import hashlib
 import os
+import queue
 import secrets
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO, Protocol
@@ -58,6 +66,8 @@ ZSTD_LEVEL = 3
 _COPY = 1 << 20
 _OUT = 1 << 20
 _SMALL = 1 << 16
+#: pieces of the tar waiting for the compressing thread (at most about this many MiB held)
+_QUEUED = 8
 _BLOCK = tarfile.BLOCKSIZE
 _END = bytes(2 * _BLOCK)
 _XATTR_PAX = "SCHILY.xattr."
@@ -128,13 +138,20 @@ class _Compressor(Protocol):
 
 
 class _Sink:
-    """The tar stream: hashed and counted, compressed, then hashed, counted and written to ``out``."""
+    """The tar stream: hashed and counted, compressed, then hashed, counted and written to ``out``.
+
+    Compression, the output's hash and the writes run in a second thread (zlib, zstandard and hashlib let go
+    of the GIL), fed in order through a short queue: the walk, reads and the tar's hash go on meanwhile. The
+    bytes are the same as with one thread. :meth:`finish` ends the stream; :meth:`close` stops the thread
+    (after an error, dropping what is still queued).
+    """
 
     def __init__(self, out: BinaryIO, compression: str, size: int | None) -> None:
         self._out = out
         self.tar_sha = hashlib.sha256()
         self.tar_count = 0
-        self.out_sha = hashlib.sha256()
+        #: for "none" the output is the tar: one hash serves both
+        self.out_sha = self.tar_sha if compression == "none" else hashlib.sha256()
         self.out_count = 0
         self._small = bytearray()
         self._pending = bytearray()
@@ -150,6 +167,13 @@ class _Sink:
             self._comp = None
         else:
             raise ValueError(f"unknown compression {compression!r} (one of {', '.join(COMPRESSIONS)})")
+        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(_QUEUED)
+        self._error: BaseException | None = None
+        self._dropping = False
+        self._thread: threading.Thread | None = None
+        if self._comp is not None:
+            self._thread = threading.Thread(target=self._run, name="layer-compress", daemon=True)
+            self._thread.start()
 
     @property
     def tar_length(self) -> int:
@@ -157,6 +181,7 @@ class _Sink:
         return self.tar_count + len(self._small)
 
     def write(self, data: bytes | memoryview) -> None:
+        """Take ``data`` (not kept: a buffer may be reused once this returns)."""
         if len(data) < _SMALL:
             self._small += data
             if len(self._small) >= _SMALL:
@@ -174,9 +199,38 @@ class _Sink:
         if self._comp is None:
             self._emit(data)
             return
-        out = self._comp.compress(data)
-        if out:
-            self._emit(out)
+        self._put(bytes(data) if isinstance(data, memoryview) else data)
+
+    def _put(self, item: bytes | bytearray | None) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        assert self._comp is not None
+        ended = False
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    ended = True
+                    break
+                if self._dropping:
+                    continue
+                out = self._comp.compress(item)
+                if out:
+                    self._emit(out)
+            if not self._dropping:
+                self._emit(self._comp.flush(), last=True)
+        except BaseException as exc:
+            self._error = exc
+            while not ended and self._queue.get() is not None:  # what is still queued, up to the end marker
+                pass
 
     def _emit(self, data: bytes | bytearray | memoryview, last: bool = False) -> None:
         if len(data) >= _OUT and not self._pending:
@@ -188,7 +242,8 @@ class _Sink:
             self._pending = bytearray()
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out_sha.update(data)
+        if self._comp is not None:
+            self.out_sha.update(data)
         self.out_count += len(data)
         view = memoryview(data)
         while view:
@@ -198,21 +253,27 @@ class _Sink:
             view = view[n:]
 
     def finish(self) -> None:
+        """End the stream: everything compressed and written (raises what the output raised)."""
         if self._small:
             self._push(self._small)
             self._small = bytearray()
-        tail = self._comp.flush() if self._comp is not None else b""
-        self._emit(tail, last=True)
+        if self._thread is None:
+            self._emit(b"", last=True)
+            return
+        self._put(None)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
 
-
-class _Counter:
-    """A sink that only counts (the first walk, sizing the tar for zstd's frame header)."""
-
-    def __init__(self) -> None:
-        self.tar_count = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.tar_count += len(data)
+    def close(self) -> None:
+        """Stop the thread, when :meth:`finish` was not reached (an error): what is queued is dropped."""
+        if self._thread is None:
+            return
+        self._dropping = True
+        self._queue.put(None)  # the thread takes items until this one, error or not
+        self._thread.join()
+        self._thread = None
 
 
 # -- the walk -----------------------------------------------------------------------------------------------
@@ -334,7 +395,7 @@ class _Walker:
         """Every entry of the layer, in order (a generator: the directories' descriptors stay open while it
         runs, and are closed when it is closed)."""
         try:
-            root = os.open(self.upper, _DIR_FLAGS)
+            root = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the caller's path: followed
         except OSError as exc:
             raise OSError(exc.errno, f"upper directory {self.upper!r}: {exc.strerror}") from None
         stack: list[_Frame] = []
@@ -542,18 +603,63 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _tar_size(upper: bytes, fmt: XattrFormat, overrides: bool, sde: int | None) -> int:
     """The length of the tar the walk of ``upper`` gives (headers and padded data, no file read)."""
-    counter = _Counter()
+    total = len(_END)
     walker = _Walker(upper, fmt, overrides, sde, DiffResult())
     items = walker.items()
     try:
         for item in items:
-            counter.write(_header(item.info))
+            total += _header_length(item.info)
             if item.data is not None:
                 size = item.data[2].st_size
-                counter.tar_count += size + _padding(size)
+                total += size + _padding(size)
     finally:
         items.close()
-    return counter.tar_count + len(_END)
+    return total
+
+
+_USTAR_NUM = 8**7
+_USTAR_BIG = 8**11
+
+
+def _header_length(ti: tarfile.TarInfo) -> int:
+    """``len(_header(ti))``, without building the header where it is one ustar block (no PAX records)."""
+    name = ti.name + "/" if ti.type == tarfile.DIRTYPE else ti.name
+    if (
+        ti.pax_headers
+        or len(name) > tarfile.LENGTH_NAME
+        or len(ti.linkname) > tarfile.LENGTH_LINK
+        or not name.isascii()
+        or not ti.linkname.isascii()
+        or not (0 <= ti.uid < _USTAR_NUM and 0 <= ti.gid < _USTAR_NUM)
+        or not (0 <= ti.size < _USTAR_BIG and 0 <= ti.mtime < _USTAR_BIG)
+    ):
+        return len(_header(ti))
+    return _BLOCK
+
+
+def _write_entries(
+    sink: _Sink,
+    upper: bytes,
+    fmt: XattrFormat,
+    overrides: bool,
+    sde: int | None,
+    progress: Progress | None,
+    result: DiffResult,
+) -> None:
+    copier = _Copier()
+    items = _Walker(upper, fmt, overrides, sde, result).items()
+    try:
+        for item in items:
+            sink.write(_header(item.info))
+            if item.data is not None:
+                pfd, name, st = item.data
+                copier.copy(sink, item.info.name.encode("utf-8", "surrogateescape"), pfd, name, st)
+                result.bytes += st.st_size
+            result.entries += 1
+            if progress is not None:
+                progress(result.entries, sink.tar_length)
+    finally:
+        items.close()
 
 
 def write_diff(
@@ -575,27 +681,16 @@ def write_diff(
     size = _tar_size(upper, fmt, overrides, source_date_epoch) if compression == "zstd" else None
     result = DiffResult(compression=compression)
     sink = _Sink(out, compression, size)
-    copier = _Copier()
-    walker = _Walker(upper, fmt, overrides, source_date_epoch, result)
-    items = walker.items()
     try:
-        for item in items:
-            sink.write(_header(item.info))
-            if item.data is not None:
-                pfd, name, st = item.data
-                copier.copy(sink, item.info.name.encode("utf-8", "surrogateescape"), pfd, name, st)
-                result.bytes += st.st_size
-            result.entries += 1
-            if progress is not None:
-                progress(result.entries, sink.tar_length)
+        _write_entries(sink, upper, fmt, overrides, source_date_epoch, progress, result)
+        sink.write(_END)
+        if size is not None and sink.tar_length != size:
+            raise DiffError(
+                f"upper directory {upper!r} changed while it was read (a tar of {sink.tar_length} bytes, not {size})"
+            )
+        sink.finish()
     finally:
-        items.close()
-    sink.write(_END)
-    if size is not None and sink.tar_length != size:
-        raise DiffError(
-            f"upper directory {upper!r} changed while it was read (a tar of {sink.tar_length} bytes, not {size})"
-        )
-    sink.finish()
+        sink.close()
     result.diff_id = digest_hex(sink.tar_sha)
     result.digest = digest_hex(sink.out_sha)
     result.size = sink.out_count

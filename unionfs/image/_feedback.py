@@ -91,7 +91,7 @@ class Feedback:
             TransferSpeedColumn,
         )
 
-        console = Console(file=self.stream)
+        console = Console(file=self.stream, force_terminal=True)  # (mode "bar": a terminal, or asked for)
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TextColumn("{task.fields[entries]} entries"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True, auto_refresh=True) as progress:

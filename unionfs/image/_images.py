@@ -370,9 +370,9 @@ class CommitReport:
     chain_id: str
 
     def summary(self) -> str:
-        return (f"committed {self.name} (on {self.base}): a new layer {self.diff.digest} "
-                f"(diff-id {self.diff.diff_id}, {human_bytes(self.diff.size)}; {self.diff.summary()}); "
-                f"manifest {self.manifest_digest}")
+        return (f"committed {self.name} (on {self.base}): a new layer {_short(self.diff.digest)}, "
+                f"{human_bytes(self.diff.size)}: {self.diff.entries} entries, {self.diff.whiteouts} whiteouts, "
+                f"{self.diff.opaque_dirs} opaque directories; manifest {_short(self.manifest_digest)}")
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "manifest_digest": self.manifest_digest,

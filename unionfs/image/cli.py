@@ -21,7 +21,7 @@ from .. import __version__
 from ..cli_errors import EXIT_USAGE, run_command
 from ..snapshots import InvalidArgument, Snapshotter
 from ..snapshots._mounts import Record as MountRecord
-from ..snapshots._progress import for_stream
+from ..snapshots._progress import for_stream, quiet
 from ..snapshots._snapshotter import ROOT_ENV
 from . import _images
 from ._feedback import Feedback, human_bytes
@@ -156,11 +156,11 @@ def _inspect(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
         print("runs with:")
         print("\n".join(lines))
     if data["layers"]:
-        print("layers (bottom first; each is the committed snapshot named by its chain ID):")
+        print("layers (bottom first; each is the committed snapshot named by its chain ID; --json for full digests):")
         rows = [["#", "DIGEST", "SIZE", "DIFF-ID", "SNAPSHOT (CHAIN ID)", "MEDIA TYPE"]]
         for layer in data["layers"]:
-            rows.append([str(layer["index"]), layer["digest"], human_bytes(layer["size"]), _short(layer["diff_id"]),
-                         _short(layer["chain_id"]), layer["media_type"]])
+            rows.append([str(layer["index"]), _short(layer["digest"]), human_bytes(layer["size"]),
+                         _short(layer["diff_id"]), _short(layer["chain_id"]), layer["media_type"]])
         _table(rows)
     history = data["config"].get("history") or []
     if history:
@@ -406,7 +406,10 @@ _CREATING = frozenset({"import"})
 
 def _run(args: argparse.Namespace) -> int:
     fb = Feedback(sys.stderr, "quiet" if getattr(args, "quiet", False) else "auto")
-    with Snapshotter(args.root, create=args.verb in _CREATING, progress=for_stream(sys.stderr)) as sn:
+    # (the snapshot store's own progress, of deleting layers, is shown for rm only: elsewhere it would name
+    # snapshots the command made for its own work)
+    progress = for_stream(sys.stderr) if args.verb == "rm" and fb.mode != "quiet" else quiet
+    with Snapshotter(args.root, create=args.verb in _CREATING, progress=progress) as sn:
         status: int = args.func(sn, args, fb)
     sys.stdout.flush()
     return status

@@ -1,0 +1,147 @@
+"""What the explaining commands (``inspect``, ``tree``, ``layers``, ``explore``) look at: a stack of layer
+directories, named by the user in one of four ways, resolved to one value.
+
+* ``--layers L1:L2:... [--upper U]``: plain directories (lowers uppermost first, as ``lowerdir=``);
+* ``--snapshot KEY``: a snapshot of a store (its layer on top when active, then its parents');
+* ``--image REF``: an imported image (its layers, top first, each labelled with its blob's digest);
+* a mount point of unionfs: the stack its server serves, read from the virtual xattr ``user.unionfs.stack``
+  of the mount's root (JSON, see :func:`stack_json`).
+
+Nothing here imports pyfuse3 or trio; the snapshot store is loaded only for the two targets that need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from . import xattrs
+from .whiteout import XattrFormat
+
+#: the virtual xattr a unionfs mount serves on every entry: JSON naming its layers (see :func:`stack_json`)
+STACK_XATTR = b"user.unionfs.stack"
+
+
+class TargetError(ValueError):
+    """A target that names nothing usable; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackLayer:
+    """One layer of a target: its directory, a label for people, whether it is the writable one, and the
+    digest of the image layer it holds (images only)."""
+
+    path: str
+    label: str
+    writable: bool = False
+    digest: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "label": self.label, "writable": self.writable, "digest": self.digest}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A stack of layers, uppermost first (``layers[0]`` is the upper layer when ``writable``), and the xattr
+    namespace of its overlay markers."""
+
+    kind: str  # "layers", "snapshot", "image" or "mount"
+    name: str
+    layers: tuple[StackLayer, ...]
+    xattr: XattrFormat
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.layers) and self.layers[0].writable
+
+    @property
+    def dirs(self) -> list[bytes]:
+        return [os.fsencode(layer.path) for layer in self.layers]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "xattr": self.xattr.value,
+                "layers": [layer.to_json() for layer in self.layers]}
+
+
+def _fmt_of(userxattr: bool | None) -> XattrFormat:
+    if userxattr is not None:
+        return XattrFormat.USER if userxattr else XattrFormat.TRUSTED
+    # as a mount would read them: trusted.* as root, user.* (-o userxattr) for an ordinary user
+    return XattrFormat.USER if os.geteuid() != 0 else XattrFormat.TRUSTED
+
+
+def from_layers(lowers: str | Sequence[str], upper: str | None = None, *, userxattr: bool | None = None) -> Target:
+    """Plain layer directories: ``lowers`` uppermost first (a ``:``-separated string or a list)."""
+    names = [p for p in lowers.split(":")] if isinstance(lowers, str) else list(lowers)
+    if not names or any(not n for n in names):
+        raise TargetError("--layers needs one or more directories, separated by ':'")
+    layers = []
+    if upper is not None:
+        layers.append(StackLayer(os.path.abspath(upper), "upper", True))
+    for i, n in enumerate(names):
+        layers.append(StackLayer(os.path.abspath(n), f"lower {i + 1}"))
+    for layer in layers:
+        if not os.path.isdir(layer.path):
+            raise TargetError(f"{layer.path}: not a directory")
+    return Target("layers", ":".join(names), tuple(layers), _fmt_of(userxattr))
+
+
+def from_snapshot(key: str, root: str | None = None) -> Target:
+    """Snapshot ``key`` of the store ``root`` (default: the default store)."""
+    from .snapshots import Snapshotter
+
+    with Snapshotter(root, create=False) as sn:
+        info = sn.stat(key)
+        fs, parents = sn.layer_dirs(key)
+        names: list[str] = []
+        parent = info.parent
+        while parent:
+            names.append(parent)
+            parent = sn.stat(parent).parent
+        layers: list[StackLayer] = []
+        if info.kind.value != "view":  # (a view's own directory is empty and never written)
+            layers.append(StackLayer(fs, key, info.kind.value == "active"))
+        layers += [StackLayer(p, n) for p, n in zip(parents, names, strict=True)]
+        return Target("snapshot", key, tuple(layers), XattrFormat(sn.xattr))
+
+
+def from_image(ref: str, root: str | None = None) -> Target:
+    """Image ``ref`` of the store ``root``: its layers, top first, labelled ``layer I/N DIGEST``."""
+    from .image._images import load
+    from .snapshots import Snapshotter
+
+    with Snapshotter(root, create=False) as sn:
+        stored = load(sn, ref)
+        chain = sn.image_chain(ref)
+        n = len(chain)
+        layers = []
+        for i, key in reversed(list(enumerate(chain))):
+            digest = stored.layers[i].digest if i < len(stored.layers) else None
+            short = (digest or key).partition(":")[2][:12]
+            layers.append(StackLayer(sn.layer_dirs(key)[0], f"layer {i + 1}/{n} {short}", False, digest))
+        return Target("image", ref, tuple(layers), XattrFormat(sn.xattr))
+
+
+def stack_json(lowers: Sequence[bytes], upper: bytes | None, fmt: XattrFormat) -> bytes:
+    """What a unionfs mount serves in ``user.unionfs.stack``: its layers, uppermost first."""
+    layers = []
+    if upper is not None:
+        layers.append({"path": os.fsdecode(upper), "label": "upper", "writable": True})
+    layers += [{"path": os.fsdecode(p), "label": f"lower {i + 1}", "writable": False} for i, p in enumerate(lowers)]
+    return json.dumps({"xattr": fmt.value, "layers": layers}, ensure_ascii=False).encode()
+
+
+def from_mount(mountpoint: str) -> Target | None:
+    """The stack of the unionfs mount at ``mountpoint`` (None when it is no unionfs mount)."""
+    value = xattrs.get(os.fsencode(mountpoint), STACK_XATTR)
+    if value is None:
+        return None
+    try:
+        data = json.loads(value)
+        layers = tuple(StackLayer(str(la["path"]), str(la["label"]), bool(la["writable"])) for la in data["layers"])
+        return Target("mount", os.path.abspath(mountpoint), layers, XattrFormat(data["xattr"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TargetError(f"{mountpoint}: {STACK_XATTR.decode()} is malformed: {exc}") from None
