@@ -580,7 +580,7 @@ def report(results: Results, facts: dict[str, str], desc: str, repeat: int, drop
 def describe(images: tuple[Image, Image], sizes: Sizes, compression: str) -> str:
     blob_mib = sum(b.stat().st_size for b in images[0].blobs) / MiB
     new_mib = images[1].blobs[-1].stat().st_size / MiB
-    return (f"Image: 5 {compression} layers, {sizes.files} files and {len(images[0].blobs)} layers, "
+    return (f"Image: {len(images[0].blobs)} {compression} layers, {sizes.files} files, "
             f"about {sizes.total_mib} MiB of file data, {blob_mib:.0f} MiB of blobs; the second image: its first "
             f"4 layers and a new one of {new_mib:.1f} MiB")
 
