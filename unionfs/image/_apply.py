@@ -748,6 +748,12 @@ class _Applier:
 
     def _dir_meta(self, pfd: int, base: bytes, path: tuple[bytes, ...], m: tarfile.TarInfo, what: str) -> None:
         """Owner and xattrs of a directory now; its mode and times once the layer is written."""
+        if not any(key.startswith(_XATTR_PAX) for key in m.pax_headers):
+            # no xattrs: the owner without opening the directory (``base`` is one, or "." of ``pfd``)
+            if not self.rootless:
+                os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self.dirs[path] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, self._times(m))
+            return
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             if not self.rootless:
@@ -760,36 +766,46 @@ class _Applier:
     def finish_dirs(self) -> None:
         """The directories' modes and times, deepest first (a directory's own changes come before its parent's)."""
         self._forget()
-        for path in sorted(self.dirs, key=len, reverse=True):
-            meta = self.dirs[path]
-            try:
-                pfd, _ = self._walk(path[:-1], follow=False, create=False, what="", lower=False)
-            except (LayerError, OSError):
-                continue  # removed or replaced later in the layer
-            try:
-                try:
-                    fd = os.open(
-                        path[-1] if path else b".",
-                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=pfd,
-                    )
-                except OSError:
-                    continue
-                try:
-                    if meta.copied:
-                        os.fchmod(fd, meta.mode)
-                    elif self.rootless:
-                        os.fchmod(fd, meta.mode | 0o700)
-                        fake = tarfile.TarInfo()
-                        fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
-                        self._record(fd, os.fstat(fd), fake)
-                    else:
-                        os.fchmod(fd, meta.mode)
-                    os.utime(fd, ns=meta.times)
-                finally:
-                    os.close(fd)
-            finally:
+        # siblings one after another, so that their parent is walked to once (nothing is moved meanwhile)
+        parent: tuple[bytes, ...] | None = None
+        pfd = -1
+        try:
+            for path in sorted(self.dirs, key=lambda p: (-len(p), p)):
+                if path[:-1] != parent:
+                    if pfd >= 0:
+                        os.close(pfd)
+                        pfd = -1
+                    parent = path[:-1]
+                    try:
+                        pfd = self._walk(parent, follow=False, create=False, what="", lower=False)[0]
+                    except (LayerError, OSError):
+                        pass  # removed or replaced later in the layer
+                if pfd >= 0:
+                    self._finish_dir(pfd, path, self.dirs[path])
+        finally:
+            if pfd >= 0:
                 os.close(pfd)
+
+    def _finish_dir(self, pfd: int, path: tuple[bytes, ...], meta: _DirMeta) -> None:
+        """The mode and times of directory ``path`` (in ``pfd``, its parent), if it is still a directory."""
+        try:
+            fd = os.open(path[-1] if path else b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except OSError:
+            return
+        try:
+            if meta.copied:
+                os.fchmod(fd, meta.mode)
+            elif self.rootless:
+                os.fchmod(fd, meta.mode | 0o700)
+                fake = tarfile.TarInfo()
+                fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
+                self._record(fd, os.fstat(fd), fake)
+            else:
+                os.fchmod(fd, meta.mode)
+            os.utime(fd, ns=meta.times)
+        finally:
+            os.close(fd)
 
 
 def _lexists(name: bytes, dir_fd: int) -> bool:
