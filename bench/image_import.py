@@ -19,9 +19,11 @@ repetition to the next:
 
 Every command's wall clock is taken alone and with a ``sync`` after it (``+ sync``): unionfs syncs each layer
 before committing it, tar and umoci leave their writes to the page cache. ``sync`` runs untimed before each
-command too. Page cache: warm (the blobs are read from memory) unless ``--drop-caches``, which drops the caches
-before every command. The report (markdown) goes to stdout: medians (fastest–slowest in parentheses) and the
-ratios of the medians to ``tar -x`` (target: unionfs within 1.5x, ahead of umoci).
+command too. The CPU time (user + system) of the command and its children is shown as well: other work on the
+machine disturbs it less than the wall clock. Page cache: warm (the blobs are read from memory) unless
+``--drop-caches``, which drops the caches before every command. The report (markdown) goes to stdout: medians
+(fastest–slowest in parentheses) and the ratios of the medians to ``tar -x`` (target: unionfs within 1.5x,
+ahead of umoci).
 
 Correctness is checked once per image: the unionfs import, mounted read-only with ``unionfs image mount``, must
 show the same names, types, modes, owners, sizes and symlink targets as umoci's unpacked rootfs; the run fails
@@ -43,6 +45,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import stat
 import statistics
@@ -415,6 +418,7 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
 class Timing:
     command: float
     synced: float  # command + the sync after it
+    cpu: float = 0.0  # user + system CPU time of the command and its children (tar's gzip), in seconds
 
 
 class Runner:
@@ -436,11 +440,14 @@ class Runner:
         os.sync()
         if self.drop:
             drop_caches()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         out = [run(c, env=self.env) for c in cmds]
         command = time.perf_counter() - t
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         os.sync()
-        return Timing(command, time.perf_counter() - t), out
+        cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+        return Timing(command, time.perf_counter() - t, cpu), out
 
     def tar(self, blobs: list[Path], dest: Path) -> Timing:
         dest.mkdir(parents=True)
@@ -524,7 +531,8 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results: Results) -> list[str]:
-    head = ["contender", "command", "ratio to tar -x", "command + sync", "ratio to tar -x (+ sync)"]
+    head = ["contender", "command", "ratio to tar -x", "command + sync", "ratio to tar -x (+ sync)", "CPU",
+            "CPU ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name in CONTENDERS:
         runs = results.get(name)
@@ -532,7 +540,7 @@ def table(results: Results) -> list[str]:
             continue
         base = results["tar -x (new layer)" if "new layer" in name or "second" in name else "tar -x"]
         cells = [name]
-        for attr in ("command", "synced"):
+        for attr in ("command", "synced", "cpu"):
             values = [getattr(t, attr) for t in runs]
             ref = statistics.median(getattr(t, attr) for t in base)
             cells += [_cell(values), f"{statistics.median(values) / ref:.2f}"]
