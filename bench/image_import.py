@@ -436,13 +436,14 @@ class Runner:
             shutil.rmtree(p)
         return p
 
-    def timed(self, *cmds: list[str]) -> tuple[Timing, list[subprocess.CompletedProcess[bytes]]]:
+    def timed(self, *cmds: list[str], env: dict[str, str] | None = None
+              ) -> tuple[Timing, list[subprocess.CompletedProcess[bytes]]]:
         os.sync()
         if self.drop:
             drop_caches()
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        out = [run(c, env=self.env) for c in cmds]
+        out = [run(c, env=env or self.env, cwd=self.work) for c in cmds]
         command = time.perf_counter() - t
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         os.sync()
@@ -454,10 +455,16 @@ class Runner:
         flag = ["-xzf"] if self.compression == "gzip" else ["--zstd", "-xf"]
         return self.timed(*[["tar", *flag, str(b), "-C", str(dest)] for b in blobs])[0]
 
-    def unionfs(self, store: Path, image: Image, applied: int) -> Timing:
+    def variant_env(self, paths: str) -> dict[str, str]:
+        """The environment of a compared unionfs: ``paths`` (os.pathsep-separated) first on PYTHONPATH."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [paths, env.get("PYTHONPATH")]))
+        return env
+
+    def unionfs(self, store: Path, image: Image, applied: int, env: dict[str, str] | None = None) -> Timing:
         cmd = [sys.executable, "-m", "unionfs", "image", "--root", str(store), "import", str(image.layout), "-q",
                "--json"]
-        timing, (proc,) = self.timed(cmd)
+        timing, (proc,) = self.timed(cmd, env=env)
         report = json.loads(proc.stdout)
         if report.get("applied") != applied:
             raise BenchError(f"unionfs import of {image.tag}: {report.get('applied')} layers applied, not {applied}")
@@ -495,7 +502,8 @@ def mounted_listing(runner: Runner, store: Path, tag: str) -> dict[str, tuple[ob
     """The image as ``unionfs image mount`` shows it (read-only)."""
     mnt = runner.fresh("check-mnt")
     mnt.mkdir()
-    run([sys.executable, "-m", "unionfs", "image", "--root", str(store), "mount", tag, str(mnt)], env=runner.env)
+    run([sys.executable, "-m", "unionfs", "image", "--root", str(store), "mount", tag, str(mnt)], env=runner.env,
+        cwd=runner.work)
     try:
         deadline = time.monotonic() + 30
         while not is_mounted(mnt):
@@ -504,7 +512,7 @@ def mounted_listing(runner: Runner, store: Path, tag: str) -> dict[str, tuple[ob
             time.sleep(0.05)
         return listing(mnt)
     finally:
-        run([sys.executable, "-m", "unionfs", "umount", str(mnt)], env=runner.env)
+        run([sys.executable, "-m", "unionfs", "umount", str(mnt)], env=runner.env, cwd=runner.work)
         mnt.rmdir()
 
 
@@ -534,7 +542,7 @@ def table(results: Results) -> list[str]:
     head = ["contender", "command", "ratio to tar -x", "command + sync", "ratio to tar -x (+ sync)", "CPU",
             "CPU ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name in CONTENDERS:
+    for name in [*CONTENDERS, *(k for k in results if k not in CONTENDERS)]:
         runs = results.get(name)
         if not runs:
             continue
@@ -552,7 +560,8 @@ def gzip_library(env: dict[str, str]) -> str:
     """The gzip library the unionfs command decompresses with (isal when installed, else zlib)."""
     code = "from unionfs.image import _stream; print(_stream.GZIP_LIBRARY)"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30,
+                             cwd="/")
         return out.stdout.strip() or "unknown"
     return "unknown"
 
@@ -605,6 +614,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the comparison with umoci's rootfs")
     p.add_argument("--repo", type=Path, default=REPO,
                    help="the unionfs source tree to run (default: this repository), e.g. to compare revisions")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=PATHS",
+                   help="also time, in the same rounds, the unionfs found with PATHS (os.pathsep-separated: a source "
+                   "tree and anything to put before it) first on PYTHONPATH, shown as 'unionfs import (LABEL)' "
+                   "(repeatable)")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write every run's times (seconds) to FILE")
     args = p.parse_args(argv)
     if args.repeat < 1:
@@ -625,6 +638,17 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(work, args.compression, args.drop_caches, args.repo.resolve())
     with_umoci = args.compression == "gzip"
     results: Results = {name: [] for name in CONTENDERS if with_umoci or name != "umoci unpack"}
+    variants: list[tuple[str, dict[str, str]]] = []
+    for spec in args.compare:
+        label, _, paths = spec.partition("=")
+        if not label or not paths:
+            print(f"bench/image_import.py: --compare {spec!r}: LABEL=PATHS expected", file=sys.stderr)
+            return 2
+        for path in paths.split(os.pathsep):
+            if (Path(path) / "unionfs").is_dir():
+                compileall.compile_dir(str(Path(path) / "unionfs"), quiet=1)
+        variants.append((f"unionfs import ({label})", runner.variant_env(paths)))
+        results[variants[-1][0]] = []
     checked = args.no_check or not with_umoci
     try:
         for rep in range(args.repeat):
@@ -636,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if with_umoci:
                 jobs.append(("umoci unpack", functools.partial(runner.umoci, images[0], runner.fresh("bundle"))))
+            for i, (label, env) in enumerate(variants):
+                other = runner.fresh(f"store-{i}")
+                jobs.append((label, functools.partial(runner.unionfs, other, images[0], 5, env)))
             shift = rep % len(jobs)
             for name, job in jobs[shift:] + jobs[:shift]:
                 results[name].append(job())
@@ -649,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_same(mounted_listing(runner, store, TAG2), listing(work / "bundle-next" / "rootfs"),
                            "the second image")
                 checked = True
-            for name in ("tar", "tar-next", "bundle", "bundle-next"):
+            for name in ("tar", "tar-next", "bundle", "bundle-next", *(f"store-{i}" for i in range(len(variants)))):
                 shutil.rmtree(work / name, ignore_errors=True)
     except BenchError as exc:
         print(f"bench/image_import.py: {exc}", file=sys.stderr)
