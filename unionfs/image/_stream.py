@@ -120,17 +120,21 @@ class _ZstdDecoder:
         self._mod: Any = zstandard
         self._dctx = zstandard.ZstdDecompressor()
         self._obj: Any = self._dctx.decompressobj()
+        #: input given and not yet decompressed: ``_pending[_at:]`` (an offset, not a slice per piece)
         self._pending = b""
+        self._at = 0
         self._eof = False
 
     def feed(self, data: bytes) -> bytes:
-        self._pending += data
+        self._pending = self._pending[self._at :] + data if self._at < len(self._pending) else data
+        self._at = 0
         return self.more()
 
     def more(self) -> bytes:
         """Output from input already given (b"" only when more input is needed)."""
-        while self._pending:
-            piece, self._pending = self._pending[:_ZSTD_FEED], self._pending[_ZSTD_FEED:]
+        while self._at < len(self._pending):
+            piece = self._pending[self._at : self._at + _ZSTD_FEED]
+            self._at += len(piece)
             if self._eof:
                 if not piece.startswith(ZSTD_MAGIC[: len(piece)]):
                     raise LayerError("corrupt zstd stream: garbage after a frame")
@@ -142,13 +146,14 @@ class _ZstdDecoder:
                 raise LayerError(f"corrupt zstd stream: {exc}") from None
             if self._obj.eof:
                 self._eof = True
-                self._pending = self._obj.unused_data + self._pending
+                self._pending = self._obj.unused_data + self._pending[self._at :]
+                self._at = 0
             if out:
                 return out
         return b""
 
     def at_end(self) -> bool:
-        return self._eof and not self._pending
+        return self._eof and self._at >= len(self._pending)
 
 
 class _Plain:
