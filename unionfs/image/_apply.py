@@ -397,13 +397,25 @@ class _Applier:
     # -- resolution ------------------------------------------------------------------------------------
 
     def _walk(
-        self, comps: tuple[bytes, ...], *, follow: bool, create: bool, what: str, lower: bool = True
+        self,
+        comps: tuple[bytes, ...],
+        *,
+        follow: bool,
+        create: bool,
+        what: str,
+        lower: bool = True,
+        start: tuple[int, tuple[bytes, ...]] | None = None,
     ) -> tuple[int, tuple[bytes, ...]]:
         """An O_PATH descriptor of directory ``comps`` inside the root (in the merged view of root over the
         lower layers, unless not ``lower``), and its resolved components. A directory only a lower layer holds
-        is copied up; a missing one is made when ``create``."""
+        is copied up; a missing one is made when ``create``.
+
+        ``start``: a resolved directory (its descriptor, not taken over, and its resolved components) to
+        resolve ``comps`` from instead of the root. A walk from there meeting a symlink or ``..`` (which may
+        lead above it) raises :class:`_Restart`: the caller walks from the root instead."""
         todo = list(reversed(comps))
-        names: list[bytes] = []
+        names: list[bytes] = list(start[1]) if start is not None else []
+        base_fd = start[0] if start is not None else self.root_fd
         fds: list[int] = []
         links = 0
         try:
@@ -412,11 +424,13 @@ class _Applier:
                 if comp in (b"", b"."):
                     continue
                 if comp == b"..":
+                    if start is not None:
+                        raise _Restart
                     if names:
                         names.pop()
                         os.close(fds.pop())
                     continue
-                cur = fds[-1] if fds else self.root_fd
+                cur = fds[-1] if fds else base_fd
                 try:
                     st: os.stat_result | None = os.stat(comp, dir_fd=cur, follow_symlinks=False)
                 except FileNotFoundError:
@@ -446,6 +460,8 @@ class _Applier:
                 if target is not None:
                     if not follow:
                         raise LayerError(f"{what}: goes through the symlink {_show((*names, comp))}")
+                    if start is not None:
+                        raise _Restart
                     links += 1
                     if links > _MAX_LINKS:
                         raise LayerError(f"{what}: too many levels of symlinks")
@@ -457,7 +473,7 @@ class _Applier:
                     continue
                 fds.append(os.open(comp, _PATH_FLAGS, dir_fd=cur))
                 names.append(comp)
-            result = fds.pop() if fds else os.open(b".", _PATH_FLAGS, dir_fd=self.root_fd)
+            result = fds.pop() if fds else os.open(b".", _PATH_FLAGS, dir_fd=base_fd)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -470,7 +486,18 @@ class _Applier:
             return hit
         if len(self._cache) >= _CACHE_MAX:
             self._forget()
-        found = self._walk(comps, follow=follow, create=True, what=what)
+        found = None
+        # from the deepest cached ancestor, when there is one (the entries of a layer come mostly in tree order)
+        for depth in range(len(comps) - 1, 0, -1):
+            above = self._cache.get((comps[:depth], follow))
+            if above is not None:
+                try:
+                    found = self._walk(comps[depth:], follow=follow, create=True, what=what, start=above)
+                except _Restart:
+                    pass
+                break
+        if found is None:
+            found = self._walk(comps, follow=follow, create=True, what=what)
         self._cache[key] = found
         return found
 
@@ -806,6 +833,10 @@ class _Applier:
             os.utime(fd, ns=meta.times)
         finally:
             os.close(fd)
+
+
+class _Restart(Exception):
+    """A walk from a cached directory met what only a walk from the root resolves correctly."""
 
 
 def _lexists(name: bytes, dir_fd: int) -> bool:
