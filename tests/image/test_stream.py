@@ -7,9 +7,11 @@ import gc
 import gzip
 import hashlib
 import io
+import tarfile
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import pytest
@@ -17,8 +19,9 @@ import zstandard
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from unionfs.image import _stream
+from unionfs.image import _stream, apply_layer
 from unionfs.image._stream import HashingSource, LayerError, LayerStream
+from unionfs.whiteout import XattrFormat
 
 
 def _compress(data: bytes, how: str, members: int) -> bytes:
@@ -171,4 +174,25 @@ def test_close_stops_the_thread() -> None:
     stream = LayerStream(HashingSource(Endless()))  # type: ignore[arg-type]
     stream.read(100)
     stream.close()
+    assert _threads() == before
+
+
+def test_refused_layer_leaves_no_reader_running(tmp_path: Path) -> None:
+    """apply_layer stops the reading thread before it raises: the caller may close the source at once."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        evil = tarfile.TarInfo("../escape")
+        evil.size = 0
+        tf.addfile(evil, io.BytesIO(b""))
+        big = tarfile.TarInfo("big")
+        payload = bytes(range(256)) * (48 << 12)  # 12 MiB: much more than the reader may read ahead
+        big.size = len(payload)
+        tf.addfile(big, io.BytesIO(payload))
+    blob = gzip.compress(buf.getvalue(), compresslevel=1)
+    before = _wait_threads(0)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(LayerError, match="escapes the root") as info:
+        apply_layer(io.BytesIO(blob), bytes(root), fmt=XattrFormat.USER, rootless=True)
+    assert info.traceback  # the traceback (and the stream in its frames) is still alive here
     assert _threads() == before

@@ -881,30 +881,36 @@ def apply_layer(
             return apply_layer(f, root, fmt=fmt, rootless=rootless, progress=progress, lowers=lowers)
     raw = HashingSource(source)
     stream = LayerStream(raw)
-    result = ApplyResult(compression=stream.compression)
-    applier = _Applier(root, fmt, rootless, result, lowers)
     try:
+        result = ApplyResult(compression=stream.compression)
+        applier = _Applier(root, fmt, rootless, result, lowers)
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]  # noqa: SIM115
-        except tarfile.ReadError as exc:
-            raise LayerError(f"not a tar archive: {exc}") from None
-        with tf:
-            while True:
-                try:
-                    m = tf.next()
-                except tarfile.ReadError as exc:
-                    raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
-                if m is None:
-                    break
-                applier.apply(m, tf)
-                result.entries += 1
-                if progress is not None:
-                    progress(result.entries, raw.count)
-            _check_end(stream, tf.offset)
-        applier.finish_dirs()
-    finally:
-        applier.close()
-    stream.drain()
+            try:
+                tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+                    fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape"
+                )
+            except tarfile.ReadError as exc:
+                raise LayerError(f"not a tar archive: {exc}") from None
+            with tf:
+                while True:
+                    try:
+                        m = tf.next()
+                    except tarfile.ReadError as exc:
+                        raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
+                    if m is None:
+                        break
+                    applier.apply(m, tf)
+                    result.entries += 1
+                    if progress is not None:
+                        progress(result.entries, raw.count)
+                _check_end(stream, tf.offset)
+            applier.finish_dirs()
+        finally:
+            applier.close()
+        stream.drain()
+    except BaseException:
+        stream.close()  # its reading thread ends before the caller closes the source
+        raise
     while raw.read(1 << 16):
         pass
     result.diff_id = digest_hex(stream.sha)
