@@ -70,6 +70,8 @@ options (-o, comma separated, may be repeated; a backslash escapes a comma insid
                           and ~100 bytes per lower path; lower layers must not change while mounted
   fsname=NAME             the source shown in the mount table (default unionfs)
   debug                   log every request and its result (with -f, to stderr)
+  trace[=FILE]            a line for each union decision (lookup, whiteout, opaque directory, copy-up, EXDEV)
+                          naming the overlayfs rule that applied: appended to FILE, else to the server's log
 
 kernel overlayfs options, accepted with the values that name what unionfs does:
   redirect_dir=off|nofollow  index=off  metacopy=off  xino=off|auto  nfs_export=off  uuid=on|off|null|auto
@@ -184,6 +186,10 @@ COMMANDS = {
     "snapshot": "build layer chains: prepare, mount, commit (unionfs snapshot --help)",
     "image": "container images: import, mount, commit, export (unionfs image --help)",
     "layer": "one layer tar into or out of a snapshot: apply, diff (unionfs layer --help)",
+    "layers": "what each layer adds, modifies, removes and wastes, as dive shows it (unionfs layers --help)",
+    "inspect": "where an entry of a union comes from and what hides what (unionfs inspect --help)",
+    "tree": "the merged tree, each entry with its layer; --all: what is hidden (unionfs tree --help)",
+    "explore": "browse the layers and the merged view as of each, in the terminal (unionfs explore --help)",
 }
 
 
@@ -265,10 +271,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .image.cli import image_main
 
         return image_main(args[1:])
-    if cmd in ("layer", "layers"):
+    if cmd == "layer":
         from .image.cli import layer_main
 
         return layer_main(args[1:])
+    if cmd == "layers":
+        from .layers_cli import main as layers_main
+
+        return layers_main(args[1:])
+    if cmd == "inspect":
+        from .inspect_cli import main as inspect_main
+
+        return inspect_main(args[1:])
+    if cmd == "tree":
+        from .tree_cli import main as tree_main
+
+        return tree_main(args[1:])
+    if cmd == "explore":
+        from .explore import main as explore_main
+
+        return explore_main(args[1:])
     if _program_form(args):
         # containers/storage's mount_program form: unionfs -o OPTIONS MOUNTPOINT
         return run_command(PROG, lambda: cmd_mount(args, prog=PROG, program=True))

@@ -9,6 +9,7 @@ status      reason
 2           bad usage: a malformed command line (argparse's own message) or mount option
 3 - 6       ``unionfs snapshot``, ``image``, ``layer``: not found, already exists, failed precondition, invalid
             argument
+3           also: the explaining commands (``inspect``, ``layers``, ...) for a target that names no stack
 7           ``unionfs image``, ``layer``: an image or layer refused as broken or hostile (the line names the
             blob or entry)
 130         interrupted (Ctrl-C)
@@ -63,6 +64,11 @@ def describe(exc: BaseException) -> tuple[str, int]:
 
         if isinstance(exc, ImageError):
             return f"refused: {exc}", EXIT_REFUSED
+    if "unionfs.targets" in sys.modules:
+        from .targets import TargetError
+
+        if isinstance(exc, TargetError):
+            return f"not found: {exc}", 3
     if isinstance(exc, OptionError):
         return f"error: {exc}", EXIT_USAGE
     if isinstance(exc, MountError):

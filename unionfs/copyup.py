@@ -12,11 +12,16 @@ import itertools
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import _sys, whiteout, xattrs
 from .layers import ROOT, Entry, Layer, Stack, split
 from .ownership import OVERRIDE_XATTR, encode_override
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 #: Name of the directory inside workdir= that holds objects under construction (as the kernel names it).
 WORK_SUBDIR = b"work"
@@ -158,12 +163,13 @@ class CopyUp:
 
     ``fsync``: make each copied file durable before it becomes visible. ``owner_xattr``: where the owner cannot
     be kept (rootless), record it in the override xattr (``xattr_permissions``). ``unmapped``: tells objects
-    whose owner this user namespace does not map; those are never copied up (EOVERFLOW).
+    whose owner this user namespace does not map; those are never copied up (EOVERFLOW). ``trace``: told of
+    each copy (``-o trace``).
     """
 
     def __init__(self, stack: Stack, work: Workdir, on_copied: Callable[[CopiedUp], None] | None = None, *,
                  fsync: bool = True, owner_xattr: bool = False,
-                 unmapped: Callable[[Entry], object] | None = None) -> None:
+                 unmapped: Callable[[Entry], object] | None = None, trace: Trace | None = None) -> None:
         assert stack.upper is not None
         self.stack = stack
         self.upper: Layer = stack.upper
@@ -172,6 +178,7 @@ class CopyUp:
         self.fsync = fsync
         self.owner_xattr = owner_xattr
         self.unmapped = unmapped
+        self.trace = trace
 
     def ensure_dir(self, entry: Entry) -> Entry:
         """Make sure directory ``entry`` exists in the upper layer (copying up its ancestors first)."""
@@ -209,6 +216,7 @@ class CopyUp:
         if self.unmapped is not None and self.unmapped(entry):
             # the copy could not be given its owner; the kernel refuses such a copy-up the same way
             raise OSError(errno.EOVERFLOW, "owner not mapped in this user namespace: no copy-up", entry.path)
+        started = time.monotonic() if self.trace is not None else 0.0
         src = self.stack.layers[entry.layer]
         st = entry.st
         tmp = self.work.tempname()
@@ -232,6 +240,8 @@ class CopyUp:
             raise
         new_st = self.upper.lstat(entry.path)
         new = _over(entry, new_st) if stat.S_ISDIR(st.st_mode) else Entry(entry.path, 0, new_st)
+        if self.trace is not None:
+            self.trace.copy_up(entry, data, time.monotonic() - started)
         if self.on_copied is not None:
             self.on_copied(CopiedUp(entry, new))
         return new

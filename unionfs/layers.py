@@ -399,6 +399,25 @@ class Stack:
             entry = nxt
         return entry
 
+    # -- explaining (for the trace only: the layers are asked again) ----------------------------------------
+
+    def whited_out(self, parent: Entry, name: bytes) -> int | None:
+        """The layer whose whiteout hides ``name`` in ``parent``, where a lookup found nothing; None when no
+        layer holds the name."""
+        top = next(self.probing.found(join(parent.path, name), parent.dirs, parent.xattr_whiteouts), None)
+        return top.layer if top is not None and top.is_whiteout else None
+
+    def hidden_by_opaque(self, entry: Entry) -> tuple[int, list[int]] | None:
+        """(the layer whose opaque directory ends merged directory ``entry``, the layers beneath it that hold
+        something at its path); None when no opaque directory hides anything there."""
+        if not entry.dirs:
+            return None
+        last = entry.dirs[-1]
+        found = list(self.probing.found(entry.path, range(last, len(self.layers)), _NONE))
+        if not found or found[0].layer != last or not found[0].marks.opaque or len(found) == 1:
+            return None
+        return last, [f.layer for f in found[1:]]
+
     # -- listing ------------------------------------------------------------------------------------------
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:

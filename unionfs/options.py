@@ -115,6 +115,10 @@ class MountSpec:
     #: keep a spare server that has loaded pyfuse3 and trio for the next mount, for so many idle seconds
     #: (``spare[=SECONDS]``; unionfs.fuse.spare)
     spare: float | None = None
+    #: write a line for each union decision (``trace[=FILE]``, unionfs.trace): to ``trace_file`` when given
+    #: (appended), else to the server's log; a ``trace_file`` implies ``trace``
+    trace: bool = False
+    trace_file: bytes | None = None
 
     @property
     def writable(self) -> bool:
@@ -284,6 +288,11 @@ def parse(option_texts: list[str]) -> MountSpec:
                     kw["xattrs"] = value == "0"
             elif key == "spare":
                 kw["spare"] = _seconds(value, key) if sep else DEFAULT_SPARE_IDLE
+            elif key == "trace":
+                if sep and not value:
+                    raise OptionError("trace= needs a file: trace=FILE (or trace alone, for the server's log)")
+                kw["trace"] = True
+                kw["trace_file"] = _absolute_path(value, key) if sep else None
             elif key in SELINUX_OPTIONS:
                 if value.strip('"') == "":
                     raise OptionError(f"{key} needs a value: {key}=CONTEXT")
@@ -372,6 +381,10 @@ def spec_to_options(spec: MountSpec) -> list[str]:
         opts.append(f"context={spec.context}")
     if spec.spare is not None:
         opts.append("spare" if spec.spare == DEFAULT_SPARE_IDLE else f"spare={spec.spare!r}")
+    if spec.trace_file is not None:
+        opts.append(f"trace={os.fsdecode(spec.trace_file)}")
+    elif spec.trace:
+        opts.append("trace")
     return opts
 
 

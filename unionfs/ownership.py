@@ -19,6 +19,19 @@ import stat
 
 OVERFLOW_ID = 65534
 OVERRIDE_XATTR = b"user.containers.override_stat"
+#: where an ordinary user's store keeps an xattr it may not set as it is (``security.capability``, ``trusted.*``):
+#: ``user.unionfs-xattr.NAME``; a mount with ``xattr_permissions`` shows it as NAME, never under this name
+KEPT_XATTR_PREFIX = b"user.unionfs-xattr."
+
+
+def kept_name(name: bytes) -> bytes:
+    """The name under which the xattr ``name`` is kept by an ordinary user."""
+    return KEPT_XATTR_PREFIX + name
+
+
+def kept_original(disk: bytes) -> bytes | None:
+    """The xattr a kept one stands for (None: ``disk`` is no kept xattr)."""
+    return disk[len(KEPT_XATTR_PREFIX):] if disk.startswith(KEPT_XATTR_PREFIX) else None
 
 
 class IdMapError(ValueError):

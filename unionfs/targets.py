@@ -134,11 +134,23 @@ def stack_json(lowers: Sequence[bytes], upper: bytes | None, fmt: XattrFormat) -
     return json.dumps({"xattr": fmt.value, "layers": layers}, ensure_ascii=False).encode()
 
 
+def _on_unionfs(path: str) -> bool:
+    """Whether ``path`` lies on a file system mounted as ``fuse.unionfs``."""
+    from . import mountinfo
+
+    try:
+        dev = os.stat(path).st_dev
+        table = mountinfo.read()
+    except OSError:
+        return False
+    return any(e.fstype == b"fuse.unionfs" and os.makedev(e.major, e.minor) == dev for e in table)
+
+
 def from_mount(mountpoint: str) -> Target | None:
     """The stack of the unionfs mount at ``mountpoint`` (None when it is no unionfs mount)."""
     value = xattrs.get(os.fsencode(mountpoint), STACK_XATTR)
-    if value is None:
-        return None
+    if value is None or not _on_unionfs(mountpoint):
+        return None  # (a user.unionfs.stack stored on some directory names nothing: only a mount serves it)
     try:
         data = json.loads(value)
         layers = tuple(StackLayer(str(la["path"]), str(la["label"]), bool(la["writable"])) for la in data["layers"])

@@ -10,17 +10,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from . import _sys, userns, whiteout, xattrs
+from . import _sys, explain, userns, whiteout, xattrs
 from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .fsutil import fsync_dir
 from .layers import ROOT, Entry, Stack, check_name, join
-from .ownership import OVERRIDE_XATTR, Ownership, decode_override, encode_override
+from .ownership import (
+    KEPT_XATTR_PREFIX,
+    OVERRIDE_XATTR,
+    Ownership,
+    decode_override,
+    encode_override,
+    kept_name,
+    kept_original,
+)
 from .userns import R_OK, W_OK, X_OK, Caller, Unmapped, UserNamespace
 from .whiteout import XattrFormat
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 DEFAULT_ACL = b"system.posix_acl_default"
 
@@ -117,11 +130,13 @@ class Union:
     """
 
     def __init__(self, stack: Stack, work: Workdir | None, ownership: Ownership | None = None, *,
-                 durable: bool = True, xattrs: bool = True) -> None:
+                 durable: bool = True, xattrs: bool = True, trace: Trace | None = None) -> None:
         """``durable``: fsync reaches the disk, and copy-ups are synced (False: ``volatile``/``fsync=0``);
         ``xattrs``: extended attributes are served (False: fuse-overlayfs's ``noxattrs=1``: every xattr call
-        fails with ENOTSUP)."""
+        fails with ENOTSUP); ``trace``: told of each union decision (``-o trace``; None: tracing is off, and
+        costs one attribute test where a decision is made)."""
         self.stack = stack
+        self.trace = trace
         self.work = work
         self.ownership = ownership or Ownership()
         self.durable = durable
@@ -143,7 +158,7 @@ class Union:
             checks_owner = self.ownership.identity and not self.userns.initial
             self.copier = CopyUp(stack, work, self._copied.append, fsync=durable,
                                  owner_xattr=self.ownership.xattr_permissions,
-                                 unmapped=self.unmapped if checks_owner else None)
+                                 unmapped=self.unmapped if checks_owner else None, trace=trace)
 
     def take_copied(self) -> list[CopiedUp]:
         """The copy-ups made since the last call, oldest first."""
@@ -187,7 +202,7 @@ class Union:
         self._may(caller, parent, W_OK | X_OK)
         if self.userns.initial or not parent.st.st_mode & stat.S_ISVTX:
             return
-        victim = self.lookup(parent, name)
+        victim = self.lookup(parent, name, traced=False)
         ids = self.unmapped(victim) if victim is not None else None
         if victim is not None and ids is not None:
             userns.require_sticky(caller, parent.st, self.unmapped(parent), victim.st, ids)
@@ -214,9 +229,10 @@ class Union:
         return self.stack.root()
 
     def lookup(self, parent: Entry, name: bytes, caller: Caller | None = None,
-               listing: dict[bytes, tuple[int, int]] | None = None) -> Entry | None:
+               listing: dict[bytes, tuple[int, int]] | None = None, *, traced: bool = True) -> Entry | None:
         """Resolve ``name`` in ``parent`` (``.`` is ``parent`` itself); with ``listing``, a current merged
-        listing of ``parent``, names it lacks are missing without asking any layer."""
+        listing of ``parent``, names it lacks are missing without asking any layer. ``traced``: the trace
+        is told (False for the lookups an operation makes again of names the kernel looked up)."""
         self._may(caller, parent, X_OK)
         if name == b".":
             return parent
@@ -226,8 +242,16 @@ class Union:
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "Not a directory")
         if listing is not None:
-            return self.stack.lookup_listed(parent, name, listing.get(name))
-        return self.stack.lookup(parent, name)
+            entry = self.stack.lookup_listed(parent, name, listing.get(name))
+        else:
+            entry = self.stack.lookup(parent, name)
+        if self.trace is not None and traced:
+            self._trace_lookup(self.trace, parent, name, entry)
+        return entry
+
+    def _trace_lookup(self, trace: Trace, parent: Entry, name: bytes, entry: Entry | None) -> None:
+        whited_out = None if entry is not None else self.stack.whited_out(parent, name)
+        trace.lookup(join(parent.path, name), entry, whited_out)
 
     def unmapped(self, entry: Entry) -> Unmapped | None:
         """Which ids of a lower object's owner this user namespace does not map (None: both mapped, or the
@@ -290,7 +314,10 @@ class Union:
         return os.readlink(entry.path, dir_fd=self.stack.layers[entry.layer].fd)
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
-        return self.stack.listdir(entry)
+        names = self.stack.listdir(entry)
+        if self.trace is not None and (hidden := self.stack.hidden_by_opaque(entry)) is not None:
+            self.trace.opaque(entry.path, *hidden)
+        return names
 
     def opendir(self, entry: Entry, caller: Caller | None = None) -> None:
         """The checks of opening directory ``entry`` to list it."""
@@ -383,6 +410,8 @@ class Union:
                     os.rename(tmp, path, src_dir_fd=work.fd, dst_dir_fd=upper_fd)
             finally:
                 work.discard(tmp)
+            if self.trace is not None and is_dir:
+                self.trace.opaque_made("mkdir", path)
         return self._upper_entry(path, opaque=is_dir and over_whiteout)
 
     def _fix_owner(self, path: bytes, dir_fd: int, owner: tuple[int, int], mode: int | None) -> None:
@@ -390,14 +419,21 @@ class Union:
         if uid == -1 and gid == -1:
             return
         st = os.lstat(path, dir_fd=dir_fd)
-        if self.ownership.xattr_permissions and not stat.S_ISLNK(st.st_mode):
+        if self.ownership.xattr_permissions and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             # the owner goes where a chown of the merged view would put it: the override xattr (the file itself
             # stays this server's, which needs no privilege)
             full = b"/proc/self/fd/%d/%s" % (dir_fd, path)
             self._store_override(full, st.st_uid if uid == -1 else uid, st.st_gid if gid == -1 else gid,
                                  st.st_mode if mode is None else mode)
             return
-        os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except PermissionError:
+            if not self.ownership.xattr_permissions:
+                raise
+            # (a symlink, FIFO, socket or device node takes no user.* xattr, and an unprivileged server may not
+            # chown it: it stays the server's, as a rootless copy-up leaves it)
+            return
         if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
             os.chmod(path, mode, dir_fd=dir_fd)
 
@@ -523,7 +559,7 @@ class Union:
     # -- removing -----------------------------------------------------------------------------------------
 
     def _existing(self, parent: Entry, name: bytes) -> Entry:
-        entry = self.lookup(parent, name)
+        entry = self.lookup(parent, name, traced=False)
         if entry is None:
             raise OSError(errno.ENOENT, "No such file or directory")
         return entry
@@ -556,9 +592,13 @@ class Union:
         needs_whiteout = self.stack.below_upper(parent, name) is not None
         if entry.layer != 0:
             whiteout.make_whiteout(path, upper.fd)
+            if self.trace is not None:
+                self.trace.whiteout("rmdir" if entry.is_dir else "unlink", path)
             return
         if needs_whiteout:
             replace_with_whiteout(upper, self._work(), path)
+            if self.trace is not None:
+                self.trace.whiteout("rmdir" if entry.is_dir else "unlink", path)
             return
         if not entry.is_dir:
             os.unlink(path, dir_fd=upper.fd)
@@ -585,7 +625,7 @@ class Union:
         old = self._existing(old_parent, old_name)
         if old.is_dir and old_parent.path != new_parent.path:
             self._may(caller, old, W_OK)  # its ".." changes
-        new = self.lookup(new_parent, new_name)
+        new = self.lookup(new_parent, new_name, traced=False)
         if new is not None and old.layer == new.layer == 0 and self.stack.writable and _same_object(old, new):
             return old, None
         exchange = bool(flags & _sys.RENAME_EXCHANGE)
@@ -611,8 +651,12 @@ class Union:
                 raise OSError(errno.ENOTDIR, "Not a directory")
         copier = self._copier()
         if old.is_dir and (old.layer != 0 or old.merged):
+            if self.trace is not None:
+                self.trace.exdev(old.path, new_path, old)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         if exchange and new is not None and new.is_dir and (new.layer != 0 or new.merged):
+            if self.trace is not None:
+                self.trace.exdev(old.path, new_path, new)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         if new is not None and new.is_dir and not exchange and self.stack.listdir(new):
             raise OSError(errno.ENOTEMPTY, "Directory not empty")
@@ -629,13 +673,19 @@ class Union:
             new = copier.copy_up(new)
             if old.is_dir and not old.opaque and new_parent.merged:
                 whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
+                if self.trace is not None:
+                    self.trace.opaque_made("rename", old.path, new_path)
             if new.is_dir and not new.opaque and old_parent.merged:
                 whiteout.set_opaque(upper.full_path(new.path), self.stack.fmt)
+                if self.trace is not None:
+                    self.trace.opaque_made("rename", new.path, old.path)
             _sys.renameat2(old.path, new_path, _sys.RENAME_EXCHANGE, upper.fd, upper.fd)
             return self._upper_entry(new_path), self._upper_entry(old.path)
 
         if old.is_dir and not old.opaque and new_parent.merged:
             whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
+            if self.trace is not None:
+                self.trace.opaque_made("rename", old.path, new_path)
         discard: bytes | None = None
         try:
             st = upper.lstat(new_path)
@@ -649,6 +699,8 @@ class Union:
         try:
             if old_whiteout:
                 self._rename_leaving_whiteout(old.path, new_path)
+                if self.trace is not None:
+                    self.trace.whiteout("rename", old.path, new_path)
             else:
                 os.rename(old.path, new_path, src_dir_fd=upper.fd, dst_dir_fd=upper.fd)
         finally:
@@ -780,12 +832,44 @@ class Union:
         self._check_xattrs()
         if name in self.hidden_xattrs:
             raise OSError(errno.EPERM, "this xattr holds the stored owner and mode")
+        if name.startswith(KEPT_XATTR_PREFIX):
+            raise OSError(errno.EPERM, "this xattr keeps another one an ordinary user may not set")
         return whiteout.xattr_to_disk(name, self.stack.private_prefixes)
 
+    # The virtual xattrs user.unionfs.* (unionfs.explain): served from the layers on every read, whatever the
+    # other xattr options say, never listed, never stored, and refused for writing (EPERM) as the kernel refuses
+    # writes of the names of its overlay markers; a copy-up copies the object's own xattrs only.
+
+    @functools.cached_property
+    def virtual_xattrs(self) -> explain.VirtualXattrs:
+        return explain.VirtualXattrs(self.stack)
+
+    def _virtual_xattr(self, entry: Entry | int, name: bytes) -> bytes:
+        if isinstance(entry, int):
+            return self.virtual_xattrs.get(None, 0, name)  # (an object open in the upper layer, without a name)
+        return self.virtual_xattrs.get(entry.path, entry.layer, name)
+
+    @staticmethod
+    def _refuse_virtual(name: bytes) -> None:
+        if explain.is_virtual(name):
+            raise OSError(errno.EPERM, f"{name.decode(errors='replace')} is a virtual xattr of unionfs (read-only)")
+
     def getxattr(self, entry: Entry | int, name: bytes) -> bytes:
-        """An xattr of ``entry`` (or of the upper object open as a descriptor, all its names removed)."""
+        """An xattr of ``entry`` (or of the upper object open as a descriptor, all its names removed); names in
+        ``user.unionfs.*`` are the virtual ones."""
+        if explain.is_virtual(name):
+            return self._virtual_xattr(entry, name)
         target = entry if isinstance(entry, int) else self._object_path(entry)
-        return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
+        try:
+            return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA or not self.ownership.xattr_permissions or name.startswith(b"user."):
+                raise
+            # an xattr an ordinary user's store could not set as it is (security.capability...), kept aside
+            kept = xattrs.get(target, kept_name(name))
+            if kept is None:
+                raise
+            return kept
 
     def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
         """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
@@ -795,15 +879,24 @@ class Union:
         privileged = caller is None or caller.uid == 0
         out = []
         for disk in xattrs.names(target):
+            if disk.startswith(KEPT_XATTR_PREFIX):
+                original = kept_original(disk)
+                if self.ownership.xattr_permissions and original and (privileged or not original.startswith(
+                        b"trusted.")) and original not in out:
+                    out.append(original)
+                continue
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
-            if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")):
+            if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")) \
+                    or explain.is_virtual(name):
                 continue
             out.append(name)
         return out
 
     def setxattr(self, entry: Entry | int, name: bytes, value: bytes, flags: int = 0,
                  caller: Caller | None = None) -> Entry | None:
-        """Set an xattr, copying up first; returns the entry as it is now (None for a descriptor)."""
+        """Set an xattr, copying up first; returns the entry as it is now (None for a descriptor). A name in
+        ``user.unionfs.*`` is refused (EPERM)."""
+        self._refuse_virtual(name)
         self._check_xattrs()
         if isinstance(entry, int):
             xattrs.write(entry, self._disk_name(name), value, flags)
@@ -814,6 +907,8 @@ class Union:
         return entry
 
     def removexattr(self, entry: Entry | int, name: bytes, caller: Caller | None = None) -> Entry | None:
+        """Remove an xattr, copying up first; a name in ``user.unionfs.*`` is refused (EPERM)."""
+        self._refuse_virtual(name)
         self._check_xattrs()
         if isinstance(entry, int):
             xattrs.remove(entry, self._disk_name(name))

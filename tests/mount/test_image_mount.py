@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from layers import build, dir_, hard, reg, sym  # noqa: E402
 pytestmark = pytest.mark.mount
 
 ROOT = os.geteuid() == 0
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # a v2 vfs_cap_data
 BASE = [
     dir_("bin"), reg("bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755), dir_("etc"),
     reg("etc/os-release", b"ID=test\n"), reg("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
@@ -33,6 +35,7 @@ BASE = [
     dir_("home", mode=0o755), dir_("home/user", mode=0o700, uid=1000, gid=1000),
     reg("home/user/.profile", b"PS1=x\n", mode=0o600, uid=1000, gid=1000),
     reg("bin/su", b"su", mode=0o4755),
+    reg("bin/ping", b"ping", mode=0o755, xattrs={"security.capability": CAP_NET_RAW}),
 ]
 APP = [
     reg("etc/.wh.passwd"), dir_("var"), dir_("var/cache"), reg("var/cache/.wh..wh..opq"),
@@ -109,6 +112,12 @@ def test_round_trip_through_a_writable_mount_commit_export_and_reimport(
     assert sorted(os.listdir(ro / "var/cache")) == ["new"]
     assert (ro / "bin/tool2").stat().st_ino == (ro / "bin/tool").stat().st_ino
     assert view["bin/su"][1] == 0o4755 and view["home/user"][1] == 0o700
+    # the capability, kept aside by an ordinary user's store (it may not set it), shows as the image has it
+    assert os.getxattr(ro / "bin/ping", "security.capability") == CAP_NET_RAW
+    assert "security.capability" in os.listxattr(ro / "bin/ping")
+    assert not [n for n in os.listxattr(ro / "bin/ping") if "unionfs" in n]
+    r = one.cli("image", "rm", "test:1")  # regression: the name went, and the layers' blobs, while mounted
+    assert r.returncode == 5 and "mounted on" in r.stderr
     mounts.umount(ro)
 
     rw = base / "rw"

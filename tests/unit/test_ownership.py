@@ -242,3 +242,22 @@ def test_regression_new_objects_record_their_owner_in_the_override_xattr_with_xa
         st = os.lstat(env.upper / name)
         assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
         assert os.getxattr(env.upper / name, OVERRIDE_XATTR.decode()) == stored
+
+
+def test_regression_fifos_and_sockets_made_with_xattr_permissions_are_chowned_not_recorded(
+        make_env: Any) -> None:
+    """A FIFO or socket takes no ``user.*`` xattr: with ``xattr_permissions`` its owner is given by a chown (when
+    the server may), as before (regression: recording it in the override xattr failed with EPERM and left the
+    object behind)."""
+    from unionfs.union import Union
+
+    env = make_env(lowers=[{}])
+    own = parse(["lowerdir=/a,xattr_permissions=2,uidmapping=0:1000:1:1:100000:65536,"
+                 "gidmapping=0:1000:1:1:100000:65536"]).ownership
+    union = Union(env.stack, env.work, own)
+    root = env.entry("")
+    union.mknod(root, b"p", stat.S_IFIFO | 0o640, 0, 100005, 100002)
+    union.mknod(root, b"s", stat.S_IFSOCK | 0o755, 0, 100005, 100002)
+    for name in ("p", "s"):
+        st = os.lstat(env.upper / name)
+        assert (st.st_uid, st.st_gid) == (6, 3)

@@ -13,12 +13,13 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from typing import TextIO
 
-from .. import prescan
+from .. import prescan, trace
 from ..copyup import Workdir
 from ..layers import Stack
 from ..options import MountSpec
-from ..preflight import WorkdirLock, check
+from ..preflight import MountError, WorkdirLock, check
 from ..union import Union, default_format
 
 log = logging.getLogger("unionfs")
@@ -78,6 +79,15 @@ class Mount:
         self.lock: WorkdirLock | None = lock
         self.stale = 0
         self.work: Workdir | None = None
+        #: the trace file of ``-o trace=FILE``, opened here (before the server daemonizes, and before the mount:
+        #: one that cannot be opened refuses the mount)
+        self.trace_file: TextIO | None = None
+        if spec.trace_file is not None:
+            try:
+                self.trace_file = trace.open_file(spec.trace_file)
+            except OSError as exc:
+                raise MountError(f"cannot open the trace file {os.fsdecode(spec.trace_file)}: "
+                                 f"{exc.strerror}") from None
         writable = spec.writable
         if writable and not adopted:
             assert spec.work is not None
@@ -99,8 +109,13 @@ class Mount:
         except BaseException:
             self.close()
             raise
+        tracer: trace.Tracer | None = None
+        if self.trace_file is not None:
+            tracer = trace.Tracer(spec.layer_dirs(), trace.FileWriter(self.trace_file), writable=writable)
+        elif spec.trace:
+            tracer = trace.Tracer(spec.layer_dirs(), trace.log_writer, writable=writable)
         self.union = Union(self.stack, self.work, ownership=spec.ownership, durable=spec.fsync,
-                           xattrs=spec.xattrs)
+                           xattrs=spec.xattrs, trace=tracer)
 
     def describe(self) -> str:
         return (f"{self.mountpoint}: {len(self.stack.layers)} layers "
@@ -116,3 +131,5 @@ class Mount:
             self.work.close()
         if self.lock is not None:
             self.lock.close()
+        if self.trace_file is not None:
+            self.trace_file.close()

@@ -66,7 +66,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, Literal
 
 from .. import xattrs
-from ..ownership import OVERRIDE_XATTR, encode_override
+from ..ownership import KEPT_XATTR_PREFIX, OVERRIDE_XATTR, encode_override, kept_name
 from ..whiteout import (
     AUFS_META_PREFIX,
     AUFS_OPAQUE,
@@ -84,8 +84,9 @@ from ._stream import HashingSource, LayerError, LayerStream, digest_hex
 #: how many symlinks one resolution may follow (the kernel's limit)
 _MAX_LINKS = 40
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: the errnos meaning "this xattr cannot be stored here": the xattr is dropped and counted
-_XATTR_REFUSED = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
+#: the errnos meaning "this xattr cannot be stored here" (EINVAL: a security.capability the kernel will not take
+#: from this user): the xattr is dropped and counted
+_XATTR_REFUSED = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EINVAL)
 _COPY = 1 << 20
 _CACHE_MAX = 64
 _XATTR_PAX = "SCHILY.xattr."
@@ -110,6 +111,8 @@ class ApplyResult:
     #: PAX xattrs not written (overlay-private names, or refused by the file system), and xattrs of lower
     #: objects the file system refused on their copies
     dropped_xattrs: int = 0
+    #: rootless: xattrs this user may not set (``security.capability``...) kept in ``user.unionfs-xattr.*``
+    kept_xattrs: int = 0
     #: directories and hard link targets copied up from the lower layers
     copied_up: int = 0
     #: ``sha256:...`` of the uncompressed tar (the layer's diff-id) and of the stream as read (its digest)
@@ -132,6 +135,8 @@ class ApplyResult:
                      "them to record their owner)")
         if self.copied_up:
             line += f", {self.copied_up} copied up from lower layers"
+        if self.kept_xattrs:
+            line += f", {self.kept_xattrs} xattrs this user may not set kept in user.unionfs-xattr.*"
         if self.dropped_xattrs:
             line += f", {self.dropped_xattrs} xattrs dropped"
         return line
@@ -165,7 +170,12 @@ _DEV_MAX = 2**32 - 1
 def _clamp_ns(seconds: float) -> int:
     if seconds != seconds:  # NaN
         return 0
-    return max(-_NS_MAX, min(_NS_MAX, int(seconds * 1e9)))
+    ns = seconds * 1e9
+    if ns >= _NS_MAX:  # (infinity included)
+        return _NS_MAX
+    if ns <= -_NS_MAX:
+        return -_NS_MAX
+    return int(ns)
 
 
 def _check_fields(m: tarfile.TarInfo, raw: bytes, what: str) -> None:
@@ -661,7 +671,7 @@ class _Applier:
         tfd, tparent = self._walk(tcomps[:-1], follow=True, create=False, what=f"{what}: hard link target {link!r}")
         try:
             target = (*tparent, tcomps[-1])
-            if target not in self.made:
+            if target not in self.made and not self._linkable_here(tfd, tcomps[-1]):
                 found = None
                 if self.lower_fds and not _lexists(tcomps[-1], tfd):
                     found = self._lower_lookup(tparent, tcomps[-1])[0]
@@ -680,6 +690,16 @@ class _Applier:
         finally:
             os.close(tfd)
 
+    @staticmethod
+    def _linkable_here(dir_fd: int, name: bytes) -> bool:
+        """Whether root already holds a non-directory at ``name`` (not a whiteout) from before this layer: a
+        layer applied onto a snapshot may link to what the snapshot holds."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return not stat.S_ISDIR(st.st_mode) and not is_whiteout_stat(st)
+
     # -- metadata --------------------------------------------------------------------------------------
 
     def _xattrs(self, m: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
@@ -688,7 +708,7 @@ class _Applier:
             if not key.startswith(_XATTR_PAX):
                 continue
             name = key[len(_XATTR_PAX) :].encode("utf-8", "surrogateescape")
-            if name.startswith((TRUSTED_PREFIX, USER_PREFIX)) or name == OVERRIDE_XATTR:
+            if name.startswith((TRUSTED_PREFIX, USER_PREFIX, KEPT_XATTR_PREFIX)) or name == OVERRIDE_XATTR:
                 self.res.dropped_xattrs += 1
                 continue
             found.append((name, value.encode("utf-8", "surrogateescape")))
@@ -701,7 +721,21 @@ class _Applier:
             except OSError as exc:
                 if exc.errno not in _XATTR_REFUSED:
                     raise
+                if self.rootless and not name.startswith(b"user.") and self._keep_xattr(target, name, value):
+                    continue
                 self.res.dropped_xattrs += 1
+
+    def _keep_xattr(self, target: bytes | int, name: bytes, value: bytes) -> bool:
+        """Rootless: keep an xattr this user may not set (``security.capability``...) under
+        ``user.unionfs-xattr.NAME``, where a mount with ``xattr_permissions`` and a diff find it."""
+        try:
+            xattrs.write(target, kept_name(name), value)
+        except OSError as exc:
+            if exc.errno not in _XATTR_REFUSED:
+                raise
+            return False
+        self.res.kept_xattrs += 1
+        return True
 
     @staticmethod
     def _times(m: tarfile.TarInfo) -> tuple[int, int]:
@@ -847,6 +881,29 @@ def _lexists(name: bytes, dir_fd: int) -> bool:
     return True
 
 
+#: the errnos of the file system that mean "this entry asks for what cannot be": the entry is refused
+_ENTRY_ERRNOS = frozenset({errno.ERANGE, errno.E2BIG, errno.ENAMETOOLONG})
+#: the largest PAX or GNU long-name header read into memory (Go's archive/tar, which containerd uses, stops there)
+MAX_META_HEADER = 1 << 20
+_META_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK})
+
+
+def _show_name(name: str) -> str:
+    return repr(name.encode("utf-8", "surrogateescape"))[2:-1][:200]
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar member whose metadata headers (PAX, GNU long names) may not exceed :data:`MAX_META_HEADER`: tarfile
+    reads such a header whole into memory, so a small compressed layer could ask for gigabytes."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_META_HEADER:
+            raise LayerError(f"a {self.size}-byte metadata header (PAX or long name): more than "
+                             f"{MAX_META_HEADER} bytes are refused")
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
 def _check_end(stream: LayerStream, offset: int) -> None:
     """The tar must end with its end-of-archive marker where tarfile stopped: anything else there is a
     truncated archive or a corrupt header (which tarfile's stream mode takes for the end). The marker is
@@ -887,7 +944,8 @@ def apply_layer(
         try:
             try:
                 tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
-                    fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape"
+                    fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape",
+                    tarinfo=_BoundedTarInfo,
                 )
             except tarfile.ReadError as exc:
                 raise LayerError(f"not a tar archive: {exc}") from None
@@ -899,7 +957,16 @@ def apply_layer(
                         raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
                     if m is None:
                         break
-                    applier.apply(m, tf)
+                    try:
+                        applier.apply(m, tf)
+                    except (ValueError, OverflowError) as exc:
+                        if isinstance(exc, LayerError):
+                            raise
+                        raise LayerError(f"entry {_show_name(m.name)}: {exc}") from None
+                    except OSError as exc:
+                        if exc.errno not in _ENTRY_ERRNOS:
+                            raise
+                        raise LayerError(f"entry {_show_name(m.name)}: {exc.strerror}") from None
                     result.entries += 1
                     if progress is not None:
                         progress(result.entries, raw.count)

@@ -10,7 +10,6 @@ import has written is referred to only once the import names its image).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -135,28 +134,31 @@ class ContentStore:
         with os.scandir(self._sha_dir) as it:
             return {"sha256:" + e.name for e in it if len(e.name) == 64}
 
-    def prune(self, keep: Iterable[str]) -> list[str] | None:
-        """Delete every blob not in ``keep`` (and temporary files of imports that have ended); returns the
-        digests deleted, or None when an import holds the store (nothing is deleted then)."""
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Hold the store alone meanwhile, if no import or commit holds it (:meth:`holding`): yields whether it
+        does (False: someone holds it; do nothing that could take what they are about to name)."""
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return None
-            wanted = set(keep)
-            gone = sorted(self.digests() - wanted)
-            for digest in gone:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path(digest))
-            with os.scandir(self._tmp_dir) as it:
-                for e in it:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(e.path)
-            return gone
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return []
-            raise
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
+
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Delete every blob not in ``keep`` and the temporary files of writes that have ended; returns the
+        digests deleted. Call it only inside :meth:`exclusive` (when it yields True), ``keep`` computed there."""
+        wanted = set(keep)
+        gone = sorted(self.digests() - wanted)
+        for digest in gone:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(digest))
+        with os.scandir(self._tmp_dir) as it:
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
+        return gone

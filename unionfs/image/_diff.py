@@ -51,7 +51,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO, Protocol
 
-from ..ownership import OVERRIDE_XATTR, decode_override
+from ..ownership import OVERRIDE_XATTR, decode_override, kept_original
 from ..whiteout import AUFS_OPAQUE, AUFS_PREFIX, TRUSTED_PREFIX, USER_PREFIX, XattrFormat, is_whiteout_stat
 from ._stream import LayerError, digest_hex
 
@@ -363,10 +363,17 @@ class _Walker:
         mtime = st.st_mtime_ns // 1_000_000_000
         ti.mtime = min(mtime, self.sde) if self.sde is not None else mtime
         pax: dict[str, str] = {}
-        for name in sorted(xattrs):
+        shown = dict(xattrs)
+        for disk in xattrs:
+            original = kept_original(disk)
+            if original is not None:  # (an xattr an ordinary user's store keeps for what it may not set)
+                del shown[disk]
+                if self.overrides:
+                    shown.setdefault(original, xattrs[disk])
+        for name in sorted(shown):
             if name.startswith((TRUSTED_PREFIX, USER_PREFIX)) or name == OVERRIDE_XATTR:
                 continue
-            pax[_XATTR_PAX + name.decode("utf-8", "surrogateescape")] = xattrs[name].decode("utf-8", "surrogateescape")
+            pax[_XATTR_PAX + name.decode("utf-8", "surrogateescape")] = shown[name].decode("utf-8", "surrogateescape")
         ti.pax_headers = pax
         value = xattrs.get(OVERRIDE_XATTR) if self.overrides else None
         if value is None:

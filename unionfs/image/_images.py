@@ -51,7 +51,8 @@ from ._oci import (
     parse_json,
     sha256_digest,
 )
-from ._source import open_source
+from ._source import Image, ImageSource, open_source
+from ._stream import HashingSource, LayerError, LayerStream, digest_hex
 
 #: the label of a committed layer snapshot: the diff-id of its layer
 LABEL_DIFF_ID = "unionfs.image/diff-id"
@@ -200,72 +201,172 @@ def _apply_into_snapshot(sn: Snapshotter, key: str, source: BinaryIO, label: str
     return result
 
 
+def _pick(src: ImageSource, name: str | None, platform: str | None) -> Image:
+    """The image of ``src`` that ``name`` names; when it names none and ``src`` holds one image, that one (the
+    name is then the name to give it)."""
+    if name is None:
+        return src.resolve(None, platform)
+    try:
+        return src.resolve(name, platform)
+    except ImageError:
+        try:
+            return src.resolve(None, platform)
+        except ImageError:
+            pass
+        raise
+
+
+def _store_checked(content: ContentStore, blob: BinaryIO, desc: Descriptor, diff_id: str, label: str) -> None:
+    """Store the layer blob ``blob`` (its digest checked as it is read) after checking that its uncompressed
+    content has the diff-id ``diff_id``: a layer whose snapshot the store holds is not applied again, but the
+    image must not name other content under that diff-id."""
+    with content.writer(desc.digest) as w:
+        stream = LayerStream(HashingSource(cast(BinaryIO, Tee(blob, w))))
+        while stream.read(_CHUNK):
+            pass
+        stream.drain()
+        if digest_hex(stream.sha) != diff_id:
+            raise ImageError(f"{label}: its content has the diff-id {digest_hex(stream.sha)}, the config says "
+                             f"{diff_id}")
+
+
+_CHUNK = 1 << 20
+
+
+def _refused(label: str, exc: BaseException) -> BaseException:
+    """``exc`` naming the layer ``label``, as one of the errors the commands report as refusals."""
+    if isinstance(exc, (ImageError, LayerError)):
+        return exc if label in str(exc) else type(exc)(f"{label}: {exc}")
+    return LayerError(f"{label}: {exc}")
+
+
 def import_image(sn: Snapshotter, path: str | os.PathLike[str], *, name: str | None = None,
                  platform: str | None = None, feedback: Feedback | None = None) -> ImportReport:
     """Import the image at ``path`` (an OCI layout directory, an OCI archive or a ``docker save`` tarball)
     into ``sn``'s store, under ``name`` (else the image's own name, else its manifest digest).
 
-    ImageError (or LayerError) for a broken or hostile image, naming the blob or entry; the store then holds
-    no snapshot or name of it (layers fully applied before the refused one stay, shared by right)."""
+    ImageError (or LayerError) for a broken or hostile image, naming the blob or entry; the store is then as
+    it was (the layers this import committed go again, unless another image uses them meanwhile)."""
     feedback = feedback or Feedback(mode="quiet")
     start = time.monotonic()
     content = ContentStore(sn.root)
-    with content.holding(), open_source(path) as src:
-        names = src.names()
-        image = src.resolve(name if name is not None and len(names) > 1 else None, platform)
-        final = name or image.name or image.manifest_digest
-        _remove_stale_extractions(sn)
-        chain = chain_ids(image.diff_ids)
-        reports: list[LayerReport] = []
-        parent: str | None = None
-        for i, (desc, diff_id, chain_id) in enumerate(zip(image.layers, image.diff_ids, chain, strict=True)):
-            label = f"layer {i + 1}/{len(chain)} {_short(desc.digest)}"
-            report = LayerReport(i + 1, desc.digest, diff_id, chain_id, desc.size, desc.media_type, "applied")
-            layer_compression(desc.media_type)  # refuses foreign and unknown layer types up front
-            t0 = time.monotonic()
-            if _committed(sn, chain_id):
-                report.state = "present"
-                if not content.has(desc.digest):
-                    with src.open_blob(desc, label) as blob:
-                        content.copy_in(blob, desc.digest)
-                    report.state = "present, blob stored"
-                feedback.say(f"{label}: already in the store ({chain_id})")
-            else:
-                key = f"extract-{secrets.token_hex(6)} {chain_id}"
-                sn.prepare(key, parent, labels={LABEL_EXTRACTING: _host()})
-                try:
-                    _root_override(sn, key)
-                    with src.open_blob(desc, label) as blob, content.writer(desc.digest) as w:
-                        result = _apply_into_snapshot(sn, key, cast(BinaryIO, Tee(blob, w)), label, desc.size,
-                                                      feedback)
-                    if result.diff_id != diff_id:
-                        raise ImageError(f"{label}: its content has the diff-id {result.diff_id}, "
-                                         f"the config says {diff_id}")
-                    try:
-                        sn.commit(chain_id, key, labels={LABEL_DIFF_ID: diff_id})
-                    except AlreadyExists:  # another import committed the same layer meanwhile
-                        sn.remove(key)
-                except BaseException as exc:
-                    with contextlib.suppress(Exception):
-                        sn.remove(key)
-                    if isinstance(exc, ValueError) and label not in str(exc):
-                        raise type(exc)(f"{label}: {exc}") from None
-                    raise
-                report.result = result
-                feedback.say(f"{label}: {result.summary()} ({human_bytes(desc.size)} in "
-                             f"{time.monotonic() - t0:.1f} s)")
-            report.seconds = time.monotonic() - t0
-            reports.append(report)
-            parent = chain_id
-        if sha256_digest(image.config) != image.config_digest or sha256_digest(image.manifest) != image.manifest_digest:
-            raise ImageError("the manifest or config changed while it was read")
-        content.put(image.config)
-        content.put(image.manifest)
-        sn.put_image(final, manifest_digest=image.manifest_digest, manifest_media_type=image.manifest_media_type,
-                     config_digest=image.config_digest, top=parent, platform=str(image.platform))
-    report_all = ImportReport(final, image.manifest_digest, str(image.platform), reports,
-                              time.monotonic() - start)
-    return report_all
+    if name is not None:
+        sn.check_image_name(name)
+    try:
+        with content.holding(), open_source(path) as src:
+            image = _pick(src, name, platform)
+            final = sn.check_image_name(name or image.name or image.manifest_digest)
+            _remove_stale_extractions(sn)
+            chain = chain_ids(image.diff_ids)
+            reports: list[LayerReport] = []
+            parent: str | None = None
+            for i, (desc, diff_id, chain_id) in enumerate(zip(image.layers, image.diff_ids, chain, strict=True)):
+                label = f"layer {i + 1}/{len(chain)} {_short(desc.digest)}"
+                report = LayerReport(i + 1, desc.digest, diff_id, chain_id, desc.size, desc.media_type, "applied")
+                compression = layer_compression(desc.media_type)  # refuses foreign and unknown types up front
+                t0 = time.monotonic()
+                if _committed(sn, chain_id):
+                    report.state = "present"
+                    if not content.has(desc.digest):
+                        with src.open_blob(desc, label) as blob:
+                            try:
+                                _store_checked(content, blob, desc, diff_id, label)
+                            except (ValueError, OverflowError) as exc:
+                                raise _refused(label, exc) from None
+                        report.state = "present, blob stored"
+                    feedback.say(f"{label}: already in the store ({_short(chain_id)})")
+                else:
+                    report.result = _import_layer(sn, src, content, desc, diff_id, chain_id, parent, label,
+                                                  compression, src.kind != "docker-archive", feedback)
+                    feedback.say(f"{label}: {report.result.summary()} ({human_bytes(desc.size)} in "
+                                 f"{time.monotonic() - t0:.1f} s)")
+                report.seconds = time.monotonic() - t0
+                reports.append(report)
+                parent = chain_id
+            if (sha256_digest(image.config) != image.config_digest
+                    or sha256_digest(image.manifest) != image.manifest_digest):
+                raise ImageError("the manifest or config changed while it was read")
+            content.put(image.config)
+            content.put(image.manifest)
+            sn.put_image(final, manifest_digest=image.manifest_digest,
+                         manifest_media_type=image.manifest_media_type, config_digest=image.config_digest,
+                         top=parent, platform=str(image.platform))
+    finally:
+        tidy(sn, content)  # layers of a refused import, or of the image this name stood for before
+    return ImportReport(final, image.manifest_digest, str(image.platform), reports, time.monotonic() - start)
+
+
+def _import_layer(sn: Snapshotter, src: ImageSource, content: ContentStore, desc: Descriptor, diff_id: str,
+                  chain_id: str, parent: str | None, label: str, compression: str, check_compression: bool,
+                  feedback: Feedback) -> ApplyResult:
+    """Apply one layer into a fresh active snapshot on ``parent`` and commit it as ``chain_id``."""
+    key = f"extract-{secrets.token_hex(6)} {chain_id}"
+    sn.prepare(key, parent, labels={LABEL_EXTRACTING: _host()})
+    try:
+        _root_override(sn, key)
+        with src.open_blob(desc, label) as blob, content.writer(desc.digest) as w:
+            result = _apply_into_snapshot(sn, key, cast(BinaryIO, Tee(blob, w)), label, desc.size, feedback)
+        if result.diff_id != diff_id:
+            raise ImageError(f"{label}: its content has the diff-id {result.diff_id}, the config says {diff_id}")
+        if check_compression and result.compression != compression:
+            raise ImageError(f"{label}: its media type {desc.media_type} says {compression}, its content is "
+                             f"{result.compression}")
+        try:
+            sn.commit(chain_id, key, labels={LABEL_DIFF_ID: diff_id})
+        except AlreadyExists:  # another import committed the same layer meanwhile
+            sn.remove(key)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            sn.remove(key)
+        if isinstance(exc, (ValueError, OverflowError)):
+            raise _refused(label, exc) from None
+        raise
+    return result
+
+
+def tidy(sn: Snapshotter, content: ContentStore | None = None) -> tuple[list[str], list[str]] | None:
+    """Remove the layer snapshots no image uses and nothing is built on (left by a refused import, a name that
+    now stands for another image, a removed writable snapshot), and the blobs no image refers to. Done only
+    when no import or commit holds the store (None then: the next one tidies). Returns what was removed."""
+    content = content or ContentStore(sn.root)
+    with content.exclusive() as alone:
+        if not alone:
+            return None
+        images = sn.images()
+        used: set[str] = set()
+        for info in images:
+            used.update(sn.image_chain(info.name))
+        snapshots = sn.walk()
+        children: dict[str, set[str]] = {}
+        for snap in snapshots:
+            if snap.parent:
+                children.setdefault(snap.parent, set()).add(snap.name)
+        candidates = {i.name for i in snapshots if i.kind.value == "committed" and LABEL_DIFF_ID in i.labels
+                      and i.name not in used}
+        going: set[str] = set()
+        changed = True
+        while changed:  # a layer goes when every snapshot built on it goes too
+            changed = False
+            for key in candidates - going:
+                if children.get(key, set()) <= going:
+                    going.add(key)
+                    changed = True
+        removed: list[str] = []
+        for key in sorted(going, key=lambda k: -len(_depth(sn, k))):
+            with contextlib.suppress(NotFound, FailedPrecondition):
+                sn.remove(key)
+                removed.append(key)
+        keep = referenced_blobs(sn, content)
+        return removed, content.prune(keep)
+
+
+def _depth(sn: Snapshotter, key: str) -> list[str]:
+    out = []
+    parent = sn.stat(key).parent
+    while parent:
+        out.append(parent)
+        parent = sn.stat(parent).parent
+    return out
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -307,11 +408,15 @@ def inspect(sn: Snapshotter, name: str) -> dict[str, Any]:
 
 
 def referenced_blobs(sn: Snapshotter, content: ContentStore) -> set[str]:
+    """The blobs the images of ``sn`` refer to (an image whose manifest cannot be read keeps every blob: its
+    layers are not known)."""
     keep: set[str] = set()
     for info in sn.images():
         keep |= {info.manifest_digest, info.config_digest}
-        with contextlib.suppress(ImageError):
+        try:
             keep |= {d.digest for d in load(sn, info.name, content).layers}
+        except ImageError:
+            return content.digests()
     return keep
 
 
@@ -319,8 +424,10 @@ def remove(sn: Snapshotter, name: str) -> tuple[list[str], list[str] | None]:
     """Remove image ``name``; returns the snapshots removed with it and the blobs deleted (None: an import was
     running, the blobs stay until the next removal)."""
     removed = sn.remove_image(name)
-    content = ContentStore(sn.root)
-    return removed, content.prune(referenced_blobs(sn, content))
+    tidied = tidy(sn)
+    if tidied is None:
+        return removed, None
+    return removed + tidied[0], tidied[1]
 
 
 # -- writable snapshots, commit --------------------------------------------------------------------------------
@@ -390,6 +497,7 @@ def commit(sn: Snapshotter, key: str, ref: str, *, compression: str = "gzip",
     entry, a new manifest names them all, and the snapshot becomes the committed snapshot of the layer's
     chain ID."""
     feedback = feedback or Feedback(mode="quiet")
+    sn.check_image_name(ref)  # before anything changes: a refused name must leave the snapshot as it is
     base = _base_image(sn, key)
     content = ContentStore(sn.root)
     with content.holding():
@@ -428,6 +536,7 @@ def commit(sn: Snapshotter, key: str, ref: str, *, compression: str = "gzip",
             sn.remove(key)
         sn.put_image(ref, manifest_digest=manifest_digest, manifest_media_type=media_type,
                      config_digest=config_digest, top=chain_id, platform=s.info.platform)
+    tidy(sn, content)  # (the image ``ref`` named before, if its layers are used no more)
     return CommitReport(ref, base.name, manifest_digest, diff, chain_id)
 
 

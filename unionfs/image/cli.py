@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..cli_errors import EXIT_USAGE, run_command
-from ..snapshots import InvalidArgument, Snapshotter
+from ..snapshots import AlreadyExists, InvalidArgument, NotFound, Snapshotter
 from ..snapshots._mounts import Record as MountRecord
 from ..snapshots._progress import for_stream, quiet
 from ..snapshots._snapshotter import ROOT_ENV
@@ -104,6 +104,8 @@ def _source_date_epoch() -> int | None:
 
 
 def _import(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
+    if not os.path.lexists(args.path):
+        raise NotFound(f"{args.path}: no such file or directory")
     report = _images.import_image(sn, args.path, name=args.name, platform=args.platform, feedback=fb)
     if args.json:
         _print_json(report.to_json())
@@ -219,7 +221,12 @@ def _mount(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
     record: MountRecord | None
     if args.writable:
         key = _images.prepare_writable(sn, args.ref, args.key)
-        spec, record = sn.begin_mount(key, args.mountpoint, options)
+        try:
+            spec, record = sn.begin_mount(key, args.mountpoint, options)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                sn.remove(key)  # (made for this mount only)
+            raise
     else:
         if args.key:
             raise InvalidArgument("--key names the writable snapshot: give --writable too")
@@ -235,9 +242,12 @@ def _mount(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
 
         mount(spec, args.mountpoint, foreground=foreground, log_file=args.log)
     except BaseException:
-        if record is not None:
-            with Snapshotter(sn.root) as again:
+        with Snapshotter(sn.root) as again:
+            if record is not None:
                 again.mount_ended(record)
+            if key is not None:
+                with contextlib.suppress(Exception):
+                    again.remove(key)  # the writable snapshot made for this mount, unused
         raise
     if record is not None:
         with Snapshotter(sn.root) as again:
@@ -262,6 +272,8 @@ def _export(sn: Snapshotter, args: argparse.Namespace, fb: Feedback) -> int:
     fmt = args.format
     if fmt is None:
         fmt = "oci-archive" if args.dest.endswith(".tar") else "oci"
+    if os.path.lexists(args.dest):
+        raise AlreadyExists(f"{args.dest} exists; name a new file or directory")
     _images.export(sn, args.ref, args.dest, fmt, feedback=fb)
     what = {"oci": "an OCI layout directory", "oci-archive": "an OCI archive", "docker": "a docker save tarball"}
     print(f"exported {args.ref} to {args.dest} ({what[fmt]})")

@@ -476,6 +476,11 @@ class Snapshotter:
                          top=top.key if top else None, platform=row.platform, labels=dict(row.labels),
                          created=from_ns(row.created_ns), updated=from_ns(row.updated_ns))
 
+    @staticmethod
+    def check_image_name(name: str) -> str:
+        """``name`` if it can name an image (InvalidArgument otherwise)."""
+        return _check_key(name, "image name")
+
     def put_image(self, name: str, *, manifest_digest: str, manifest_media_type: str, config_digest: str,
                   top: str | None, platform: str, labels: Mapping[str, str] | None = None) -> ImageInfo:
         """Name an image: ``name`` now stands for the manifest ``manifest_digest`` whose layers are the chain of
@@ -530,12 +535,17 @@ class Snapshotter:
             row = tx.image(name)
             if row is None:
                 raise NotFound(f'image "{name}" does not exist')
-            tx.delete_image(name)
             chain: list[Row] = []
             if row.top_id is not None:
                 top = tx.by_id(row.top_id)
                 assert top is not None
                 chain = [top, *tx.ancestors(top.id)]
+                where = self._where_mounted(top)
+                if where:
+                    raise FailedPrecondition(
+                        f'image "{name}" is mounted on {", ".join(where)}; unmount it before you remove it'
+                    )
+            tx.delete_image(name)
             used = tx.images_on({r.id for r in chain})
             going: list[Row] = []
             for r in chain:  # top first: once one stays, those beneath it stay too
