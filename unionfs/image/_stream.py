@@ -170,7 +170,8 @@ class _Plain:
 class _Producer:
     """The reading side of a :class:`LayerStream`, run in a thread of its own: compressed bytes read from the
     source (hashed there, and teed when the source tees), decompressed, the output hashed (the diff-id) and
-    handed over in pieces of about :data:`_BATCH` bytes through a queue of at most :data:`_AHEAD` pieces.
+    handed over in batches of about :data:`_BATCH` bytes (lists of the decoder's pieces) through a queue of at
+    most :data:`_AHEAD` batches.
 
     The thread holds no reference to its stream: when the stream is dropped unfinished (an apply that failed),
     :meth:`stop` is called by a finalizer and the thread ends at its next hand-over."""
