@@ -407,13 +407,25 @@ class _Applier:
     # -- resolution ------------------------------------------------------------------------------------
 
     def _walk(
-        self, comps: tuple[bytes, ...], *, follow: bool, create: bool, what: str, lower: bool = True
+        self,
+        comps: tuple[bytes, ...],
+        *,
+        follow: bool,
+        create: bool,
+        what: str,
+        lower: bool = True,
+        start: tuple[int, tuple[bytes, ...]] | None = None,
     ) -> tuple[int, tuple[bytes, ...]]:
         """An O_PATH descriptor of directory ``comps`` inside the root (in the merged view of root over the
         lower layers, unless not ``lower``), and its resolved components. A directory only a lower layer holds
-        is copied up; a missing one is made when ``create``."""
+        is copied up; a missing one is made when ``create``.
+
+        ``start``: a resolved directory (its descriptor, not taken over, and its resolved components) to
+        resolve ``comps`` from instead of the root. A walk from there meeting a symlink or ``..`` (which may
+        lead above it) raises :class:`_Restart`: the caller walks from the root instead."""
         todo = list(reversed(comps))
-        names: list[bytes] = []
+        names: list[bytes] = list(start[1]) if start is not None else []
+        base_fd = start[0] if start is not None else self.root_fd
         fds: list[int] = []
         links = 0
         try:
@@ -422,11 +434,13 @@ class _Applier:
                 if comp in (b"", b"."):
                     continue
                 if comp == b"..":
+                    if start is not None:
+                        raise _Restart
                     if names:
                         names.pop()
                         os.close(fds.pop())
                     continue
-                cur = fds[-1] if fds else self.root_fd
+                cur = fds[-1] if fds else base_fd
                 try:
                     st: os.stat_result | None = os.stat(comp, dir_fd=cur, follow_symlinks=False)
                 except FileNotFoundError:
@@ -456,6 +470,8 @@ class _Applier:
                 if target is not None:
                     if not follow:
                         raise LayerError(f"{what}: goes through the symlink {_show((*names, comp))}")
+                    if start is not None:
+                        raise _Restart
                     links += 1
                     if links > _MAX_LINKS:
                         raise LayerError(f"{what}: too many levels of symlinks")
@@ -467,7 +483,7 @@ class _Applier:
                     continue
                 fds.append(os.open(comp, _PATH_FLAGS, dir_fd=cur))
                 names.append(comp)
-            result = fds.pop() if fds else os.open(b".", _PATH_FLAGS, dir_fd=self.root_fd)
+            result = fds.pop() if fds else os.open(b".", _PATH_FLAGS, dir_fd=base_fd)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -480,7 +496,18 @@ class _Applier:
             return hit
         if len(self._cache) >= _CACHE_MAX:
             self._forget()
-        found = self._walk(comps, follow=follow, create=True, what=what)
+        found = None
+        # from the deepest cached ancestor, when there is one (the entries of a layer come mostly in tree order)
+        for depth in range(len(comps) - 1, 0, -1):
+            above = self._cache.get((comps[:depth], follow))
+            if above is not None:
+                try:
+                    found = self._walk(comps[depth:], follow=follow, create=True, what=what, start=above)
+                except _Restart:
+                    pass
+                break
+        if found is None:
+            found = self._walk(comps, follow=follow, create=True, what=what)
         self._cache[key] = found
         return found
 
@@ -782,6 +809,12 @@ class _Applier:
 
     def _dir_meta(self, pfd: int, base: bytes, path: tuple[bytes, ...], m: tarfile.TarInfo, what: str) -> None:
         """Owner and xattrs of a directory now; its mode and times once the layer is written."""
+        if not any(key.startswith(_XATTR_PAX) for key in m.pax_headers):
+            # no xattrs: the owner without opening the directory (``base`` is one, or "." of ``pfd``)
+            if not self.rootless:
+                os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self.dirs[path] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, self._times(m))
+            return
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             if not self.rootless:
@@ -794,36 +827,50 @@ class _Applier:
     def finish_dirs(self) -> None:
         """The directories' modes and times, deepest first (a directory's own changes come before its parent's)."""
         self._forget()
-        for path in sorted(self.dirs, key=len, reverse=True):
-            meta = self.dirs[path]
-            try:
-                pfd, _ = self._walk(path[:-1], follow=False, create=False, what="", lower=False)
-            except (LayerError, OSError):
-                continue  # removed or replaced later in the layer
-            try:
-                try:
-                    fd = os.open(
-                        path[-1] if path else b".",
-                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=pfd,
-                    )
-                except OSError:
-                    continue
-                try:
-                    if meta.copied:
-                        os.fchmod(fd, meta.mode)
-                    elif self.rootless:
-                        os.fchmod(fd, meta.mode | 0o700)
-                        fake = tarfile.TarInfo()
-                        fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
-                        self._record(fd, os.fstat(fd), fake)
-                    else:
-                        os.fchmod(fd, meta.mode)
-                    os.utime(fd, ns=meta.times)
-                finally:
-                    os.close(fd)
-            finally:
+        # siblings one after another, so that their parent is walked to once (nothing is moved meanwhile)
+        parent: tuple[bytes, ...] | None = None
+        pfd = -1
+        try:
+            for path in sorted(self.dirs, key=lambda p: (-len(p), p)):
+                if path[:-1] != parent:
+                    if pfd >= 0:
+                        os.close(pfd)
+                        pfd = -1
+                    parent = path[:-1]
+                    try:
+                        pfd = self._walk(parent, follow=False, create=False, what="", lower=False)[0]
+                    except (LayerError, OSError):
+                        pass  # removed or replaced later in the layer
+                if pfd >= 0:
+                    self._finish_dir(pfd, path, self.dirs[path])
+        finally:
+            if pfd >= 0:
                 os.close(pfd)
+
+    def _finish_dir(self, pfd: int, path: tuple[bytes, ...], meta: _DirMeta) -> None:
+        """The mode and times of directory ``path`` (in ``pfd``, its parent), if it is still a directory."""
+        try:
+            fd = os.open(path[-1] if path else b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except OSError:
+            return
+        try:
+            if meta.copied:
+                os.fchmod(fd, meta.mode)
+            elif self.rootless:
+                os.fchmod(fd, meta.mode | 0o700)
+                fake = tarfile.TarInfo()
+                fake.uid, fake.gid, fake.mode = meta.uid, meta.gid, meta.mode
+                self._record(fd, os.fstat(fd), fake)
+            else:
+                os.fchmod(fd, meta.mode)
+            os.utime(fd, ns=meta.times)
+        finally:
+            os.close(fd)
+
+
+class _Restart(Exception):
+    """A walk from a cached directory met what only a walk from the root resolves correctly."""
 
 
 def _lexists(name: bytes, dir_fd: int) -> bool:
@@ -891,40 +938,46 @@ def apply_layer(
             return apply_layer(f, root, fmt=fmt, rootless=rootless, progress=progress, lowers=lowers)
     raw = HashingSource(source)
     stream = LayerStream(raw)
-    result = ApplyResult(compression=stream.compression)
-    applier = _Applier(root, fmt, rootless, result, lowers)
     try:
+        result = ApplyResult(compression=stream.compression)
+        applier = _Applier(root, fmt, rootless, result, lowers)
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape",  # type: ignore[call-overload]  # noqa: SIM115
-                              tarinfo=_BoundedTarInfo)
-        except tarfile.ReadError as exc:
-            raise LayerError(f"not a tar archive: {exc}") from None
-        with tf:
-            while True:
-                try:
-                    m = tf.next()
-                except tarfile.ReadError as exc:
-                    raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
-                if m is None:
-                    break
-                try:
-                    applier.apply(m, tf)
-                except (ValueError, OverflowError) as exc:
-                    if isinstance(exc, LayerError):
-                        raise
-                    raise LayerError(f"entry {_show_name(m.name)}: {exc}") from None
-                except OSError as exc:
-                    if exc.errno not in _ENTRY_ERRNOS:
-                        raise
-                    raise LayerError(f"entry {_show_name(m.name)}: {exc.strerror}") from None
-                result.entries += 1
-                if progress is not None:
-                    progress(result.entries, raw.count)
-            _check_end(stream, tf.offset)
-        applier.finish_dirs()
-    finally:
-        applier.close()
-    stream.drain()
+            try:
+                tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+                    fileobj=stream, mode="r|", bufsize=1 << 16, encoding="utf-8", errors="surrogateescape",
+                    tarinfo=_BoundedTarInfo,
+                )
+            except tarfile.ReadError as exc:
+                raise LayerError(f"not a tar archive: {exc}") from None
+            with tf:
+                while True:
+                    try:
+                        m = tf.next()
+                    except tarfile.ReadError as exc:
+                        raise LayerError(f"truncated or corrupt tar after {result.entries} entries: {exc}") from None
+                    if m is None:
+                        break
+                    try:
+                        applier.apply(m, tf)
+                    except (ValueError, OverflowError) as exc:
+                        if isinstance(exc, LayerError):
+                            raise
+                        raise LayerError(f"entry {_show_name(m.name)}: {exc}") from None
+                    except OSError as exc:
+                        if exc.errno not in _ENTRY_ERRNOS:
+                            raise
+                        raise LayerError(f"entry {_show_name(m.name)}: {exc.strerror}") from None
+                    result.entries += 1
+                    if progress is not None:
+                        progress(result.entries, raw.count)
+                _check_end(stream, tf.offset)
+            applier.finish_dirs()
+        finally:
+            applier.close()
+        stream.drain()
+    except BaseException:
+        stream.close()  # its reading thread ends before the caller closes the source
+        raise
     while raw.read(1 << 16):
         pass
     result.diff_id = digest_hex(stream.sha)
