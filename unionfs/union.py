@@ -859,6 +859,9 @@ class Union:
         ``user.unionfs.*`` are the virtual ones."""
         if explain.is_virtual(name):
             return self._virtual_xattr(entry, name)
+        if name.startswith(KEPT_XATTR_PREFIX):
+            self._check_xattrs()
+            raise OSError(errno.ENODATA, "No data available")  # (never shown under this name)
         target = entry if isinstance(entry, int) else self._object_path(entry)
         try:
             return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
@@ -877,20 +880,20 @@ class Union:
         self._check_xattrs()
         target = entry if isinstance(entry, int) else self._object_path(entry)
         privileged = caller is None or caller.uid == 0
-        out = []
+        out: dict[bytes, None] = {}  # (ordered, each name once: a kept xattr and its real one show as one)
         for disk in xattrs.names(target):
             if disk.startswith(KEPT_XATTR_PREFIX):
                 original = kept_original(disk)
                 if self.ownership.xattr_permissions and original and (privileged or not original.startswith(
-                        b"trusted.")) and original not in out:
-                    out.append(original)
+                        b"trusted.")):
+                    out[original] = None
                 continue
             name = whiteout.xattr_from_disk(disk, self.stack.private_prefixes)
             if name is None or name in self.hidden_xattrs or (not privileged and name.startswith(b"trusted.")) \
                     or explain.is_virtual(name):
                 continue
-            out.append(name)
-        return out
+            out[name] = None
+        return list(out)
 
     def setxattr(self, entry: Entry | int, name: bytes, value: bytes, flags: int = 0,
                  caller: Caller | None = None) -> Entry | None:
@@ -911,15 +914,27 @@ class Union:
         self._refuse_virtual(name)
         self._check_xattrs()
         if isinstance(entry, int):
-            xattrs.remove(entry, self._disk_name(name))
+            disk = self._disk_name(name)
+            if xattrs.get(entry, disk) is None and self._kept(entry, name):
+                disk = kept_name(name)
+            xattrs.remove(entry, disk)
             return None
         self._may_set_xattr(caller, entry, name)
         disk = self._disk_name(name)
-        if self.may_copy_up(entry) and xattrs.get(self._object_path(entry), disk) is None:
-            raise OSError(errno.ENODATA, "No data available")  # nothing to copy up for
+        if xattrs.get(self._object_path(entry), disk) is None:
+            if not self._kept(self._object_path(entry), name):
+                raise OSError(errno.ENODATA, "No data available")  # nothing to copy up for
+            # the xattr is one kept aside for what an ordinary user may not set: removing it removes that (the
+            # kernel removes security.capability on every write: a write must not fail for it)
+            disk = kept_name(name)
         entry = self.copy_up(entry)
         xattrs.remove(self._object_path(entry), disk)
         return entry
+
+    def _kept(self, target: bytes | int, name: bytes) -> bool:
+        """Whether ``target`` keeps ``name`` aside (``user.unionfs-xattr.NAME``), shown as ``name``."""
+        return (self.ownership.xattr_permissions and not name.startswith(b"user.")
+                and xattrs.get(target, kept_name(name)) is not None)
 
 
 def _or_keep(ident: int | None) -> int:
