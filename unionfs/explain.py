@@ -469,11 +469,17 @@ def explain(stack: Stack, path: bytes, *, labels: Sequence[str] | None = None,
         # the ancestors not yet in the upper layer are copied up first (metadata only)
         parents = sum(1 for lv in levels[:-1] if lv.top is not None and lv.top != 0)
         if found is None:
-            parent_level = levels[-2] if len(levels) > 1 else None
-            if parent_level is None or parent_level.top is None:
-                write = NextWrite("enoent")
-            elif not stat.S_ISDIR(parent_level.held[parent_level.top].st.st_mode):
-                write = NextWrite("enotdir")
+            # the way to it, as path resolution walks it: a missing component is ENOENT, a non-directory ENOTDIR
+            blocked: str | None = "enoent" if len(levels) < 2 else None
+            for lv in levels[:-1]:
+                if lv.top is None:
+                    blocked = "enoent"
+                    break
+                if not stat.S_ISDIR(lv.held[lv.top].st.st_mode):
+                    blocked = "enotdir"
+                    break
+            if blocked is not None:
+                write = NextWrite(blocked)
             else:
                 write = NextWrite("create", parents=parents, replaces_whiteout=any(w.layer == 0 for w in whiteouts))
         elif found.layer == 0:

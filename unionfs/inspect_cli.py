@@ -125,7 +125,8 @@ def explain_mounted(path: str) -> dict[str, Any]:
     try:
         value = os.getxattr(path, explain.EXPLAIN_XATTR, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM):
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM,
+                             errno.E2BIG, errno.ERANGE):  # (E2BIG: an explanation over the 64 KiB of an xattr)
             raise
     else:
         try:
@@ -138,18 +139,42 @@ def explain_mounted(path: str) -> dict[str, Any]:
         raise targets.TargetError(f"{path}: not inside a unionfs mount (name layer directories with --layers, a "
                                   "snapshot with --snapshot, an image with --image)")
     point, merged = found
-    directory = os.path.dirname(os.path.abspath(path)) if merged != b"." else point
-    target = targets.from_mount(directory)
+    target = targets.from_mount(point)
     if target is None:
         raise targets.TargetError(f"{path}: its mount serves no {targets.STACK_XATTR.decode()}")
     return explain_target(target, merged)
+
+
+def _explain_absent(path: str) -> dict[str, Any]:
+    """The explanation of a name the mount does not show (whited out, below an opaque directory, in no
+    layer): from the layers of the mount its nearest existing ancestor lies in."""
+    ancestor, rest = os.path.abspath(path), list[str]()
+    while not os.path.lexists(ancestor):
+        ancestor, name = os.path.split(ancestor)
+        rest.insert(0, name)
+    found = _unionfs_mount_of(ancestor)
+    if found is None:
+        raise OSError(errno.ENOENT, "No such file or directory", path)
+    point, merged = found
+    target = targets.from_mount(point)
+    if target is None:
+        raise targets.TargetError(f"{path}: its mount serves no {targets.STACK_XATTR.decode()}")
+    inner = b"/".join(os.fsencode(n) for n in rest)
+    return explain_target(target, explain.normalize(inner if merged == b"." else merged + b"/" + inner))
+
+
+def _safe(line: str) -> str:
+    """A line for a terminal: names that are not UTF-8 or hold control characters shown escaped."""
+    from .treeview import escape
+
+    return escape(line.encode("utf-8", "surrogateescape"))
 
 
 def _print(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return
-    lines = explain.lines_of(data)
+    lines = [_safe(line) for line in explain.lines_of(data)]
     if not sys.stdout.isatty():
         print("\n".join(lines))
         return
@@ -171,9 +196,7 @@ def _run(argv: Sequence[str]) -> int:
     try:
         target = _target(args)
         if target is None:
-            if not os.path.lexists(args.path):
-                raise OSError(errno.ENOENT, "No such file or directory", args.path)
-            data = explain_mounted(args.path)
+            data = explain_mounted(args.path) if os.path.lexists(args.path) else _explain_absent(args.path)
         else:
             try:
                 merged = explain.normalize(os.fsencode(args.path))

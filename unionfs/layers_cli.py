@@ -136,7 +136,15 @@ def _target(args: argparse.Namespace, p: argparse.ArgumentParser) -> targets.Tar
         except NotFound:
             raise targets.TargetError(f"{ref}: no unionfs mount (no {targets.STACK_XATTR.decode()}) and no image "
                                       "of the store; for layer directories use --layers") from None
-    return targets.from_image(ref, args.root)
+    from .snapshots import NotFound as Missing
+
+    try:
+        return targets.from_image(ref, args.root)
+    except Missing:
+        try:
+            return targets.from_snapshot(ref, args.root)  # (KEY, as the command line names it too)
+        except Missing:
+            raise targets.TargetError(f"{ref}: no image and no snapshot of that name in the store") from None
 
 
 # -- output ------------------------------------------------------------------------------------------------------

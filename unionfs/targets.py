@@ -131,7 +131,8 @@ def stack_json(lowers: Sequence[bytes], upper: bytes | None, fmt: XattrFormat) -
     if upper is not None:
         layers.append({"path": os.fsdecode(upper), "label": "upper", "writable": True})
     layers += [{"path": os.fsdecode(p), "label": f"lower {i + 1}", "writable": False} for i, p in enumerate(lowers)]
-    return json.dumps({"xattr": fmt.value, "layers": layers}, ensure_ascii=False).encode()
+    # (ASCII JSON: a path that is not UTF-8 travels as \udcXX escapes, which os.fsencode turns back into its bytes)
+    return json.dumps({"xattr": fmt.value, "layers": layers}).encode()
 
 
 def _on_unionfs(path: str) -> bool:

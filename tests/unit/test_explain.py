@@ -516,3 +516,33 @@ def test_inspect_an_image_names_the_layer_by_its_digest(tmp_path: Path, capsys: 
     assert err.count("\n") == 1 and "nothing" in err
     assert inspect_cli.main(["--layers", str(tmp_path), "../x"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_regression_a_name_below_a_file_cannot_be_made_enotdir(tmp_path: Path) -> None:
+    """Making f/x/y where f is a file fails with ENOTDIR, as path resolution gives (regression: ENOENT)."""
+    from unionfs.explain import explain
+    from unionfs.layers import Stack
+    from unionfs.whiteout import XattrFormat
+
+    (tmp_path / "u").mkdir()
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "f").write_bytes(b"x")
+    stack = Stack([os.fsencode(tmp_path / "u"), os.fsencode(tmp_path / "l")], True, XattrFormat.TRUSTED)
+    try:
+        assert explain(stack, b"f/x/y").next_write.action == "enotdir"
+        assert explain(stack, b"f/x").next_write.action == "enotdir"
+        assert explain(stack, b"g/x").next_write.action == "enoent"
+    finally:
+        stack.close()
+
+
+def test_regression_a_layer_path_that_is_not_utf8_is_served_in_the_stack_json(tmp_path: Path) -> None:
+    """(regression: the JSON of user.unionfs.stack could not be encoded, and every user.unionfs.* read was EIO)"""
+    import json
+
+    from unionfs.targets import stack_json
+    from unionfs.whiteout import XattrFormat
+
+    odd = os.fsencode(tmp_path) + b"/L\xff"
+    data = json.loads(stack_json([odd], None, XattrFormat.USER))
+    assert os.fsencode(data["layers"][0]["path"]) == odd
