@@ -290,7 +290,8 @@ def test_a_writable_layer_counts_its_copy_ups(store: Path, capsys: pytest.Captur
 
 def test_targets_named_wrong(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = _run(capsys, "nosuch:1", "--root", str(store))
-    assert status == 3 and err == "unionfs layers: error: nosuch:1: no image and no snapshot of that name in the store\n"
+    assert status == 3
+    assert err == "unionfs layers: error: nosuch:1: no image and no snapshot of that name in the store\n"
     status, _, err = _run(capsys, str(tmp_path), "--root", str(store))
     assert status == 3 and err.count("\n") == 1 and "no unionfs mount" in err
     status, _, err = _run(capsys, "--layers", str(tmp_path / "missing"))
