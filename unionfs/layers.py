@@ -418,6 +418,10 @@ class Stack:
             return None
         return last, [f.layer for f in found[1:]]
 
+    def held_in(self, path: bytes, layers: Sequence[int]) -> bool:
+        """Whether any of ``layers`` holds something (a whiteout included) at ``path``."""
+        return next(self.probing.found(path, layers, _NONE), None) is not None
+
     # -- listing ------------------------------------------------------------------------------------------
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:

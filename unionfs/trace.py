@@ -56,9 +56,10 @@ def show(path: bytes) -> str:
 class Trace(Protocol):
     """What the union tells of its decisions (implemented by :class:`Tracer`)."""
 
-    def lookup(self, path: bytes, entry: Entry | None, whiteout: int | None) -> None:
-        """``path`` resolved to ``entry``; or to nothing, whited out by layer ``whiteout`` (None: no layer
-        holds it)."""
+    def lookup(self, path: bytes, entry: Entry | None, whiteout: int | None, opaque: int | None = None) -> None:
+        """``path`` resolved to ``entry``; or to nothing, whited out by layer ``whiteout``, or hidden by the
+        opaque directory of layer ``opaque`` from the layers beneath that hold it (both None: no layer holds
+        it)."""
 
     def opaque(self, path: bytes, layer: int, hidden: Sequence[int]) -> None:
         """The listing of directory ``path``: its directory in ``layer`` is opaque and hides the ``hidden``
@@ -124,7 +125,7 @@ class Tracer:
 
     # -- Trace ----------------------------------------------------------------------------------------------
 
-    def lookup(self, path: bytes, entry: Entry | None, whiteout: int | None) -> None:
+    def lookup(self, path: bytes, entry: Entry | None, whiteout: int | None, opaque: int | None = None) -> None:
         if entry is not None:
             if len(entry.dirs) > 1:
                 self.line(f"lookup {show(path)} -> {self.layers(entry.dirs)}: a merged directory", RULE_MERGED)
@@ -133,6 +134,8 @@ class Tracer:
                           f"holding it", RULE_FOUND)
         elif whiteout is not None:
             self.line(f"lookup {show(path)}: whited out by {self.layer(whiteout)}", RULE_WHITED_OUT)
+        elif opaque is not None:
+            self.line(f"lookup {show(path)}: hidden by the opaque directory in {self.layer(opaque)}", RULE_OPAQUE)
         else:
             self.line(f"lookup {show(path)}: in no layer", RULE_MISSING)
 

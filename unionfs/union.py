@@ -251,7 +251,12 @@ class Union:
 
     def _trace_lookup(self, trace: Trace, parent: Entry, name: bytes, entry: Entry | None) -> None:
         whited_out = None if entry is not None else self.stack.whited_out(parent, name)
-        trace.lookup(join(parent.path, name), entry, whited_out)
+        opaque = None
+        if entry is None and whited_out is None:
+            hidden = self.stack.hidden_by_opaque(parent)
+            if hidden is not None and self.stack.held_in(join(parent.path, name), hidden[1]):
+                opaque = hidden[0]
+        trace.lookup(join(parent.path, name), entry, whited_out, opaque)
 
     def unmapped(self, entry: Entry) -> Unmapped | None:
         """Which ids of a lower object's owner this user namespace does not map (None: both mapped, or the

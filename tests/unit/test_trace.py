@@ -93,6 +93,18 @@ def test_lookup_of_a_name_held_by_two_layers_names_the_upper_one(rec: Callable[.
 
 
 @pytest.mark.parametrize("prescan", [False, True])
+def test_regression_lookup_hidden_by_an_opaque_directory(rec: Callable[..., Recorder], prescan: bool) -> None:
+    """A name a lower layer holds below an opaque directory: the trace names the opaque directory (regression:
+    it said no layer holds the name)."""
+    r = rec(lowers=[{"od": Dir({"new": "1"}, opaque=True)}, {"od": {"hidden": "2"}}], prescan=prescan)
+    assert lookup(r, "od/hidden") is None
+    assert r.take()[1:] == [f"0.000000 lookup od/hidden: hidden by the opaque directory in {r.layer(1)} "
+                            f"[{trace.RULE_OPAQUE}]"]
+    assert lookup(r, "od/nothing") is None
+    assert r.take()[1:] == [f"0.000000 lookup od/nothing: in no layer [{trace.RULE_MISSING}]"]
+
+
+@pytest.mark.parametrize("prescan", [False, True])
 def test_lookup_whited_out(rec: Callable[..., Recorder], prescan: bool) -> None:
     r = rec(lowers=[{"etc": {"passwd": WHITEOUT}}, {"etc": {"passwd": "root:x:0:0\n"}}], prescan=prescan)
     assert lookup(r, "etc/passwd") is None
