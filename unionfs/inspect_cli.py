@@ -133,7 +133,9 @@ def explain_mounted(path: str) -> dict[str, Any]:
             data: dict[str, Any] = json.loads(value)
         except ValueError:
             raise targets.TargetError(f"{path}: {explain.EXPLAIN_XATTR.decode()} is malformed") from None
-        return data
+        paths = [la["path"] for la in data.get("layers", []) if isinstance(la, dict) and "path" in la]
+        relabelled: dict[str, Any] = targets.relabel(data, targets.store_labels(paths))
+        return relabelled
     found = _unionfs_mount_of(path)
     if found is None:
         raise targets.TargetError(f"{path}: not inside a unionfs mount (name layer directories with --layers, a "

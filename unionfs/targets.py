@@ -147,6 +147,66 @@ def _on_unionfs(path: str) -> bool:
     return any(e.fstype == b"fuse.unionfs" and os.makedev(e.major, e.minor) == dev for e in table)
 
 
+def store_labels(paths: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """For the layer directories among ``paths`` that are snapshots of a store (``ROOT/snapshots/N/fs``): a
+    label naming the image layer (``IMAGE layer I/N DIGEST``) or else the snapshot, and the image layer's blob
+    digest. Stores this process cannot read are left out."""
+    out: dict[str, tuple[str, str | None]] = {}
+    roots: dict[str, list[str]] = {}
+    for p in paths:
+        fs_dir = os.path.abspath(p)
+        snap, num = os.path.split(os.path.dirname(fs_dir))
+        if os.path.basename(fs_dir) == "fs" and os.path.basename(snap) == "snapshots" and num.isdigit():
+            root = os.path.dirname(snap)
+            if os.path.isfile(os.path.join(root, "metadata.db")):
+                roots.setdefault(root, []).append(fs_dir)
+    for root, dirs in roots.items():
+        try:
+            out.update(_labels_in(root, dirs))
+        except Exception:  # noqa: BLE001 (a store we cannot read or understand names nothing: labels stay)
+            continue
+    return out
+
+
+def _labels_in(root: str, dirs: list[str]) -> dict[str, tuple[str, str | None]]:
+    from .image._images import load
+    from .snapshots import Snapshotter
+
+    out: dict[str, tuple[str, str | None]] = {}
+    with Snapshotter(root, create=False) as sn:
+        keys = {sn.layer_dirs(info.name)[0]: info.name for info in sn.walk()}
+        wanted = {d: keys[d] for d in dirs if d in keys}
+        for d, key in wanted.items():
+            out[d] = (f"snapshot {key}", None)
+        for image in sn.images():
+            chain = sn.image_chain(image.name)
+            hits = [(i, d) for d, key in wanted.items() for i, k in enumerate(chain) if k == key]
+            if not hits:
+                continue
+            layers = load(sn, image.name).layers
+            for i, d in hits:
+                digest = layers[i].digest if i < len(layers) else None
+                short = (digest or chain[i]).partition(":")[2][:12]
+                out[d] = (f"{image.name} layer {i + 1}/{len(chain)} {short}", digest)
+    return out
+
+
+def relabel(data: Any, labels: dict[str, tuple[str, str | None]]) -> Any:
+    """``data`` (JSON of an explanation) with the label and digest of every layer it describes that ``labels``
+    names (see :func:`store_labels`)."""
+    if isinstance(data, dict):
+        out = {k: relabel(v, labels) for k, v in data.items()}
+        path = data.get("path")
+        if "label" in data and isinstance(path, str) and path in labels:
+            out["label"], digest = labels[path]
+            if "digest" in data:
+                out["digest"] = digest
+        return out
+    if isinstance(data, list):
+        return [relabel(v, labels) for v in data]
+    return data
+
+
 def from_mount(mountpoint: str) -> Target | None:
     """The stack of the unionfs mount at ``mountpoint`` (None when it is no unionfs mount)."""
     value = xattrs.get(os.fsencode(mountpoint), STACK_XATTR)
@@ -155,6 +215,9 @@ def from_mount(mountpoint: str) -> Target | None:
     try:
         data = json.loads(value)
         layers = tuple(StackLayer(str(la["path"]), str(la["label"]), bool(la["writable"])) for la in data["layers"])
+        named = store_labels([la.path for la in layers])  # (the snapshot or image layer of each, where there is one)
+        layers = tuple(dataclasses.replace(la, label=named[la.path][0], digest=named[la.path][1])
+                       if la.path in named else la for la in layers)
         return Target("mount", os.path.abspath(mountpoint), layers, XattrFormat(data["xattr"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise TargetError(f"{mountpoint}: {STACK_XATTR.decode()} is malformed: {exc}") from None

@@ -117,6 +117,12 @@ def test_round_trip_through_a_writable_mount_commit_export_and_reimport(
     assert os.getxattr(ro / "bin/ping", "security.capability") == CAP_NET_RAW
     assert "security.capability" in os.listxattr(ro / "bin/ping")
     assert not [n for n in os.listxattr(ro / "bin/ping") if "unionfs" in n]
+    # inspect on the mount names the image layer an entry comes from, with the layer's blob digest
+    r = cli("inspect", "--json", ro / "usr/lib/app.so")
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)["found"]
+    assert found["label"] == f"test:1 layer 2/2 {built.layer_digests[1][7:19]}"
+    assert found["digest"] == built.layer_digests[1]
     r = one.cli("image", "rm", "test:1")  # regression: the name went, and the layers' blobs, while mounted
     assert r.returncode == 5 and "mounted on" in r.stderr
     mounts.umount(ro)
