@@ -330,7 +330,8 @@ def test_a_mount_point_names_its_stack(store: Path, tmp_path: Path, capsys: pyte
     status, data = _json(capsys, str(mnt))
     assert status == 0
     assert data["target"]["kind"] == "mount" and data["target"]["name"] == str(mnt)
-    assert [x["label"] for x in data["layers"]] == ["lower 4", "lower 3", "lower 2", "lower 1", "upper"]
+    # (the lower layers are the image's snapshots: named as the image's layers, bottom first)
+    assert [x["label"][:16] for x in data["layers"]] == [f"hand:1 layer {i}/4" for i in range(1, 5)] + ["upper"]
     rw = data["layers"][-1]
     assert rw["writable"] is True and rw["size"] == 1000
     assert _fig(rw["modified"]) == (1, 1000) and _fig(rw["unchanged"]) == (1, 1000)
