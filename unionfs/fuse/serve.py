@@ -28,6 +28,38 @@ from .prepare import SIGNALS, Mount, fuse_options
 log = logging.getLogger("unionfs")
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to its hard limit, logging once what it
+    got; returns the (soft, hard) limits in force afterwards.
+
+    Every file open through the mount holds a descriptor in the server, and every layer is reached through
+    directory descriptors, so the soft limit (often 1024) would be reached long before the client's. Where the
+    limit is reached all the same, the request fails with EMFILE (or ENFILE for the system's table), which the
+    error boundary hands to the client as it is. Called when the server starts serving, not before: a spare
+    (:mod:`unionfs.fuse.spare`) must keep the limits of the commands it serves, which are part of its key; the
+    server it starts raises its own."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.info("open-file limit: %s", _shown_limit(hard))
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open-file limit: %s; could not raise it to %s: %s", _shown_limit(soft), _shown_limit(hard),
+                    exc)
+        return soft, hard
+    log.info("open-file limit: raised from %s to %s", _shown_limit(soft), _shown_limit(hard))
+    return hard, hard
+
+
+def _shown_limit(value: int) -> str:
+    import resource
+
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
 async def _serve(terminated: list[bool], mask: set[int | signal.Signals]) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -80,6 +112,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     SIGTERM, SIGINT or SIGHUP it unmounts the mountpoint itself (libfuse does not know where it is mounted).
     ``mask``: the signal mask to restore once the handlers are in place, when the caller has already blocked
     the signals (from before the mount); else the signals are blocked here."""
+    raise_open_file_limit()
     ops = Operations(prepared.union, prepared.spec.timeout)
     errors.set_debug(prepared.spec.debug)
     ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
