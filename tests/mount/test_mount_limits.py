@@ -304,3 +304,101 @@ def test_out_of_descriptors_is_emfile_and_breaks_nothing(layers: Layers, mounts:
     assert work == [], f"nothing half-made is left in the work directory: {work}"
     text = log.read_text()
     assert "Traceback" not in text and "unexpected error" not in text, text
+
+
+def _changes(mnt: Path, upper: Path, k: int) -> list[tuple[str, object, object]]:
+    """(what, change, check) for changes through ``mnt`` that each open a few descriptors in the server (and
+    may copy up): ``check(done)`` asserts the state is the changed one (``done``) or the one before, whole."""
+
+    def copy_up() -> None:
+        with open(mnt / f"c{k}", "a") as f:
+            f.write("more\n")
+
+    def copied(done: bool) -> None:
+        assert (mnt / f"c{k}").read_text() == f"c{k}\n" + ("more\n" if done else "")
+        assert (upper / f"c{k}").exists() == done
+
+    def create() -> None:
+        (mnt / f"new{k}").write_text("new\n")
+
+    def created(done: bool) -> None:
+        if done:
+            assert (mnt / f"new{k}").read_text() == "new\n"
+        else:  # (as on the kernel, where the descriptor is taken before anything is made)
+            assert not (mnt / f"new{k}").exists()
+            assert not (upper / f"new{k}").exists()
+
+    def unlink() -> None:
+        os.unlink(mnt / "dirs" / f"u{k}")
+
+    def unlinked(done: bool) -> None:
+        assert (f"u{k}" in os.listdir(mnt / "dirs")) != done
+
+    def mkdir_over() -> None:
+        os.rmdir(mnt / "dirs" / f"e{k}")
+        os.mkdir(mnt / "dirs" / f"e{k}")
+        (mnt / "dirs" / f"e{k}" / "x").write_text("x\n")
+
+    def remade(done: bool) -> None:
+        names = os.listdir(mnt / "dirs" / f"e{k}") if (mnt / "dirs" / f"e{k}").exists() else None
+        assert names in (None, [], ["x"]), names
+        if done:
+            assert names == ["x"]
+
+    def rename() -> None:
+        os.rename(mnt / "dirs" / f"r{k}", mnt / "dirs" / f"moved{k}")
+
+    def renamed(done: bool) -> None:
+        names = set(os.listdir(mnt / "dirs"))
+        assert (f"moved{k}" in names) == done and (f"r{k}" in names) != done, names
+        assert (mnt / "dirs" / (f"moved{k}" if done else f"r{k}")).read_text() == "renamed\n"
+
+    return [("copy-up", copy_up, copied), ("create", create, created), ("unlink", unlink, unlinked),
+            ("rmdir and mkdir", mkdir_over, remade), ("rename", rename, renamed)]
+
+
+def test_changes_with_a_few_descriptors_left_fail_whole(layers: Layers, mounts: Mounts, tmp_path: Path) -> None:
+    """With 0 to 5 descriptors left, each change either succeeds or fails with EMFILE/ENFILE leaving the state
+    as it was (nothing half-made in the upper or work directory), and succeeds once descriptors are back."""
+    steps = range(6)
+    (layers.l2 / "dirs").mkdir()
+    for k in steps:
+        (layers.l2 / f"c{k}").write_text(f"c{k}\n")
+        (layers.l2 / "dirs" / f"u{k}").write_text("u\n")
+        (layers.l2 / "dirs" / f"e{k}").mkdir()
+        (layers.l2 / "dirs" / f"r{k}").write_text("renamed\n")
+    log = tmp_path / "server.log"
+    mounts.mount(layers.opts(), layers.mnt, "--log", str(log))
+    pid = server_pid(layers.mnt)
+    assert pid is not None
+    os.listdir(layers.mnt / "dirs")
+    hard = _limits(pid)[1]
+    idle = _fd_count(pid)
+    outcomes: dict[str, set[int | None]] = {}
+    for k in steps:
+        for what, change, check in _changes(layers.mnt, layers.upper, k):
+            wait_until(lambda: _fd_count(pid) <= idle, "the server to release what it opened")
+            _lower_server_limit(pid, _fd_count(pid) + k)
+            try:
+                code = errno_of(change)  # type: ignore[arg-type]
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+            outcomes.setdefault(what, set()).add(code)
+            assert code is None or code in TOO_MANY, f"{what} with {k} left: {errno.errorcode.get(code, code)}"
+            check(code is None)  # type: ignore[operator]
+            work = list((layers.work / "work").iterdir()) if (layers.work / "work").is_dir() else []
+            assert work == [], f"{what} with {k} left made {work}"
+            if code is not None:
+                if what == "rmdir and mkdir" and not (layers.mnt / "dirs" / f"e{k}").exists():
+                    os.mkdir(layers.mnt / "dirs" / f"e{k}")
+                    (layers.mnt / "dirs" / f"e{k}" / "x").write_text("x\n")
+                elif what == "rmdir and mkdir" and os.listdir(layers.mnt / "dirs" / f"e{k}") == []:
+                    (layers.mnt / "dirs" / f"e{k}" / "x").write_text("x\n")
+                else:
+                    change()  # type: ignore[operator]
+                check(True)  # type: ignore[operator]
+    # (an unlink of a lower file makes its whiteout without opening anything; the others open files)
+    assert all(outcomes[what] & set(TOO_MANY) for what in ("copy-up", "create", "rmdir and mkdir", "rename")), \
+        outcomes
+    text = log.read_text()
+    assert "Traceback" not in text and "unexpected error" not in text, text
