@@ -13,7 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -306,7 +306,7 @@ def test_out_of_descriptors_is_emfile_and_breaks_nothing(layers: Layers, mounts:
     assert "Traceback" not in text and "unexpected error" not in text, text
 
 
-def _changes(mnt: Path, upper: Path, k: int) -> list[tuple[str, object, object]]:
+def _changes(mnt: Path, upper: Path, k: int) -> list[tuple[str, Callable[[], None], Callable[[bool], None]]]:
     """(what, change, check) for changes through ``mnt`` that each open a few descriptors in the server (and
     may copy up): ``check(done)`` asserts the state is the changed one (``done``) or the one before, whole."""
 
@@ -380,12 +380,12 @@ def test_changes_with_a_few_descriptors_left_fail_whole(layers: Layers, mounts: 
             wait_until(lambda: _fd_count(pid) <= idle, "the server to release what it opened")
             _lower_server_limit(pid, _fd_count(pid) + k)
             try:
-                code = errno_of(change)  # type: ignore[arg-type]
+                code = errno_of(change)
             finally:
                 resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
             outcomes.setdefault(what, set()).add(code)
             assert code is None or code in TOO_MANY, f"{what} with {k} left: {errno.errorcode.get(code, code)}"
-            check(code is None)  # type: ignore[operator]
+            check(code is None)
             work = list((layers.work / "work").iterdir()) if (layers.work / "work").is_dir() else []
             assert work == [], f"{what} with {k} left made {work}"
             if code is not None:
@@ -395,8 +395,8 @@ def test_changes_with_a_few_descriptors_left_fail_whole(layers: Layers, mounts: 
                 elif what == "rmdir and mkdir" and os.listdir(layers.mnt / "dirs" / f"e{k}") == []:
                     (layers.mnt / "dirs" / f"e{k}" / "x").write_text("x\n")
                 else:
-                    change()  # type: ignore[operator]
-                check(True)  # type: ignore[operator]
+                    change()
+                check(True)
     # (an unlink of a lower file makes its whiteout without opening anything; the others open files)
     assert all(outcomes[what] & set(TOO_MANY) for what in ("copy-up", "create", "rmdir and mkdir", "rename")), \
         outcomes
