@@ -112,7 +112,6 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     SIGTERM, SIGINT or SIGHUP it unmounts the mountpoint itself (libfuse does not know where it is mounted).
     ``mask``: the signal mask to restore once the handlers are in place, when the caller has already blocked
     the signals (from before the mount); else the signals are blocked here."""
-    raise_open_file_limit()
     ops = Operations(prepared.union, prepared.spec.timeout)
     errors.set_debug(prepared.spec.debug)
     ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
@@ -141,6 +140,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
         if said:  # (what was written meanwhile about a mount made anyway goes where it was going)
             os.write(2, ("\n".join(said) + "\n").encode())
     terminated: list[bool] = []
+    raise_open_file_limit()  # (once the mount is made: a refused one says that alone)
     log.info("mounted %s", prepared.describe())
     try:
         ready()
