@@ -124,7 +124,9 @@ class Worker:
         good = (outcome == "ok" and ok_allowed) or outcome in allowed
         if not good:
             expect = (["ok"] if ok_allowed else []) + sorted(allowed)
-            self.violations.append(f"worker {self.wid}: {what}: got {outcome}, expected {' or '.join(expect)}")
+            first = what.split("'")[1]
+            self.violations.append(f"worker {self.wid}: {what}: got {outcome}, expected {' or '.join(expect)}; "
+                                   f"{self.recent(first)}")
         return outcome == "ok"
 
     def attempt(self, fn: Any) -> tuple[str, Any]:
@@ -286,7 +288,7 @@ class Worker:
         if self.record(what, outcome, errs, not errs) and not noop:
             pre = p + "/"
             moved = {q + name[len(p):]: v for name, v in self.model.items() if name == p or name.startswith(pre)}
-            for name in [n for n in self.model if n == p or n.startswith(pre) or n == q]:
+            for name in [n for n in self.model if n in (p, q) or n.startswith(pre)]:
                 del self.model[name]
             self.model.update(moved)
 

@@ -9,7 +9,7 @@ back as in the lower layer.  Afterwards the merged view unionfs shows must equal
 over the same upper and lower directories (with a fresh workdir), and every name a worker owns must hold exactly
 what it wrote.  Once as configured (``UNIONFS_DIFF_OPTIONS``) and once more with ``-o prescan``.
 
-``UNIONFS_DIFF_STRESS_OPS`` sets the operations per worker (default 250), ``UNIONFS_DIFF_SEED`` the seeds.
+``UNIONFS_DIFF_STRESS_OPS`` sets the operations per worker (default 1500), ``UNIONFS_DIFF_SEED`` the seeds.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ from kernel_diff import (
     File,
     FuseMount,
     KernelMount,
+    Mount,
     Side,
     Symlink,
     Whiteout,
     assert_same,
     build_template,
+    new_mount,
     snapshot_tree,
 )
 
@@ -51,7 +53,7 @@ pytestmark = pytest.mark.kernel
 WORKER = Path(__file__).resolve().parent / "concurrency_worker.py"
 WORKERS = 8
 READERS = 2
-OPS = int(os.environ.get("UNIONFS_DIFF_STRESS_OPS", "250"))
+OPS = int(os.environ.get("UNIONFS_DIFF_STRESS_OPS", "1500"))
 SEED = int(os.environ.get("UNIONFS_DIFF_SEED", "0"))
 
 #: Files in a shared directory of each layer (``s/a``), which every worker reads, chmods, setxattrs and links.
@@ -199,6 +201,10 @@ def side(tmp_path: Path, overlay_ready: None) -> Iterator[Side]:
     yield Side.from_template(template, tmp_path / "stack")
 
 
+def _server_log(mount: Mount) -> str:
+    return f"\nserver output:\n{mount.server_log()}" if isinstance(mount, FuseMount) else ""
+
+
 def _start(role: str, index: int, spec: dict[str, Any], run: Path) -> Client:
     spec_path = run / f"{role}{index}.json"
     spec_path.write_text(json.dumps(spec))
@@ -220,7 +226,7 @@ def test_concurrent_clients_leave_what_the_kernel_shows(side: Side, options: str
     run.mkdir()
     stop = run / "stop"
 
-    fuse = FuseMount(side)
+    fuse = new_mount(side)
     kside = dataclasses.replace(side, work=side.root / "kwork", mnt=side.root / "kmnt")
     kside.work.mkdir()
     kside.mnt.mkdir()
@@ -259,11 +265,11 @@ def test_concurrent_clients_leave_what_the_kernel_shows(side: Side, options: str
         elapsed = time.monotonic() - started
         timer.cancel()
         assert not hung.is_set(), f"the clients did not finish within {WATCHDOG_SECONDS}s: the mount hung" + \
-            f"\nserver output:\n{fuse.server_log()}"
+            _server_log(fuse)
         results = [c.result() for c in clients]
         violations = [v for r in results for v in r["violations"]]
         assert not violations, (f"{len(violations)} wrong result(s) ({options or 'no extra options'}):\n  "
-                                + "\n  ".join(violations[:40]) + f"\nserver output:\n{fuse.server_log()}")
+                                + "\n  ".join(violations[:40]) + _server_log(fuse))
         outcomes: dict[str, int] = {}
         for r in results[:WORKERS]:
             for k, n in r["outcomes"].items():
@@ -278,7 +284,7 @@ def test_concurrent_clients_leave_what_the_kernel_shows(side: Side, options: str
         kernel.mount()
         shown = snapshot_tree(kernel.root)
         kernel.unmount()
-        assert_same(shown, seen, "merged views after the run", la="kernel", lb="unionfs",
+        assert_same(shown, seen, "merged views after the run", la="kernel", lb=kernel_diff.IMPL,
                     context=f"\n  ({WORKERS}x{OPS} operations in {elapsed:.1f}s, {options or 'no extra options'})")
 
         problems = []
