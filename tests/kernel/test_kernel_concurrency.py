@@ -15,8 +15,10 @@ what it wrote.  Once as configured (``UNIONFS_DIFF_OPTIONS``) and once more with
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -322,3 +324,38 @@ def test_concurrent_clients_leave_what_the_kernel_shows(side: Side, options: str
                 c.proc.wait()
         fuse.teardown()
         kernel.teardown()
+
+
+def _rename_back_and_forth(root: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        os.rename(f"{root}/dir/a", f"{root}/dir/sub/a")
+        os.rename(f"{root}/dir/sub/a", f"{root}/dir/a")
+
+
+@pytest.mark.parametrize("side_name", ["kernel", "unionfs"])
+def test_opens_during_renames_of_a_lower_file_find_it_or_nothing(make_pair: Any, side_name: str) -> None:
+    """Regression test: while a rename ran in a worker thread (it moved a lower file away, leaving a whiteout,
+    and back), an open for reading of the old name opened whatever stood there meanwhile: the whiteout (ENXIO)
+    or, through a stat of the node's path, a character device in place of the file (the kernel then took the
+    inode for a changed one: EIO).  Each open must find the file or nothing (ENOENT), as on the kernel."""
+    pair = make_pair()
+    root = str(getattr(pair, side_name).root)
+    mover = multiprocessing.get_context("fork").Process(target=_rename_back_and_forth, args=(root, 2.0))
+    mover.start()
+    errors: dict[str, int] = {}
+    opened = 0
+    try:
+        while mover.is_alive():
+            try:
+                with open(f"{root}/dir/a", "rb") as f:
+                    assert f.read() == b"dir/a from l1\n"
+                opened += 1
+            except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                errors[name] = errors.get(name, 0) + 1
+    finally:
+        mover.join(30)
+    assert mover.exitcode == 0, f"the renames failed (exit status {mover.exitcode})"
+    assert set(errors) <= {"ENOENT"}, f"{opened} opens found the file; errors: {errors}"
+    assert opened > 0 and errors, f"the opens did not race the renames: {opened} found the file, errors {errors}"
