@@ -63,6 +63,8 @@ class Worker:
         for path, entry in spec["initial"].items():
             self.model[path] = "ldir" if entry is None else self._new(bytes.fromhex(entry))
         self.violations: list[str] = []
+        #: the Inode of each shared file linked to own names
+        self.foreign: dict[str, Inode] = {}
         #: every operation done and its outcome, for the messages
         self.history: list[str] = []
         self.outcomes: dict[str, int] = {}
@@ -210,7 +212,7 @@ class Worker:
             if not errs:
                 errs = {"ENOENT"} if k is None else {"EISDIR"} if k == "dir" else set()
             if self.record(what, self.attempt(lambda: os.unlink(a))[0], errs, not errs):
-                del self.model[p]
+                self.model.pop(p, None)  # (gone even where it should not have been there: reported above)
         elif op == "mkdir":
             if not errs and k is not None:
                 errs = {"EEXIST"}
@@ -221,7 +223,7 @@ class Worker:
                 errs = ({"ENOENT"} if k is None else {"ENOTDIR"} if k == "file"
                         else {"ENOTEMPTY"} if self.children(p) else set())
             if self.record(what, self.attempt(lambda: os.rmdir(a))[0], errs, not errs):
-                del self.model[p]
+                self.model.pop(p, None)
         elif op in ("chmod", "setxattr", "listdir"):
             if not errs and k is None:
                 errs = {"ENOENT"}
@@ -248,8 +250,8 @@ class Worker:
                 errs.add("EEXIST")
             if k == "dir":
                 errs.add("EPERM")
-            if self.record(what, self.attempt(lambda: os.link(a, self.abs(q)))[0], errs, not errs):
-                self.model[q] = self.model[p]
+            if self.record(what, self.attempt(lambda: os.link(a, self.abs(q)))[0], errs, not errs) and v is not None:
+                self.model[q] = v
         elif op == "rename":
             q = self.pick_own()
             self.rename(p, q)
@@ -328,8 +330,12 @@ class Worker:
             what = f"link({p!r}, {q!r})"
             errs = self.lookup_errs(q) | ({"EEXIST"} if self.kind(q) is not None else set())
             if self.record(what, self.attempt(lambda: os.link(a, self.abs(q)))[0], errs, not errs):
-                self.model[q] = self._new(self.stable[p], foreign=True)
-                # every own name of that inode is now foreign too: there is none besides q (a fresh link)
+                # one Inode for each shared file, however many times it is linked: a rename between two of
+                # its names does nothing
+                ino = self.foreign.get(p)
+                if ino is None:
+                    ino = self.foreign[p] = self._new(self.stable[p], foreign=True)
+                self.model[q] = ino
 
     def run(self) -> dict[str, Any]:
         for _ in range(self.nops):

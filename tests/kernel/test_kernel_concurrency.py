@@ -9,7 +9,7 @@ back as in the lower layer.  Afterwards the merged view unionfs shows must equal
 over the same upper and lower directories (with a fresh workdir), and every name a worker owns must hold exactly
 what it wrote.  Once as configured (``UNIONFS_DIFF_OPTIONS``) and once more with ``-o prescan``.
 
-``UNIONFS_DIFF_STRESS_OPS`` sets the operations per worker (default 1500), ``UNIONFS_DIFF_SEED`` the seeds.
+``UNIONFS_DIFF_STRESS_OPS`` sets the operations per worker (default 3000), ``UNIONFS_DIFF_SEED`` the seeds.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.kernel
 WORKER = Path(__file__).resolve().parent / "concurrency_worker.py"
 WORKERS = 8
 READERS = 2
-OPS = int(os.environ.get("UNIONFS_DIFF_STRESS_OPS", "1500"))
+OPS = int(os.environ.get("UNIONFS_DIFF_STRESS_OPS", "3000"))
 SEED = int(os.environ.get("UNIONFS_DIFF_SEED", "0"))
 
 #: Files in a shared directory of each layer (``s/a``), which every worker reads, chmods, setxattrs and links.
