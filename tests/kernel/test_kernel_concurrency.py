@@ -358,4 +358,7 @@ def test_opens_during_renames_of_a_lower_file_find_it_or_nothing(make_pair: Any,
         mover.join(30)
     assert mover.exitcode == 0, f"the renames failed (exit status {mover.exitcode})"
     assert set(errors) <= {"ENOENT"}, f"{opened} opens found the file; errors: {errors}"
-    assert opened > 0 and errors, f"the opens did not race the renames: {opened} found the file, errors {errors}"
+    assert opened > 0, f"no open found the file; errors: {errors}"
+    if side_name == "unionfs":
+        # (the point of the test; the kernel's side only shows the premise)
+        assert errors, f"the opens did not race the renames: all {opened} found the file"
