@@ -5,7 +5,8 @@ What runs where:
 
 * **On the event loop, inline**: lookups, attributes, listings, xattr reads, opens for reading, and every
   change of an object already in the upper layer (a few system calls, no ``await`` between resolving an
-  entry and using it).
+  entry and using it). Lookups, attributes, listings, readlink, listxattr and opens first wait for a change
+  running in a worker thread to end (``_settle``): until then the names it changes are in flux.
 * **In a worker thread**: a change that may copy up first (:meth:`~unionfs.union.Union.may_copy_up`), rmdir,
   rename and link (tree walks, copy-ups), reads and writes of 1 MiB or more, fsync.
 * **The mutex** serialises changes to the layers: a change in a worker thread holds it for its whole run, and
@@ -182,6 +183,15 @@ class Operations(pyfuse3.Operations):
             finally:
                 self._apply_copied()
 
+    async def _settle(self) -> None:
+        """Wait for the change running in a worker thread, if any, to end (and its results to reach the inode
+        table): meanwhile the names it changes are in flux (a whiteout put where a file was, a renamed object
+        not yet at its node's path), and a read of them through a node's entry could reach the wrong object.
+        Returns with nothing running; the caller must not await again before using what it resolves."""
+        if self._mutex.locked():
+            async with self._mutex:
+                pass
+
     def _node(self, ino: int) -> Node:
         try:
             return self.inodes.get(ino)
@@ -265,6 +275,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        await self._settle()
         parent = self._live(parent_inode)
         entry = self.union.lookup(parent.entry, name, _caller(ctx), parent.listing)
         return self._negative() if entry is None else self._reply_entry(entry)
@@ -279,6 +290,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
+        await self._settle()
         node = self._node(inode)
         return self._attrs(node, self._fresh_stat(node))
 
@@ -296,6 +308,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        await self._settle()
         return self.union.readlink(self._live(inode).entry)
 
     @boundary
@@ -392,6 +405,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+        await self._settle()
         node = self._live(inode)
         writable = self.union.opens_for_writing(flags)
         if writable:
@@ -440,6 +454,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self._settle()
         node = self._live(inode)
         self.union.opendir(node.entry, _caller(ctx))
         fh = self._new_fh()
@@ -474,6 +489,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._settle()
         handle = self._dirs[fh]
         if start_id == 0 or handle.listing is None:
             # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
@@ -527,6 +543,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        await self._settle()
         return self.union.listxattr(self._target(self._node(inode)), _caller(ctx))
 
     @boundary
