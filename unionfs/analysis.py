@@ -346,18 +346,7 @@ def analyze_dirs(dirs: Sequence[bytes], fmt: XattrFormat, infos: Sequence[LayerI
         fig = LayerFigures(k + 1, info.label, os.fsdecode(top), info.writable, info.digest)
         entries = _walk(top, fmt)
         fig.entries = len(entries)
-        # what this layer hides of the view beneath
-        gone: dict[bytes, _Visible] = {}
-        for path, e in entries.items():
-            vis = view.entries.get(path)
-            if vis is None:
-                continue
-            if e.kind == _WHITEOUT:
-                for p in view.beneath(path, True):
-                    gone[p] = view.entries[p]
-            elif vis.kind == _DIR and (e.kind != _DIR or e.opaque):
-                for p in view.beneath(path, False):
-                    gone[p] = view.entries[p]
+        gone = hidden_by(view, entries)
         hidden = set(gone)
         for path, e in entries.items():
             if e.kind == _WHITEOUT:
@@ -370,7 +359,7 @@ def analyze_dirs(dirs: Sequence[bytes], fmt: XattrFormat, infos: Sequence[LayerI
             vis = view.entries.get(path)
             if vis is None:
                 fig.added = fig.added.plus(e.size)
-            elif path in gone or e.kind != _DIR or vis.kind != _DIR or e.opaque:
+            elif changes(path, e, vis, gone):
                 gone.pop(path, None)
                 fig.modified = fig.modified.plus(e.size)
                 fig.replaced_bytes += vis.size
@@ -382,11 +371,7 @@ def analyze_dirs(dirs: Sequence[bytes], fmt: XattrFormat, infos: Sequence[LayerI
             fig.removed = fig.removed.plus(vis.size)
             if vis.kind != _DIR:
                 copies.setdefault(path, []).append(0)
-        for path in sorted(hidden, key=len, reverse=True):
-            view.drop(path)
-        for path, e in entries.items():
-            if e.kind != _WHITEOUT:
-                view.put(path, _Visible(e.kind, e.size, k))
+        stack_onto(view, entries, hidden, k)
         figures.append(fig)
 
     for k, lower, path, size in same_candidates:
@@ -395,6 +380,39 @@ def analyze_dirs(dirs: Sequence[bytes], fmt: XattrFormat, infos: Sequence[LayerI
             figures[k].unchanged = figures[k].unchanged.plus(size)
 
     return _summarize(figures, view, copies, _duplicates(stored, hashes))
+
+
+def hidden_by(view: _View, entries: dict[bytes, _Entry]) -> dict[bytes, _Visible]:
+    """What a layer (its walk ``entries``) hides of ``view``, the merged view beneath it (path -> the copy
+    hidden): a whiteout's path and all beneath it, and what lies beneath a directory it replaces by a
+    non-directory or by an opaque directory. The one place these rules are written."""
+    gone: dict[bytes, _Visible] = {}
+    for path, e in entries.items():
+        vis = view.entries.get(path)
+        if vis is None:
+            continue
+        if e.kind == _WHITEOUT:
+            for p in view.beneath(path, True):
+                gone[p] = view.entries[p]
+        elif vis.kind == _DIR and (e.kind != _DIR or e.opaque):
+            for p in view.beneath(path, False):
+                gone[p] = view.entries[p]
+    return gone
+
+
+def changes(path: bytes, e: _Entry, vis: _Visible, gone: dict[bytes, _Visible]) -> bool:
+    """Whether the layer's entry ``e`` at ``path``, over ``vis`` of the view beneath, is a change of it (a
+    directory merged with the one beneath is none; see the module's *modified*)."""
+    return path in gone or e.kind != _DIR or vis.kind != _DIR or e.opaque
+
+
+def stack_onto(view: _View, entries: dict[bytes, _Entry], hidden: set[bytes], k: int) -> None:
+    """Put layer ``k`` (its walk ``entries``, hiding ``hidden``) on ``view``."""
+    for path in sorted(hidden, key=len, reverse=True):
+        view.drop(path)
+    for path, e in entries.items():
+        if e.kind != _WHITEOUT:
+            view.put(path, _Visible(e.kind, e.size, k))
 
 
 def _duplicates(stored: list[tuple[int, bytes, int]], hashes: _Hashes) -> list[Duplicate]:

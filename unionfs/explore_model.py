@@ -27,7 +27,20 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from .analysis import _DIR, _WHITEOUT, Analysis, LayerFigures, LayerInfo, _Entry, _View, _Visible, _walk
+from .analysis import (
+    _DIR,
+    _WHITEOUT,
+    Analysis,
+    LayerFigures,
+    LayerInfo,
+    _Entry,
+    _View,
+    _Visible,
+    _walk,
+    changes,
+    hidden_by,
+    stack_onto,
+)
 from .analysis import analyze_dirs as _analyze_dirs
 from .layers import ROOT as _STACK_ROOT
 from .layers import Stack
@@ -143,17 +156,7 @@ class LayerView:
 def _stack_layer(view: _View, entries: dict[bytes, _Entry], k: int) -> tuple[dict[bytes, _Visible], dict[bytes, Mark]]:
     """Put layer ``k`` (its walk ``entries``) on ``view``: what it removed of the view (path -> the copy
     removed) and the marks of what it changed (the rules of :func:`unionfs.analysis.analyze_dirs`)."""
-    gone: dict[bytes, _Visible] = {}
-    for path, e in entries.items():
-        vis = view.entries.get(path)
-        if vis is None:
-            continue
-        if e.kind == _WHITEOUT:
-            for p in view.beneath(path, True):
-                gone[p] = view.entries[p]
-        elif vis.kind == _DIR and (e.kind != _DIR or e.opaque):
-            for p in view.beneath(path, False):
-                gone[p] = view.entries[p]
+    gone = hidden_by(view, entries)
     hidden = set(gone)
     marks: dict[bytes, Mark] = {}
     for path, e in entries.items():
@@ -162,16 +165,12 @@ def _stack_layer(view: _View, entries: dict[bytes, _Entry], k: int) -> tuple[dic
         vis = view.entries.get(path)
         if vis is None:
             marks[path] = Mark.ADDED
-        elif path in gone or e.kind != _DIR or vis.kind != _DIR or e.opaque:
+        elif changes(path, e, vis, gone):
             gone.pop(path, None)
             marks[path] = Mark.MODIFIED
     for path in gone:
         marks[path] = Mark.REMOVED
-    for path in sorted(hidden, key=len, reverse=True):
-        view.drop(path)
-    for path, e in entries.items():
-        if e.kind != _WHITEOUT:
-            view.put(path, _Visible(e.kind, e.size, k))
+    stack_onto(view, entries, hidden, k)
     return gone, marks
 
 
