@@ -50,16 +50,7 @@ exit status: 0 explained (whether the entry exists or not: see "found" in the JS
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--layers", metavar="L1:L2:...", help="plain layer directories, top-most lower first")
-    which.add_argument("--snapshot", metavar="KEY", help="a snapshot of the store: its layer, then its parents'")
-    which.add_argument("--image", metavar="REF", help="an image of the store: its layers, top first")
-    p.add_argument("--upper", metavar="DIR", help="with --layers: the upper (writable) layer above them")
-    p.add_argument("--root", metavar="DIR", help="with --snapshot or --image: the store (default: the default store)")
-    p.add_argument("--userxattr", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --layers: markers in user.overlay.* xattrs (default: trusted.* as root, user.* else)")
-    p.add_argument("--aufs-markers", action="store_true",
-                   help="also honour AUFS .wh. markers in the lower layers (as -o aufs_markers)")
+    targets.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print the explanation as JSON")
     p.add_argument("path", metavar="PATH", help="a path inside a unionfs mount, or inside the stack named")
     return p

@@ -12,6 +12,7 @@ Nothing here imports pyfuse3 or trio; the snapshot store is loaded only for the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -71,6 +72,21 @@ def _fmt_of(userxattr: bool | None) -> XattrFormat:
         return XattrFormat.USER if userxattr else XattrFormat.TRUSTED
     # as a mount would read them: trusted.* as root, user.* (-o userxattr) for an ordinary user
     return XattrFormat.USER if os.geteuid() != 0 else XattrFormat.TRUSTED
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the explaining commands that name a stack: ``--layers``/``--snapshot``/``--image``,
+    ``--upper``, ``--root``, ``--userxattr``, ``--aufs-markers``."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--layers", metavar="L1:L2:...", help="plain layer directories, top-most lower first")
+    which.add_argument("--snapshot", metavar="KEY", help="a snapshot of the store: its layer, then its parents'")
+    which.add_argument("--image", metavar="REF", help="an image of the store: its layers, top first")
+    p.add_argument("--upper", metavar="DIR", help="with --layers: the upper (writable) layer above them")
+    p.add_argument("--root", metavar="DIR", help="with --snapshot or --image: the store (default: the default store)")
+    p.add_argument("--userxattr", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --layers: markers in user.overlay.* xattrs (default: trusted.* as root, user.* else)")
+    p.add_argument("--aufs-markers", action="store_true",
+                   help="also honour AUFS .wh. markers in the lower layers (as -o aufs_markers)")
 
 
 def from_layers(lowers: str | Sequence[str], upper: str | None = None, *, userxattr: bool | None = None) -> Target:
