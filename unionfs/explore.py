@@ -34,6 +34,7 @@ from .cli_errors import EXIT_FAILED, run_command
 from .explain import lines_of
 from .explore_model import ROOT, ExploreModel, LayerView, Mark, Node
 from .image._feedback import human_bytes
+from .layers_cli import add_target_arguments, target_of
 
 PROG = "unionfs explore"
 #: the exit status of a target that names nothing (as for ``unionfs layers``)
@@ -400,22 +401,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
-    p.add_argument("target", nargs="?", metavar="REF|MOUNTPOINT", help="an image of the store, or a unionfs mount")
-    p.add_argument("--image", metavar="REF", help="an image of the store")
-    p.add_argument("--snapshot", metavar="KEY", help="a snapshot of the store")
-    p.add_argument("--layers", metavar="L1:L2:...", help="layer directories, top-most first")
-    p.add_argument("--upper", metavar="DIR", help="with --layers: the writable layer on top of them")
-    p.add_argument("--root", metavar="DIR", help="the store (default: $UNIONFS_ROOT, else $XDG_DATA_HOME/unionfs)")
+    add_target_arguments(p)
     p.add_argument("--layer", type=int, metavar="N", help="start at layer N (1: the lowest, the default)")
     p.add_argument("--changes", action="store_true", help="start showing only the changes of the layer")
     return p
 
 
 def _run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    from .layers_cli import _target
 
     try:
-        target = _target(args, p)
+        target = target_of(args, p)
     except targets.TargetError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND

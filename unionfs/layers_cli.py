@@ -85,16 +85,22 @@ def _bytes(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """The target of ``unionfs layers`` and ``unionfs explore``: REF|MOUNTPOINT, or --image, --snapshot,
+    --layers [--upper], and --root (resolved by :func:`target_of`)."""
     p.add_argument("target", nargs="?", metavar="REF|MOUNTPOINT", help="an image of the store, or a unionfs mount")
     p.add_argument("--image", metavar="REF", help="an image of the store")
     p.add_argument("--snapshot", metavar="KEY", help="a snapshot of the store")
     p.add_argument("--layers", metavar="L1:L2:...", help="layer directories, top-most first")
     p.add_argument("--upper", metavar="DIR", help="with --layers: the writable layer on top of them")
     p.add_argument("--root", metavar="DIR", help="the store (default: $UNIONFS_ROOT, else $XDG_DATA_HOME/unionfs)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    add_target_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--top", type=int, default=20, metavar="N",
                    help="the N files wasting most, and contents duplicated most (default 20; 0: all)")
@@ -110,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _target(args: argparse.Namespace, p: argparse.ArgumentParser) -> targets.Target:
+def target_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> targets.Target:
     given = [name for name, value in (("REF|MOUNTPOINT", args.target), ("--image", args.image),
                                       ("--snapshot", args.snapshot), ("--layers", args.layers)) if value]
     if len(given) != 1:
@@ -247,7 +253,7 @@ def _rule_line(rule: RuleResult) -> str:
 
 def _run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     try:
-        target = _target(args, p)
+        target = target_of(args, p)
     except targets.TargetError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
