@@ -243,12 +243,12 @@ def test_a_long_rename_across_deep_directories(make_pair: Any) -> None:
             write(long_path("a").rpartition("/")[2], b"lower a\n")
             write(long_path("b").rpartition("/")[2], b"lower b\n")
     pair.mount()
-    a, b, c = long_path("a"), long_path("b"), long_path("c")
+    a, b, c, d = long_path("a"), long_path("b"), long_path("c"), long_path("d")
     ops: list[Sequence[Any]] = [
         ("read", a), ("rename", a, b), ("read", b), ("stat", a),
-        ("link", b, c), ("stat", c), ("rename", c, a), ("read", a), ("listdir", REL_DIR),
-        ("renameat2", a, b, "RENAME_EXCHANGE"), ("read", a),
-        ("renameat2", a, b, "RENAME_NOREPLACE"),
+        ("link", b, c), ("stat", c), ("create", a, b"new a\n", 0o644),
+        ("renameat2", a, c, "RENAME_EXCHANGE"), ("read", a), ("read", c), ("stat", b),
+        ("renameat2", c, b, "RENAME_NOREPLACE"), ("rename", c, d), ("listdir", REL_DIR),
     ]
     results = ops_at(pair, deep, ops)
     assert_same_results(ops, results)
