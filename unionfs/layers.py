@@ -203,10 +203,11 @@ class Probing:
         the parent directory says it holds some)."""
         layers, formats, markers_from = self.layers, self.formats, self.markers_from
         marker: bytes | None = None  # the path of the AUFS whiteout of ``path``, once wanted
+        short = len(path) <= _SHORT  # (reached in one call, in every layer: see Layer.lstat, Layer.proc_at)
         for index in dirs:
             layer = layers[index]
             try:
-                st = layer.lstat(path)
+                st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False) if short else layer.lstat(path)
             except OSError as exc:
                 if exc.errno not in _MISSING:
                     raise
@@ -219,7 +220,7 @@ class Probing:
             if whiteout.is_whiteout_stat(st) or (index in marked and _xattr_whiteout(layer, path, st, formats)):
                 yield _found(Found, (index, st, True, NO_MARKS))
             elif stat.S_ISDIR(st.st_mode):
-                if len(path) <= _SHORT:
+                if short:
                     marks = whiteout.read_dir_marks(layer.proc + path, formats)
                 else:
                     with layer.proc_at(path) as full:
