@@ -18,32 +18,33 @@ from types import TracebackType
 
 #: the longest path one system call takes (the kernel's PATH_MAX minus the terminating NUL)
 PATH_MAX = 4095
-#: room kept for ``/proc/self/fd/N/`` in front of a path handed to a call without a descriptor argument
-_PROC_ROOM = 32
+#: the longest path that goes after ``/proc/self/fd/N/`` (at most 25 bytes) in one call
+PROC_ROOM = PATH_MAX - 32
 _OPEN_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def descend(dir_fd: int, path: bytes, room: int = PATH_MAX) -> tuple[int, bytes]:
     """``(fd, rest)`` with ``rest`` at most ``room`` bytes and ``fd`` a new ``O_PATH`` descriptor of the
     directory of ``path`` (under ``dir_fd``) that ``rest`` is relative to; the caller closes ``fd``. Only for a
-    ``path`` longer than ``room``."""
+    ``path`` longer than ``room``, relative and without empty names (a merged path)."""
     fd = dir_fd
+    start = 0
     try:
-        while len(path) > room:
+        while len(path) - start > room:
             # the longest run of whole names that one call can open, then the rest from there
-            cut = path.rfind(b"/", 0, PATH_MAX + 1)
-            if cut <= 0:
+            cut = path.rfind(b"/", start, start + PATH_MAX + 1)
+            if cut <= start:
                 raise OSError(errno.ENAMETOOLONG, "File name too long")
-            inner = os.open(path[:cut], _OPEN_DIR, dir_fd=fd)
+            inner = os.open(path[start:cut], _OPEN_DIR, dir_fd=fd)
             if fd != dir_fd:
                 os.close(fd)
             fd = inner
-            path = path[cut + 1:]
+            start = cut + 1
     except BaseException:
         if fd != dir_fd:
             os.close(fd)
         raise
-    return fd, path
+    return fd, path[start:]
 
 
 class At:
@@ -76,17 +77,19 @@ class ProcAt:
     __slots__ = ("_at", "full")
 
     def __init__(self, dir_fd: int, path: bytes, prefix: bytes | None = None) -> None:
-        self._at = at = At(dir_fd, path, PATH_MAX - _PROC_ROOM)
-        if prefix is not None and at.fd == dir_fd:
-            self.full = prefix + at.rel
-        else:
-            self.full = b"/proc/self/fd/%d/%s" % (at.fd, at.rel)
+        if len(path) <= PROC_ROOM:  # (the common case: no descriptor to open or close)
+            self._at: At | None = None
+            self.full = (b"/proc/self/fd/%d/" % dir_fd if prefix is None else prefix) + path
+            return
+        self._at = at = At(dir_fd, path, PROC_ROOM)
+        self.full = b"/proc/self/fd/%d/%s" % (at.fd, at.rel)
 
     def __enter__(self) -> bytes:
         return self.full
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self._at.__exit__(et, ev, tb)
+        if self._at is not None:
+            self._at.__exit__(et, ev, tb)
 
 
-__all__ = ["PATH_MAX", "At", "ProcAt", "descend"]
+__all__ = ["PATH_MAX", "PROC_ROOM", "At", "ProcAt", "descend"]

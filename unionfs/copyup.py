@@ -197,9 +197,9 @@ class CopyUp:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
-        entry = self.stack.root()
         if parent_path == ROOT:
             return
+        entry = self.stack.root()
         for name in parent_path.split(b"/"):
             inner = self.stack.lookup(entry, name)
             if inner is None or not inner.is_dir:

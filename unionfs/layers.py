@@ -15,15 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from . import whiteout
-from ._at import PATH_MAX, At, ProcAt
+from ._at import PATH_MAX, PROC_ROOM, At, ProcAt
 from .whiteout import AUFS_PREFIX, NO_MARKS, DirMarks, XattrFormat
 
 ROOT = b"."
 
 #: The longest name.
 NAME_MAX = whiteout.NAME_MAX
-#: How long a path given to a call through ``/proc/self/fd/N/`` may be without going in steps.
-_SHORT = PATH_MAX - 32
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -203,7 +201,7 @@ class Probing:
         the parent directory says it holds some)."""
         layers, formats, markers_from = self.layers, self.formats, self.markers_from
         marker: bytes | None = None  # the path of the AUFS whiteout of ``path``, once wanted
-        short = len(path) <= _SHORT  # (reached in one call, in every layer: see Layer.lstat, Layer.proc_at)
+        short = len(path) <= PROC_ROOM  # (reached in one call, in every layer: see Layer.lstat, Layer.proc_at)
         for index in dirs:
             layer = layers[index]
             try:

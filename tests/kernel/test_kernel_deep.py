@@ -164,8 +164,8 @@ def test_a_tree_built_deep_inside_the_mount(make_pair: Any) -> None:
     ]
     results = ops_at(pair, where, ops + limits)
     assert_same_results(ops + limits, results)
-    # the premise: at this depth the kernel did all of it (a device node needs root, a chown to other ids too),
-    # and refused exactly the paths and names that are too long
+    # the premise: at this depth the kernel did all of it (a device node needs root, and so its lstat then
+    # fails; a chown to other ids too), and refused exactly the paths and names that are too long
     may_refuse = {"mknod", "chown", "lstat"} if os.geteuid() != 0 or IN_USER_NAMESPACE else set()
     assert [op for op, (k, _u) in zip(ops, results[:len(ops)], strict=True)
             if k[0] != "ok" and op[0] not in may_refuse] == []

@@ -85,7 +85,9 @@ def test_a_missing_directory_on_the_way_fails_without_leaking(tmp_path: Path) ->
     before = open_fds()
     try:
         # (a missing name among the directories opened on the way; one in the rest fails the call itself)
-        for broken in (names[:25] + [b"missing"] + names[:10], names[:5] + [b"missing"] + names[:25]):
+        # (and one in the second piece opened, past the first descriptor opened on the way)
+        for broken in (names[:25] + [b"missing"] + names[:10], names[:5] + [b"missing"] + names[:25],
+                       names[:25] + [b"missing"] + names[:25]):
             with pytest.raises(FileNotFoundError), At(root, b"/".join(broken)) as (fd, rel):
                 os.stat(rel, dir_fd=fd)
         assert open_fds() == before
@@ -203,8 +205,12 @@ def test_every_change_of_the_core_beyond_path_max(tmp_path: Path) -> None:
         assert union.readlink(_entry(union, join(where, b"sym"))) == b"new"
         new_st = _lstat_at(upper, join(where, b"new"))
         assert new_st.st_nlink == 2 and new_st.st_ino == _lstat_at(upper, join(where, b"dir/moved")).st_ino
-        with ProcAt(os.open(upper, os.O_PATH), join(where, b"new")) as full:
-            value = os.getxattr(full, OVERRIDE_XATTR, follow_symlinks=False)
+        upper_fd = os.open(upper, os.O_PATH)
+        try:
+            with ProcAt(upper_fd, join(where, b"new")) as full:
+                value = os.getxattr(full, OVERRIDE_XATTR, follow_symlinks=False)
+        finally:
+            os.close(upper_fd)
         assert decode_override(value) is not None and decode_override(value)[:2] == (1234, 5678)  # type: ignore[index]
         assert os.listdir(tmp_path / "work" / "work") == []
     finally:
@@ -224,8 +230,9 @@ def test_the_root_of_a_layer_is_still_one_call(tmp_path: Path) -> None:
 def test_too_long_a_single_name_is_refused_as_the_kernel_refuses_it(tmp_path: Path) -> None:
     union, _upper, _lower = _union(tmp_path)
     try:
+        parent = _entry(union, b"/".join(DEEP))
         with pytest.raises(OSError) as exc:
-            union.mkdir(_entry(union, b"/".join(DEEP)), b"n" * 256, 0o755, 0, 0)
+            union.mkdir(parent, b"n" * 256, 0o755, 0, 0)
         assert exc.value.errno == errno.ENAMETOOLONG
     finally:
         union.stack.close()
