@@ -171,6 +171,7 @@ echo "== rootless: differential suites of lookup, errno, copy-up and random oper
             "--map-users=$subuid,1,$SUBIDS" "--map-groups=$subgid,1,$SUBIDS" \
             --mount --propagation private --pid --fork --kill-child --mount-proc \
             "${pytest[@]}" tests/kernel/test_kernel_lookup.py tests/kernel/test_kernel_errno.py \
-            tests/kernel/test_kernel_random.py tests/kernel/test_kernel_copy_up.py "$@") || status=1
+            tests/kernel/test_kernel_random.py tests/kernel/test_kernel_copy_up.py tests/kernel/test_kernel_deep.py \
+            "$@") || status=1
 
 exit $status

@@ -20,6 +20,7 @@ if [ "$(id -u)" -eq 0 ]; then
     echo "== pytest: differential suites again with -o prescan" >&2
     UNIONFS_DIFF_OPTIONS=prescan .venv/bin/python -m pytest -q -p no:cacheprovider tests/kernel/test_kernel_lookup.py \
         tests/kernel/test_kernel_errno.py tests/kernel/test_kernel_random.py tests/kernel/test_kernel_copy_up.py \
+        tests/kernel/test_kernel_deep.py \
         || status=$((status ? status : 1))
 fi
 if [ "$(id -u)" -eq 0 ]; then

@@ -186,12 +186,25 @@ class CopyUp:
             return entry
         return self.copy_up(entry)
 
-    def parent_of(self, entry: Entry) -> Entry:
-        parent_path, _ = split(entry.path)
-        parent = self.stack.resolve(parent_path)
-        if parent is None or not parent.is_dir:
-            raise OSError(errno.ENOENT, "parent vanished during copy-up", parent_path)
-        return parent
+    def ensure_parents(self, path: bytes) -> None:
+        """Make sure the directory holding ``path`` exists in the upper layer, copying up the missing ones
+        from the top down: one lookup per level of ``path`` at most (a tree of any depth), none when the parent
+        is there already (an upper directory is always the merged one at its path)."""
+        parent_path, _ = split(path)
+        try:
+            if stat.S_ISDIR(self.upper.lstat(parent_path).st_mode):
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+        if parent_path == ROOT:
+            return
+        entry = self.stack.root()
+        for name in parent_path.split(b"/"):
+            inner = self.stack.lookup(entry, name)
+            if inner is None or not inner.is_dir:
+                raise OSError(errno.ENOENT, "parent vanished during copy-up", parent_path)
+            entry = self.ensure_dir(inner)
 
     def copy_up(self, entry: Entry, data: bool = True) -> Entry:
         """Copy ``entry`` into the upper layer and return its new Entry; no-op when already there.
@@ -212,7 +225,7 @@ class CopyUp:
                 return _over(entry, already)
             if not stat.S_ISDIR(already.st_mode) and not whiteout.is_whiteout_stat(already):
                 return Entry(entry.path, 0, already)
-        self.ensure_dir(self.parent_of(entry))
+        self.ensure_parents(entry.path)
         if self.unmapped is not None and self.unmapped(entry):
             # the copy could not be given its owner; the kernel refuses such a copy-up the same way
             raise OSError(errno.EOVERFLOW, "owner not mapped in this user namespace: no copy-up", entry.path)
@@ -228,7 +241,8 @@ class CopyUp:
             elif stat.S_ISREG(st.st_mode):
                 self._copy_file(src, entry.path, tmp, st, data)
             elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(entry.path, dir_fd=src.fd)
+                with src.at(entry.path) as (sfd, rel):
+                    target = os.readlink(rel, dir_fd=sfd)
                 os.symlink(target, tmp, dir_fd=wfd)
                 self._finish_meta(src, entry.path, tmp, st)
             else:
@@ -249,14 +263,16 @@ class CopyUp:
     def _rename_in(self, tmp: bytes, path: bytes) -> None:
         """Move a finished copy into place, keeping the parent's times as they were (as the kernel does:
         a copy-up is not a change of the directory)."""
-        parent, _ = split(path)
-        pst = self.upper.lstat(parent)
-        _sys.renameat2(tmp, path, _sys.RENAME_NOREPLACE, self.work.fd, self.upper.fd)
-        os.utime(parent, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=self.upper.fd, follow_symlinks=False)
+        with self.upper.at(path) as (dfd, rel):
+            # (the parent is ``dfd`` itself when ``rel`` is a name: at depth, or in the upper root)
+            pst = os.stat(split(rel)[0], dir_fd=dfd, follow_symlinks=False)
+            _sys.renameat2(tmp, rel, _sys.RENAME_NOREPLACE, self.work.fd, dfd)
+            os.utime(split(rel)[0], ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
     def _copy_file(self, src: Layer, path: bytes, tmp: bytes, st: os.stat_result, data: bool) -> None:
         wfd = self.work.fd
-        sfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src.fd)
+        with src.at(path) as (dirfd, rel):
+            sfd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
             try:
@@ -274,7 +290,8 @@ class CopyUp:
         """Owner, xattrs, mode, then times: chown first, since it strips security.capability; times last."""
         wfd = self.work.fd
         owned = _chown(tmp, wfd, st)
-        copy_xattrs(src.full_path(path), self.work.proc + tmp, self.stack.private_prefixes)
+        with src.proc_at(path) as full:
+            copy_xattrs(full, self.work.proc + tmp, self.stack.private_prefixes)
         if not owned and self.owner_xattr and not stat.S_ISLNK(st.st_mode):
             xattrs.write(self.work.proc + tmp, OVERRIDE_XATTR, encode_override(st.st_uid, st.st_gid, st.st_mode))
         if not stat.S_ISLNK(st.st_mode):
@@ -292,11 +309,12 @@ def replace_with_whiteout(upper: Layer, work: Workdir, path: bytes) -> None:
     tmp = work.tempname()
     whiteout.make_whiteout(tmp, work.fd)
     try:
-        st = upper.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            _sys.renameat2(tmp, path, _sys.RENAME_EXCHANGE, work.fd, upper.fd)
-        else:
-            os.rename(tmp, path, src_dir_fd=work.fd, dst_dir_fd=upper.fd)
+        with upper.at(path) as (dfd, rel):
+            st = os.stat(rel, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _sys.renameat2(tmp, rel, _sys.RENAME_EXCHANGE, work.fd, dfd)
+            else:
+                os.rename(tmp, rel, src_dir_fd=work.fd, dst_dir_fd=dfd)
     finally:
         work.discard(tmp)
 
@@ -304,7 +322,8 @@ def replace_with_whiteout(upper: Layer, work: Workdir, path: bytes) -> None:
 def move_to_work(upper: Layer, work: Workdir, path: bytes) -> bytes:
     """Move an upper object into the work directory (to be discarded); returns its temporary name."""
     tmp = work.tempname()
-    os.rename(path, tmp, src_dir_fd=upper.fd, dst_dir_fd=work.fd)
+    with upper.at(path) as (sfd, rel):
+        os.rename(rel, tmp, src_dir_fd=sfd, dst_dir_fd=work.fd)
     return tmp
 
 

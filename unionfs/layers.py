@@ -1,8 +1,9 @@
 """The layer stack and name resolution through it: found in layer N, whited out, or missing.
 
 Paths here are *merged* paths relative to the mount root, as bytes: ``b"."`` is the root, ``b"a/b"`` a child.
-Every system call addresses a layer through a directory file descriptor (``dir_fd=``), so a merged path of up
-to PATH_MAX bytes works whatever the length of the layer's own path.
+Every system call addresses a layer through a directory file descriptor (``dir_fd=``), so a merged path works
+whatever the length of the layer's own path; one longer than a system call takes is reached in steps
+(:mod:`unionfs._at`), so merged paths have no length limit, as on the kernel.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from . import whiteout
+from ._at import PATH_MAX, PROC_ROOM, At, ProcAt
 from .whiteout import AUFS_PREFIX, NO_MARKS, DirMarks, XattrFormat
 
 ROOT = b"."
 
-#: Largest merged path we accept (the kernel's PATH_MAX minus the terminating NUL), and the longest name.
-PATH_MAX = whiteout.PATH_MAX
+#: The longest name.
 NAME_MAX = whiteout.NAME_MAX
 
 
@@ -47,15 +48,24 @@ class Layer:
         self.dev = os.fstat(self.fd).st_dev
         self.proc = b"/proc/self/fd/%d/" % self.fd
 
-    def full_path(self, rel: bytes) -> bytes:
-        """A path usable by calls without ``dir_fd`` support (xattrs, scandir, statvfs), through the layer's
-        open descriptor (/proc/self/fd/N/...), never through the path the layer was given: that path may stop
-        leading to it while it is mounted (containers/storage detaches the id-mapped mounts of the lower
-        layers it hands to its mount program once the mount is made), and it could be longer than PATH_MAX."""
-        return self.proc + rel
+    def at(self, rel: bytes) -> At:
+        """``with layer.at(rel) as (fd, name)``: ``name`` under ``fd`` is the layer's object at ``rel``, at any
+        depth (see :mod:`unionfs._at`)."""
+        return At(self.fd, rel)
+
+    def proc_at(self, rel: bytes) -> ProcAt:
+        """``with layer.proc_at(rel) as full``: a path of the layer's object at ``rel`` usable by calls without
+        ``dir_fd`` support (xattrs, scandir, statvfs), through a descriptor (/proc/self/fd/N/...), never through
+        the path the layer was given: that path may stop leading to it while it is mounted (containers/storage
+        detaches the id-mapped mounts of the lower layers it hands to its mount program once the mount is
+        made), and it could be long."""
+        return ProcAt(self.fd, rel, self.proc)
 
     def lstat(self, rel: bytes) -> os.stat_result:
-        return os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+        if len(rel) <= PATH_MAX:
+            return os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+        with At(self.fd, rel) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -191,10 +201,11 @@ class Probing:
         the parent directory says it holds some)."""
         layers, formats, markers_from = self.layers, self.formats, self.markers_from
         marker: bytes | None = None  # the path of the AUFS whiteout of ``path``, once wanted
+        short = len(path) <= PROC_ROOM  # (reached in one call, in every layer: see Layer.lstat, Layer.proc_at)
         for index in dirs:
             layer = layers[index]
             try:
-                st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False)
+                st = os.stat(path, dir_fd=layer.fd, follow_symlinks=False) if short else layer.lstat(path)
             except OSError as exc:
                 if exc.errno not in _MISSING:
                     raise
@@ -204,12 +215,14 @@ class Probing:
                     if whiteout.has_aufs_marker(layer.fd, marker):
                         yield _found(Found, (index, whiteout.AUFS_WHITEOUT_STAT, True, NO_MARKS))
                 continue
-            if whiteout.is_whiteout_stat(st) or (
-                index in marked and whiteout.is_xattr_whiteout(layer.full_path(path), st, formats)
-            ):
+            if whiteout.is_whiteout_stat(st) or (index in marked and _xattr_whiteout(layer, path, st, formats)):
                 yield _found(Found, (index, st, True, NO_MARKS))
             elif stat.S_ISDIR(st.st_mode):
-                marks = whiteout.read_dir_marks(layer.full_path(path), formats)
+                if short:
+                    marks = whiteout.read_dir_marks(layer.proc + path, formats)
+                else:
+                    with layer.proc_at(path) as full:
+                        marks = whiteout.read_dir_marks(full, formats)
                 if index >= markers_from and not marks.opaque:
                     # Opaque by ``.wh..wh..opq`` inside, or by its own ``.wh.NAME`` beside it: that marker deletes
                     # what the layers beneath hold at NAME, and the layer's NAME is new (OCI's rule for a
@@ -243,6 +256,19 @@ class Probing:
         return merged_listing(self.layers, self.formats, entry, self.markers_from)
 
 
+def open_dir(layer: Layer, path: bytes) -> int:
+    """A descriptor of directory ``path`` of ``layer``, open for listing."""
+    with layer.at(path) as (dfd, name):
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+
+
+def _xattr_whiteout(layer: Layer, path: bytes, st: os.stat_result, formats: tuple[XattrFormat, ...]) -> bool:
+    if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+        return False
+    with layer.proc_at(path) as full:
+        return whiteout.is_xattr_whiteout(full, st, formats)
+
+
 def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...], entry: Entry,
                    markers_from: int | None = None) -> dict[bytes, tuple[int, int]]:
     """Merged listing of directory ``entry``: name -> (layer index, d_type as stat S_IFMT bits).
@@ -262,7 +288,7 @@ def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...], en
         aufs = i >= markers_from
         deleted: list[bytes] = []  # by this layer's markers: hidden beneath it, not in it
         try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+            fd = open_dir(layer, entry.path)
         except OSError as exc:
             if exc.errno in _MISSING:
                 continue
@@ -290,8 +316,7 @@ def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...], en
                         continue
                     st = de.stat(follow_symlinks=False)
                     if whiteout.is_whiteout_stat(st) or (
-                        check_xattr
-                        and whiteout.is_xattr_whiteout(layer.full_path(join(entry.path, name)), st, formats)
+                        check_xattr and _xattr_whiteout(layer, join(entry.path, name), st, formats)
                     ):
                         hidden.add(name)
                         continue

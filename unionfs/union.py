@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import _sys, explain, userns, whiteout, xattrs
+from ._at import At, ProcAt
 from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
 from .fsutil import fsync_dir
-from .layers import ROOT, Entry, Stack, check_name, join
+from .layers import ROOT, Entry, Layer, Stack, check_name, join
 from .ownership import (
     KEPT_XATTR_PREFIX,
     OVERRIDE_XATTR,
@@ -113,7 +114,7 @@ class DirListing:
         inos = self._inos.get(listed[0])
         if inos is None:
             inos = self._inos[listed[0]] = {}
-            with contextlib.suppress(OSError), os.scandir(layer.full_path(directory.path)) as it:
+            with contextlib.suppress(OSError), layer.proc_at(directory.path) as full, os.scandir(full) as it:
                 for de in it:
                     inos[os.fsencode(de.name)] = de.inode()
         ino = inos.get(name)
@@ -279,7 +280,8 @@ class Union:
         nlink = 1 if entry.merged and stat.S_ISDIR(st.st_mode) else st.st_nlink
         if self._plain_owners:
             return st.st_uid, st.st_gid, st.st_mode, nlink
-        return (*self._owner_and_mode(self._object_path(entry), st), nlink)
+        with self._object(entry) as target:
+            return (*self._owner_and_mode(target, st), nlink)
 
     def shown_open(self, fd: int | None, st: os.stat_result) -> Shown:
         """:meth:`shown` for an object reached only through an open descriptor ``fd`` (all its names removed);
@@ -316,7 +318,8 @@ class Union:
         return uid, gid, mode
 
     def readlink(self, entry: Entry) -> bytes:
-        return os.readlink(entry.path, dir_fd=self.stack.layers[entry.layer].fd)
+        with self.stack.layers[entry.layer].at(entry.path) as (fd, name):
+            return os.readlink(name, dir_fd=fd)
 
     def listdir(self, entry: Entry) -> dict[bytes, tuple[int, int]]:
         names = self.stack.listdir(entry)
@@ -341,10 +344,11 @@ class Union:
         """Make a directory's entries durable (its upper copy; lower layers never change)."""
         if entry.layer != 0 or not self.stack.writable or not self.durable:
             return
-        fsync_dir(entry.path, self.stack.layers[0].fd)
+        with self.stack.layers[0].at(entry.path) as (fd, name):
+            fsync_dir(name, fd)
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.stack.layers[0].full_path(ROOT))
+        return os.statvfs(self.stack.layers[0].proc + ROOT)
 
     # -- helpers ------------------------------------------------------------------------------------------
 
@@ -395,8 +399,9 @@ class Union:
         upper_fd = self._upper_fd()
         path = join(parent.path, name)
         if not over_whiteout:
-            build(path, upper_fd)
-            self._fix_owner(path, upper_fd, owner, mode)
+            with At(upper_fd, path) as (dfd, rel):
+                build(rel, dfd)
+                self._fix_owner(rel, dfd, owner, mode)
         else:
             # Built in the workdir, the object cannot inherit from a set-group-ID parent: do it here.
             if parent.st.st_mode & stat.S_ISGID:
@@ -410,9 +415,11 @@ class Union:
                 self._fix_owner(tmp, work.fd, owner, mode)
                 if is_dir:
                     whiteout.set_opaque(work.proc + tmp, self.stack.fmt)
-                    _sys.renameat2(tmp, path, _sys.RENAME_EXCHANGE, work.fd, upper_fd)
-                else:
-                    os.rename(tmp, path, src_dir_fd=work.fd, dst_dir_fd=upper_fd)
+                with At(upper_fd, path) as (dfd, rel):
+                    if is_dir:
+                        _sys.renameat2(tmp, rel, _sys.RENAME_EXCHANGE, work.fd, dfd)
+                    else:
+                        os.rename(tmp, rel, src_dir_fd=work.fd, dst_dir_fd=dfd)
             finally:
                 work.discard(tmp)
             if self.trace is not None and is_dir:
@@ -427,9 +434,9 @@ class Union:
         if self.ownership.xattr_permissions and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             # the owner goes where a chown of the merged view would put it: the override xattr (the file itself
             # stays this server's, which needs no privilege)
-            full = b"/proc/self/fd/%d/%s" % (dir_fd, path)
-            self._store_override(full, st.st_uid if uid == -1 else uid, st.st_gid if gid == -1 else gid,
-                                 st.st_mode if mode is None else mode)
+            with ProcAt(dir_fd, path) as full:
+                self._store_override(full, st.st_uid if uid == -1 else uid, st.st_gid if gid == -1 else gid,
+                                     st.st_mode if mode is None else mode)
             return
         try:
             os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
@@ -458,8 +465,10 @@ class Union:
     def creation_mode(self, parent: Entry, mode: int, umask: int) -> int:
         """The mode a new object gets: the caller's umask applies unless ``parent`` has a default ACL, which
         the file system then applies itself (the kernel leaves both to us once ACLs are enabled)."""
-        if umask and xattrs.get(self._object_path(parent), DEFAULT_ACL) is None:
-            return mode & ~umask
+        if umask:
+            with self._object(parent) as target:
+                if xattrs.get(target, DEFAULT_ACL) is None:
+                    return mode & ~umask
         return mode
 
     def _creating(self, caller: Caller | None, parent: Entry, mode: int) -> int:
@@ -476,8 +485,8 @@ class Union:
         path = join(parent.path, name)
         perm = stat.S_IMODE(mode)
         if not over and owner == (-1, -1):
-            fd = os.open(path, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm,
-                         dir_fd=self._upper_fd())
+            with At(self._upper_fd(), path) as (dfd, rel):
+                fd = os.open(rel, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm, dir_fd=dfd)
             return fd, self._upper_entry(path)
 
         def build(p: bytes, dfd: int) -> None:
@@ -531,13 +540,16 @@ class Union:
         upper_fd = self._upper_fd()
         path = join(new_parent.path, new_name)
         if not over:
-            os.link(entry.path, path, src_dir_fd=upper_fd, dst_dir_fd=upper_fd, follow_symlinks=False)
+            with At(upper_fd, entry.path) as (sfd, src), At(upper_fd, path) as (dfd, dst):
+                os.link(src, dst, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
         else:
             work = self._work()
             tmp = work.tempname()
             try:
-                os.link(entry.path, tmp, src_dir_fd=upper_fd, dst_dir_fd=work.fd, follow_symlinks=False)
-                os.rename(tmp, path, src_dir_fd=work.fd, dst_dir_fd=upper_fd)
+                with At(upper_fd, entry.path) as (sfd, src):
+                    os.link(src, tmp, src_dir_fd=sfd, dst_dir_fd=work.fd, follow_symlinks=False)
+                with At(upper_fd, path) as (dfd, dst):
+                    os.rename(tmp, dst, src_dir_fd=work.fd, dst_dir_fd=dfd)
             finally:
                 work.discard(tmp)
         return self._upper_entry(path)
@@ -552,8 +564,8 @@ class Union:
             if self.copier is None:
                 raise _erofs()
             entry = self.copy_up(entry, data=not flags & os.O_TRUNC)
-        layer = self.stack.layers[entry.layer]
-        fd = os.open(entry.path, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=layer.fd)
+        with self.stack.layers[entry.layer].at(entry.path) as (dfd, rel):
+            fd = os.open(rel, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         if flags & os.O_TRUNC:
             if flags & os.O_ACCMODE == os.O_RDONLY:  # Linux truncates even then
                 self.truncate(entry, 0)
@@ -596,7 +608,8 @@ class Union:
         path = entry.path
         needs_whiteout = self.stack.below_upper(parent, name) is not None
         if entry.layer != 0:
-            whiteout.make_whiteout(path, upper.fd)
+            with upper.at(path) as (dfd, rel):
+                whiteout.make_whiteout(rel, dfd)
             if self.trace is not None:
                 self.trace.whiteout("rmdir" if entry.is_dir else "unlink", path)
             return
@@ -605,12 +618,12 @@ class Union:
             if self.trace is not None:
                 self.trace.whiteout("rmdir" if entry.is_dir else "unlink", path)
             return
-        if not entry.is_dir:
-            os.unlink(path, dir_fd=upper.fd)
-            return
         try:
-            os.rmdir(path, dir_fd=upper.fd)
+            with upper.at(path) as (dfd, rel):
+                (os.rmdir if entry.is_dir else os.unlink)(rel, dir_fd=dfd)
         except OSError as exc:
+            if not entry.is_dir:
+                raise
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             # Only whiteouts remain inside: take the directory out of sight, then discard it.
@@ -677,18 +690,19 @@ class Union:
             assert new is not None
             new = copier.copy_up(new)
             if old.is_dir and not old.opaque and new_parent.merged:
-                whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
+                _set_opaque(upper, old.path, self.stack.fmt)
                 if self.trace is not None:
                     self.trace.opaque_made("rename", old.path, new_path)
             if new.is_dir and not new.opaque and old_parent.merged:
-                whiteout.set_opaque(upper.full_path(new.path), self.stack.fmt)
+                _set_opaque(upper, new.path, self.stack.fmt)
                 if self.trace is not None:
                     self.trace.opaque_made("rename", new.path, old.path)
-            _sys.renameat2(old.path, new_path, _sys.RENAME_EXCHANGE, upper.fd, upper.fd)
+            with upper.at(old.path) as (sfd, src), upper.at(new_path) as (dfd, dst):
+                _sys.renameat2(src, dst, _sys.RENAME_EXCHANGE, sfd, dfd)
             return self._upper_entry(new_path), self._upper_entry(old.path)
 
         if old.is_dir and not old.opaque and new_parent.merged:
-            whiteout.set_opaque(upper.full_path(old.path), self.stack.fmt)
+            _set_opaque(upper, old.path, self.stack.fmt)
             if self.trace is not None:
                 self.trace.opaque_made("rename", old.path, new_path)
         discard: bytes | None = None
@@ -700,14 +714,16 @@ class Union:
             if stat.S_ISDIR(st.st_mode):
                 discard = move_to_work(upper, work, new_path)
             elif old.is_dir:
-                os.unlink(new_path, dir_fd=upper.fd)
+                with upper.at(new_path) as (dfd, rel):
+                    os.unlink(rel, dir_fd=dfd)
         try:
             if old_whiteout:
                 self._rename_leaving_whiteout(old.path, new_path)
                 if self.trace is not None:
                     self.trace.whiteout("rename", old.path, new_path)
             else:
-                os.rename(old.path, new_path, src_dir_fd=upper.fd, dst_dir_fd=upper.fd)
+                with upper.at(old.path) as (sfd, src), upper.at(new_path) as (dfd, dst):
+                    os.rename(src, dst, src_dir_fd=sfd, dst_dir_fd=dfd)
         finally:
             if discard is not None:
                 work.discard(discard)
@@ -716,14 +732,15 @@ class Union:
 
     def _rename_leaving_whiteout(self, old_path: bytes, new_path: bytes) -> None:
         upper = self.stack.layers[0]
-        try:
-            _sys.renameat2(old_path, new_path, _sys.RENAME_WHITEOUT, upper.fd, upper.fd)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOSYS):
-                raise
-        os.rename(old_path, new_path, src_dir_fd=upper.fd, dst_dir_fd=upper.fd)
-        whiteout.make_whiteout(old_path, upper.fd)
+        with upper.at(old_path) as (sfd, src), upper.at(new_path) as (dfd, dst):
+            try:
+                _sys.renameat2(src, dst, _sys.RENAME_WHITEOUT, sfd, dfd)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOSYS):
+                    raise
+            os.rename(src, dst, src_dir_fd=sfd, dst_dir_fd=dfd)
+            whiteout.make_whiteout(src, sfd)
 
     # -- attributes ---------------------------------------------------------------------------------------
 
@@ -760,7 +777,8 @@ class Union:
             os.ftruncate(fd, size)
             return entry
         entry = self.copy_up(entry, data=size != 0)
-        wfd = os.open(entry.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._upper_fd())
+        with At(self._upper_fd(), entry.path) as (dfd, rel):
+            wfd = os.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         try:
             os.ftruncate(wfd, size)
         finally:
@@ -770,19 +788,22 @@ class Union:
     def chown(self, entry: Entry, uid: int, gid: int) -> Entry:
         """chown of the merged view (ids as it shows them; -1 leaves one unchanged)."""
         entry = self.copy_up(entry)
-        self._set_owner(self._object_path(entry), self.lstat(entry), uid, gid)
+        with self._object(entry) as target:
+            self._set_owner(target, self.lstat(entry), uid, gid)
         return entry
 
     def chmod(self, entry: Entry, mode: int) -> Entry:
         if stat.S_ISLNK(entry.st.st_mode):
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         entry = self.copy_up(entry)
-        self._set_mode(self._object_path(entry), self.lstat(entry), mode)
+        with self._object(entry) as target:
+            self._set_mode(target, self.lstat(entry), mode)
         return entry
 
     def utimens(self, entry: Entry, atime_ns: int | None, mtime_ns: int | None) -> Entry:
         entry = self.copy_up(entry)
-        self._set_times(self._object_path(entry), atime_ns, mtime_ns)
+        with self._object(entry) as target:
+            self._set_times(target, atime_ns, mtime_ns)
         return entry
 
     # The real object of an upper entry, or an open descriptor of one: ``target`` is either its full path
@@ -824,9 +845,14 @@ class Union:
 
     # -- xattrs -------------------------------------------------------------------------------------------
 
-    def _object_path(self, entry: Entry) -> bytes:
-        """The full path of ``entry``'s real object, for calls that take no directory descriptor."""
-        return self.stack.layers[entry.layer].full_path(entry.path)
+    def _object(self, entry: Entry) -> ProcAt:
+        """``with self._object(entry) as target``: a path of ``entry``'s real object, for calls that take no
+        directory descriptor."""
+        return self.stack.layers[entry.layer].proc_at(entry.path)
+
+    def _target(self, entry: Entry | int) -> contextlib.AbstractContextManager[bytes | int]:
+        """:meth:`_object` of an entry; a descriptor as it is."""
+        return contextlib.nullcontext(entry) if isinstance(entry, int) else self._object(entry)
 
     def _check_xattrs(self) -> None:
         if not self.xattrs:
@@ -867,26 +893,27 @@ class Union:
         if name.startswith(KEPT_XATTR_PREFIX):
             self._check_xattrs()
             raise OSError(errno.ENODATA, "No data available")  # (never shown under this name)
-        target = entry if isinstance(entry, int) else self._object_path(entry)
-        try:
-            return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
-        except OSError as exc:
-            if exc.errno != errno.ENODATA or not self.ownership.xattr_permissions or name.startswith(b"user."):
-                raise
-            # an xattr an ordinary user's store could not set as it is (security.capability...), kept aside
-            kept = xattrs.get(target, kept_name(name))
-            if kept is None:
-                raise
-            return kept
+        with self._target(entry) as target:
+            try:
+                return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
+            except OSError as exc:
+                if exc.errno != errno.ENODATA or not self.ownership.xattr_permissions or name.startswith(b"user."):
+                    raise
+                # an xattr an ordinary user's store could not set as it is (security.capability...), kept aside
+                kept = xattrs.get(target, kept_name(name))
+                if kept is None:
+                    raise
+                return kept
 
     def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
         """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
         to the superuser only, as the kernel lists them."""
         self._check_xattrs()
-        target = entry if isinstance(entry, int) else self._object_path(entry)
+        with self._target(entry) as target:
+            on_disk = xattrs.names(target)
         privileged = caller is None or caller.uid == 0
         out: dict[bytes, None] = {}  # (ordered, each name once: a kept xattr and its real one show as one)
-        for disk in xattrs.names(target):
+        for disk in on_disk:
             if disk.startswith(KEPT_XATTR_PREFIX):
                 original = kept_original(disk)
                 if self.ownership.xattr_permissions and original and (privileged or not original.startswith(
@@ -911,7 +938,8 @@ class Union:
             return None
         self._may_set_xattr(caller, entry, name)
         entry = self.copy_up(entry)
-        xattrs.write(self._object_path(entry), self._disk_name(name), value, flags)
+        with self._object(entry) as target:
+            xattrs.write(target, self._disk_name(name), value, flags)
         return entry
 
     def removexattr(self, entry: Entry | int, name: bytes, caller: Caller | None = None) -> Entry | None:
@@ -926,14 +954,16 @@ class Union:
             return None
         self._may_set_xattr(caller, entry, name)
         disk = self._disk_name(name)
-        if xattrs.get(self._object_path(entry), disk) is None:
-            if not self._kept(self._object_path(entry), name):
-                raise OSError(errno.ENODATA, "No data available")  # nothing to copy up for
-            # the xattr is one kept aside for what an ordinary user may not set: removing it removes that (the
-            # kernel removes security.capability on every write: a write must not fail for it)
-            disk = kept_name(name)
+        with self._object(entry) as target:
+            if xattrs.get(target, disk) is None:
+                if not self._kept(target, name):
+                    raise OSError(errno.ENODATA, "No data available")  # nothing to copy up for
+                # the xattr is one kept aside for what an ordinary user may not set: removing it removes that (the
+                # kernel removes security.capability on every write: a write must not fail for it)
+                disk = kept_name(name)
         entry = self.copy_up(entry)
-        xattrs.remove(self._object_path(entry), disk)
+        with self._object(entry) as target:
+            xattrs.remove(target, disk)
         return entry
 
     def _kept(self, target: bytes | int, name: bytes) -> bool:
@@ -949,6 +979,11 @@ def _or_keep(ident: int | None) -> int:
 
 def _same_object(a: Entry, b: Entry) -> bool:
     return (a.st.st_dev, a.st.st_ino) == (b.st.st_dev, b.st.st_ino)
+
+
+def _set_opaque(upper: Layer, path: bytes, fmt: XattrFormat) -> None:
+    with upper.proc_at(path) as full:
+        whiteout.set_opaque(full, fmt)
 
 
 def default_format(upper: bytes | None, forced: bool | None) -> XattrFormat:

@@ -28,6 +28,8 @@ import stat
 import time
 from collections.abc import Sequence
 
+from ._at import At
+
 #: a map covering every id: the initial namespace, where every owner is mapped
 _FULL_RANGE = ((0, 0, 4294967295),)
 _CAP_DAC_OVERRIDE = 1
@@ -91,8 +93,8 @@ class UserNamespace:
                    fowner=bool(caps & (1 << _CAP_FOWNER)) and bool(caps & (1 << _CAP_DAC_OVERRIDE)))
 
     def unmapped(self, dir_fd: int, path: bytes, st: os.stat_result) -> tuple[bool, bool] | None:
-        """(uid unmapped, gid unmapped) for the object at ``path`` under ``dir_fd`` whose stat is ``st``, or None
-        when both its ids are mapped (as far as can be told: see the module's doc)."""
+        """(uid unmapped, gid unmapped) for the object at ``path`` (at any depth) under ``dir_fd`` whose stat is
+        ``st``, or None when both its ids are mapped (as far as can be told: see the module's doc)."""
         if self.initial:
             return None
         uid_suspect = st.st_uid == self.overflow_uid
@@ -119,7 +121,8 @@ class UserNamespace:
             return known
         flags = os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            os.close(os.open(path, flags, dir_fd=dir_fd))
+            with At(dir_fd, path) as (fd, name):
+                os.close(os.open(name, flags, dir_fd=fd))
             outside = False
         except OSError as exc:
             # EPERM: O_NOATIME refused, no CAP_FOWNER over the owner; EACCES: no read access, no

@@ -19,6 +19,7 @@ import os
 import stat
 
 from . import xattrs
+from ._at import PATH_MAX, At
 
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
@@ -96,9 +97,8 @@ def is_xattr_whiteout(path: bytes, st: os.stat_result, formats: tuple[XattrForma
     return any(xattrs.get(path, fmt.whiteout) is not None for fmt in formats)
 
 
-#: the longest file name, and the longest path one system call takes (the kernel's PATH_MAX minus the NUL)
+#: the longest file name
 NAME_MAX = 255
-PATH_MAX = 4095
 
 #: the prefix of every AUFS marker, and of the markers that are AUFS's own metadata (not whiteouts)
 AUFS_PREFIX = b".wh."
@@ -135,25 +135,21 @@ AUFS_WHITEOUT_STAT = os.stat_result((stat.S_IFCHR, 0, 0, 1, 0, 0, 0, 0, 0, 0))
 
 
 def has_aufs_marker(dir_fd: int, marker: bytes) -> bool:
-    """Whether marker ``marker`` (a path relative to the layer ``dir_fd``; any type, not followed) exists.
-    One system call, and no exception when it does not (the common answer); an error asking counts as no
-    marker, as access(2) tells no more. A path longer than PATH_MAX is reached through its parent's
-    descriptor."""
+    """Whether marker ``marker`` (a path relative to the layer ``dir_fd``, at any depth; any type, not
+    followed) exists. One system call, and no exception when it does not (the common answer); an error asking
+    counts as no marker, as access(2) tells no more."""
     if len(marker) <= PATH_MAX:
         return os.access(marker, os.F_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False)
-    parent, _, name = marker.rpartition(b"/")
-    if len(name) > NAME_MAX:
+    if len(marker.rpartition(b"/")[2]) > NAME_MAX:
         return False
     try:
-        pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        reach = At(dir_fd, marker)
     except OSError as exc:
         if exc.errno in _ABSENT:
             return False
         raise
-    try:
-        return os.access(name, os.F_OK, dir_fd=pfd, effective_ids=True, follow_symlinks=False)
-    finally:
-        os.close(pfd)
+    with reach as (fd, rel):
+        return os.access(rel, os.F_OK, dir_fd=fd, effective_ids=True, follow_symlinks=False)
 
 
 def has_aufs_opaque(dir_fd: int, path: bytes) -> bool:

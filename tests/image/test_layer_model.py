@@ -128,10 +128,11 @@ def merged_tree(stack: Stack) -> dict[str, Any]:
                 out[key] = "D"
                 walk(child)
             elif stat.S_ISREG(child.st.st_mode):
-                with open(stack.layers[child.layer].full_path(child.path), "rb") as f:
+                with stack.layers[child.layer].proc_at(child.path) as full, open(full, "rb") as f:
                     out[key] = f.read()
             elif stat.S_ISLNK(child.st.st_mode):
-                out[key] = ("L", os.readlink(stack.layers[child.layer].full_path(child.path)).decode())
+                with stack.layers[child.layer].proc_at(child.path) as full:
+                    out[key] = ("L", os.readlink(full).decode())
             else:
                 out[key] = ("OTHER", stat.S_IFMT(child.st.st_mode))
 

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -472,22 +472,50 @@ def stat_node(st: os.stat_result, *, stable_only: bool = True) -> Node:
     )
 
 
+#: paths longer than this are reached in steps by :func:`reach`
+_SHORT_PATH = 3800
+
+
+@contextlib.contextmanager
+def reach(path: str) -> Iterator[str]:
+    """A path naming the absolute ``path`` that one system call takes, at any depth: ``path`` itself when short,
+    else ``/proc/self/fd/N/NAME`` with N its parent directory, opened one name at a time (so that the snapshots
+    of trees deeper than PATH_MAX read them the way the tests make them: relative to a directory)."""
+    if len(os.fsencode(path)) <= _SHORT_PATH:
+        yield path
+        return
+    head, _, name = path.rpartition("/")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        for part in head.strip("/").split("/"):
+            inner = os.open(part, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
 def _walk(root: Path) -> Iterable[tuple[str, str, os.stat_result]]:
-    """Yield ``(relative path, absolute path, lstat)`` for ``root`` (as ``.``) and everything below it."""
+    """Yield ``(relative path, a path to it, lstat)`` for ``root`` (as ``.``) and everything below it, at any
+    depth (see :func:`reach`: the path yielded is valid until the next item is asked for)."""
     st = os.lstat(root)
     yield ".", str(root), st
     stack = [("", str(root))]
     while stack:
         rel, absdir = stack.pop()
-        for name in sorted(os.listdir(absdir)):
+        with reach(absdir) as d:
+            names = sorted(os.listdir(d))
+        for name in names:
             r = f"{rel}/{name}" if rel else name
             a = os.path.join(absdir, name)
-            try:
-                st = os.lstat(a)
-            except OSError as exc:
-                yield r, a, exc  # type: ignore[misc]
-                continue
-            yield r, a, st
+            with reach(a) as p:
+                try:
+                    st = os.lstat(p)
+                except OSError as exc:
+                    yield r, p, exc  # type: ignore[misc]
+                    continue
+                yield r, p, st
             if stat.S_ISDIR(st.st_mode):
                 stack.append((r, a))
 
