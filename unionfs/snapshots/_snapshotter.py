@@ -67,6 +67,16 @@ def _step(name: str) -> None:
         crash_hook(name)
 
 
+def _widen_to(path: str, mode: int) -> None:
+    """Give ``path`` the permission bits ``mode`` when it has only some of them: what ``mkdir`` under a umask
+    leaves, also when a crash came between the mkdir and the chmod that follows it. Other modes (set on
+    purpose) and a directory of another owner stay as they are."""
+    with contextlib.suppress(OSError):  # best effort: never a reason not to open the store
+        now = stat.S_IMODE(os.stat(path).st_mode)
+        if now != mode and now & ~mode == 0:
+            os.chmod(path, mode)
+
+
 def default_root() -> str:
     """``$UNIONFS_ROOT``, else ``$XDG_DATA_HOME/unionfs``, else ``~/.local/share/unionfs``."""
     env = os.environ.get(ROOT_ENV)
@@ -178,7 +188,7 @@ class Snapshotter:
             for d, mode in ((self.snapshots_dir, 0o700), (self.empty_dir, 0o755)):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(d, mode)
-                    os.chmod(d, mode)
+                _widen_to(d, mode)
         except OSError as exc:
             raise FailedPrecondition(f"cannot create the store {self.root}: {exc.strerror}") from None
         self._store = Store(os.path.join(self.root, "metadata.db"), timeout)
@@ -797,9 +807,11 @@ class Snapshotter:
 
     def cleanup(self) -> list[str]:
         """Delete every entry of ``snapshots/`` that no snapshot refers to (left by a crash or an interrupted
-        remove); returns their names."""
+        remove); returns their names. Records of mounts that have ended, and the temporary files of records
+        whose writer was killed, go too (as every mount and ``fsck --repair`` deletes them)."""
         with self._store.write() as tx:
             claimed = self._claim_orphans(tx.ids())
+            self._registry.prune(mountinfo.read())
         for name, path in claimed:
             with self.progress(f"cleanup: deleting snapshots/{name}") as tick:
                 _files.remove_tree(path, tick)
