@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ from unionfs.snapshots import Snapshotter
 
 #: a process id no process has (above any pid_max): a mount record of it is dead
 DEAD_PID = 2**31 - 2
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A fresh directory, on tmpfs where there is one: hundreds of copies of a store are made, opened and
+    checked, and a kill of a process (unlike a power loss) does not depend on the file system, while the
+    fsyncs of SQLite and the store cost much more on a disk that others use too."""
+    shm = Path("/dev/shm")
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    d = Path(tempfile.mkdtemp(prefix="unionfs-killpoints-", dir=parent))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 # -- stores ----------------------------------------------------------------------------------------------------
@@ -387,3 +401,30 @@ def test_regression_cleanup_deletes_dead_mount_records(scratch: Path) -> None:
     with Snapshotter(root) as sn:
         sn.cleanup()
     assert os.listdir(root / "mounts") == [live.name]
+
+
+def test_kill_remove_of_a_big_layer_at_every_step(scratch: Path) -> None:
+    """remove of a committed snapshot of 300 files in 30 directories: every kill point of its deletion."""
+    template = scratch / "template"
+    build(template, big=300)
+    result = kill_everywhere("remove_big", template, scratch / "out", least=330)
+    print(f"remove of 300 files: {result['dry']['events']} kill points")
+
+
+def test_regression_fsck_repair_of_a_lost_image_layer(scratch: Path) -> None:
+    # fsck called the lost directory of an image's top layer repairable ("forget the snapshot"); --repair then
+    # failed with sqlite3.IntegrityError (the image's row refers to it) and repaired nothing else either.
+    root = scratch / "store"
+    build(root)
+    add_orphans(root)
+    with Snapshotter(root) as sn:
+        sn.put_image("img", manifest_digest="sha256:" + "0" * 64, manifest_media_type="application/json",
+                     config_digest="sha256:" + "1" * 64, top="side", platform="linux/amd64")
+        shutil.rmtree(_fs(sn, "side").parent)
+        (lost,) = [f for f in sn.fsck() if f.subject.startswith('snapshot "side"')]
+        assert not lost.repairable and "image img" in lost.problem and "unionfs image rm" in lost.problem
+        repaired = sn.fsck(repair=True)
+        assert [str(f) for f in repaired if not f.repaired] == [str(lost)]
+        assert [str(f) for f in sn.fsck()] == [str(lost)]  # the orphans went
+        assert sn.remove_image("img") == ["side"]
+        assert sn.fsck() == []

@@ -844,8 +844,8 @@ class Snapshotter:
 
         Found and repaired: directories no snapshot refers to (deleted), a missing ``work`` directory of an
         active snapshot (recreated), a committed snapshot without frozen usage (measured). A snapshot whose
-        directory or layer is missing is unrecoverable: repair forgets it when nothing is built on it, and
-        only reports it otherwise. Database corruption is reported, never repaired."""
+        directory or layer is missing is unrecoverable: repair forgets it when nothing is built on it and no
+        image has it as a layer, and only reports it otherwise. Database corruption is reported, never repaired."""
         findings: list[Finding] = []
         claimed: list[tuple[str, str]] = []
         dropped: set[int] = set()
@@ -858,6 +858,7 @@ class Snapshotter:
             for r in rows.values():
                 if r.parent_id is not None:
                     children[r.parent_id] = children.get(r.parent_id, 0) + 1
+            images = tx.images_on(set(rows))
             for r in rows.values():
                 subject = f'snapshot "{r.key}" (snapshots/{r.id})'
                 parent = rows.get(r.parent_id) if r.parent_id is not None else None
@@ -869,6 +870,13 @@ class Snapshotter:
                     if children.get(r.id):
                         findings.append(Finding(subject, f"its {lost} is missing and snapshots are built on it",
                                                 repairable=False))
+                        continue
+                    if images.get(r.id):
+                        names = images[r.id]
+                        findings.append(Finding(
+                            subject, f"its {lost} is missing and it is a layer of the image"
+                            f'{"s" if len(names) > 1 else ""} {", ".join(names)}; remove '
+                            f'{"them" if len(names) > 1 else "it"} with `unionfs image rm`', repairable=False))
                         continue
                     if repair:
                         tx.delete(r.id)
