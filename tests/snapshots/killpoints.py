@@ -31,8 +31,11 @@ from typing import Any
 MUTATING = frozenset({
     "os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "os.chmod", "os.chown",
     "os.utime", "os.truncate", "os.setxattr", "os.removexattr", "os.mknod", "os.mkfifo", "sqlite3.connect",
-    "ctypes.call_function",
+    "ctypes.call_function", "os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen",
 })
+#: The prefix of the pseudo-events of the C functions :mod:`unionfs._sys` calls through ctypes (mount(2),
+#: renameat2(2), ...): foreign function calls raise no audit event, so the child wraps them.
+CTYPES = "ctypes:"
 #: The pseudo-event of a named step of the store.
 STEP = "step"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -40,7 +43,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 def counts(event: str, args: tuple[Any, ...]) -> bool:
     """Whether the audit event ``event`` is a kill point."""
-    if event in MUTATING or event == STEP:
+    if event in MUTATING or event == STEP or event.startswith(CTYPES):
         return True
     if event == "open":
         mode, flags = args[1], args[2]
@@ -148,11 +151,28 @@ OPS: dict[str, tuple[Callable[[Any, str], None], bool]] = {
     "cli_cleanup": (_cli("cleanup"), False),
     "cli_rm": (_cli("rm", "leaf", "v0"), False),
     "cli_fsck_repair": (_cli("fsck", "--repair"), False),
+    "cli_mount": (lambda sn, root: _cli("mount", "v0", os.path.join(os.path.dirname(root), "mp"))(sn, root), False),
     "probe": (_op_probe, False),
 }
 
 
 # -- the child -------------------------------------------------------------------------------------------------
+
+
+def _wrap_foreign_functions(hook: Callable[[str, tuple[Any, ...]], None]) -> None:
+    """Make each ctypes function of :mod:`unionfs._sys` call ``hook`` first (its event ``ctypes:NAME``)."""
+    import ctypes
+
+    from unionfs import _sys
+
+    for name, value in list(vars(_sys).items()):
+        if isinstance(value, ctypes._CFuncPtr):
+
+            def wrapped(*args: Any, _f: Any = value, _name: str = name) -> Any:
+                hook(CTYPES + _name, args)
+                return _f(*args)
+
+            setattr(_sys, name, wrapped)
 
 
 def _child(op: str, root: str, kill_at: int, log_path: str, umask: int | None) -> None:
@@ -171,9 +191,10 @@ def _child(op: str, root: str, kill_at: int, log_path: str, umask: int | None) -
         sn = Snapshotter(root, create=False) if opens else None
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         seen = [0]
+        me = os.getpid()
 
         def hook(event: str, args: tuple[Any, ...]) -> None:
-            if not counts(event, args):
+            if not counts(event, args) or os.getpid() != me:  # (a server forked by the operation inherits it)
                 return
             seen[0] += 1
             os.write(log_fd, f"{seen[0]}\t{event}\t{args!r}\n".encode("utf-8", "backslashreplace"))
@@ -181,6 +202,7 @@ def _child(op: str, root: str, kill_at: int, log_path: str, umask: int | None) -
                 os.kill(os.getpid(), signal.SIGKILL)
 
         _snapshotter.crash_hook = lambda name: hook(STEP, (name,))
+        _wrap_foreign_functions(hook)
         sys.addaudithook(hook)
         fn(sn, root)
         if sn is not None:
@@ -208,6 +230,7 @@ def _run_one(op: str, template: str, base: Path, kill_at: int, umask: int | None
     root = base / "store"
     if os.path.exists(template):
         shutil.copytree(template, root, symlinks=True)
+    (base / "mp").mkdir()
     log = base / "events.log"
     pid = os.fork()
     if pid == 0:
@@ -224,7 +247,8 @@ def main() -> None:
     kill point, else a list of them) and umask; writes out/result.json."""
     spec = json.loads(Path(sys.argv[1]).read_text())
     sys.dont_write_bytecode = True
-    import unionfs.snapshots.cli  # noqa: F401  (everything a child needs, loaded before the first fork)
+    import unionfs.fuse.server  # noqa: F401  (everything a child needs, loaded before the first fork)
+    import unionfs.snapshots.cli  # noqa: F401
 
     out = Path(spec["out"])
     op, template, umask = spec["op"], spec["template"], spec.get("umask")
@@ -232,7 +256,7 @@ def main() -> None:
     runs = []
     if dry["finished"]:
         total = int(str(dry["events"]))
-        points = spec.get("sample") or range(1, total + 1)
+        points = spec["sample"] if spec.get("sample") is not None else range(1, total + 1)
         runs = [_run_one(op, template, out / f"{n:05d}", n, umask) for n in points if 1 <= n <= total]
     (out / "result.json").write_text(json.dumps({"dry": dry, "runs": runs}))
 

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +22,9 @@ from typing import Any
 
 import killpoints
 import pytest
-from harness import describe
+from harness import describe, fuse_unavailable, is_mounted, lazy_unmount, remove_scratch, wait_until
 
-from unionfs.snapshots import Snapshotter
+from unionfs.snapshots import FailedPrecondition, Snapshotter
 
 #: a process id no process has (above any pid_max): a mount record of it is dead
 DEAD_PID = 2**31 - 2
@@ -38,7 +40,7 @@ def scratch() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="unionfs-killpoints-", dir=parent))
     os.chmod(d, 0o755)
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    remove_scratch(d)  # (unmounts what the mount tests left)
 
 
 # -- stores ----------------------------------------------------------------------------------------------------
@@ -427,4 +429,89 @@ def test_regression_fsck_repair_of_a_lost_image_layer(scratch: Path) -> None:
         assert [str(f) for f in repaired if not f.repaired] == [str(lost)]
         assert [str(f) for f in sn.fsck()] == [str(lost)]  # the orphans went
         assert sn.remove_image("img") == ["side"]
+        assert sn.fsck() == []
+
+
+def _cli_mount(root: Path, mp: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "unionfs", "snapshot", "--root", str(root), "mount", "v0", str(mp)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: is_mounted(mp), f"{mp} to be mounted")
+
+
+def _unmount(mp: Path) -> None:
+    lazy_unmount(mp)
+    wait_until(lambda: not is_mounted(mp), f"{mp} to be unmounted")
+
+
+def test_kill_cli_mount_at_every_step(scratch: Path) -> None:
+    """`unionfs snapshot mount` of a view killed at every step (also before mount(2) and before it forks the
+    server): while a mount is left, the snapshots it shows cannot be removed; once it is unmounted, fsck
+    --repair leaves nothing behind and the view can be mounted again."""
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+    template = scratch / "template"
+    build(template)
+    result = killpoints.spawn("cli_mount", template, scratch / "out")
+    dry = result["dry"]
+    assert dry["finished"], result["stderr"][-2000:]
+    events, _ = killpoints.read_log(Path(dry["dir"]) / "events.log")
+    names = [e.split("\t")[0] for e in events]
+    assert "ctypes:_mount" in names and "os.fork" in names, names
+    _unmount(Path(dry["dir"]) / "mp")
+    left_mounted = 0
+    for run in result["runs"]:
+        where = f"mount killed at event {run['n']} ({run['last']})"
+        assert run["killed"], where
+        root, mp = Path(run["dir"]) / "store", Path(run["dir"]) / "mp"
+        mounted = is_mounted(mp)
+        left_mounted += mounted
+        with Snapshotter(root, create=False) as sn:
+            findings = sn.fsck()
+            assert all(f.repairable for f in findings), f"{where}: {[str(f) for f in findings]}"
+            if mounted:
+                with pytest.raises(FailedPrecondition, match="mounted"):
+                    sn.remove("v0")
+        _unmount(mp)
+        with Snapshotter(root, create=False) as sn:
+            sn.fsck(repair=True)
+            assert sn.fsck() == [], where
+        tidy = state(root)
+        assert tidy["entries"] == sorted(map(str, tidy["meta"])) and tidy["mounts"] == [], where
+        _cli_mount(root, mp)
+        with Snapshotter(root, create=False) as sn, pytest.raises(FailedPrecondition, match="mounted"):
+            sn.remove("v0")
+        _unmount(mp)
+    assert left_mounted >= 3  # killed after mount(2): before the fork, before and while recording the device
+
+
+@pytest.mark.parametrize("at", ["os.fork", "placed"])
+def test_regression_mount_killed_before_recording_its_device_protects_the_view(at: str, scratch: Path) -> None:
+    # `unionfs snapshot mount` killed after mount(2) but before it wrote the mount's device into the record
+    # left a record of a dead process, which counted as no mount: the view (and, once it was removed, the
+    # snapshots beneath it) could be removed under the mount.
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+    template = scratch / "template"
+    build(template)
+    if at == "os.fork":
+        n = _point(scratch / "find", "cli_mount", template, lambda e: e.startswith("os.fork"))
+    else:
+        n = _point(scratch / "find", "cli_mount", template, lambda e: e.startswith("os.fork")) + 1
+    _unmount(scratch / "find" / "dry" / "mp")
+    (run,) = killpoints.spawn("cli_mount", template, scratch / "out", sample=[n])["runs"]
+    root, mp = Path(run["dir"]) / "store", Path(run["dir"]) / "mp"
+    assert run["killed"] and is_mounted(mp), run  # the premise
+    with Snapshotter(root, create=False) as sn:
+        with pytest.raises(FailedPrecondition, match="mounted on"):
+            sn.remove("v0")
+        sn.fsck(repair=True)  # (keeps the record: the mount is there)
+        with pytest.raises(FailedPrecondition, match="mounted on"):
+            sn.remove("v0")
+    _unmount(mp)
+    with Snapshotter(root, create=False) as sn:
+        sn.remove("v0")
+        assert sn.cleanup() == [] and os.listdir(sn.mounts_dir) == []  # (the record is dead now)
         assert sn.fsck() == []

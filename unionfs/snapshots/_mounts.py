@@ -6,7 +6,8 @@ command records each mount it makes in ``mounts/<token>.json`` under the store: 
 ids of the snapshot and of every snapshot beneath it, the process that is making it, and, once the mount is in
 place, its device number. A record whose device is known is live while the mount table holds a mount of that
 device on that mount point; one whose device is not known yet (being mounted, or served in the foreground) is
-live while its process runs. Records that are no longer live are dead weight, deleted when met under the
+live while its process runs, or while a unionfs mount is on its mount point (its process was killed after it
+mounted and before it recorded the device). Records that are no longer live are dead weight, deleted when met under the
 store's write lock.
 
 A bind mount (what ``unionfs snapshot mounts`` prints for a chain of one layer) shows in the mount table as a
@@ -45,7 +46,9 @@ class Record:
     def live(self, table: Sequence[MountEntry]) -> bool:
         if self.dev is not None:
             return any(e.mount_point == self.mountpoint and (e.major, e.minor) == self.dev for e in table)
-        return _running(self.pid)
+        # being mounted; or mounted by a process killed before it could record the device: live while a
+        # unionfs mount is on its mount point
+        return _running(self.pid) or any(e.mount_point == self.mountpoint and e.fstype == FSTYPE for e in table)
 
 
 def _running(pid: int) -> bool:
