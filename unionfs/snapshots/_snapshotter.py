@@ -48,12 +48,17 @@ MAX_LABEL_BYTES = 4096
 #: The most bytes a key or name may take.
 MAX_KEY_BYTES = 4096
 
-#: The steps of prepare (and view), commit and remove after which a crash leaves a distinct state. ``crash_hook``
-#: is called with each name as the step completes (tests use it to kill the process at that point).
+#: The steps of prepare (and view), commit, remove, cleanup, ``fsck --repair`` and the recording of a mount
+#: (begin_mount, begin_chain_mount) after which a crash leaves a distinct state: in particular the moments just
+#: before and just after each SQLite transaction commits. ``crash_hook`` is called with each name as the step
+#: completes (tests use it to kill the process at that point).
 STEPS = (
     "prepare.locked", "prepare.tempdir", "prepare.inserted", "prepare.renamed", "prepare.committed",
     "commit.locked", "commit.usage", "commit.updated", "commit.committed",
     "remove.locked", "remove.deleted", "remove.committed", "remove.renamed", "remove.deleting", "remove.done",
+    "cleanup.locked", "cleanup.claimed", "cleanup.committed", "cleanup.done",
+    "fsck.locked", "fsck.repaired", "fsck.committed", "fsck.done",
+    "mount.locked", "mount.recorded", "mount.committed",
 )
 crash_hook: Callable[[str], None] | None = None
 
@@ -759,6 +764,7 @@ class Snapshotter:
         spec = self.mount_spec(key, options)
         target = os.fsencode(os.path.realpath(mountpoint))
         with self._store.write() as tx:
+            _step("mount.locked")
             row = self._get(tx, key)
             if row.kind == Kind.ACTIVE.value:
                 try:
@@ -771,6 +777,8 @@ class Snapshotter:
                     ) from None
             self._registry.prune(mountinfo.read())
             record = self._registry.add(target, row.key, [row.id, *(a.id for a in tx.ancestors(row.id))])
+            _step("mount.recorded")
+        _step("mount.committed")
         return spec, record
 
     def begin_chain_mount(self, name: str | None, mountpoint: str | os.PathLike[str],
@@ -785,6 +793,7 @@ class Snapshotter:
             return (parse([render(spec), *options]) if options else spec), None
         target = os.fsencode(os.path.realpath(mountpoint))
         with self._store.write() as tx:
+            _step("mount.locked")
             row = self._get(tx, name)
             if row.kind != Kind.COMMITTED.value:
                 raise FailedPrecondition(f'snapshot "{name}" is {_kind_with_article(row.kind)}, not committed')
@@ -792,6 +801,8 @@ class Snapshotter:
             spec = self._union_spec([self._fs(r.id) for r in chain], readonly=True, pin_xattr=True)
             self._registry.prune(mountinfo.read())
             record = self._registry.add(target, row.key, [r.id for r in chain])
+            _step("mount.recorded")
+        _step("mount.committed")
         return (parse([render(spec), *options]) if options else spec), record
 
     def mount_placed(self, record: MountRecord) -> None:
@@ -810,12 +821,16 @@ class Snapshotter:
         remove); returns their names. Records of mounts that have ended, and the temporary files of records
         whose writer was killed, go too (as every mount and ``fsck --repair`` deletes them)."""
         with self._store.write() as tx:
+            _step("cleanup.locked")
             claimed = self._claim_orphans(tx.ids())
             self._registry.prune(mountinfo.read())
+            _step("cleanup.claimed")
+        _step("cleanup.committed")
         for name, path in claimed:
             with self.progress(f"cleanup: deleting snapshots/{name}") as tick:
                 _files.remove_tree(path, tick)
             log.info("cleanup: deleted snapshots/%s", name)
+        _step("cleanup.done")
         return [name for name, _path in claimed]
 
     def _claim_orphans(self, ids: set[int]) -> list[tuple[str, str]]:
@@ -850,7 +865,9 @@ class Snapshotter:
         claimed: list[tuple[str, str]] = []
         dropped: set[int] = set()
         ctx = self._store.write() if repair else self._store.read()
+        step = _step if repair else (lambda name: None)
         with ctx as tx:
+            step("fsck.locked")
             for problem in tx.integrity():
                 findings.append(Finding("metadata.db", problem, repairable=False))
             rows = {r.id: r for r in tx.all()}
@@ -910,10 +927,13 @@ class Snapshotter:
                                         repaired=repair, repair="delete it", done="deleted"))
             if repair:
                 claimed += self._claim_orphans(ids)
+            step("fsck.repaired")
+        step("fsck.committed")
         for name, path in claimed:
             with self.progress(f"fsck: deleting snapshots/{name}") as tick:
                 _files.remove_tree(path, tick)
             log.info("fsck: deleted snapshots/%s", name)
+        step("fsck.done")
         return findings
 
     def _gone_mounts(self, ids: set[int], keys: Mapping[int, str]) -> list[Finding]:
