@@ -215,6 +215,95 @@ def _child(op: str, root: str, kill_at: int, log_path: str, umask: int | None) -
         os._exit(status)
 
 
+#: The system calls that change files (or may), for the kills :mod:`strace` injects: SQLite's writes to the
+#: database and its write-ahead log, its fsyncs and truncations, and every other write of the operation.
+SYSCALLS = (
+    "openat", "write", "pwrite64", "writev", "pwritev", "fsync", "fdatasync", "ftruncate", "fallocate",
+    "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat", "rmdir", "fchmod", "fchmodat",
+    "fchown", "fchownat", "link", "linkat", "symlink", "symlinkat", "fsetxattr", "setxattr", "lsetxattr",
+)
+
+
+def _traced_child(op: str, root: str, log_path: str, ready: int, go: int) -> None:
+    """Open the store, say so on ``ready``, wait for a byte on ``go`` (strace attaches meanwhile), run ``op``;
+    never returns."""
+    status = 1
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        from unionfs.snapshots import Snapshotter
+
+        fn, opens = OPS[op]
+        sn = Snapshotter(root, create=False) if opens else None
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(ready, b"r")
+        os.read(go, 1)
+        fn(sn, root)
+        if sn is not None:
+            sn.close()  # (SQLite checkpoints its log into the database here)
+        os.write(log_fd, b"finished\n")
+        status = 0
+    except BaseException as exc:
+        print(f"killpoints traced child {op}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        os._exit(status)
+
+
+def _run_traced(op: str, template: str, base: Path, kill: tuple[str, int] | None) -> dict[str, object]:
+    """One run of ``op`` under strace: counting the calls of :data:`SYSCALLS` (``kill`` None) or killing at
+    the k-th call of one of them."""
+    base.mkdir()
+    root = base / "store"
+    shutil.copytree(template, root, symlinks=True)
+    (base / "mp").mkdir()
+    log = base / "events.log"
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        _traced_child(op, str(root), str(log), ready_w, go_r)
+    os.close(ready_w)
+    os.close(go_r)
+    os.read(ready_r, 1)
+    if kill is None:
+        args = ["-e", "trace=" + ",".join(SYSCALLS), "-o", str(base / "strace.log")]
+    else:
+        args = ["-e", f"trace={kill[0]}", "-e", f"inject={kill[0]}:signal=KILL:when={kill[1]}", "-o", os.devnull]
+    tracer = subprocess.Popen(["strace", "-qq", "-p", str(pid), *args], stderr=subprocess.PIPE)
+    while not _traced(pid):
+        if tracer.poll() is not None:
+            raise RuntimeError(f"strace failed: {tracer.stderr.read() if tracer.stderr else ''!r}")
+    os.write(go_w, b"g")
+    _, status = os.waitpid(pid, 0)
+    tracer.wait(timeout=60)
+    os.close(ready_r)
+    os.close(go_w)
+    _, finished = read_log(log)
+    counted: dict[str, int] = {}
+    if kill is None:
+        for line in (base / "strace.log").read_text().splitlines():
+            name = line.partition("(")[0]
+            if name in SYSCALLS:
+                counted[name] = counted.get(name, 0) + 1
+    return {"n": f"{kill[0]}#{kill[1]}" if kill else 0, "dir": str(base), "finished": finished,
+            "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
+            "exit": os.waitstatus_to_exitcode(status), "events": counted,
+            "last": f"the call {kill[1]} of {kill[0]}" if kill else None}
+
+
+def _traced(pid: int) -> bool:
+    """Whether a tracer is attached to ``pid`` (TracerPid in its status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1]) != 0
+    return False
+
+
 def read_log(path: str | os.PathLike[str]) -> tuple[list[str], bool]:
     """The events a child logged (``event<TAB>args``, in order) and whether it finished."""
     try:
@@ -252,6 +341,14 @@ def main() -> None:
 
     out = Path(spec["out"])
     op, template, umask = spec["op"], spec["template"], spec.get("umask")
+    if spec.get("strace"):
+        dry = _run_traced(op, template, out / "dry", None)
+        counted = dry["events"]
+        assert isinstance(counted, dict)
+        kills = [(name, k) for name in SYSCALLS for k in range(1, counted.get(name, 0) + 1)]
+        runs = [_run_traced(op, template, out / f"{name}-{k:05d}", (name, k)) for name, k in kills]
+        (out / "result.json").write_text(json.dumps({"dry": dry, "runs": runs}))
+        return
     dry = _run_one(op, template, out / "dry", 0, umask)
     runs = []
     if dry["finished"]:
@@ -267,14 +364,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def spawn(op: str, template: Path, out: Path, sample: Sequence[int] | None = None, umask: int | None = None,
-          timeout: float = 300) -> dict[str, Any]:
-    """Run the spawner for ``op`` on a copy of ``template`` per kill point under ``out``; its result."""
+          timeout: float = 300, strace: bool = False) -> dict[str, Any]:
+    """Run the spawner for ``op`` on a copy of ``template`` per kill point under ``out``; its result. With
+    ``strace``, the kill points are the calls of :data:`SYSCALLS` instead, each killed by strace."""
     import unionfs
 
     out.mkdir(parents=True)
     spec = out / "spec.json"
     spec.write_text(json.dumps({"op": op, "template": str(template), "out": str(out),
-                                "sample": list(sample) if sample is not None else None, "umask": umask}))
+                                "sample": list(sample) if sample is not None else None, "umask": umask,
+                                "strace": strace}))
     top = str(Path(unionfs.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([top, str(HERE)]), PYTHONDONTWRITEBYTECODE="1")
     r = subprocess.run([sys.executable, "-c", "import killpoints; killpoints.main()", str(spec)],

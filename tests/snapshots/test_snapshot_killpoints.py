@@ -228,17 +228,22 @@ _STEP_FAMILY = {"prepare": "prepare", "view": "prepare", "commit": "commit", "re
 
 
 def kill_everywhere(op: str, template: Path, out: Path, *, sample: list[int] | None = None,
-                    umask: int | None = None, least: int = 1) -> dict[str, Any]:
-    """Kill ``op`` at every kill point (or those of ``sample``) on copies of ``template`` and check each."""
-    result = killpoints.spawn(op, template, out, sample, umask)
+                    umask: int | None = None, least: int = 1, strace: bool = False) -> dict[str, Any]:
+    """Kill ``op`` at every kill point (or those of ``sample``) on copies of ``template`` and check each; with
+    ``strace``, at every call of the system calls that write (killpoints.SYSCALLS) instead."""
+    result = killpoints.spawn(op, template, out, sample, umask, strace=strace)
     dry = result["dry"]
     assert dry["finished"] and not dry["killed"], f"the uninterrupted {op} failed: {result['stderr'][-2000:]}"
-    assert dry["events"] >= least, f"{op}: only {dry['events']} kill points"
-    events, _ = killpoints.read_log(Path(dry["dir"]) / "events.log")
-    steps = [e.split("\t")[1] for e in events if e.startswith(killpoints.STEP + "\t")]
-    family = next((v for k, v in _STEP_FAMILY.items() if k in op), None)
-    if family is not None:  # each named step of the operation is a kill point too
-        assert {s for s in STEPS if s.startswith(family + ".")} <= {s[2:-3] for s in steps}, steps
+    if strace:
+        total = sum(dry["events"].values())
+        assert len(result["runs"]) == total >= least, dry["events"]
+    else:
+        assert dry["events"] >= least, f"{op}: only {dry['events']} kill points"
+        events, _ = killpoints.read_log(Path(dry["dir"]) / "events.log")
+        steps = [e.split("\t")[1] for e in events if e.startswith(killpoints.STEP + "\t")]
+        family = next((v for k, v in _STEP_FAMILY.items() if k in op), None)
+        if family is not None:  # each named step of the operation is a kill point too
+            assert {s for s in STEPS if s.startswith(family + ".")} <= {s[2:-3] for s in steps}, steps
     create = op == "create"
     before = None if create else state(template)
     before_findings: set[str] = set()
@@ -246,8 +251,9 @@ def kill_everywhere(op: str, template: Path, out: Path, *, sample: list[int] | N
         with Snapshotter(template, create=False) as sn:
             before_findings = {str(f) for f in sn.fsck() if not f.subject.startswith("snapshots/")}
     after = state(Path(dry["dir"]) / "store", create)
-    expected = sample if sample is not None else list(range(1, dry["events"] + 1))
-    assert [r["n"] for r in result["runs"]] == expected
+    if not strace:
+        expected = sample if sample is not None else list(range(1, dry["events"] + 1))
+        assert [r["n"] for r in result["runs"]] == expected
     for run in result["runs"]:
         check_after_kill(op, run, before, after, before_findings)
     return result
@@ -525,3 +531,23 @@ def test_regression_mount_killed_before_recording_its_device_protects_the_view(a
         sn.remove("v0")
         assert sn.cleanup() == [] and os.listdir(sn.mounts_dir) == []  # (the record is dead now)
         assert sn.fsck() == []
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.parametrize("op", ["prepare", "commit", "remove", "cleanup", "fsck_repair"])
+def test_kill_at_every_write_system_call(op: str, scratch: Path) -> None:
+    """Killed by strace at each call of each system call that writes (the k-th pwrite64, fdatasync, ...),
+    SQLite's own included: its writes to the write-ahead log, the fsyncs of a commit, the checkpoint into
+    the database when the store is closed."""
+    template = scratch / "template"
+    build(template)
+    if op in ("cleanup", "fsck_repair"):
+        if op == "fsck_repair":
+            damage(template)
+        add_orphans(template)
+    result = kill_everywhere(op, template, scratch / "out", strace=True, least=10)
+    counted = result["dry"]["events"]
+    if op == "cleanup":  # (its transaction changes no row: SQLite writes nothing)
+        assert counted.get("rename", 0) == 3 and counted.get("unlink", 0) >= 4, counted  # (rm-* is claimed)
+        return
+    assert counted.get("pwrite64", 0) >= 2 and counted.get("fdatasync", 0) + counted.get("fsync", 0) >= 2, counted
