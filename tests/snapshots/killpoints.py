@@ -102,6 +102,10 @@ def _op_mount_placed(sn: Any, root: str) -> None:
     sn.mount_placed(record)
 
 
+def _op_remove_image(sn: Any, root: str) -> None:
+    sn.remove_image("img")
+
+
 def _op_create(sn: Any, root: str) -> None:
     from unionfs.snapshots import Snapshotter
 
@@ -143,6 +147,7 @@ OPS: dict[str, tuple[Callable[[Any, str], None], bool]] = {
     "remove": (_op_remove, True),
     "remove_all": (_op_remove_all, True),
     "remove_big": (_op_remove_big, True),
+    "remove_image": (_op_remove_image, True),
     "cleanup": (_op_cleanup, True),
     "fsck_repair": (_op_fsck_repair, True),
     "mount_ended": (_op_mount_ended, True),

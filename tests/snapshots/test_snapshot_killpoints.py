@@ -126,12 +126,13 @@ def state(root: Path, create: bool = False, trees: bool = True) -> dict[str, Any
         with sn._store.read() as tx:
             rows = tx.all()
             xattr = tx.meta("xattr")
+            images = sorted((i.name, i.top_id) for i in tx.images())
         meta = {r.id: (r.key, r.kind, r.parent_id, sorted(r.labels.items()), r.size, r.inodes) for r in rows}
         layers = {r.id: describe(sn._fs(r.id)) if trees and os.path.isdir(sn._fs(r.id)) else None for r in rows}
         works = {r.id: os.path.isdir(sn._work(r.id)) for r in rows}
     mounts = root / "mounts"
     return {
-        "meta": meta, "layers": layers, "works": works, "xattr": xattr,
+        "meta": meta, "images": images, "layers": layers, "works": works, "xattr": xattr,
         "entries": sorted(os.listdir(root / "snapshots")),
         "mounts": sorted(os.listdir(mounts)) if mounts.is_dir() else [],
         "modes": {d: oct(stat.S_IMODE(os.stat(root / d).st_mode)) for d in ("snapshots", "empty")},
@@ -155,6 +156,8 @@ def _redo(op: str) -> Callable[[Snapshotter], None]:
             sn.remove("side")
         elif op in ("remove_all", "cli_rm") and exists(sn, "leaf"):
             sn.remove_all(["leaf", "v0"])
+        elif op == "remove_image" and sn.images():
+            sn.remove_image("img")
         elif op == "remove_big" and exists(sn, "big"):
             sn.remove("big")
         elif op in ("cleanup", "cli_cleanup"):
@@ -180,10 +183,11 @@ def check_after_kill(op: str, run: dict[str, Any], before: dict[str, Any] | None
     create = op == "create"
     now = state(root, create)
     # before or after, never between
-    if before is not None and now["meta"] == before["meta"]:
+    if before is not None and (now["meta"], now["images"]) == (before["meta"], before["images"]):
         ref = before
     else:
-        assert now["meta"] == after["meta"], f"{where}: metadata neither before nor after: {now['meta']}"
+        assert (now["meta"], now["images"]) == (after["meta"], after["images"]), \
+            f"{where}: metadata neither before nor after: {now['meta']} {now['images']}"
         ref = after
     for sid, tree in now["layers"].items():
         assert tree == ref["layers"][sid], f"{where}: the layer of {now['meta'][sid][0]} changed"
@@ -224,7 +228,9 @@ def check_after_kill(op: str, run: dict[str, Any], before: dict[str, Any] | None
 
 #: the named steps (their prefix in STEPS) of each operation with any
 _STEP_FAMILY = {"prepare": "prepare", "view": "prepare", "commit": "commit", "remove": "remove",
-                "cleanup": "cleanup", "fsck": "fsck", "mount": "mount"}
+                "remove_all": "remove", "remove_big": "remove", "cli_rm": "remove", "cleanup": "cleanup",
+                "cli_cleanup": "cleanup", "fsck_repair": "fsck", "cli_fsck_repair": "fsck",
+                "mount_ended": "mount", "mount_placed": "mount"}
 
 
 def kill_everywhere(op: str, template: Path, out: Path, *, sample: list[int] | None = None,
@@ -241,7 +247,7 @@ def kill_everywhere(op: str, template: Path, out: Path, *, sample: list[int] | N
         assert dry["events"] >= least, f"{op}: only {dry['events']} kill points"
         events, _ = killpoints.read_log(Path(dry["dir"]) / "events.log")
         steps = [e.split("\t")[1] for e in events if e.startswith(killpoints.STEP + "\t")]
-        family = next((v for k, v in _STEP_FAMILY.items() if k in op), None)
+        family = _STEP_FAMILY.get(op)
         if family is not None:  # each named step of the operation is a kill point too
             assert {s for s in STEPS if s.startswith(family + ".")} <= {s[2:-3] for s in steps}, steps
     create = op == "create"
@@ -287,6 +293,30 @@ def test_killpoints_kill_before_each_counted_event(scratch: Path) -> None:
     assert set(os.listdir(Path(dry["dir"]) / "store")) == {"read-only", "a", "d"}
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_killpoints_strace_kills_before_the_system_call(scratch: Path) -> None:
+    """Killed by strace on entering the k-th call of a system call, the process dies by SIGKILL and that
+    call never took effect."""
+    template = scratch / "probe"
+    template.mkdir()
+    (template / "read-only").write_bytes(b"r")
+    result = killpoints.spawn("probe", template, scratch / "out", strace=True)
+    assert result["dry"]["finished"]
+    counted = result["dry"]["events"]
+    assert (counted["mkdir"], counted["rename"], counted["unlink"]) == (1, 1, 1), counted
+    runs = {r["n"]: r for r in result["runs"]}
+    assert len(runs) == sum(counted.values()) and all(r["killed"] and r["exit"] == -9 for r in runs.values())
+
+    def files(n: str) -> dict[str, int]:
+        store = Path(runs[n]["dir"]) / "store"
+        return {name: os.lstat(store / name).st_size for name in os.listdir(store) if name != "read-only"}
+
+    assert files("mkdir#1") == {}
+    assert "a" in files("write#1") and files("write#1")["b"] == 0  # created, not yet written
+    assert set(files("rename#1")) == {"a", "b"} and files("rename#1")["b"] == 1
+    assert set(files("unlink#1")) == {"a", "c"}
+
+
 def test_killpoints_count_the_store_s_system_calls(scratch: Path) -> None:
     """An uninterrupted prepare logs its named steps and the mkdir/rename of its directory, in order."""
     template = scratch / "store"
@@ -311,6 +341,18 @@ def test_kill_at_every_step(op: str, scratch: Path) -> None:
     template = scratch / "template"
     build(template)
     kill_everywhere(op, template, scratch / "out", least=4)
+
+
+def test_kill_image_remove_at_every_step(scratch: Path) -> None:
+    """image rm of an image whose top layer (side, on base) nothing else uses: the name and the layer go
+    together or not at all; base, under other snapshots, stays."""
+    template = scratch / "template"
+    build(template)
+    with Snapshotter(template) as sn:
+        sn.put_image("img", manifest_digest="sha256:" + "0" * 64, manifest_media_type="application/json",
+                     config_digest="sha256:" + "1" * 64, top="side", platform="linux/amd64")
+    result = kill_everywhere("remove_image", template, scratch / "out", least=8)
+    assert state(Path(result["dry"]["dir"]) / "store", trees=False)["images"] == []
 
 
 @pytest.mark.parametrize("op", ["cleanup", "cli_cleanup"])
