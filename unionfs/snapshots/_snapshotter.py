@@ -12,6 +12,9 @@ Crash safety comes from ordering:
   directory goes. A crash leaves at most a directory no row refers to.
 * remove commits the deletion of the row first and deletes the directory afterwards (renamed to ``rm-*``
   first, so that the deletion is claimed by one process). A crash leaves at most a directory no row refers to.
+* a mount's record (``mounts/``, see :mod:`._mounts`) is written to a temporary file and renamed; a crash
+  leaves at most a record of a mount that never happened, or a temporary file of a killed writer, both dead
+  weight that the next mount, ``fsck --repair`` and cleanup delete.
 * :meth:`Snapshotter.cleanup` removes such directories; :meth:`Snapshotter.fsck` reports (and repairs) every
   disagreement between the rows and the directories.
 """
