@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -593,3 +594,62 @@ def test_kill_at_every_write_system_call(op: str, scratch: Path) -> None:
         assert counted.get("rename", 0) == 3 and counted.get("unlink", 0) >= 4, counted  # (rm-* is claimed)
         return
     assert counted.get("pwrite64", 0) >= 2 and counted.get("fdatasync", 0) + counted.get("fsync", 0) >= 2, counted
+
+
+def test_kill_prepare_over_a_stale_directory_at_every_step(scratch: Path) -> None:
+    """prepare whose new id names a directory left by an earlier crash (renamed, never committed) reclaims it
+    inside its transaction; killed anywhere meanwhile, fsck and cleanup find every piece of both."""
+    template = scratch / "template"
+    build(template)
+    with Snapshotter(template) as sn, sn._store.read() as tx:
+        next_id = max(tx.ids()) + 1
+    _write(template / "snapshots" / str(next_id), {"fs/stale/a": b"a", "fs/stale/b": b"b", "work/x": b""})
+    result = kill_everywhere("prepare", template, scratch / "out", least=10)
+    after = state(Path(result["dry"]["dir"]) / "store")
+    assert after["layers"][next_id] == {".": after["layers"][next_id]["."]}  # the new layer is empty
+
+
+_LOCK_HOLDER = """
+import os, signal, sys, time
+from unionfs.snapshots import Snapshotter, _snapshotter
+root, flag = sys.argv[1:3]
+
+def hook(name):
+    if name == "prepare.inserted":  # inside the transaction: the write lock is held
+        open(flag, "w").close()
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+_snapshotter.crash_hook = hook
+with Snapshotter(root) as sn:
+    sn.prepare("new", "base")
+"""
+
+
+def test_kill_of_the_write_lock_holder_frees_the_waiter(scratch: Path) -> None:
+    """A process killed inside its transaction releases the write lock with its death: another prepare that
+    was waiting for it goes on, and finds only what the killed one left behind (an orphan, no row)."""
+    root = scratch / "store"
+    build(root)
+    flag = scratch / "in-transaction"
+    top = str(Path(killpoints.__file__).resolve().parent.parent.parent)
+    victim = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(root), str(flag)],
+                              env=dict(os.environ, PYTHONPATH=top), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: flag.exists() or victim.poll() is not None, "the victim to hold the lock")
+        assert flag.exists(), victim.communicate()[1]
+        start = time.monotonic()
+        with Snapshotter(root, timeout=30) as sn:
+            sn.prepare("other", "base")
+            waited = time.monotonic() - start
+            assert victim.wait(timeout=30) == -9
+            assert 0.2 < waited < 20, waited  # it waited for the holder, and not for the busy timeout
+            names = {i.name for i in sn.walk()}
+            assert "other" in names and "new" not in names
+            findings = sn.fsck()
+            assert [f.subject.split("/")[0] for f in findings] == ["snapshots"] and findings[0].repairable
+            assert len(sn.cleanup()) == 1 and sn.fsck() == []
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
