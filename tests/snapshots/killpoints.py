@@ -106,6 +106,11 @@ def _op_remove_image(sn: Any, root: str) -> None:
     sn.remove_image("img")
 
 
+def _op_chain_mount(sn: Any, root: str) -> None:
+    _spec, record = sn.begin_chain_mount("leaf", os.path.join(os.path.dirname(root), "mp"))
+    sn.mount_ended(record)
+
+
 def _op_create(sn: Any, root: str) -> None:
     from unionfs.snapshots import Snapshotter
 
@@ -152,6 +157,7 @@ OPS: dict[str, tuple[Callable[[Any, str], None], bool]] = {
     "fsck_repair": (_op_fsck_repair, True),
     "mount_ended": (_op_mount_ended, True),
     "mount_placed": (_op_mount_placed, True),
+    "chain_mount": (_op_chain_mount, True),
     "create": (_op_create, False),
     "cli_cleanup": (_cli("cleanup"), False),
     "cli_rm": (_cli("rm", "leaf", "v0"), False),

@@ -165,7 +165,7 @@ def _redo(op: str) -> Callable[[Snapshotter], None]:
             sn.cleanup()
         elif op in ("fsck_repair", "cli_fsck_repair"):
             sn.fsck(repair=True)
-        elif op.startswith("mount_"):
+        elif op.startswith("mount_") or op == "chain_mount":
             killpoints.OPS[op][0](sn, str(sn.root))
 
     return redo
@@ -231,7 +231,7 @@ def check_after_kill(op: str, run: dict[str, Any], before: dict[str, Any] | None
 _STEP_FAMILY = {"prepare": "prepare", "view": "prepare", "commit": "commit", "remove": "remove",
                 "remove_all": "remove", "remove_big": "remove", "cli_rm": "remove", "cleanup": "cleanup",
                 "cli_cleanup": "cleanup", "fsck_repair": "fsck", "cli_fsck_repair": "fsck",
-                "mount_ended": "mount", "mount_placed": "mount"}
+                "mount_ended": "mount", "mount_placed": "mount", "chain_mount": "mount"}
 
 
 def kill_everywhere(op: str, template: Path, out: Path, *, sample: list[int] | None = None,
@@ -337,7 +337,7 @@ def test_killpoints_count_the_store_s_system_calls(scratch: Path) -> None:
 
 
 @pytest.mark.parametrize("op", ["prepare", "view", "commit", "remove", "remove_all", "mount_ended",
-                                "mount_placed", "cli_rm"])
+                                "mount_placed", "chain_mount", "cli_rm"])
 def test_kill_at_every_step(op: str, scratch: Path) -> None:
     template = scratch / "template"
     build(template)
