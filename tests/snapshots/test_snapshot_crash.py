@@ -97,7 +97,7 @@ def expected_after(step: str) -> tuple[set[str], bool]:
 
 
 @pytest.mark.parametrize("recovery", ["cleanup", "fsck"])
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("step", [s for s in STEPS if s.split(".")[0] in ("prepare", "commit", "remove")])
 def test_crash_at_step(step: str, recovery: str, scratch: Path) -> None:
     root = scratch / "store"
     contents = make_store(root)

@@ -6,7 +6,8 @@ command records each mount it makes in ``mounts/<token>.json`` under the store: 
 ids of the snapshot and of every snapshot beneath it, the process that is making it, and, once the mount is in
 place, its device number. A record whose device is known is live while the mount table holds a mount of that
 device on that mount point; one whose device is not known yet (being mounted, or served in the foreground) is
-live while its process runs. Records that are no longer live are dead weight, deleted when met under the
+live while its process runs, or while a unionfs mount is on its mount point (its process was killed after it
+mounted and before it recorded the device). Records that are no longer live are dead weight, deleted when met under the
 store's write lock.
 
 A bind mount (what ``unionfs snapshot mounts`` prints for a chain of one layer) shows in the mount table as a
@@ -45,13 +46,22 @@ class Record:
     def live(self, table: Sequence[MountEntry]) -> bool:
         if self.dev is not None:
             return any(e.mount_point == self.mountpoint and (e.major, e.minor) == self.dev for e in table)
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        # being mounted; or mounted by a process killed before it could record the device: live while a
+        # unionfs mount is on its mount point
+        return _running(self.pid) or any(e.mount_point == self.mountpoint and e.fstype == FSTYPE for e in table)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
+    except (OverflowError, ValueError):  # not a process id at all
+        return False
+    return True
 
 
 def _encode(record: Record) -> bytes:
@@ -99,15 +109,30 @@ class Registry:
     def live(self, table: Sequence[MountEntry]) -> list[Record]:
         return [r for r in self.records() if r.live(table)]
 
+    def strays(self) -> list[str]:
+        """The temporary files of records whose writer is gone (killed between writing one and renaming it to
+        its name): ``<token>.json.<pid>-<hex>.tmp``, and any other ``*.tmp`` without a process id."""
+        try:
+            names = sorted(n for n in os.listdir(self.dir) if n.endswith(".tmp"))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            writer = name[:-len(".tmp")].rpartition(".")[2].partition("-")[0]
+            if writer.isdigit() and _running(int(writer)):
+                continue
+            out.append(os.path.join(self.dir, name))
+        return out
+
     def prune(self, table: Sequence[MountEntry]) -> None:
-        """Delete the records that are no longer live (call it under the store's write lock)."""
-        for r in self.records():
-            if not r.live(table):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(r.path)
+        """Delete the records that are no longer live, and the strays (call it under the store's write lock)."""
+        dead = [r.path for r in self.records() if not r.live(table)]
+        for path in dead + self.strays():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _write(self, record: Record) -> None:
-        tmp = f"{record.path}.{secrets.token_hex(4)}.tmp"
+        tmp = f"{record.path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         with open(tmp, "wb") as f:
             f.write(_encode(record))
         os.replace(tmp, record.path)

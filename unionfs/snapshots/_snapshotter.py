@@ -12,6 +12,9 @@ Crash safety comes from ordering:
   directory goes. A crash leaves at most a directory no row refers to.
 * remove commits the deletion of the row first and deletes the directory afterwards (renamed to ``rm-*``
   first, so that the deletion is claimed by one process). A crash leaves at most a directory no row refers to.
+* a mount's record (``mounts/``, see :mod:`._mounts`) is written to a temporary file and renamed; a crash
+  leaves at most a record of a mount that never happened, or a temporary file of a killed writer, both dead
+  weight that the next mount, ``fsck --repair`` and cleanup delete.
 * :meth:`Snapshotter.cleanup` removes such directories; :meth:`Snapshotter.fsck` reports (and repairs) every
   disagreement between the rows and the directories.
 """
@@ -48,12 +51,17 @@ MAX_LABEL_BYTES = 4096
 #: The most bytes a key or name may take.
 MAX_KEY_BYTES = 4096
 
-#: The steps of prepare (and view), commit and remove after which a crash leaves a distinct state. ``crash_hook``
-#: is called with each name as the step completes (tests use it to kill the process at that point).
+#: The steps of prepare (and view), commit, remove, cleanup, ``fsck --repair`` and the recording of a mount
+#: (begin_mount, begin_chain_mount) after which a crash leaves a distinct state: in particular the moments just
+#: before and just after each SQLite transaction commits. ``crash_hook`` is called with each name as the step
+#: completes (tests use it to kill the process at that point).
 STEPS = (
     "prepare.locked", "prepare.tempdir", "prepare.inserted", "prepare.renamed", "prepare.committed",
     "commit.locked", "commit.usage", "commit.updated", "commit.committed",
     "remove.locked", "remove.deleted", "remove.committed", "remove.renamed", "remove.deleting", "remove.done",
+    "cleanup.locked", "cleanup.claimed", "cleanup.committed", "cleanup.done",
+    "fsck.locked", "fsck.repaired", "fsck.committed", "fsck.done",
+    "mount.locked", "mount.recorded", "mount.committed",
 )
 crash_hook: Callable[[str], None] | None = None
 
@@ -65,6 +73,16 @@ FIXED_MOUNT_OPTIONS = frozenset({"lowerdir", "upperdir", "workdir", "userxattr",
 def _step(name: str) -> None:
     if crash_hook is not None:
         crash_hook(name)
+
+
+def _widen_to(path: str, mode: int) -> None:
+    """Give ``path`` the permission bits ``mode`` when it has only some of them: what ``mkdir`` under a umask
+    leaves, also when a crash came between the mkdir and the chmod that follows it. Other modes (set on
+    purpose) and a directory of another owner stay as they are."""
+    with contextlib.suppress(OSError):  # best effort: never a reason not to open the store
+        now = stat.S_IMODE(os.stat(path).st_mode)
+        if now != mode and now & ~mode == 0:
+            os.chmod(path, mode)
 
 
 def default_root() -> str:
@@ -178,7 +196,7 @@ class Snapshotter:
             for d, mode in ((self.snapshots_dir, 0o700), (self.empty_dir, 0o755)):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(d, mode)
-                    os.chmod(d, mode)
+                _widen_to(d, mode)
         except OSError as exc:
             raise FailedPrecondition(f"cannot create the store {self.root}: {exc.strerror}") from None
         self._store = Store(os.path.join(self.root, "metadata.db"), timeout)
@@ -749,6 +767,7 @@ class Snapshotter:
         spec = self.mount_spec(key, options)
         target = os.fsencode(os.path.realpath(mountpoint))
         with self._store.write() as tx:
+            _step("mount.locked")
             row = self._get(tx, key)
             if row.kind == Kind.ACTIVE.value:
                 try:
@@ -761,6 +780,8 @@ class Snapshotter:
                     ) from None
             self._registry.prune(mountinfo.read())
             record = self._registry.add(target, row.key, [row.id, *(a.id for a in tx.ancestors(row.id))])
+            _step("mount.recorded")
+        _step("mount.committed")
         return spec, record
 
     def begin_chain_mount(self, name: str | None, mountpoint: str | os.PathLike[str],
@@ -775,6 +796,7 @@ class Snapshotter:
             return (parse([render(spec), *options]) if options else spec), None
         target = os.fsencode(os.path.realpath(mountpoint))
         with self._store.write() as tx:
+            _step("mount.locked")
             row = self._get(tx, name)
             if row.kind != Kind.COMMITTED.value:
                 raise FailedPrecondition(f'snapshot "{name}" is {_kind_with_article(row.kind)}, not committed')
@@ -782,6 +804,8 @@ class Snapshotter:
             spec = self._union_spec([self._fs(r.id) for r in chain], readonly=True, pin_xattr=True)
             self._registry.prune(mountinfo.read())
             record = self._registry.add(target, row.key, [r.id for r in chain])
+            _step("mount.recorded")
+        _step("mount.committed")
         return (parse([render(spec), *options]) if options else spec), record
 
     def mount_placed(self, record: MountRecord) -> None:
@@ -797,13 +821,19 @@ class Snapshotter:
 
     def cleanup(self) -> list[str]:
         """Delete every entry of ``snapshots/`` that no snapshot refers to (left by a crash or an interrupted
-        remove); returns their names."""
+        remove); returns their names. Records of mounts that have ended, and the temporary files of records
+        whose writer was killed, go too (as every mount and ``fsck --repair`` deletes them)."""
         with self._store.write() as tx:
+            _step("cleanup.locked")
             claimed = self._claim_orphans(tx.ids())
+            self._registry.prune(mountinfo.read())
+            _step("cleanup.claimed")
+        _step("cleanup.committed")
         for name, path in claimed:
             with self.progress(f"cleanup: deleting snapshots/{name}") as tick:
                 _files.remove_tree(path, tick)
             log.info("cleanup: deleted snapshots/%s", name)
+        _step("cleanup.done")
         return [name for name, _path in claimed]
 
     def _claim_orphans(self, ids: set[int]) -> list[tuple[str, str]]:
@@ -832,13 +862,15 @@ class Snapshotter:
 
         Found and repaired: directories no snapshot refers to (deleted), a missing ``work`` directory of an
         active snapshot (recreated), a committed snapshot without frozen usage (measured). A snapshot whose
-        directory or layer is missing is unrecoverable: repair forgets it when nothing is built on it, and
-        only reports it otherwise. Database corruption is reported, never repaired."""
+        directory or layer is missing is unrecoverable: repair forgets it when nothing is built on it and no
+        image has it as a layer, and only reports it otherwise. Database corruption is reported, never repaired."""
         findings: list[Finding] = []
         claimed: list[tuple[str, str]] = []
         dropped: set[int] = set()
         ctx = self._store.write() if repair else self._store.read()
+        step = _step if repair else (lambda name: None)
         with ctx as tx:
+            step("fsck.locked")
             for problem in tx.integrity():
                 findings.append(Finding("metadata.db", problem, repairable=False))
             rows = {r.id: r for r in tx.all()}
@@ -846,6 +878,7 @@ class Snapshotter:
             for r in rows.values():
                 if r.parent_id is not None:
                     children[r.parent_id] = children.get(r.parent_id, 0) + 1
+            images = tx.images_on(set(rows))
             for r in rows.values():
                 subject = f'snapshot "{r.key}" (snapshots/{r.id})'
                 parent = rows.get(r.parent_id) if r.parent_id is not None else None
@@ -857,6 +890,13 @@ class Snapshotter:
                     if children.get(r.id):
                         findings.append(Finding(subject, f"its {lost} is missing and snapshots are built on it",
                                                 repairable=False))
+                        continue
+                    if images.get(r.id):
+                        names = images[r.id]
+                        findings.append(Finding(
+                            subject, f"its {lost} is missing and it is a layer of the image"
+                            f'{"s" if len(names) > 1 else ""} {", ".join(names)}; remove '
+                            f'{"them" if len(names) > 1 else "it"} with `unionfs image rm`', repairable=False))
                         continue
                     if repair:
                         tx.delete(r.id)
@@ -890,10 +930,13 @@ class Snapshotter:
                                         repaired=repair, repair="delete it", done="deleted"))
             if repair:
                 claimed += self._claim_orphans(ids)
+            step("fsck.repaired")
+        step("fsck.committed")
         for name, path in claimed:
             with self.progress(f"fsck: deleting snapshots/{name}") as tick:
                 _files.remove_tree(path, tick)
             log.info("fsck: deleted snapshots/%s", name)
+        step("fsck.done")
         return findings
 
     def _gone_mounts(self, ids: set[int], keys: Mapping[int, str]) -> list[Finding]:
