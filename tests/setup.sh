@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 # made from busybox-static, with fuse-overlayfs as the reference mount program; they need no network.
 # skopeo and umoci are the references of the image tests (tests/image, tests/mount/test_image_*.py): what they
 # write must import, what unionfs exports they must read, and umoci's unpack must show what unionfs mounts.
+# strace kills the snapshot store at each of its writing system calls (tests/snapshots/test_snapshot_killpoints.py).
 packages=(fuse3 libfuse3-dev pkg-config gcc attr util-linux uidmap kmod python3 python3-venv python3-dev
-          podman buildah runc busybox-static fuse-overlayfs skopeo umoci "$@")
+          podman buildah runc busybox-static fuse-overlayfs skopeo umoci strace "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
