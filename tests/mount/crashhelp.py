@@ -147,30 +147,39 @@ def _mount_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str, userx
         raise RuntimeError(f"kernel overlay mount failed ({r.returncode}): {r.stderr.strip()} [{opts}]")
 
 
-def _kernel_view_here(spec: dict[str, Any]) -> View:
-    os.makedirs(spec["work"], exist_ok=True)
-    os.makedirs(spec["mnt"], exist_ok=True)
-    _mount_overlay(spec["lowers"], spec["upper"], spec["work"], spec["mnt"], spec["userxattr"])
-    try:
-        return view(spec["mnt"])
-    finally:
-        subprocess.run(["umount", spec["mnt"]], check=True)
+def _kernel_views_here(specs: list[dict[str, Any]]) -> list[View]:
+    out = []
+    for spec in specs:
+        os.makedirs(spec["work"], exist_ok=True)
+        os.makedirs(spec["mnt"], exist_ok=True)
+        _mount_overlay(spec["lowers"], spec["upper"], spec["work"], spec["mnt"], spec["userxattr"])
+        try:
+            out.append(view(spec["mnt"]))
+        finally:
+            subprocess.run(["umount", spec["mnt"]], check=True)
+    return out
+
+
+def kernel_views(stacks: Sequence[tuple[Sequence[Path], Path, Path]]) -> list[View]:
+    """Kernel overlayfs's view of each (lowers top first, upper, scratch) in ``stacks``, each with a fresh
+    workdir made in its ``scratch`` (on the file system of its upper layer): mounted here as root; otherwise in
+    one user namespace of this user, with ``-o userxattr`` (the markers an ordinary user's unionfs writes), the
+    owners given back as the host's."""
+    specs = [{"lowers": [str(p) for p in lowers], "upper": str(upper), "work": str(scratch / "kwork"),
+              "mnt": str(scratch / "kmnt"), "userxattr": os.geteuid() != 0} for lowers, upper, scratch in stacks]
+    if os.geteuid() == 0:
+        return _kernel_views_here(specs)
+    r = subprocess.run(["unshare", "--map-root-user", "--mount", sys.executable, __file__, "kernel-view",
+                        json.dumps(specs)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"kernel view in a user namespace failed ({r.returncode}): {r.stderr.strip()}")
+    inside: list[View] = json.loads(r.stdout)
+    return [translate_owners(v, {0: os.getuid()}, {0: os.getgid()}) for v in inside]
 
 
 def kernel_view(lowers: Sequence[Path], upper: Path, scratch: Path) -> View:
-    """Kernel overlayfs's view of ``lowers`` (top first) and ``upper``, with a fresh workdir made in ``scratch``
-    (on the file system of ``upper``): mounted here as root; otherwise in a user namespace of this user, with
-    ``-o userxattr`` (the markers an ordinary user's unionfs writes), its owners given back as the host's."""
-    spec = {"lowers": [str(p) for p in lowers], "upper": str(upper), "work": str(scratch / "kwork"),
-            "mnt": str(scratch / "kmnt"), "userxattr": os.geteuid() != 0}
-    if os.geteuid() == 0:
-        return _kernel_view_here(spec)
-    r = subprocess.run(["unshare", "--map-root-user", "--mount", sys.executable, __file__, "kernel-view",
-                        json.dumps(spec)], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise RuntimeError(f"kernel view in a user namespace failed ({r.returncode}): {r.stderr.strip()}")
-    inside: View = json.loads(r.stdout)
-    return translate_owners(inside, {0: os.getuid()}, {0: os.getgid()})
+    """:func:`kernel_views` of one stack."""
+    return kernel_views([(lowers, upper, scratch)])[0]
 
 
 def kernel_view_unavailable(scratch: Path) -> str | None:
@@ -199,7 +208,7 @@ def tolerant(op: Callable[[], object]) -> OSError | None:
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "kernel-view":
         with contextlib.redirect_stdout(sys.stderr):
-            v = _kernel_view_here(json.loads(argv[1]))
+            v = _kernel_views_here(json.loads(argv[1]))
         json.dump(v, sys.stdout)
         return 0
     print("usage: crashhelp.py kernel-view SPEC", file=sys.stderr)
