@@ -22,6 +22,7 @@ import errno
 import os
 import signal
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +40,18 @@ from crashhelp import (
     view,
     view_diff,
 )
-from mounthelp import Mounts, cli, errno_of, pid_alive, run, server_pid, wait_pid_exit, wait_unmounted, wait_until
+from mounthelp import (
+    Mounts,
+    cli,
+    errno_of,
+    needs_root,
+    pid_alive,
+    run,
+    server_pid,
+    wait_pid_exit,
+    wait_unmounted,
+    wait_until,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -91,6 +103,28 @@ def create(rel: str, data: bytes = b"", mode: int = 0o644) -> Op:
             os.close(fd)
 
     op.__name__ = f"create {rel}"
+    return op
+
+
+#: the user that makes the changes of another user than the server's (as root only)
+OTHER_UID = 65534
+
+
+def as_other_user(name: str, code: str, rel: str) -> Op:
+    """Run ``code`` (Python, with ``path``: the path of ``rel`` in the mount) as :data:`OTHER_UID`; an error
+    there is raised here as the same OSError."""
+
+    def op(mnt: Path) -> None:
+        prog = (f"import os, sys\npath = sys.argv[1]\ntry:\n    {code}\nexcept OSError as exc:\n"
+                "    sys.exit(f'errno {exc.errno}')\n")
+        r = run(["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", sys.executable, "-c",
+                 prog, str(mnt / rel)], cwd="/")
+        if r.returncode != 0:
+            err = r.stderr.strip()
+            code_ = int(err.split()[-1]) if err.startswith("errno ") else errno.EIO
+            raise OSError(code_, f"{name} as uid {OTHER_UID}: {err}")
+
+    op.__name__ = f"{name} as uid {OTHER_UID}"
     return op
 
 
@@ -154,6 +188,8 @@ class Change:
     fresh_views: bool = False
     #: why the change is expected to fail (a known bug: the test is marked xfail, strict)
     known_bug: str | None = None
+    #: the change is made by another user than the server's: only a server run by root serves it
+    needs_root: bool = False
 
 
 def _copy_up_file_lowers(l1: Path, l2: Path) -> None:
@@ -276,6 +312,16 @@ def _dir_over_whiteout_expect(v: list[View]) -> None:
     assert "x" not in v[1] and v[1]["w"]["type"] == stat.S_IFDIR and v[1]["w/inner"]["sha256"] == sha(b"inner\n")
 
 
+def _other_user_lowers(l1: Path, l2: Path) -> None:
+    (l2 / "pub").mkdir()
+    (l2 / "pub").chmod(0o777)
+
+
+def _other_user_expect(v: list[View]) -> None:
+    assert v[1]["pub/new"]["uid"] == v[1]["pub/new"]["gid"] == OTHER_UID
+    assert v[2]["pub/dir"]["uid"] == v[2]["pub/dir"]["gid"] == OTHER_UID and v[2]["pub/dir"]["mode"] == "0o750"
+
+
 CHANGES = [
     Change("copy-up of a file", _copy_up_file_lowers, (write_at("f", b"UPPER"),), _copy_up_file_expect),
     Change("copy-up of a directory chain", _chain_lowers, (create("a/b/c/new"), write_at("a/b/c/new", b"new\n")),
@@ -304,6 +350,13 @@ CHANGES = [
            setup=(unlink("w"), mkdir("x", 0o755), create("x/inner", b"inner\n")),
            known_bug=("Union.rename of a directory over a whiteout unlinks the whiteout, then renames: killed in "
                       "between, the unlinked lower file w shows again beside x (neither state)")),
+    Change("creation by another user than the server's", _other_user_lowers,
+           (as_other_user("create", "os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))", "pub/new"),
+            as_other_user("mkdir", "os.mkdir(path, 0o750)", "pub/dir")),
+           _other_user_expect, needs_root=True,
+           known_bug=("Union.create and Union.mkdir make the object in the upper directory with the server's "
+                      "owner, then chown it to the caller (Union._fix_owner): killed in between, the remount shows "
+                      "a new object owned by root, which the user who made it may not change (neither state)")),
     Change("chmod and setxattr of a lower file", _meta_lowers,
            (chmod("m", 0o600), setxattr("m", "user.crash", b"value")), _meta_expect),
 ]
@@ -464,9 +517,14 @@ def kernel_reason(tmp_path_factory: pytest.TempPathFactory, fuse_ready: None) ->
     return kernel_view_unavailable(d)
 
 
-@pytest.mark.parametrize("change", [
-    pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=c.known_bug)] if c.known_bug else [])
-    for c in CHANGES])
+def _marks(c: Change) -> list[pytest.MarkDecorator]:
+    marks = [pytest.mark.xfail(strict=True, reason=c.known_bug)] if c.known_bug else []
+    if c.needs_root:
+        marks.append(needs_root("the change is made by another user, whose requests only root's server serves"))
+    return marks
+
+
+@pytest.mark.parametrize("change", [pytest.param(c, id=c.name, marks=_marks(c)) for c in CHANGES])
 def test_killed_at_every_step(change: Change, base: Path, mounts: Mounts, kernel_reason: str | None) -> None:
     h = Harness(base, mounts, change)
     views, calls, done = h.reference()
