@@ -57,8 +57,8 @@ pytestmark = pytest.mark.mount
 
 #: kill runs made side by side (each waits mostly on its servers)
 WORKERS = 3
-#: no change here takes more steps than this (a bound on the loop, should the log be lost)
-MAX_STEPS = 60
+#: no change here may take more steps than this (each costs a kill run: a longer one needs a smaller stack)
+MAX_STEPS = 40
 
 
 # -- client operations ----------------------------------------------------------------------------------------
