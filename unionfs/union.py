@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import _sys, explain, userns, whiteout, xattrs
 from ._at import At, ProcAt
-from .copyup import CopiedUp, CopyUp, Workdir, move_to_work, replace_with_whiteout
+from .copyup import CopiedUp, CopyUp, Workdir, copy_xattrs, move_to_work, replace_with_whiteout
 from .fsutil import fsync_dir
 from .layers import ROOT, Entry, Layer, Stack, check_name, join
 from .ownership import (
@@ -393,12 +393,15 @@ class Union:
 
     def _place(self, build: Callable[[bytes, int], None], parent: Entry, name: bytes, over_whiteout: bool,
                is_dir: bool, owner: tuple[int, int], mode: int | None) -> Entry:
-        """Create an object with ``build(name, dir_fd)``, fix its owner (and the mode bits a chown
-        clears), then make it visible at ``name``: directly when nothing is there, through the workdir
-        when a whiteout has to be replaced (an opaque directory, as the kernel makes it)."""
+        """Create an object with ``build(name, dir_fd)``, fix its owner (and the mode bits a chown clears), then
+        make it visible at ``name``: directly when it needs nothing more than its creation, else built whole in
+        the workdir and renamed into place, so that a crash never leaves it visible half made (with the
+        server's owner, say): over a whiteout (an opaque directory, as the kernel makes it), or with an owner of
+        its own. A parent with a default ACL gets the object in place all the same: what it inherits from the
+        parent is worth more than the atomicity of its owner."""
         upper_fd = self._upper_fd()
         path = join(parent.path, name)
-        if not over_whiteout:
+        if not over_whiteout and (owner == (-1, -1) or self._inherits_acl(parent)):
             with At(upper_fd, path) as (dfd, rel):
                 build(rel, dfd)
                 self._fix_owner(rel, dfd, owner, mode)
@@ -413,18 +416,25 @@ class Union:
             try:
                 build(tmp, work.fd)
                 self._fix_owner(tmp, work.fd, owner, mode)
-                if is_dir:
+                if is_dir and over_whiteout:
                     whiteout.set_opaque(work.proc + tmp, self.stack.fmt)
                 with At(upper_fd, path) as (dfd, rel):
-                    if is_dir:
+                    if not over_whiteout:
+                        _sys.renameat2(tmp, rel, _sys.RENAME_NOREPLACE, work.fd, dfd)
+                    elif is_dir:
                         _sys.renameat2(tmp, rel, _sys.RENAME_EXCHANGE, work.fd, dfd)
                     else:
                         os.rename(tmp, rel, src_dir_fd=work.fd, dst_dir_fd=dfd)
             finally:
                 work.discard(tmp)
-            if self.trace is not None and is_dir:
+            if self.trace is not None and is_dir and over_whiteout:
                 self.trace.opaque_made("mkdir", path)
         return self._upper_entry(path, opaque=is_dir and over_whiteout)
+
+    def _inherits_acl(self, parent: Entry) -> bool:
+        """Whether upper directory ``parent`` has a default ACL, which what is made in it inherits."""
+        with self._object(parent) as target:
+            return xattrs.get(target, DEFAULT_ACL) is not None
 
     def _fix_owner(self, path: bytes, dir_fd: int, owner: tuple[int, int], mode: int | None) -> None:
         uid, gid = owner
@@ -710,12 +720,20 @@ class Union:
             st = upper.lstat(new_path)
         except FileNotFoundError:
             st = None
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                discard = move_to_work(upper, work, new_path)
-            elif old.is_dir:
-                with upper.at(new_path) as (dfd, rel):
-                    os.unlink(rel, dir_fd=dfd)
+        # Each step leaves the merged view as it was before the rename or as it is after it, so that a crash
+        # anywhere shows one of the two.
+        # A directory over a whiteout (rename(2) cannot put a directory over a non-directory): the two are
+        # exchanged, so that the name is never uncovered; the whiteout at the old name then stays where
+        # something beneath needs hiding.
+        if st is not None and old.is_dir and not stat.S_ISDIR(st.st_mode) and self._exchange_over_whiteout(
+                old.path, new_path, keep=old_whiteout):
+            if old_whiteout and self.trace is not None:
+                self.trace.whiteout("rename", old.path, new_path)
+            return self._upper_entry(new_path, opaque=old.opaque or new_parent.merged), new
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            # an empty merged directory (its upper copy holding whiteouts): replaced in one exchange by an empty
+            # opaque one, which rename(2) can then replace in one step
+            discard = self._empty_in_place(new_path, st)
         try:
             if old_whiteout:
                 self._rename_leaving_whiteout(old.path, new_path)
@@ -729,6 +747,53 @@ class Union:
                 work.discard(discard)
         moved = self._upper_entry(new_path, opaque=old.is_dir and (old.opaque or new_parent.merged))
         return moved, new
+
+    def _exchange_over_whiteout(self, old_path: bytes, new_path: bytes, keep: bool) -> bool:
+        """Move the upper directory ``old_path`` over the whiteout at ``new_path`` by exchanging the two; the
+        whiteout, now at ``old_path``, is removed unless ``keep``. False (nothing done) where the upper file
+        system cannot exchange: the whiteout is then removed before the rename."""
+        upper = self.stack.layers[0]
+        with upper.at(old_path) as (sfd, src), upper.at(new_path) as (dfd, dst):
+            try:
+                _sys.renameat2(src, dst, _sys.RENAME_EXCHANGE, sfd, dfd)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                os.unlink(dst, dir_fd=dfd)
+                return False
+            if not keep:
+                os.unlink(src, dir_fd=sfd)
+        return True
+
+    def _empty_in_place(self, path: bytes, st: os.stat_result) -> bytes | None:
+        """Make the upper directory at ``path`` (empty in the merged view) empty on disk: exchanged with a new
+        empty opaque directory of the same owner, mode, times and xattrs; returns the workdir name of the old one,
+        to be discarded (None when it is empty already). Without exchange, the old one is moved aside."""
+        upper, work = self.stack.layers[0], self._work()
+        with upper.proc_at(path) as full:
+            if not os.listdir(full):
+                return None
+        tmp = work.tempname()
+        os.mkdir(tmp, 0o700, dir_fd=work.fd)
+        try:
+            with upper.proc_at(path) as full:
+                copy_xattrs(full, work.proc + tmp, self.stack.private_prefixes)
+            whiteout.set_opaque(work.proc + tmp, self.stack.fmt)
+            with contextlib.suppress(PermissionError):  # (an ordinary user's server owns what it makes)
+                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd)
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work.fd)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd)
+            with upper.at(path) as (dfd, rel):
+                _sys.renameat2(tmp, rel, _sys.RENAME_EXCHANGE, work.fd, dfd)
+        except OSError as exc:
+            work.discard(tmp)
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            return move_to_work(upper, work, path)
+        except BaseException:
+            work.discard(tmp)
+            raise
+        return tmp
 
     def _rename_leaving_whiteout(self, old_path: bytes, new_path: bytes) -> None:
         upper = self.stack.layers[0]

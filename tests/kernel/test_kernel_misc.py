@@ -186,6 +186,47 @@ def test_unprivileged_caller_gets_the_same_permission_errors(traversable_tmp: Pa
     pair.assert_same_upper()
 
 
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL in its xattr form: version 2, then (tag, permissions, id) entries."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries)
+
+
+_ANY = 0xFFFFFFFF
+#: user::rwx user:1234:rwx group::r-x mask::rwx other::r-x
+DEFAULT_ACL = _acl((0x01, 7, _ANY), (0x02, 7, 1234), (0x04, 5, _ANY), (0x10, 7, _ANY), (0x20, 5, _ANY))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or IN_USER_NAMESPACE, reason="needs root outside a user namespace: the "
+                    "objects are made by another user")
+def test_objects_another_user_makes_get_their_owner_and_inherit_a_default_acl(traversable_tmp: Path,
+                                                                              make_pair) -> None:  # type: ignore[no-untyped-def]
+    """What another user than the server's makes is built with its owner before it is visible (through the
+    workdir), except in a directory with a default ACL, where it is made in place to inherit it; both as on the
+    kernel."""
+    pair = make_pair()
+    pair.assert_ops([("mkdir", "acl", 0o777), ("chmod", "acl", 0o777),
+                     ("setxattr", "acl", "system.posix_acl_default", DEFAULT_ACL),
+                     ("mkdir", "plain", 0o777), ("chmod", "plain", 0o2777)])
+    made = [("create", "acl/f", b"x", 0o640), ("mkdir", "acl/d", 0o750), ("mkfifo", "acl/p", 0o600),
+            ("create", "plain/f", b"y", 0o640), ("mkdir", "plain/d", 0o750), ("symlink", "f", "plain/s")]
+    k = run_ops_as(NOBODY, NOBODY, pair.kernel.root, made)
+    u = run_ops_as(NOBODY, NOBODY, pair.unionfs.root, made)
+    assert k == u and all(r[0] == "ok" for r in k), (k, u)
+    checks: list[tuple[Any, ...]] = [("lstat", p) for _, p, *_rest in made if p != "f"]
+    checks += [("lstat", "plain/s"), ("getxattr", "acl/f", "system.posix_acl_access"),
+               ("getxattr", "acl/d", "system.posix_acl_access"), ("getxattr", "acl/d", "system.posix_acl_default"),
+               ("getxattr", "plain/f", "system.posix_acl_access")]
+    results = [pair.op(op) for op in checks]
+    assert [r for r, _ in results][-1] == ("err", "ENODATA")  # premise: no ACL where none is inherited
+    assert all(r[0] == "ok" for r, _ in results[:-1]), results
+    assert [a for a, _ in results] == [b for _, b in results], [
+        f"{format_op(op)}: kernel={a!r} unionfs={b!r}" for op, (a, b) in zip(checks, results, strict=True) if a != b]
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
 # -- objects owned by ids outside the user namespace ---------------------------------------------------------------
 
 #: A directory that tests/run-rootless.sh lays out as root for its kernel pass, where the host's root is outside

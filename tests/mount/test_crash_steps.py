@@ -341,22 +341,20 @@ CHANGES = [
            fresh_views=True),
     Change("rename of a directory over an emptied merged directory", _dir_over_merged_lowers,
            (rename("x", "y"),), _dir_over_merged_expect,
-           setup=(unlink("y/f"), mkdir("x", 0o755), create("x/inner", b"inner\n")),
-           known_bug=("Union.rename moves the target's upper directory (holding the whiteout of y/f) into the "
-                      "workdir, then renames x there: killed in between, nothing in the upper layer covers the lower "
-                      "y any more, and the remount shows the unlinked y/f again beside x (neither state)")),
+           # (regression: the target's upper directory, holding the whiteout of y/f, was moved into the workdir
+           # before x was renamed: killed in between, the unlinked y/f showed again beside x)
+           setup=(unlink("y/f"), mkdir("x", 0o755), create("x/inner", b"inner\n"))),
     Change("rename of a directory over a whiteout", _dir_over_whiteout_lowers,
            (rename("x", "w"),), _dir_over_whiteout_expect,
-           setup=(unlink("w"), mkdir("x", 0o755), create("x/inner", b"inner\n")),
-           known_bug=("Union.rename of a directory over a whiteout unlinks the whiteout, then renames: killed in "
-                      "between, the unlinked lower file w shows again beside x (neither state)")),
+           # (regression: the whiteout was unlinked before the rename: killed in between, the unlinked lower
+           # file w showed again beside x)
+           setup=(unlink("w"), mkdir("x", 0o755), create("x/inner", b"inner\n"))),
     Change("creation by another user than the server's", _other_user_lowers,
            (as_other_user("create", "os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))", "pub/new"),
             as_other_user("mkdir", "os.mkdir(path, 0o750)", "pub/dir")),
-           _other_user_expect, needs_root=True,
-           known_bug=("Union.create and Union.mkdir make the object in the upper directory with the server's "
-                      "owner, then chown it to the caller (Union._fix_owner): killed in between, the remount shows "
-                      "a new object owned by root, which the user who made it may not change (neither state)")),
+           # (regression: the object was made in the upper directory with the server's owner, then chowned to
+           # the caller: killed in between, the remount showed a new object owned by root)
+           _other_user_expect, needs_root=True),
     Change("chmod and setxattr of a lower file", _meta_lowers,
            (chmod("m", 0o600), setxattr("m", "user.crash", b"value")), _meta_expect),
 ]
