@@ -51,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -170,16 +171,33 @@ def drop_dentries() -> None:
         f.write("2\n")
 
 
-def find_count(mnt: Path) -> tuple[float, int]:
+def find_count(mnt: Path, probe: Probe, every: float) -> tuple[float, int, list[dict[str, Any]]]:
+    """Run the find, sampling ``probe`` every ``every`` seconds meanwhile: (seconds, entries printed, samples)."""
     t = time.perf_counter()
+    samples = []
     # (-printf %s needs the stat of every entry: every file system then looks each one up, not only those that
     # answer listings with attributes, as unionfs does)
-    proc = subprocess.run(["find", str(mnt), "-printf", "%s\\n"], stdin=subprocess.DEVNULL, capture_output=True,
-                          timeout=FIND_DEADLINE)
-    took = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise MountError(f"find exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
-    return took, proc.stdout.count(b"\n")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(["find", str(mnt), "-printf", "%s\\n"], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=err)
+        try:
+            while proc.poll() is None:
+                if time.perf_counter() - t > FIND_DEADLINE:
+                    raise MountError(f"find still running after {FIND_DEADLINE:.0f} s")
+                time.sleep(every)
+                if proc.poll() is None:
+                    samples.append(probe.sample())
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        took = time.perf_counter() - t
+        if proc.returncode != 0:
+            err.seek(0)
+            raise MountError(f"find exited with {proc.returncode}: {err.read().decode(errors='replace')[-300:]}")
+        out.seek(0)
+        found = sum(chunk.count(b"\n") for chunk in iter(lambda: out.read(1 << 20), b""))
+    return took, found, samples
 
 
 class Probe:
@@ -233,7 +251,7 @@ def settle_after_drop(probe: Probe, deadline: float) -> tuple[dict[str, Any], in
     return sample, drops, time.monotonic() - t
 
 
-def measure(fs: Backend, stack: Stack, work: Path, settle: float, keep: bool) -> dict[str, Any]:
+def measure(fs: Backend, stack: Stack, work: Path, settle: float, keep: bool, every: float) -> dict[str, Any]:
     scratch = work / fs.name
     shutil.rmtree(scratch, ignore_errors=True)
     upper, wdir, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
@@ -247,7 +265,7 @@ def measure(fs: Backend, stack: Stack, work: Path, settle: float, keep: bool) ->
         os.stat(mnt)
         base = probe.sample()
         progress(f"{fs.name}: find over {stack.entries} entries")
-        took, found = find_count(mnt)
+        took, found, during = find_count(mnt, probe, every)
         after = probe.sample()
         progress(f"{fs.name}: find took {took:.1f} s; dropping the kernel's dentries and inodes")
         dropped, drops, settle_s = settle_after_drop(probe, settle)
@@ -255,15 +273,23 @@ def measure(fs: Backend, stack: Stack, work: Path, settle: float, keep: bool) ->
         fs.stop(mnt, proc)
         cleanup_mounts_under(scratch)
     res: dict[str, Any] = {"find_seconds": took, "found": found, "baseline": base, "after_find": after,
-                           "after_drop": dropped, "drops": drops, "settle_seconds": settle_s}
-    referenced = probe.referenced(after)
-    res["referenced_after_find"] = referenced
+                           "after_drop": dropped, "drops": drops, "settle_seconds": settle_s, "during_find": during}
+    # The kernel may drop inodes during the find (memory pressure, or a drop_caches run by anything else on the
+    # machine): the sample holding the most is where the server's memory is measured against them.
+    samples = [*during, after]
+    most = max(samples, key=lambda x: probe.referenced(x) or 0)
+    referenced = probe.referenced(most)
+    res["most_referenced"] = most
+    res["referenced_most"] = referenced
+    res["referenced_after_find"] = probe.referenced(after)
     res["referenced_after_drop"] = probe.referenced(dropped)
     if "rss" in base and referenced:
-        res["bytes_per_inode"] = (after["rss"] - base["rss"]) / referenced
-        grown = after["rss"] - base["rss"]
-        res["given_back"] = (after["rss"] - dropped["rss"]) / grown if grown > 0 else None
-    res["slab_kib_per_inode"] = ((after["slab_kib"] - base["slab_kib"]) / referenced) if referenced else None
+        res["bytes_per_inode"] = (most["rss"] - base["rss"]) / referenced
+        peak = max(x["rss"] for x in samples)
+        res["peak_rss"] = peak
+        res["given_back"] = (peak - dropped["rss"]) / (peak - base["rss"]) if peak > base["rss"] else None
+    if referenced:
+        res["slab_kib_per_inode"] = (most["slab_kib"] - base["slab_kib"]) / referenced
     if not keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return res
@@ -289,19 +315,22 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, str]]]
         ("find: entries printed", lambda r: fmt_int(r.get("found"))),
         ("find: time", lambda r: f"{r['find_seconds']:.1f} s"),
         ("RSS at mount (baseline)", lambda r: fmt_mib(get(r, "baseline", "rss"))),
-        ("RSS after find", lambda r: fmt_mib(get(r, "after_find", "rss"))),
-        ("peak RSS (VmHWM)", lambda r: fmt_mib(get(r, "after_drop", "hwm"))),
-        ("server nodes after find", lambda r: fmt_int(get(r, "after_find", "nodes"))),
-        ("kernel inodes after find (slab)", lambda r: fmt_int(get(r, "after_find", "kernel_inodes"))),
+        ("most inodes referenced: server nodes", lambda r: fmt_int(get(r, "most_referenced", "nodes"))),
+        ("most inodes referenced: kernel (slab)", lambda r: fmt_int(get(r, "most_referenced", "kernel_inodes"))),
+        ("RSS then", lambda r: fmt_mib(get(r, "most_referenced", "rss"))),
         ("RSS growth per referenced inode",
          lambda r: "-" if r.get("bytes_per_inode") is None else f"{r['bytes_per_inode']:.0f} B"),
-        ("kernel slab per inode",
+        ("kernel slab growth per inode",
          lambda r: "-" if r.get("slab_kib_per_inode") is None else f"{r['slab_kib_per_inode'] * 1024:.0f} B"),
+        ("peak RSS (VmHWM)", lambda r: fmt_mib(get(r, "after_drop", "hwm"))),
+        ("inodes referenced at the end of find",
+         lambda r: fmt_int(get(r, "after_find", "nodes") or get(r, "after_find", "kernel_inodes"))),
         ("drop_caches rounds (time)", lambda r: f"{r['drops']} ({r['settle_seconds']:.0f} s)"),
-        ("server nodes after drop", lambda r: fmt_int(get(r, "after_drop", "nodes"))),
-        ("kernel inodes after drop (slab)", lambda r: fmt_int(get(r, "after_drop", "kernel_inodes"))),
-        ("RSS after drop", lambda r: fmt_mib(get(r, "after_drop", "rss"))),
-        ("growth given back", lambda r: "-" if r.get("given_back") is None else f"{r['given_back']:.0%}"),
+        ("after drop: server nodes", lambda r: fmt_int(get(r, "after_drop", "nodes"))),
+        ("after drop: kernel inodes (slab)", lambda r: fmt_int(get(r, "after_drop", "kernel_inodes"))),
+        ("after drop: RSS", lambda r: fmt_mib(get(r, "after_drop", "rss"))),
+        ("growth given back (of the peak)",
+         lambda r: "-" if r.get("given_back") is None else f"{r['given_back']:.0%}"),
     ]
     out = []
     for label, fn in spec:
@@ -334,6 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=CACHE, help=f"where the stack is built and kept (default {CACHE})")
     p.add_argument("--settle", type=float, default=60.0,
                    help="seconds the drop_caches rounds may take for one file system (default 60)")
+    p.add_argument("--every", type=float, default=5.0,
+                   help="seconds between samples of memory and inode counts during the find (default 5)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure to FILE")
     p.add_argument("--keep", action="store_true", help="keep each server's log (under CACHE/run/NAME)")
     args = p.parse_args(argv)
@@ -364,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"error": short_reason(reason)}
                 continue
             try:
-                results[name] = measure(fs, stack, work, args.settle, args.keep)
+                results[name] = measure(fs, stack, work, args.settle, args.keep, args.every)
             except (MountError, OSError, subprocess.SubprocessError) as exc:
                 progress(f"{name} failed: {exc}")
                 results[name] = {"error": short_reason(str(exc))}

@@ -198,3 +198,15 @@ def test_memory_per_node(table: InodeTable, tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert (after - before) / len(files) < 600
+
+
+def test_regression_freed_directory_drops_its_listing(table: InodeTable, tmp_path: Path) -> None:
+    """A freed node stays among the recently used until pushed out: the listing of a large directory must not
+    stay alive with it."""
+    (tmp_path / "big").mkdir()
+    node = table.reference(Entry(b"big", 0, os.lstat(tmp_path / "big"), (0,)))
+    node.listing = {b"n%d" % i: (0, stat.S_IFREG) for i in range(1000)}
+    assert node in inodes._recent.ring
+    table.forget(node.ino, 1)
+    assert node.ino not in table.nodes
+    assert node.listing is None

@@ -488,6 +488,7 @@ class InodeTable:
         for p in node.paths:
             if self.by_path.get(p) is node:
                 del self.by_path[p]
+        node.listing = None  # (the node may linger a while among the recently used)
 
     def release_open(self, node: Node) -> None:
         node.opens -= 1
