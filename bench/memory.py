@@ -351,7 +351,7 @@ def print_table(results: dict[str, dict[str, Any]], title: str) -> None:
         table.add_column(name, justify="right")
     for label, cells in rows(results):
         table.add_row(label, *(cells[n] for n in results))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 110).print(table)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -64,7 +64,10 @@ class AbsentXattrs:
         self._sets: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
 
     def known(self, st: os.stat_result, name: bytes) -> bool:
-        names = self._names.get((st.st_dev, st.st_ino))
+        return self.known_object(st.st_dev, st.st_ino, name)
+
+    def known_object(self, dev: int, ino: int, name: bytes) -> bool:
+        names = self._names.get((dev, ino))
         return names is not None and name in names
 
     def add(self, st: os.stat_result, name: bytes) -> None:
@@ -538,7 +541,7 @@ class Operations(pyfuse3.Operations):
         # warm `ls -l`, so it comes first, without the error boundary's coroutine (nothing in it can raise
         # but the FUSEError it means to).
         node = self.inodes.nodes.get(inode)
-        if node is not None and not node.unlinked and self._absent.known(node.entry.st, name):
+        if node is not None and not node.unlinked and self._absent.known_object(*node.identity()[1:], name):
             if errors.debug:
                 errors.log_request("getxattr", (inode, name), "ENODATA")
             raise pyfuse3.FUSEError(errno.ENODATA)
