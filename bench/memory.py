@@ -4,10 +4,11 @@
 
 For each file system, on a fresh mount (empty upper and work directories over the same lower layers):
 
-1. **baseline**: the server's VmRSS right after the mount is ready;
-2. ``find MNT`` (every directory is listed: with READDIRPLUS the kernel then holds an inode for every entry, and
-   the server a node for each): the number of entries it printed, the time it took, the server's VmRSS and
-   VmHWM, and how many inodes the kernel references;
+1. **baseline**: the server's VmRSS once the mount is ready;
+2. ``find MNT -printf '%s\\n'``: every directory is listed and every entry stat()ed, so the kernel then holds an
+   inode for every entry (unionfs already hands it one per listed name, READDIRPLUS; the stat makes the other
+   file systems do the same). Every ``--every`` seconds meanwhile, and at the end: the server's VmRSS and how
+   many inodes the kernel references;
 3. ``echo 2 > /proc/sys/vm/drop_caches``, repeated until the count of referenced inodes stops falling (the
    kernel evicts its unused dentries and inodes and sends the server FORGETs for them), then VmRSS again.
 
@@ -16,28 +17,36 @@ How many inodes the kernel references is counted two ways, both shown:
 - **server nodes** (unionfs only): the size of its inode table, which it logs on SIGUSR1. A node lives exactly
   as long as the kernel holds a lookup reference to its inode (or a file of it is open): the root plus one per
   inode the kernel references;
-- **kernel fuse_inode objects**: the change of the ``fuse_inode`` slab's active objects in /proc/slabinfo from
-  before the mount (``ovl_inode`` for kernel overlayfs). It counts FUSE inodes of every mount of the machine,
-  so other FUSE mounts made meanwhile show in it; with an idle machine it is the kernel's own count.
+- **kernel inodes (slab)**: the change of the ``fuse_inode`` slab's active objects in /proc/slabinfo since
+  before the mount (``ovl_inode`` for kernel overlayfs). It counts the FUSE inodes of every mount of the
+  machine (others' mounts made meanwhile show in it) and is approximate (per-CPU caches), but it is the
+  kernel's own count, and the only one for fuse-overlayfs.
 
-**RSS per inode** is (VmRSS after find - baseline) / inodes referenced (the server's node count where it has
-one, else the fuse_inode delta). The bytes per inode after the drop count what stays above the baseline
-against the inodes still referenced then (which are few), so the table rather shows how much of the growth
-was given back.
+**RSS growth per referenced inode** is (VmRSS - baseline) / inodes referenced, at the sample where the kernel
+referenced the most (the server's node count where it has one, else the slab's): the kernel may evict inodes
+during the find, under memory pressure or when something else on the machine drops caches. **Growth given
+back** is the part of the peak growth gone after the drop. The kernel's own slab growth per inode is shown
+too (FUSE inodes, dentries and the inodes of the layers' file system).
 
 The stack (built once, then reused from ``--cache``, default /var/tmp/unionfs-bench-memory): ``--layers`` lower
 layers (default 4), each holding the same ``--files / --per-dir`` directories (default 1,000 of 1,000 names),
 the files of a directory spread round-robin over the layers, all empty (an inode each, no data blocks). The
-upper layer starts empty. Building 1,000,000 files takes about a minute; the time is printed and kept.
+upper layer starts empty. Building 1,000,000 files took 32 s on a 2-core VM; the time is printed and kept.
 
 Run as root, with the Python environment that has unionfs's dependencies (the server is started with the same
 interpreter)::
 
-    python bench/memory.py                          # 1,000,000 files: a few minutes per file system
-    python bench/memory.py --files 100000           # a quick run
-    python bench/memory.py --fs unionfs --json out.json
+    python bench/memory.py                          # 1,000,000 files: about 2 minutes per file system
+    python bench/memory.py --files 100000           # a quick run (20 s in all)
+    python bench/memory.py --fs unionfs --json out.json --keep
 
-A rich table goes to stdout; ``--json FILE`` also writes every figure to FILE.
+A rich table goes to stdout; ``--json FILE`` also writes every figure and sample to FILE.
+
+Measured 2026-12-02 (2-core VM, 24 GiB, 1,000,000 files over 4 layers, default options): unionfs grew by 492 B
+per referenced inode (29.6 MiB at mount, 500 MiB with 1,001,001 nodes) and came back to 46.6 MiB after the
+drop (96% of the growth given back); fuse-overlayfs grew by 300 B per inode (5 MiB to 292 MiB) and gave none
+back. Before the inode table kept its nodes small, unionfs grew by 1,246 B per inode (1,219 MiB) and kept 232
+MiB after the drop. The kernel's own slab grew by about 2.6-3.1 KiB per inode with each of the three.
 """
 
 from __future__ import annotations
