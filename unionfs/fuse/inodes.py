@@ -3,6 +3,11 @@
 Numbers are derived from the real (device, inode) of the object where it was first seen, so they are the
 same after a remount over unchanged layers, and a copied-up object keeps the number of its origin for the
 life of the mount.
+
+Memory follows what the kernel holds: a node lives exactly as long as the kernel references its inode (or a
+file of it is open), costs about 500 bytes with everything it holds (bench/memory.py: 492 B per inode over
+1,000,000 files, where a node keeping its Entry and os.stat_result cost 1,246 B), and once the kernel has
+forgotten most of them the memory goes back to the system (:meth:`InodeTable.trim`).
 """
 
 from __future__ import annotations
@@ -466,8 +471,10 @@ class InodeTable:
         never shrinks when keys are deleted), Python's free lists keep some of the freed objects, each pinning
         the 1 MiB arena of its small-object allocator it is in, and the C library keeps its freed heap pages.
         So the maps are copied (to tables sized for what is left), a full collection empties the free lists
-        (and lets those arenas go), and malloc_trim(3) hands the free pages back. Its cost is in proportion to
-        what is left, a quarter at most of the nodes freed since the last time."""
+        (and lets those arenas go), and malloc_trim(3) hands the free pages back. Measured after a find over
+        1,000,000 files and a drop_caches (bench/memory.py): none of the growth came back without this; 87% with
+        the maps copied, 89% with the collection too, 96% with malloc_trim. Its cost is in proportion to what
+        is left, a quarter at most of the nodes freed since the last time."""
         held = len(self.nodes)
         if self._peak - held < TRIM_MIN or held > self._peak // 4:
             return False
