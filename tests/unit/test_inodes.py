@@ -210,3 +210,26 @@ def test_regression_freed_directory_drops_its_listing(table: InodeTable, tmp_pat
     table.forget(node.ino, 1)
     assert node.ino not in table.nodes
     assert node.listing is None
+
+
+def test_regression_many_names_of_one_file(table: InodeTable, tmp_path: Path) -> None:
+    """Adding a name to a file with many appends in place (a copy of every name for each new one made the
+    lookups of n hard links quadratic)."""
+    d = tmp_path / "many"
+    d.mkdir()
+    (d / "n0").touch()
+    for i in range(1, 300):
+        os.link(d / "n0", d / f"n{i}")
+    node = table.reference(Entry(b"many/n0", 0, os.lstat(d / "n0")))
+    names = None
+    for i in range(1, 300):
+        assert table.reference(Entry(b"many/n%d" % i, 0, os.lstat(d / f"n{i}"))) is node
+        if i == 2:
+            names = node._names
+    assert node._names is names  # the same list all along
+    assert node.paths == [b"many/n%d" % i for i in range(300)]
+    table.unlinked(node, b"many/n150", last_link=False)
+    table.unlinked(node, b"many/n0", last_link=False)
+    assert node.path == b"many/n1" and len(node.paths) == 298 and b"many/n150" not in table.by_path
+    table.forget(node.ino, 300)
+    assert node.ino not in table.nodes and not any(p.startswith(b"many/") for p in table.by_path)

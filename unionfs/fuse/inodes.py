@@ -97,6 +97,14 @@ class Node:
     def paths(self, paths: list[bytes]) -> None:
         self._names = None if not paths else paths[0] if len(paths) == 1 else list(paths)
 
+    def add_name(self, path: bytes) -> None:
+        """One more name (in place: a file may have many)."""
+        names = self._names
+        if isinstance(names, list):
+            names.append(path)
+        else:
+            self._names = [names, path] if names is not None else path
+
     def identity(self) -> tuple[int, int, int]:
         """(file type and mode, st_dev, st_ino) of the object, without making the whole entry again."""
         entry = self._entry
@@ -331,7 +339,7 @@ class InodeTable:
 
     def add_path(self, node: Node, path: bytes) -> None:
         """``path`` is one more name of ``node`` (a hard link)."""
-        node.paths = [*node.paths, path]
+        node.add_name(path)
         self.by_path[path] = node
 
     def linked(self, node: Node, entry: Entry) -> None:
