@@ -19,7 +19,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,7 +33,7 @@ from ..union import AttrChanges, DirListing, Union
 from ..userns import Caller
 from . import errors
 from .errors import boundary
-from .inodes import InodeTable, Node
+from .inodes import InodeTable, Node, shared_listing
 
 log = logging.getLogger("unionfs")
 
@@ -62,7 +64,10 @@ class AbsentXattrs:
         self._sets: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
 
     def known(self, st: os.stat_result, name: bytes) -> bool:
-        names = self._names.get((st.st_dev, st.st_ino))
+        return self.known_object(st.st_dev, st.st_ino, name)
+
+    def known_object(self, dev: int, ino: int, name: bytes) -> bool:
+        names = self._names.get((dev, ino))
         return names is not None and name in names
 
     def add(self, st: os.stat_result, name: bytes) -> None:
@@ -143,6 +148,15 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._mutex = trio.Lock()
         self._absent = AbsentXattrs()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._log_table)
+
+    def _log_table(self, signum: int = 0, frame: object = None) -> None:
+        """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
+        references (or one with open files), so that is what the server's memory follows."""
+        s = self.inodes.stats()
+        log.info("inode table: %d nodes, %d names, %d listings kept (%d names); %d files, %d directories open",
+                 s["nodes"], s["names"], s["listings"], s["listed_names"], len(self._files), len(self._dirs))
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -285,6 +299,8 @@ class Operations(pyfuse3.Operations):
         try:
             for ino, nlookup in inode_list:
                 self.inodes.forget(ino, nlookup)
+            if self.inodes.trim():
+                log.debug("inode table shrank to %d nodes: memory given back", len(self.inodes.nodes))
         except Exception:
             log.exception("forget failed")
 
@@ -465,7 +481,7 @@ class Operations(pyfuse3.Operations):
     def _merged(self, node: Node) -> dict[bytes, tuple[int, int]]:
         """The merged listing of directory ``node``, kept until something changes in it."""
         if node.listing is None:
-            node.listing = self.union.listdir(node.entry)
+            node.listing = shared_listing(self.union.listdir(node.entry))
         return node.listing
 
     def _unreachable_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -525,7 +541,7 @@ class Operations(pyfuse3.Operations):
         # warm `ls -l`, so it comes first, without the error boundary's coroutine (nothing in it can raise
         # but the FUSEError it means to).
         node = self.inodes.nodes.get(inode)
-        if node is not None and not node.unlinked and self._absent.known(node.entry.st, name):
+        if node is not None and not node.unlinked and self._absent.known_object(*node.identity()[1:], name):
             if errors.debug:
                 errors.log_request("getxattr", (inode, name), "ENODATA")
             raise pyfuse3.FUSEError(errno.ENODATA)
