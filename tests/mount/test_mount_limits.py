@@ -80,6 +80,8 @@ def test_server_raises_its_soft_limit_to_the_hard_one(layers: Layers, mounts: Mo
 
 
 def test_foreground_server_raises_its_limit_too(layers: Layers, mounts: Mounts) -> None:
+    """(Regression: the limit was raised just after the mount appeared, so a look at it as soon as the mount was
+    there could still find the old one.)"""
     with _low_soft_limit():
         proc = mounts.foreground(layers.opts(), layers.mnt)
     soft, hard = _limits(proc.pid)

@@ -10,6 +10,7 @@ unmount from outside (``fusermount3 -u``, ``unionfs umount``) ends it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -28,30 +29,42 @@ from .prepare import SIGNALS, Mount, fuse_options
 log = logging.getLogger("unionfs")
 
 
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to its hard limit, logging once what it
-    got; returns the (soft, hard) limits in force afterwards.
+@dataclasses.dataclass(frozen=True)
+class OpenFileLimit:
+    """The open-file limits in force after :func:`raise_open_file_limit`, and what to log about them."""
+
+    soft: int
+    hard: int
+    message: str
+    level: int = logging.INFO
+
+    def report(self) -> None:
+        log.log(self.level, "%s", self.message)
+
+
+def raise_open_file_limit() -> OpenFileLimit:
+    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to its hard limit; returns the limits in
+    force afterwards, with the line to log about them (logged by the caller once the mount is made: a refused
+    one says that alone).
 
     Every file open through the mount holds a descriptor in the server, and every layer is reached through
     directory descriptors, so the soft limit (often 1024) would be reached long before the client's. Where the
     limit is reached all the same, the request fails with EMFILE (or ENFILE for the system's table), which the
-    error boundary hands to the client as it is. Called when the server starts serving, not before: a spare
+    error boundary hands to the client as it is. Called when the server starts serving (before the mount
+    appears, so that no client finds the mount with the old limit), not before: a spare
     (:mod:`unionfs.fuse.spare`) must keep the limits of the commands it serves, which are part of its key; the
     server it starts raises its own."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == hard:
-        log.info("open-file limit: %s", _shown_limit(hard))
-        return soft, hard
+        return OpenFileLimit(soft, hard, f"open-file limit: {_shown_limit(hard)}")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (OSError, ValueError) as exc:
-        log.warning("open-file limit: %s; could not raise it to %s: %s", _shown_limit(soft), _shown_limit(hard),
-                    exc)
-        return soft, hard
-    log.info("open-file limit: raised from %s to %s", _shown_limit(soft), _shown_limit(hard))
-    return hard, hard
+        return OpenFileLimit(soft, hard, f"open-file limit: {_shown_limit(soft)}; could not raise it to "
+                             f"{_shown_limit(hard)}: {exc}", logging.WARNING)
+    return OpenFileLimit(hard, hard, f"open-file limit: raised from {_shown_limit(soft)} to {_shown_limit(hard)}")
 
 
 def _shown_limit(value: int) -> str:
@@ -120,6 +133,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     if mask is None:
         mask = blocked
     options = libfuse_options(fuse_options(prepared.spec))
+    limit = raise_open_file_limit()
     if device is not None:
         # (the mount is made: libfuse ignores the options that name it, and pyfuse3 takes ASCII options only)
         session = {opt for opt in options if not opt.startswith(("fsname=", "subtype="))}
@@ -140,7 +154,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
         if said:  # (what was written meanwhile about a mount made anyway goes where it was going)
             os.write(2, ("\n".join(said) + "\n").encode())
     terminated: list[bool] = []
-    raise_open_file_limit()  # (once the mount is made: a refused one says that alone)
+    limit.report()
     log.info("mounted %s", prepared.describe())
     try:
         ready()
