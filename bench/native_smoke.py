@@ -1,0 +1,141 @@
+"""Warm `find` over a tree of small files on kernel overlayfs and on unionfs in its pure and native modes.
+
+    sudo python bench/native_smoke.py [--files 10000] [--repeat 5] [--workdir /var/tmp]
+
+unionfs runs from this checkout: pure as ``python -m unionfs mount -f``, native as ``python -m unionfs._native.run
+mount -f`` (the shim loaded before pyfuse3), once with its defaults (connection flags only) and once with
+``UNIONFS_NATIVE_CONFIG=cache_dirs`` (cached listings; safe here: nothing changes the layers during the run). The
+shim's counters (``UNIONFS_NATIVE_STATS``) give the number of READDIRPLUS requests each warm pass cost.
+Prints one markdown table; times are medians of ``--repeat`` warm passes after one cold pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def build_tree(lower: Path, files: int, per_dir: int = 100) -> int:
+    """``files`` empty files in directories of ``per_dir``; returns the number of entries ``find`` prints."""
+    dirs = (files + per_dir - 1) // per_dir
+    made = 0
+    for d in range(dirs):
+        sub = lower / f"d{d:04d}"
+        sub.mkdir()
+        for f in range(min(per_dir, files - made)):
+            (sub / f"f{f:04d}").touch()
+            made += 1
+    return 1 + dirs + made
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path).encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split(b" ")[4] == target for line in f)
+
+
+def wait_for(pred: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def mounted(kind: str, base: Path, lower: Path, stats: Path | None = None) -> Iterator[Path]:
+    upper, work, mnt = base / f"{kind}-u", base / f"{kind}-w", base / f"{kind}-m"
+    for p in (upper, work, mnt):
+        p.mkdir()
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    proc = None
+    if kind == "kernel":
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True)
+    else:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env.pop("UNIONFS_NATIVE_CONFIG", None)
+        if kind == "native-cached":
+            env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs"
+        if stats is not None:
+            env["UNIONFS_NATIVE_STATS"] = str(stats)
+        module = "unionfs" if kind == "pure" else "unionfs._native.run"
+        proc = subprocess.Popen([PY, "-m", module, "mount", "-f", "-o", f"{opts},noatime", str(mnt)], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, f"{kind} mount")
+        if proc.poll() is not None:
+            raise SystemExit(f"{kind} server exited: {proc.stderr.read() if proc.stderr else ''}")
+    try:
+        yield mnt
+    finally:
+        if kind == "kernel":
+            subprocess.run(["umount", str(mnt)], check=True)
+        else:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+            if proc is not None:
+                proc.wait(timeout=30)
+
+
+def find_once(mnt: Path, entries: int) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run(["find", str(mnt)], stdout=subprocess.PIPE, check=True).stdout
+    elapsed = time.perf_counter() - t0
+    found = out.count(b"\n")
+    if found != entries:
+        raise SystemExit(f"find printed {found} entries on {mnt}, expected {entries}")
+    return elapsed
+
+
+def read_stats(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            out[name] = int(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--workdir", default="/var/tmp")
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="native-smoke-", dir=args.workdir))
+    try:
+        lower = base / "lower"
+        lower.mkdir()
+        entries = build_tree(lower, args.files)
+        rows = []
+        for kind in ("kernel", "pure", "native", "native-cached"):
+            stats = base / f"{kind}.stats"
+            with mounted(kind, base, lower, stats if kind.startswith("native") else None) as mnt:
+                cold = find_once(mnt, entries)
+                warm = [find_once(mnt, entries) for _ in range(args.repeat)]
+            counted = read_stats(stats)
+            rows.append((kind, cold, statistics.median(warm), counted))
+        ref = rows[0][2]
+        print(f"warm `find` over {args.files} files ({entries} entries), median of {args.repeat}\n")
+        print("| mount | cold s | warm s | warm / kernel | READDIRPLUS (all passes) | dir opens cached |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for kind, cold, warm, counted in rows:
+            rdp = counted.get("readdirplus", "")
+            cached = counted.get("dir_cached", "")
+            print(f"| {kind} | {cold:.3f} | {warm:.4f} | {warm / ref:.1f}x | {rdp} | {cached} |")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
