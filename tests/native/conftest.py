@@ -17,8 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nativehelp import (  # noqa: E402
-    MEMFS, PY, REPO, Server, compile_shim, fuse_include_dirs, fuse_unavailable, is_mounted, shim_env)
+from nativehelp import MEMFS, PY, REPO, Server, compile_shim, fuse_include_dirs, fuse_unavailable, is_mounted, shim_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 Run with the shim loaded first (``UNIONFS_NATIVE_LIB``, ``UNIONFS_NATIVE_STATS`` and ``UNIONFS_NATIVE_CONFIG`` are
 read by the shim and the loader). The root holds a directory ``d`` (N empty files ``f0000``...), a file ``data``
 that takes writes, and a file ``ctl`` whose writes are commands: ``add NAME`` adds a file to ``d`` without telling
-the kernel, ``inval`` invalidates ``d`` (``pyfuse3.invalidate_inode``). ``d``'s attributes never change, so the
-kernel has no other way to learn of an ``add``.
+the kernel, ``inval`` invalidates ``d`` (``pyfuse3.invalidate_inode``), ``dump PATH`` writes the shim's
+counters. ``d``'s attributes never change, so the kernel has no other way to learn of an ``add``.
 
 Its readdir honours plain READDIR (the kernel's adaptive readdirplus, through the shim): no lookup counted.
 """
@@ -103,6 +103,8 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
                     self._add(arg.encode())
                 elif word == "inval":
                     pyfuse3.invalidate_inode(DIR)
+                elif word == "dump":
+                    NATIVE.dump(arg)
             return len(buf)
         if fh == DATA:
             end = off + len(buf)

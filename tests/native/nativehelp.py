@@ -8,10 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
 
 REPO = Path(__file__).resolve().parent.parent.parent
 NATIVE = REPO / "unionfs" / "_native"

@@ -89,7 +89,8 @@ before = [nat.cached_listings, nat.readdirplus_auto]
 nat.set_cached_listings(True); nat.set_readdirplus_auto(True)
 after = [nat.cached_listings, nat.readdirplus_auto]
 bit = nat._plain_bit
-print(json.dumps({"before": before, "after": after, "plain": nat.readdir_handle(7 | bit), "plus": nat.readdir_handle(7)}))
+print(json.dumps({"before": before, "after": after, "plain": nat.readdir_handle(7 | bit),
+                  "plus": nat.readdir_handle(7)}))
 """, shim_env(shim))
     assert got == {"before": [False, False], "after": [True, True], "plain": [7, True], "plus": [7, False]}
 

@@ -38,17 +38,22 @@ CAPS = {
 }
 
 
+# The fields of struct unionfs_native_counters and struct unionfs_native_conn (shim.c), in order.
+_COUNTER_FIELDS = (
+    "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
+    "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus")
+_CONN_FIELDS = (
+    "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
+    "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
+    "congestion_threshold", "time_gran")
+
+
 class _Counters(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open",
-        "reply_err", "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus")]
+    _fields_ = [(name, ctypes.c_uint64) for name in _COUNTER_FIELDS]
 
 
 class _Connection(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint32) for name in (
-        "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
-        "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
-        "congestion_threshold", "time_gran")]
+    _fields_ = [(name, ctypes.c_uint32) for name in _CONN_FIELDS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,7 @@ class Native:
         lib.unionfs_native_set.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.unionfs_native_get.argtypes = [ctypes.c_int]
         lib.unionfs_native_plain_readdir_bit.restype = ctypes.c_uint64
+        lib.unionfs_native_dump.argtypes = [ctypes.c_char_p]
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
     def version(self) -> str:
@@ -127,7 +133,14 @@ class Native:
     def counters(self) -> Counters:
         raw = _Counters()
         self._lib.unionfs_native_counters(ctypes.byref(raw), ctypes.sizeof(raw))
-        return Counters(**{name: getattr(raw, name) for name, _ in _Counters._fields_})
+        return Counters(**{name: getattr(raw, name) for name in _COUNTER_FIELDS})
+
+    def dump(self, path: str | os.PathLike[str]) -> None:
+        """Write the counters and the connection record to ``path`` as ``name value`` lines (the format of
+        ``UNIONFS_NATIVE_STATS``)."""
+        err = self._lib.unionfs_native_dump(os.fsencode(path))
+        if err != 0:
+            raise OSError(-err, os.strerror(-err), os.fspath(path))
 
     def connection(self) -> Connection | None:
         """The last init's record, None before the first init of a session."""
@@ -135,7 +148,7 @@ class Native:
         self._lib.unionfs_native_connection(ctypes.byref(raw), ctypes.sizeof(raw))
         if not raw.valid:
             return None
-        return Connection(**{name: getattr(raw, name) for name, _ in _Connection._fields_ if name != "valid"})
+        return Connection(**{name: getattr(raw, name) for name in _CONN_FIELDS[1:]})
 
     def _set(self, option: int, on: bool) -> None:
         if self._lib.unionfs_native_set(option, int(on)) != 0:

@@ -1,0 +1,141 @@
+"""Real mounts with the shim: connection flags at init, request sizes, cached listings and their invalidation,
+plain READDIR under the kernel's adaptive readdirplus. The server is memfs.py (pyfuse3 over a dict), whose
+directory ``d`` never changes its attributes, so only the listing cache can explain what a listing shows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import Start
+from nativehelp import Server, read_stats
+
+MIB = 1 << 20
+CAP_READDIRPLUS = 1 << 13
+CAP_READDIRPLUS_AUTO = 1 << 14
+
+
+def listing(server: Server) -> list[str]:
+    return sorted(os.listdir(server.mnt / "d"))
+
+
+def ctl(server: Server, command: str) -> None:
+    (server.mnt / "ctl").write_text(command + "\n")
+
+
+def test_connection_flags_and_write_size(start: Start) -> None:
+    s = start()
+    fd = os.open(s.mnt / "data", os.O_WRONLY)
+    try:
+        assert os.write(fd, b"x" * (4 * MIB)) == 4 * MIB
+    finally:
+        os.close(fd)
+    assert (s.mnt / "data").stat().st_size == 4 * MIB
+    stats = s.stop()
+    assert stats["session_wrapped"] == 1 and stats["init"] == 1 and stats["conn.valid"] == 1
+    assert stats["conn.max_write"] == MIB
+    assert stats["conn.max_readahead"] == stats["conn.offered_max_readahead"] > 0
+    # what the kernel sent: 4 MiB in WRITE requests of at most max_write, the largest exactly 1 MiB
+    assert stats["write_bytes"] == 4 * MIB
+    assert stats["write_max"] == MIB
+    assert stats["write"] == 4
+    # by default nothing else changes: pyfuse3's wishes are what the kernel gets
+    assert stats["conn.want"] == stats["conn.want_pyfuse3"]
+    assert not stats["conn.want"] & CAP_READDIRPLUS_AUTO
+    assert stats["dir_cached"] == 0
+
+
+def test_without_cached_listings_every_listing_asks_the_server(start: Start) -> None:
+    s = start()
+    assert listing(s) == ["f0000", "f0001", "f0002"]
+    ctl(s, "add new1")
+    assert listing(s) == ["f0000", "f0001", "f0002", "new1"]
+    stats = s.stop()
+    assert stats["opendir"] >= 2 and stats["dir_cached"] == 0
+    assert stats["readdirplus"] >= 2
+
+
+def test_cached_listing_is_kept_until_invalidated(start: Start) -> None:
+    s = start(config="cache_dirs")
+    assert listing(s) == ["f0000", "f0001", "f0002"]
+    assert listing(s) == ["f0000", "f0001", "f0002"]
+    ctl(s, "add new1")
+    # the kernel answers from its cache: the new name is not seen (this is what the server must prevent by
+    # invalidating whenever a listing changes)
+    assert listing(s) == ["f0000", "f0001", "f0002"]
+    ctl(s, "inval")  # pyfuse3.invalidate_inode(d): FUSE_NOTIFY_INVAL_INODE, offset 0, length 0
+    assert listing(s) == ["f0000", "f0001", "f0002", "new1"]
+    stats = s.stop()
+    assert stats["dir_cached"] == stats["opendir"] >= 4
+    # one READDIRPLUS pass (the listing and its end) for the first listing, one after the invalidation
+    assert stats["readdirplus"] == 4
+
+
+def test_file_opens_are_not_flagged(start: Start) -> None:
+    s = start(config="cache_dirs")
+    (s.mnt / "data").write_bytes(b"abc")
+    assert (s.mnt / "data").read_bytes() == b"abc"
+    listing(s)
+    stats = s.stop()
+    assert stats["dir_cached"] == stats["opendir"] == 1
+    assert stats["reply_open"] == stats["dir_cached"] + 2  # the two opens of data went out unchanged
+
+
+def memfs_report(server: Server) -> dict[str, int]:
+    """memfs's last line: how many readdirs it was told were plain, how many lookups it still counts."""
+    words = server.output.strip().splitlines()[-1].split()
+    assert words[0] == "memfs:", server.output
+    return {words[i]: int(words[i + 1]) for i in range(1, len(words), 2)}
+
+
+def test_readdirplus_auto_serves_plain_readdir(start: Start) -> None:
+    s = start("3000", config="readdirplus_auto")
+    names = os.listdir(s.mnt / "d")  # no stat of the entries: the kernel asks plain READDIR after the first
+    assert sorted(names) == [f"f{i:04d}" for i in range(3000)]
+    stats = s.stop()
+    assert stats["conn.want"] & CAP_READDIRPLUS_AUTO
+    assert stats["conn.want"] & CAP_READDIRPLUS
+    assert stats["readdir_plain"] >= 1
+    assert 0 < stats["entries_plain"] < 3000  # the first chunk came with attributes
+    told = memfs_report(s)
+    assert told["plain_readdirs"] == stats["readdir_plain"]
+    # lookups memfs still counts: at most those the kernel took (entries with attributes, d, and what a
+    # lookup took), none for the plain entries
+    assert told["lookups_left"] <= 3000 - stats["entries_plain"] + 5
+
+
+def test_plain_and_cached_together(start: Start) -> None:
+    s = start("3000", config="cache_dirs,readdirplus_auto")
+    expected = [f"f{i:04d}" for i in range(3000)]
+    assert sorted(os.listdir(s.mnt / "d")) == expected
+    ctl(s, f"dump {s.mnt.parent / 'first.stats'}")
+    first = read_stats(s.mnt.parent / "first.stats")
+    assert sorted(os.listdir(s.mnt / "d")) == expected
+    stats = s.stop()
+    assert first["readdir_plain"] >= 1 and first["readdirplus"] >= 1
+    # the second listing came from the cache: no request of either kind
+    assert (stats["readdirplus"], stats["readdir_plain"]) == (first["readdirplus"], first["readdir_plain"])
+    assert stats["dir_cached"] == stats["opendir"] == 2
+
+
+def test_unionfs_mount_through_the_shim(start: Start, tmp_path: Path) -> None:
+    """unionfs itself, started through unionfs._native.run: its WRITE requests come in 1 MiB, a lower file is
+    copied up and read back, and a listing is right."""
+    tmp_path.chmod(0o755)
+    lower, upper, work = (tmp_path / n for n in ("l", "u", "w"))
+    for p in (lower, upper, work):
+        p.mkdir()
+    (lower / "a").write_bytes(b"lower a\n")
+    s = start("-o", f"lowerdir={lower},upperdir={upper},workdir={work}", memfs=False)
+    with open(s.mnt / "big", "wb") as f:
+        f.write(os.urandom(1024) * 3072)  # 3 MiB in one write(2)
+    with open(s.mnt / "a", "ab") as f:
+        f.write(b"appended\n")
+    assert (s.mnt / "a").read_bytes() == b"lower a\nappended\n"
+    assert sorted(os.listdir(s.mnt)) == ["a", "big"]
+    assert (upper / "big").stat().st_size == 3 * MIB
+    stats = s.stop()
+    assert stats["session_wrapped"] == 1
+    assert stats["write_max"] == stats["conn.max_write"] == MIB
+    assert stats["write_bytes"] == 3 * MIB + len(b"appended\n")
+    assert (lower / "a").read_bytes() == b"lower a\n"
