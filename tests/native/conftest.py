@@ -45,17 +45,18 @@ Start = Callable[..., Server]
 
 @pytest.fixture
 def start(fuse_ready: None, shim: Path) -> Iterator[Start]:
-    """``start(*args, config="", memfs=True)``: a server with the shim mounted on a fresh directory: memfs.py
-    with ``args``, or ``unionfs mount -f args`` (through unionfs._native.run). Stopped in teardown."""
+    """``start(*args, config="", memfs=True, name="m", **environment)``: a server with the shim mounted on a fresh
+    directory: memfs.py with ``args``, or ``unionfs mount -f args`` (through unionfs._native.run). Stopped in
+    teardown."""
     servers: list[Server] = []
     base = Path(tempfile.mkdtemp(prefix="unionfs-native-test-"))
     base.chmod(0o755)
 
-    def _start(*args: str, config: str = "", memfs: bool = True, name: str = "m") -> Server:
+    def _start(*args: str, config: str = "", memfs: bool = True, name: str = "m", **extra: str) -> Server:
         mnt = base / name
         mnt.mkdir()
         stats = base / f"{name}.stats"
-        env = shim_env(shim, UNIONFS_NATIVE_STATS=str(stats), UNIONFS_NATIVE_CONFIG=config)
+        env = shim_env(shim, UNIONFS_NATIVE_STATS=str(stats), UNIONFS_NATIVE_CONFIG=config, **extra)
         argv = [PY, str(MEMFS), str(mnt), *args] if memfs else [
             PY, "-m", "unionfs._native.run", "mount", "-f", *args, str(mnt)]
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

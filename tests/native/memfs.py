@@ -6,6 +6,9 @@ that takes writes, and a file ``ctl`` whose writes are commands: ``add NAME`` ad
 the kernel, ``inval`` invalidates ``d`` (``pyfuse3.invalidate_inode``), ``dump PATH`` writes the shim's
 counters. ``d``'s attributes never change, so the kernel has no other way to learn of an ``add``.
 
+With ``MEMFS_REAL=PATH`` the root also holds ``real``, whose reads are preads of PATH: in Python, or, with
+``MEMFS_NATIVE_READS=1``, served by the shim on the descriptor the open registered.
+
 Its readdir honours plain READDIR (the kernel's adaptive readdirplus, through the shim): no lookup counted.
 """
 
@@ -26,7 +29,9 @@ if NATIVE is None:
 import pyfuse3  # noqa: E402  (after the shim, on purpose)
 import trio  # noqa: E402
 
-ROOT, DIR, CTL, DATA = pyfuse3.ROOT_INODE, 2, 3, 4
+ROOT, DIR, CTL, DATA, REAL = pyfuse3.ROOT_INODE, 2, 3, 4, 5
+#: file handles of opens of ``real`` (its descriptor plus this)
+REAL_FH = 1 << 20
 TIMEOUT = 60.0
 
 
@@ -34,6 +39,10 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
     def __init__(self, count: int) -> None:
         super().__init__()
         self.names: dict[int, dict[bytes, int]] = {ROOT: {b"d": DIR, b"ctl": CTL, b"data": DATA}, DIR: {}}
+        self.real = os.environ.get("MEMFS_REAL")
+        if self.real:
+            self.names[ROOT][b"real"] = REAL
+        self.native_reads = os.environ.get("MEMFS_NATIVE_READS") == "1"
         self.next_ino = 10
         for i in range(count):
             self._add(b"f%04d" % i)
@@ -51,6 +60,8 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
         a.st_mode = (stat.S_IFDIR | 0o755) if ino in self.names else (stat.S_IFREG | 0o644)
         a.st_nlink = 2 if ino in self.names else 1
         a.st_size = len(self.data) if ino == DATA else 0
+        if ino == REAL and self.real:
+            a.st_size = os.stat(self.real).st_size
         a.st_uid = os.getuid()
         a.st_gid = os.getgid()
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = 1_000_000_000
@@ -90,10 +101,22 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode in self.names:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if inode == REAL and self.real:
+            fd = os.open(self.real, os.O_RDONLY)
+            if self.native_reads:
+                NATIVE.serve_reads(REAL_FH + fd, fd)
+            return pyfuse3.FileInfo(fh=REAL_FH + fd)
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if fh >= REAL_FH:
+            return os.pread(fh - REAL_FH, size, off)
         return bytes(self.data[off:off + size]) if fh == DATA else b""
+
+    async def release(self, fh: int) -> None:
+        if fh >= REAL_FH:
+            NATIVE.stop_reads(fh)
+            os.close(fh - REAL_FH)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh == CTL:

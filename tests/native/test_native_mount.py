@@ -139,3 +139,21 @@ def test_unionfs_mount_through_the_shim(start: Start, tmp_path: Path) -> None:
     assert stats["write_max"] == stats["conn.max_write"] == MIB
     assert stats["write_bytes"] == 3 * MIB + len(b"appended\n")
     assert (lower / "a").read_bytes() == b"lower a\n"
+
+
+def test_reads_on_a_registered_descriptor_skip_python(start: Start, tmp_path: Path) -> None:
+    """memfs registers the descriptor of each open of ``real``: every READ is then answered by the shim (pread),
+    the bytes are the file's, short reads at the end included; an unregistered handle reads through Python."""
+    real = tmp_path / "real"
+    data = os.urandom(3 * MIB + 1234)
+    real.write_bytes(data)
+    s = start(name="native", MEMFS_REAL=str(real), MEMFS_NATIVE_READS="1")
+    p = start(name="python", MEMFS_REAL=str(real), MEMFS_NATIVE_READS="0")
+    assert (s.mnt / "real").read_bytes() == data
+    with open(s.mnt / "real", "rb", buffering=0) as f:
+        f.seek(len(data) - 100)
+        assert f.read(4096) == data[-100:]
+    assert (p.mnt / "real").read_bytes() == data
+    native, python = s.stop(), p.stop()
+    assert native["read"] > 0 and native["read_native"] == native["read"]
+    assert python["read"] > 0 and python["read_native"] == 0

@@ -41,7 +41,8 @@ CAPS = {
 # The fields of struct unionfs_native_counters and struct unionfs_native_conn (shim.c), in order.
 _COUNTER_FIELDS = (
     "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
-    "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus")
+    "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
+    "read_native")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -76,6 +77,7 @@ class Counters:
     write_max: int
     write_bytes: int
     readdirplus: int
+    read_native: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Native:
         lib.unionfs_native_get.argtypes = [ctypes.c_int]
         lib.unionfs_native_plain_readdir_bit.restype = ctypes.c_uint64
         lib.unionfs_native_dump.argtypes = [ctypes.c_char_p]
+        lib.unionfs_native_set_fd.argtypes = [ctypes.c_uint64, ctypes.c_int]
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
     def version(self) -> str:
@@ -181,6 +184,18 @@ class Native:
     @property
     def readdirplus_auto(self) -> bool:
         return self._get(_OPT_READDIRPLUS_AUTO)
+
+    def serve_reads(self, fh: int, fd: int) -> None:
+        """READ requests on file handle ``fh`` are answered from descriptor ``fd`` without Python (pread in the
+        shim) until :meth:`stop_reads`; ``fd`` must stay open until then. Register it again when the handle
+        should read another descriptor (after a copy-up)."""
+        err = self._lib.unionfs_native_set_fd(fh, fd)
+        if err != 0:
+            raise OSError(-err, os.strerror(-err))
+
+    def stop_reads(self, fh: int) -> None:
+        """READ requests on ``fh`` go to Python again (call before closing the descriptor)."""
+        self._lib.unionfs_native_set_fd(fh, -1)
 
     def readdir_handle(self, fh: int) -> tuple[int, bool]:
         """(the handle opendir returned, whether this is a plain READDIR) for the ``fh`` a readdir got."""

@@ -46,6 +46,7 @@ typedef int (*reply_buf_fn)(fuse_req_t, const char *, size_t);
 typedef size_t (*add_direntry_plus_fn)(fuse_req_t, char *, size_t, const char *, const struct fuse_entry_param *,
                                        off_t);
 typedef size_t (*add_direntry_fn)(fuse_req_t, char *, size_t, const char *, const struct stat *, off_t);
+typedef int (*reply_data_fn)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags);
 typedef int (*version_fn)(void);
 typedef const char *(*pkgversion_fn)(void);
 
@@ -56,6 +57,7 @@ static reply_err_fn real_reply_err;
 static reply_buf_fn real_reply_buf;
 static add_direntry_plus_fn real_add_direntry_plus;
 static add_direntry_fn real_add_direntry;
+static reply_data_fn real_reply_data;
 static version_fn real_version;
 static pkgversion_fn real_pkgversion;
 
@@ -83,6 +85,7 @@ struct unionfs_native_counters {
     uint64_t write_max;       /* largest WRITE size received */
     uint64_t write_bytes;     /* bytes received in WRITE requests */
     uint64_t readdirplus;     /* READDIRPLUS requests */
+    uint64_t read_native;     /* READ requests served on a registered descriptor, without Python */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -258,11 +261,121 @@ static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
     g_inner.readdirplus(req, ino, size, off, fi);
 }
 
+/* -- descriptors the shell registered for its file handles (the data path, reads only for now) -------------- */
+
+/* fh -> descriptor, open addressing; a removed slot keeps FD_GONE so that probing goes on past it. */
+#define FD_SLOTS 4096
+#define FD_FREE (-1)
+#define FD_GONE (-2)
+static struct {
+    uint64_t fh;
+    int fd;
+} g_fds[FD_SLOTS];
+static atomic_int g_fd_count;
+static pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void fd_table_clear(void)
+{
+    pthread_mutex_lock(&g_fd_lock);
+    for (int i = 0; i < FD_SLOTS; i++) {
+        g_fds[i].fh = 0;
+        g_fds[i].fd = FD_FREE;
+    }
+    atomic_store(&g_fd_count, 0);
+    pthread_mutex_unlock(&g_fd_lock);
+}
+
+static unsigned fd_hash(uint64_t fh)
+{
+    return (unsigned)((fh * UINT64_C(0x9E3779B97F4A7C15)) >> 52) % FD_SLOTS;
+}
+
+/* The descriptor registered for fh, or -1. */
+static int fd_lookup(uint64_t fh)
+{
+    int fd = -1;
+    if (atomic_load(&g_fd_count) == 0)
+        return -1;
+    pthread_mutex_lock(&g_fd_lock);
+    for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+        if (g_fds[at].fd == FD_FREE)
+            break;
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh) {
+            fd = g_fds[at].fd;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return fd;
+}
+
+/* Register (fd >= 0) or forget (fd < 0) the descriptor of fh: 0, -ENOSPC when the table is full. */
+static int fd_register(uint64_t fh, int fd)
+{
+    int ret = fd >= 0 ? -ENOSPC : 0;
+    int reuse = -1;
+    pthread_mutex_lock(&g_fd_lock);
+    for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh) {
+            if (fd >= 0) {
+                g_fds[at].fd = fd;
+            } else {
+                g_fds[at].fd = FD_GONE;
+                atomic_fetch_sub(&g_fd_count, 1);
+            }
+            ret = 0;
+            reuse = -2;
+            break;
+        }
+        if (g_fds[at].fd == FD_GONE && reuse == -1)
+            reuse = (int)at;
+        if (g_fds[at].fd == FD_FREE) {
+            if (reuse == -1)
+                reuse = (int)at;
+            break;
+        }
+    }
+    if (fd >= 0 && reuse >= 0) {
+        g_fds[reuse].fh = fh;
+        g_fds[reuse].fd = fd;
+        atomic_fetch_add(&g_fd_count, 1);
+        ret = 0;
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return ret;
+}
+
+/* The Python C API's GIL functions, when this process has them: a READ served here runs inside pyfuse3's call
+ * of fuse_session_process_buf, which holds the GIL; it is released around the disk read and the reply. */
+typedef void *(*save_thread_fn)(void);
+typedef void (*restore_thread_fn)(void *);
+typedef int (*gil_check_fn)(void);
+static save_thread_fn py_save_thread;
+static restore_thread_fn py_restore_thread;
+static gil_check_fn py_gil_check;
+
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     COUNT(read);
     note_max(&g_counters.read_max, size);
-    g_inner.read(req, ino, size, off, fi);
+    int fd = fd_lookup(fi->fh);
+    if (fd < 0) {
+        g_inner.read(req, ino, size, off, fi);
+        return;
+    }
+    COUNT(read_native);
+    struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+    buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    buf.buf[0].fd = fd;
+    buf.buf[0].pos = off;
+    void *state = NULL;
+    int release = py_gil_check && py_save_thread && py_restore_thread && py_gil_check();
+    if (release)
+        state = py_save_thread();
+    /* fuse_reply_data answers an error of the read itself, and frees the request in every case */
+    real_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+    if (release)
+        py_restore_thread(state);
 }
 
 static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
@@ -305,7 +418,7 @@ static int dump_stats(const char *path)
 #define K(name) fprintf(f, "conn." #name " %u\n", k.name)
     C(session_new); C(session_wrapped); C(init); C(opendir); C(dir_cached); C(dir_untracked); C(reply_open);
     C(reply_err); C(readdir_plain); C(entries_plain); C(read); C(read_max); C(write); C(write_max);
-    C(write_bytes); C(readdirplus);
+    C(write_bytes); C(readdirplus); C(read_native);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -337,6 +450,7 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
     if (!g_active || op == NULL || op_size != sizeof(struct fuse_lowlevel_ops))
         return real_session_new ? real_session_new(args, op, op_size, userdata) : NULL;
     pending_clear();
+    fd_table_clear();
     memcpy(&g_inner, op, sizeof g_inner);
     g_outer = g_inner;
     g_outer.init = shim_init;
@@ -479,6 +593,13 @@ EXPORT int unionfs_native_get(int option)
     }
 }
 
+/* Serve READ requests on file handle ``fh`` from descriptor ``fd`` (pread, no Python); fd < 0 stops it. The
+ * caller keeps fd open until it has unregistered it. 0, or -ENOSPC. */
+EXPORT int unionfs_native_set_fd(uint64_t fh, int fd)
+{
+    return fd_register(fh, fd);
+}
+
 /* The PLAIN_READDIR_BIT (Python strips it from the handle of a plain READDIR). */
 EXPORT uint64_t unionfs_native_plain_readdir_bit(void)
 {
@@ -530,7 +651,12 @@ __attribute__((constructor)) static void shim_start(void)
     real_reply_buf = (reply_buf_fn)lookup("fuse_reply_buf");
     real_add_direntry_plus = (add_direntry_plus_fn)lookup("fuse_add_direntry_plus");
     real_add_direntry = (add_direntry_fn)lookup("fuse_add_direntry");
+    real_reply_data = (reply_data_fn)lookup("fuse_reply_data");
     real_version = (version_fn)lookup("fuse_version");
+    py_save_thread = (save_thread_fn)dlsym(RTLD_DEFAULT, "PyEval_SaveThread");
+    py_restore_thread = (restore_thread_fn)dlsym(RTLD_DEFAULT, "PyEval_RestoreThread");
+    py_gil_check = (gil_check_fn)dlsym(RTLD_DEFAULT, "PyGILState_Check");
+    fd_table_clear();
     real_pkgversion = (pkgversion_fn)lookup("fuse_pkgversion");
     read_environment();
     if (g_reason[0])
