@@ -1,12 +1,15 @@
-"""Warm `find` over a tree of small files on kernel overlayfs and on unionfs in its pure and native modes.
+"""Warm `find` and `ls -lR` over a tree of small files on kernel overlayfs and on unionfs, pure and native.
 
     sudo python bench/native_smoke.py [--files 10000] [--repeat 5] [--workdir /var/tmp]
 
 unionfs runs from this checkout: pure as ``python -m unionfs mount -f``, native as ``python -m unionfs._native.run
 mount -f`` (the shim loaded before pyfuse3), once with its defaults (connection flags only) and once with
-``UNIONFS_NATIVE_CONFIG=cache_dirs`` (cached listings; safe here: nothing changes the layers during the run). The
+``UNIONFS_NATIVE_CONFIG=cache_dirs`` (cached listings; safe here: nothing changes the layers during the run), and
+once more with ``security.selinux`` declared absent (what ``ls -l`` asks of every file; no file here has it), and
+last with the shim's own reader of the device, which answers those GETXATTR before they reach pyfuse3's loop. The
 shim's counters (``UNIONFS_NATIVE_STATS``) give the number of READDIRPLUS requests each warm pass cost.
-Prints one markdown table; times are medians of ``--repeat`` warm passes after one cold pass.
+Prints one markdown table; times are medians of ``--repeat`` warm passes after one cold pass (``ls -lR``: after
+one pass of its own).
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ def mounted(kind: str, base: Path, lower: Path, stats: Path | None = None) -> It
         env.pop("UNIONFS_NATIVE_CONFIG", None)
         if kind == "native-cached":
             env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs"
+        if kind == "native-xattr":
+            env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs,absent_xattr=security.selinux"
+        if kind == "native-reader":
+            env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs,absent_xattr=security.selinux,own_reader"
         if stats is not None:
             env["UNIONFS_NATIVE_STATS"] = str(stats)
         module = "unionfs" if kind == "pure" else "unionfs._native.run"
@@ -97,6 +104,12 @@ def find_once(mnt: Path, entries: int) -> float:
     return elapsed
 
 
+def ls_once(mnt: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["ls", "-lR", str(mnt)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
 def read_stats(path: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     with contextlib.suppress(FileNotFoundError):
@@ -118,21 +131,26 @@ def main() -> None:
         lower.mkdir()
         entries = build_tree(lower, args.files)
         rows = []
-        for kind in ("kernel", "pure", "native", "native-cached"):
+        for kind in ("kernel", "pure", "native", "native-cached", "native-xattr", "native-reader"):
             stats = base / f"{kind}.stats"
             with mounted(kind, base, lower, stats if kind.startswith("native") else None) as mnt:
                 cold = find_once(mnt, entries)
                 warm = [find_once(mnt, entries) for _ in range(args.repeat)]
+                ls_once(mnt)
+                ls_warm = [ls_once(mnt) for _ in range(args.repeat)]
             counted = read_stats(stats)
-            rows.append((kind, cold, statistics.median(warm), counted))
-        ref = rows[0][2]
+            rows.append((kind, cold, statistics.median(warm), statistics.median(ls_warm), counted))
+        ref, ls_ref = rows[0][2], rows[0][3]
         print(f"warm `find` over {args.files} files ({entries} entries), median of {args.repeat}\n")
-        print("| mount | cold s | warm s | warm / kernel | READDIRPLUS (all passes) | dir opens cached |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for kind, cold, warm, counted in rows:
+        print("| mount | find cold s | find warm s | / kernel | ls -lR warm s | / kernel | READDIRPLUS (all) "
+              "| dir opens cached | GETXATTR answered by the shim |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for kind, cold, warm, ls_warm, counted in rows:
             rdp = counted.get("readdirplus", "")
             cached = counted.get("dir_cached", "")
-            print(f"| {kind} | {cold:.3f} | {warm:.4f} | {warm / ref:.1f}x | {rdp} | {cached} |")
+            absent = counted.get("xattr_absent", "")
+            print(f"| {kind} | {cold:.3f} | {warm:.4f} | {warm / ref:.1f}x | {ls_warm:.4f} | {ls_warm / ls_ref:.1f}x "
+                  f"| {rdp} | {cached} | {absent} |")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -9,6 +9,8 @@ counters. ``d``'s attributes never change, so the kernel has no other way to lea
 With ``MEMFS_REAL=PATH`` the root also holds ``real``, whose reads are preads of PATH: in Python, or, with
 ``MEMFS_NATIVE_READS=1``, served by the shim on the descriptor the open registered.
 
+Extended attributes are kept in a dict; memfs counts the GETXATTR requests that reach it.
+
 Its readdir honours plain READDIR (the kernel's adaptive readdirplus, through the shim): no lookup counted.
 """
 
@@ -49,6 +51,8 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
         self.data = bytearray()
         self.lookups: dict[int, int] = {}
         self.plain_readdirs = 0
+        self.xattrs: dict[tuple[int, bytes], bytes] = {}
+        self.getxattrs = 0
 
     def _add(self, name: bytes) -> None:
         self.names[DIR][name] = self.next_ino
@@ -136,6 +140,16 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
             self.data[off:end] = buf
         return len(buf)
 
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.getxattrs += 1
+        try:
+            return self.xattrs[(inode, name)]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENODATA) from None
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.xattrs[(inode, name)] = value
+
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == DATA and fields.update_size:
             del self.data[attr.st_size:]
@@ -154,7 +168,8 @@ def main() -> None:
     finally:
         pyfuse3.close(unmount=False)
         leaked = sum(n for ino, n in fs.lookups.items() if n > 0)
-        print(f"memfs: plain_readdirs {fs.plain_readdirs} lookups_left {leaked}", flush=True)
+        print(f"memfs: plain_readdirs {fs.plain_readdirs} lookups_left {leaked} getxattrs {fs.getxattrs}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ directory ``d`` never changes its attributes, so only the listing cache can expl
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+import pytest
 from conftest import Start
 from nativehelp import Server, read_stats
 
@@ -141,14 +143,15 @@ def test_unionfs_mount_through_the_shim(start: Start, tmp_path: Path) -> None:
     assert (lower / "a").read_bytes() == b"lower a\n"
 
 
-def test_reads_on_a_registered_descriptor_skip_python(start: Start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", ["", "own_reader"])
+def test_reads_on_a_registered_descriptor_skip_python(start: Start, tmp_path: Path, config: str) -> None:
     """memfs registers the descriptor of each open of ``real``: every READ is then answered by the shim (pread),
     the bytes are the file's, short reads at the end included; an unregistered handle reads through Python."""
     real = tmp_path / "real"
     data = os.urandom(3 * MIB + 1234)
     real.write_bytes(data)
-    s = start(name="native", MEMFS_REAL=str(real), MEMFS_NATIVE_READS="1")
-    p = start(name="python", MEMFS_REAL=str(real), MEMFS_NATIVE_READS="0")
+    s = start(name="native", config=config, MEMFS_REAL=str(real), MEMFS_NATIVE_READS="1")
+    p = start(name="python", config=config, MEMFS_REAL=str(real), MEMFS_NATIVE_READS="0")
     assert (s.mnt / "real").read_bytes() == data
     with open(s.mnt / "real", "rb", buffering=0) as f:
         f.seek(len(data) - 100)
@@ -157,3 +160,39 @@ def test_reads_on_a_registered_descriptor_skip_python(start: Start, tmp_path: Pa
     native, python = s.stop(), p.stop()
     assert native["read"] > 0 and native["read_native"] == native["read"]
     assert python["read"] > 0 and python["read_native"] == 0
+    if config == "own_reader":
+        assert native["reader_served"] == native["read"]  # answered by the reader thread itself
+        assert python["reader_served"] == 0 and python["reader_forwarded"] > python["read"]
+
+
+@pytest.mark.parametrize("config", ["", "own_reader"])
+def test_absent_xattr_is_answered_until_set(start: Start, config: str) -> None:
+    s = start(config=f"{config},absent_xattr=user.absent".lstrip(","))
+    data = s.mnt / "data"
+    for _ in range(3):
+        with pytest.raises(OSError) as err:
+            os.getxattr(data, "user.absent")
+        assert err.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as err:
+        os.getxattr(data, "user.other")  # not declared: memfs answers
+    assert err.value.errno == errno.ENODATA
+    os.setxattr(data, "user.absent", b"now here")
+    assert os.getxattr(data, "user.absent") == b"now here"
+    stats = s.stop()
+    assert stats["xattr_absent"] == 3
+    assert memfs_report(s)["getxattrs"] == 2  # user.other, then user.absent once it was set
+
+
+def test_own_reader_forwards_everything_else(start: Start) -> None:
+    """With the shim reading the device, every other request still reaches pyfuse3 and is answered right."""
+    s = start("300", config="own_reader,cache_dirs")
+    assert listing(s) == [f"f{i:04d}" for i in range(300)]
+    (s.mnt / "data").write_bytes(b"written" * 1000)
+    assert (s.mnt / "data").read_bytes() == b"written" * 1000
+    ctl(s, "add zz")
+    ctl(s, "inval")
+    assert listing(s)[-1] == "zz"
+    stats = s.stop()
+    assert stats["reader_forwarded"] > 10
+    assert stats["reader_served"] == 0
+    assert stats["dir_cached"] == stats["opendir"]

@@ -26,6 +26,7 @@ LIBRARY_ENV = "UNIONFS_NATIVE_LIB"
 _OPT_TUNE_CONN = 1
 _OPT_CACHE_DIRS = 2
 _OPT_READDIRPLUS_AUTO = 3
+_OPT_OWN_READER = 4
 
 # The FUSE_CAP_* bits of fuse_common.h that the connection record names.
 CAPS = {
@@ -42,7 +43,7 @@ CAPS = {
 _COUNTER_FIELDS = (
     "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
     "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
-    "read_native")
+    "read_native", "xattr_absent", "reader_forwarded", "reader_served")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -78,6 +79,9 @@ class Counters:
     write_bytes: int
     readdirplus: int
     read_native: int
+    xattr_absent: int
+    reader_forwarded: int
+    reader_served: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,7 @@ class Native:
         lib.unionfs_native_plain_readdir_bit.restype = ctypes.c_uint64
         lib.unionfs_native_dump.argtypes = [ctypes.c_char_p]
         lib.unionfs_native_set_fd.argtypes = [ctypes.c_uint64, ctypes.c_int]
+        lib.unionfs_native_absent_xattr.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
     def version(self) -> str:
@@ -177,6 +182,12 @@ class Native:
         kernel takes no lookup reference for plain entries, so the handler must not count one."""
         self._set(_OPT_READDIRPLUS_AUTO, on)
 
+    def set_own_reader(self, on: bool) -> None:
+        """From the next mount, a thread of the shim reads the device: it answers READ on registered descriptors
+        and GETXATTR of absent names itself, without the GIL, and hands every other request to pyfuse3, whose
+        session descriptor becomes an eventfd."""
+        self._set(_OPT_OWN_READER, on)
+
     @property
     def cached_listings(self) -> bool:
         return self._get(_OPT_CACHE_DIRS)
@@ -196,6 +207,15 @@ class Native:
     def stop_reads(self, fh: int) -> None:
         """READ requests on ``fh`` go to Python again (call before closing the descriptor)."""
         self._lib.unionfs_native_set_fd(fh, -1)
+
+    def set_absent_xattr(self, name: bytes, absent: bool) -> None:
+        """Declare that no file of the mount has the extended attribute ``name`` (GETXATTR of it is then answered
+        ENODATA by the shim, e.g. ``security.selinux`` that ``ls -l`` asks of every file), or withdraw it. A
+        SETXATTR of the name through the mount withdraws it by itself; the shell must withdraw it when a layer
+        may gain it otherwise (a copy-up of a file that has it, a labelling upper file system)."""
+        err = self._lib.unionfs_native_absent_xattr(name, int(absent))
+        if err != 0:
+            raise OSError(-err, os.strerror(-err), os.fsdecode(name))
 
     def readdir_handle(self, fh: int) -> tuple[int, bool]:
         """(the handle opendir returned, whether this is a plain READDIR) for the ``fh`` a readdir got."""

@@ -27,6 +27,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <linux/fuse.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
 
 #define SHIM_VERSION "0.1"
 #define EXPORT __attribute__((visibility("default")))
@@ -86,6 +90,9 @@ struct unionfs_native_counters {
     uint64_t write_bytes;     /* bytes received in WRITE requests */
     uint64_t readdirplus;     /* READDIRPLUS requests */
     uint64_t read_native;     /* READ requests served on a registered descriptor, without Python */
+    uint64_t xattr_absent;    /* GETXATTR requests answered ENODATA for a name declared absent */
+    uint64_t reader_forwarded; /* requests the shim's reader thread queued for pyfuse3 */
+    uint64_t reader_served;   /* requests it answered itself (READ on a registered descriptor, absent xattr) */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -111,6 +118,7 @@ enum {
     OPT_TUNE_CONN = 1,     /* max_write 1 MiB, max_readahead as offered; default on */
     OPT_CACHE_DIRS = 2,    /* cache_readdir + keep_cache on opendir replies; default off */
     OPT_READDIRPLUS_AUTO = 3, /* FUSE_CAP_READDIRPLUS_AUTO, plain READDIR served; default off */
+    OPT_OWN_READER = 4,    /* a thread of the shim reads /dev/fuse and answers data requests itself; default off */
 };
 
 static struct unionfs_native_counters g_counters;
@@ -118,6 +126,7 @@ static struct unionfs_native_conn g_conn;
 static atomic_int g_opt_tune = 1;
 static atomic_int g_opt_cache_dirs;
 static atomic_int g_opt_rdplus_auto;
+static atomic_int g_opt_own_reader;
 /* The readdirplus_auto setting of the session being created (the init callback decides with it). */
 static int g_session_rdplus_auto;
 
@@ -259,6 +268,75 @@ static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
 {
     COUNT(readdirplus);
     g_inner.readdirplus(req, ino, size, off, fi);
+}
+
+/* -- extended attribute names no file of the mount has (declared by the shell) ----------------------------- */
+
+#define ABSENT_SLOTS 8
+#define ABSENT_NAME 64
+static char g_absent[ABSENT_SLOTS][ABSENT_NAME];
+static atomic_int g_absent_count;
+static pthread_mutex_t g_absent_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int absent_has(const char *name)
+{
+    int found = 0;
+    if (atomic_load(&g_absent_count) == 0)
+        return 0;
+    pthread_mutex_lock(&g_absent_lock);
+    for (int i = 0; i < ABSENT_SLOTS && !found; i++)
+        found = g_absent[i][0] && strcmp(g_absent[i], name) == 0;
+    pthread_mutex_unlock(&g_absent_lock);
+    return found;
+}
+
+/* 0; -ENOSPC when the table is full; -ENAMETOOLONG. */
+static int absent_set(const char *name, int absent)
+{
+    int ret = absent ? -ENOSPC : 0;
+    if (strlen(name) >= ABSENT_NAME || !name[0])
+        return -ENAMETOOLONG;
+    pthread_mutex_lock(&g_absent_lock);
+    for (int i = 0; i < ABSENT_SLOTS; i++) {
+        if (g_absent[i][0] && strcmp(g_absent[i], name) == 0) {
+            if (!absent) {
+                g_absent[i][0] = 0;
+                atomic_fetch_sub(&g_absent_count, 1);
+            }
+            ret = 0;
+            goto out;
+        }
+    }
+    for (int i = 0; absent && i < ABSENT_SLOTS; i++) {
+        if (!g_absent[i][0]) {
+            memcpy(g_absent[i], name, strlen(name) + 1);
+            atomic_fetch_add(&g_absent_count, 1);
+            ret = 0;
+            break;
+        }
+    }
+out:
+    pthread_mutex_unlock(&g_absent_lock);
+    return ret;
+}
+
+static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (absent_has(name)) {
+        COUNT(xattr_absent);
+        real_reply_err(req, ENODATA);
+        return;
+    }
+    g_inner.getxattr(req, ino, name, size);
+}
+
+/* A name set through the mount is no longer absent: the shim stops answering for it before Python sets it. */
+static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
+                          int flags)
+{
+    if (absent_has(name))
+        absent_set(name, 0);
+    g_inner.setxattr(req, ino, name, value, size, flags);
 }
 
 /* -- descriptors the shell registered for its file handles (the data path, reads only for now) -------------- */
@@ -418,7 +496,7 @@ static int dump_stats(const char *path)
 #define K(name) fprintf(f, "conn." #name " %u\n", k.name)
     C(session_new); C(session_wrapped); C(init); C(opendir); C(dir_cached); C(dir_untracked); C(reply_open);
     C(reply_err); C(readdir_plain); C(entries_plain); C(read); C(read_max); C(write); C(write_max);
-    C(write_bytes); C(readdirplus); C(read_native);
+    C(write_bytes); C(readdirplus); C(read_native); C(xattr_absent); C(reader_forwarded); C(reader_served);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -441,6 +519,285 @@ static void dump_to_environment(void)
         dump_stats(path);
 }
 
+/* -- the shim's own reader of /dev/fuse ------------------------------------------------------------------------
+ *
+ * pyfuse3 spends most of a request's cost in its trio loop (waiting for the device, receiving, dispatching), not
+ * in the handler. With OPT_OWN_READER a thread of the shim reads every request; it answers READ on a registered
+ * descriptor and GETXATTR of a name declared absent itself (writing the reply to the device, no libfuse request,
+ * no Python, no GIL), and queues everything else. pyfuse3 is given an eventfd as the session's descriptor (it only
+ * waits on it) and its fuse_session_receive_buf takes the next queued buffer (handed over, not copied).
+ */
+
+#define RX_BUFSIZE (256u * 4096u + 4096u) /* libfuse's own: FUSE_MAX_MAX_PAGES pages and a header page */
+#define RX_QUEUE 1024
+
+static struct {
+    int active;
+    int devfd;            /* /dev/fuse */
+    int eventfd;          /* what pyfuse3 waits on: one count per queued request, one more at the end */
+    int stopfd;           /* wakes the thread at fuse_session_destroy */
+    struct fuse_session *se;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    struct {
+        char *mem;
+        size_t size;
+    } queue[RX_QUEUE];
+    unsigned head, count;
+    int ended;            /* the device said ENODEV (unmounted) or failed */
+    char *spare[16];      /* buffers to reuse */
+    int spares;
+} g_rx = {.devfd = -1, .eventfd = -1, .stopfd = -1, .lock = PTHREAD_MUTEX_INITIALIZER};
+
+typedef int (*session_fd_fn)(struct fuse_session *);
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+typedef void (*session_exit_fn)(struct fuse_session *);
+static session_fd_fn real_session_fd;
+static session_mount_fn real_session_mount;
+static receive_buf_fn real_receive_buf;
+static session_exit_fn real_session_exit;
+
+static char *rx_buffer(void)
+{
+    char *mem = NULL;
+    pthread_mutex_lock(&g_rx.lock);
+    if (g_rx.spares > 0)
+        mem = g_rx.spare[--g_rx.spares];
+    pthread_mutex_unlock(&g_rx.lock);
+    return mem ? mem : malloc(RX_BUFSIZE);
+}
+
+static void rx_recycle(char *mem)
+{
+    if (mem == NULL)
+        return;
+    pthread_mutex_lock(&g_rx.lock);
+    if (g_rx.spares < (int)(sizeof g_rx.spare / sizeof g_rx.spare[0])) {
+        g_rx.spare[g_rx.spares++] = mem;
+        mem = NULL;
+    }
+    pthread_mutex_unlock(&g_rx.lock);
+    free(mem);
+}
+
+static void rx_signal(void)
+{
+    uint64_t one = 1;
+    while (write(g_rx.eventfd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+}
+
+static void rx_reply_error(uint64_t unique, int err)
+{
+    struct fuse_out_header out = {.len = sizeof out, .error = -err, .unique = unique};
+    /* ENOENT: the request was interrupted meanwhile; nothing to do */
+    while (write(g_rx.devfd, &out, sizeof out) < 0 && errno == EINTR) {
+    }
+}
+
+/* Answer a READ on a registered descriptor; 0 when it is not one (the request goes to pyfuse3). */
+static int rx_serve_read(const struct fuse_in_header *in, const struct fuse_read_in *arg)
+{
+    static char *data;
+    if (data == NULL && (data = malloc(RX_BUFSIZE)) == NULL)
+        return 0;
+    /* The table's lock is held across the read, so the shell cannot close the descriptor under it. */
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = -1;
+    for (unsigned i = 0, at = fd_hash(arg->fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+        if (g_fds[at].fd == FD_FREE)
+            break;
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == arg->fh) {
+            fd = g_fds[at].fd;
+            break;
+        }
+    }
+    if (fd < 0) {
+        pthread_mutex_unlock(&g_fd_lock);
+        return 0;
+    }
+    size_t size = arg->size < RX_BUFSIZE ? arg->size : RX_BUFSIZE;
+    ssize_t n;
+    do
+        n = pread(fd, data, size, (off_t)arg->offset);
+    while (n < 0 && errno == EINTR);
+    int err = n < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    COUNT(read);
+    COUNT(read_native);
+    note_max(&g_counters.read_max, arg->size);
+    if (err) {
+        rx_reply_error(in->unique, err);
+        return 1;
+    }
+    struct fuse_out_header out = {.len = (uint32_t)(sizeof out + (size_t)n), .error = 0, .unique = in->unique};
+    struct iovec iov[2] = {{&out, sizeof out}, {data, (size_t)n}};
+    while (writev(g_rx.devfd, iov, 2) < 0 && errno == EINTR) {
+    }
+    return 1;
+}
+
+/* What the reader does with one request: 1 when answered here. */
+static int rx_serve(const char *mem, size_t size)
+{
+    const struct fuse_in_header *in = (const struct fuse_in_header *)mem;
+    if (size < sizeof *in)
+        return 0;
+    const char *arg = mem + sizeof *in;
+    size_t left = size - sizeof *in;
+    switch (in->opcode) {
+    case FUSE_READ:
+        return left >= sizeof(struct fuse_read_in) && rx_serve_read(in, (const struct fuse_read_in *)arg);
+    case FUSE_GETXATTR:
+        if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) && absent_has(arg + 8)) {
+            COUNT(xattr_absent);
+            rx_reply_error(in->unique, ENODATA);
+            return 1;
+        }
+        return 0;
+    case FUSE_SETXATTR:
+        /* the name follows an 8- or 16-byte header (FUSE_SETXATTR_EXT): a declared name in either place stops
+         * being declared before the request is queued, so no later GETXATTR is answered for it */
+        for (size_t at = 8; at <= 16; at += 8)
+            if (left > at && memchr(arg + at, 0, left - at) && absent_has(arg + at))
+                absent_set(arg + at, 0);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static void *rx_main(void *unused)
+{
+    (void)unused;
+    struct pollfd fds[2] = {{.fd = g_rx.devfd, .events = POLLIN}, {.fd = g_rx.stopfd, .events = POLLIN}};
+    char *mem = NULL;
+    for (;;) {
+        if (mem == NULL && (mem = rx_buffer()) == NULL)
+            break;
+        int ready = poll(fds, 2, -1);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0 || fds[1].revents)
+            break;
+        ssize_t n = read(g_rx.devfd, mem, RX_BUFSIZE);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == ENOENT))
+            continue;
+        if (n <= 0)
+            break; /* ENODEV: unmounted */
+        if (rx_serve(mem, (size_t)n)) {
+            COUNT(reader_served);
+            continue;
+        }
+        pthread_mutex_lock(&g_rx.lock);
+        while (g_rx.count == RX_QUEUE) { /* pyfuse3 is that far behind: wait for it */
+            pthread_mutex_unlock(&g_rx.lock);
+            usleep(100);
+            pthread_mutex_lock(&g_rx.lock);
+        }
+        unsigned at = (g_rx.head + g_rx.count) % RX_QUEUE;
+        g_rx.queue[at].mem = mem;
+        g_rx.queue[at].size = (size_t)n;
+        g_rx.count++;
+        rx_signal();
+        pthread_mutex_unlock(&g_rx.lock);
+        COUNT(reader_forwarded);
+        mem = NULL;
+    }
+    rx_recycle(mem);
+    pthread_mutex_lock(&g_rx.lock);
+    g_rx.ended = 1;
+    rx_signal();
+    pthread_mutex_unlock(&g_rx.lock);
+    return NULL;
+}
+
+static void rx_start(struct fuse_session *se)
+{
+    g_rx.devfd = real_session_fd(se);
+    g_rx.eventfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE);
+    g_rx.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    g_rx.se = se;
+    g_rx.head = g_rx.count = 0;
+    g_rx.ended = 0;
+    if (g_rx.devfd < 0 || g_rx.eventfd < 0 || g_rx.stopfd < 0 || pthread_create(&g_rx.thread, NULL, rx_main, NULL)) {
+        if (g_rx.eventfd >= 0)
+            close(g_rx.eventfd);
+        if (g_rx.stopfd >= 0)
+            close(g_rx.stopfd);
+        g_rx.eventfd = g_rx.stopfd = -1;
+        return;
+    }
+    g_rx.active = 1;
+}
+
+static void rx_stop(void)
+{
+    if (!g_rx.active)
+        return;
+    uint64_t one = 1;
+    while (write(g_rx.stopfd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+    pthread_join(g_rx.thread, NULL);
+    g_rx.active = 0;
+    for (unsigned i = 0; i < g_rx.count; i++)
+        free(g_rx.queue[(g_rx.head + i) % RX_QUEUE].mem);
+    g_rx.count = 0;
+    while (g_rx.spares > 0)
+        free(g_rx.spare[--g_rx.spares]);
+    close(g_rx.eventfd);
+    close(g_rx.stopfd);
+    g_rx.eventfd = g_rx.stopfd = g_rx.devfd = -1;
+    g_rx.se = NULL;
+}
+
+EXPORT int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    int ret = real_session_mount(se, mountpoint);
+    if (ret == 0 && g_active && atomic_load(&g_opt_own_reader) && !g_rx.active)
+        rx_start(se);
+    return ret;
+}
+
+EXPORT int fuse_session_fd(struct fuse_session *se)
+{
+    if (g_rx.active && se == g_rx.se)
+        return g_rx.eventfd;
+    return real_session_fd(se);
+}
+
+EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    if (!g_rx.active || se != g_rx.se)
+        return real_receive_buf(se, buf);
+    pthread_mutex_lock(&g_rx.lock);
+    if (g_rx.count == 0) {
+        int ended = g_rx.ended;
+        pthread_mutex_unlock(&g_rx.lock);
+        if (ended) {
+            real_session_exit(se);
+            return 0;
+        }
+        return -EINTR; /* another of pyfuse3's tasks took it: wait again */
+    }
+    char *mem = g_rx.queue[g_rx.head].mem;
+    size_t size = g_rx.queue[g_rx.head].size;
+    g_rx.head = (g_rx.head + 1) % RX_QUEUE;
+    g_rx.count--;
+    uint64_t token;
+    while (read(g_rx.eventfd, &token, sizeof token) < 0 && errno == EINTR) {
+    }
+    pthread_mutex_unlock(&g_rx.lock);
+    /* pyfuse3's previous buffer is one of ours (it starts with none): reuse it */
+    rx_recycle(buf->mem);
+    buf->mem = mem;
+    buf->size = size;
+    buf->flags = 0;
+    buf->pos = 0;
+    return (int)size;
+}
+
 /* -- the wrapped libfuse functions --------------------------------------------------------------------------- */
 
 EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
@@ -461,6 +818,10 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
         g_outer.readdir = shim_readdir;
     if (g_inner.readdirplus)
         g_outer.readdirplus = shim_readdirplus;
+    if (g_inner.getxattr)
+        g_outer.getxattr = shim_getxattr;
+    if (g_inner.setxattr)
+        g_outer.setxattr = shim_setxattr;
     if (g_inner.read)
         g_outer.read = shim_read;
     if (g_inner.write)
@@ -474,6 +835,8 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
 
 EXPORT void fuse_session_destroy(struct fuse_session *se)
 {
+    if (se == g_rx.se)
+        rx_stop();
     if (real_session_destroy)
         real_session_destroy(se);
     pending_clear();
@@ -574,6 +937,9 @@ EXPORT int unionfs_native_set(int option, int value)
     case OPT_READDIRPLUS_AUTO:
         atomic_store(&g_opt_rdplus_auto, value != 0);
         return 0;
+    case OPT_OWN_READER:
+        atomic_store(&g_opt_own_reader, value != 0);
+        return 0;
     default:
         return -EINVAL;
     }
@@ -588,6 +954,8 @@ EXPORT int unionfs_native_get(int option)
         return atomic_load(&g_opt_cache_dirs);
     case OPT_READDIRPLUS_AUTO:
         return atomic_load(&g_opt_rdplus_auto);
+    case OPT_OWN_READER:
+        return atomic_load(&g_opt_own_reader);
     default:
         return -EINVAL;
     }
@@ -598,6 +966,13 @@ EXPORT int unionfs_native_get(int option)
 EXPORT int unionfs_native_set_fd(uint64_t fh, int fd)
 {
     return fd_register(fh, fd);
+}
+
+/* Declare (absent != 0) or withdraw that no file of the mount has the extended attribute ``name``: GETXATTR of
+ * it is answered ENODATA without Python while declared; a SETXATTR of it through the mount withdraws it. */
+EXPORT int unionfs_native_absent_xattr(const char *name, int absent)
+{
+    return absent_set(name, absent);
 }
 
 /* The PLAIN_READDIR_BIT (Python strips it from the handle of a plain READDIR). */
@@ -619,11 +994,11 @@ static void *lookup(const char *name)
 }
 
 /* Options for a server started without Python's help (LD_PRELOAD): UNIONFS_NATIVE_CONFIG=a,b with a, b among
- * notune, cache_dirs, readdirplus_auto. */
+ * notune, cache_dirs, readdirplus_auto, own_reader, absent_xattr=NAME. */
 static void read_environment(void)
 {
     const char *conf = getenv("UNIONFS_NATIVE_CONFIG");
-    char word[32];
+    char word[96];
     while (conf && *conf) {
         size_t n = strcspn(conf, ",");
         if (n < sizeof word) {
@@ -635,6 +1010,10 @@ static void read_environment(void)
                 atomic_store(&g_opt_cache_dirs, 1);
             else if (strcmp(word, "readdirplus_auto") == 0)
                 atomic_store(&g_opt_rdplus_auto, 1);
+            else if (strcmp(word, "own_reader") == 0)
+                atomic_store(&g_opt_own_reader, 1);
+            else if (strncmp(word, "absent_xattr=", 13) == 0)
+                absent_set(word + 13, 1);
         }
         conf += n;
         if (*conf == ',')
@@ -652,6 +1031,10 @@ __attribute__((constructor)) static void shim_start(void)
     real_add_direntry_plus = (add_direntry_plus_fn)lookup("fuse_add_direntry_plus");
     real_add_direntry = (add_direntry_fn)lookup("fuse_add_direntry");
     real_reply_data = (reply_data_fn)lookup("fuse_reply_data");
+    real_session_fd = (session_fd_fn)lookup("fuse_session_fd");
+    real_session_mount = (session_mount_fn)lookup("fuse_session_mount");
+    real_receive_buf = (receive_buf_fn)lookup("fuse_session_receive_buf");
+    real_session_exit = (session_exit_fn)lookup("fuse_session_exit");
     real_version = (version_fn)lookup("fuse_version");
     py_save_thread = (save_thread_fn)dlsym(RTLD_DEFAULT, "PyEval_SaveThread");
     py_restore_thread = (restore_thread_fn)dlsym(RTLD_DEFAULT, "PyEval_RestoreThread");
