@@ -4,6 +4,7 @@ directory ``d`` never changes its attributes, so only the listing cache can expl
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 from pathlib import Path
@@ -196,3 +197,35 @@ def test_own_reader_forwards_everything_else(start: Start) -> None:
     assert stats["reader_forwarded"] > 10
     assert stats["reader_served"] == 0
     assert stats["dir_cached"] == stats["opendir"]
+
+
+def test_own_reader_under_many_clients(start: Start, tmp_path: Path) -> None:
+    """Eight clients at once, mixing reads the reader answers with requests pyfuse3 answers: every answer right."""
+    real = tmp_path / "real"
+    data = os.urandom(MIB + 77)
+    real.write_bytes(data)
+    s = start("500", config="own_reader,absent_xattr=user.absent", MEMFS_REAL=str(real), MEMFS_NATIVE_READS="1")
+    expected = [f"f{i:04d}" for i in range(500)]
+
+    def client(k: int) -> list[str]:
+        wrong = []
+        for i in range(6):
+            if (s.mnt / "real").read_bytes() != data:
+                wrong.append(f"{k}: read {i}")
+            if listing(s) != expected:
+                wrong.append(f"{k}: listing {i}")
+            try:
+                os.getxattr(s.mnt / "data", "user.absent")
+                wrong.append(f"{k}: xattr {i}")
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    wrong.append(f"{k}: xattr {i}: {e}")
+        return wrong
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        wrong = [w for ws in pool.map(client, range(8)) for w in ws]
+    assert wrong == []
+    stats = s.stop()
+    assert stats["xattr_absent"] == 48
+    assert stats["read_native"] == stats["read"] > 0
+    assert stats["reader_forwarded"] > 48  # the opens, listings and releases went to pyfuse3

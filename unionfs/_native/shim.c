@@ -752,6 +752,25 @@ static void rx_stop(void)
     g_rx.se = NULL;
 }
 
+/* A process forked from a server (unionfs's spares) has no reader thread: it forgets the parent's (without
+ * touching the descriptors it shares with the parent beyond closing its own copies) and may start its own for
+ * the session it mounts next. Locks another thread held at the fork are made anew. */
+static void rx_after_fork_child(void)
+{
+    pthread_mutex_init(&g_rx.lock, NULL);
+    pthread_mutex_init(&g_fd_lock, NULL);
+    pthread_mutex_init(&g_pending_lock, NULL);
+    pthread_mutex_init(&g_absent_lock, NULL);
+    if (!g_rx.active)
+        return;
+    close(g_rx.eventfd);
+    close(g_rx.stopfd);
+    g_rx.active = 0;
+    g_rx.eventfd = g_rx.stopfd = g_rx.devfd = -1;
+    g_rx.se = NULL;
+    g_rx.count = 0; /* the queued buffers are the parent's requests: never answered here */
+}
+
 EXPORT int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
 {
     int ret = real_session_mount(se, mountpoint);
@@ -1041,6 +1060,7 @@ __attribute__((constructor)) static void shim_start(void)
     py_gil_check = (gil_check_fn)dlsym(RTLD_DEFAULT, "PyGILState_Check");
     fd_table_clear();
     real_pkgversion = (pkgversion_fn)lookup("fuse_pkgversion");
+    pthread_atfork(NULL, NULL, rx_after_fork_child);
     read_environment();
     if (g_reason[0])
         return;
