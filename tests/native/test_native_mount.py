@@ -229,3 +229,39 @@ def test_own_reader_under_many_clients(start: Start, tmp_path: Path) -> None:
     assert stats["xattr_absent"] == 48
     assert stats["read_native"] == stats["read"] > 0
     assert stats["reader_forwarded"] > 48  # the opens, listings and releases went to pyfuse3
+
+
+def test_unionfs_cached_listings_follow_changes_through_the_mount(start: Start, tmp_path: Path) -> None:
+    """With cached listings, the kernel itself drops a directory's cached listing when it changes through the
+    mount (create, unlink, rename, mkdir, rmdir, link, symlink: it bumps the directory's version), so unionfs
+    sees its own changes without invalidating; only changes behind the mount need the server's invalidation."""
+    tmp_path.chmod(0o755)
+    lower, upper, work = (tmp_path / n for n in ("l", "u", "w"))
+    for p in (lower, upper, work):
+        p.mkdir()
+    (lower / "d").mkdir()
+    (lower / "d" / "low").write_text("x")
+    s = start("-o", f"lowerdir={lower},upperdir={upper},workdir={work}", memfs=False, config="cache_dirs")
+    d = s.mnt / "d"
+
+    def names() -> list[str]:
+        return sorted(os.listdir(d))
+
+    assert names() == ["low"]
+    assert names() == ["low"]
+    (d / "new").write_text("y")
+    assert names() == ["low", "new"]
+    os.rename(d / "new", d / "renamed")
+    assert names() == ["low", "renamed"]
+    os.unlink(d / "low")  # a whiteout in the upper layer
+    assert names() == ["renamed"]
+    (d / "sub").mkdir()
+    os.symlink("renamed", d / "ln")
+    os.link(d / "renamed", d / "hard")
+    assert names() == ["hard", "ln", "renamed", "sub"]
+    os.rmdir(d / "sub")
+    assert names() == ["hard", "ln", "renamed"]
+    stats = s.stop()
+    assert stats["dir_cached"] == stats["opendir"] == 7
+    # a listing asks READDIRPLUS twice (the entries, then their end); the repeated first one asked nothing
+    assert stats["readdirplus"] <= 2 * (stats["opendir"] - 1)
