@@ -8,7 +8,8 @@ mount -f`` (the shim loaded before pyfuse3), once with its defaults (connection 
 once more with ``security.selinux`` declared absent (what ``ls -l`` asks of every file; no file here has it), and
 last with the shim's own reader of the device, which answers those GETXATTR before they reach pyfuse3's loop. The
 shim's counters (``UNIONFS_NATIVE_STATS``) give the number of READDIRPLUS requests each warm pass cost.
-Prints one markdown table; times are medians of ``--repeat`` warm passes after one cold pass (``ls -lR``: after
+With ``--reads MIB``, also fio random reads from disk through the shim's data path (see :func:`reads`).
+Prints markdown tables; times are medians of ``--repeat`` warm passes after one cold pass (``ls -lR``: after
 one pass of its own).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -119,11 +121,63 @@ def read_stats(path: Path) -> dict[str, int]:
     return out
 
 
+def fio_iops(path: Path, seconds: int, direct: bool = True) -> float:
+    out = subprocess.run(["fio", "--name=r", f"--filename={path}", "--rw=randread", "--bs=4k",
+                          f"--direct={int(direct)}", "--ioengine=psync", f"--runtime={seconds}", "--time_based",
+                          "--readonly", "--output-format=json"], capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out)["jobs"][0]["read"]["iops"])
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def reads(base: Path, size_mib: int, seconds: int) -> None:
+    """fio 4 KiB random reads of one file from disk (caches dropped first): kernel overlayfs (O_DIRECT), and
+    tests/native/memfs.py serving the file through pyfuse3 (Python's pread), through the shim's read handler,
+    and through the shim's own reader thread (both on the descriptor memfs registers)."""
+    base = base / "reads"
+    data = base / "data"
+    data.mkdir(parents=True)
+    big = data / "big"
+    with open(big, "wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(1 << 20))
+    with mounted("kernel", base, data) as mnt:
+        drop_caches()
+        rows = [("kernel overlayfs", fio_iops(mnt / "big", seconds))]
+    memfs = REPO / "tests" / "native" / "memfs.py"
+    for name, register, config in (("pyfuse3 (Python pread)", "0", ""), ("shim read handler", "1", ""),
+                                   ("shim own reader", "1", "own_reader")):
+        mnt = base / f"memfs-{len(rows)}"
+        mnt.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(REPO), MEMFS_REAL=str(big), MEMFS_NATIVE_READS=register,
+                   UNIONFS_NATIVE_CONFIG=config)
+        proc = subprocess.Popen([PY, str(memfs), str(mnt)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, "memfs mount")  # noqa: B023
+            drop_caches()
+            rows.append((name, fio_iops(mnt / "real", seconds)))
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+            proc.wait(timeout=30)
+    print(f"\nfio 4 KiB random reads (O_DIRECT at the mount) of a {size_mib} MiB file from disk, {seconds} s\n")
+    print("| served by | IOPS | / kernel |")
+    print("| --- | ---: | ---: |")
+    for name, iops in rows:
+        print(f"| {name} | {iops:.0f} | {iops / rows[0][1]:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--reads", type=int, metavar="MIB", default=0,
+                    help="also measure random reads from disk of a file of MIB MiB (needs fio)")
+    ap.add_argument("--seconds", type=int, default=3, help="of each fio run")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="native-smoke-", dir=args.workdir))
     try:
@@ -151,6 +205,8 @@ def main() -> None:
             absent = counted.get("xattr_absent", "")
             print(f"| {kind} | {cold:.3f} | {warm:.4f} | {warm / ref:.1f}x | {ls_warm:.4f} | {ls_warm / ls_ref:.1f}x "
                   f"| {rdp} | {cached} | {absent} |")
+        if args.reads:
+            reads(base, args.reads, args.seconds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
