@@ -7,7 +7,8 @@ the kernel, ``inval`` invalidates ``d`` (``pyfuse3.invalidate_inode``), ``dump P
 counters. ``d``'s attributes never change, so the kernel has no other way to learn of an ``add``.
 
 With ``MEMFS_REAL=PATH`` the root also holds ``real``, whose reads are preads of PATH: in Python, or, with
-``MEMFS_NATIVE_READS=1``, served by the shim on the descriptor the open registered.
+``MEMFS_NATIVE_READS=1``, served by the shim on the descriptor the open registered (``MEMFS_NATIVE_WRITES=1``:
+writes too, on a descriptor opened for writing).
 
 Extended attributes are kept in a dict; memfs counts the GETXATTR requests that reach it.
 
@@ -45,6 +46,8 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
         if self.real:
             self.names[ROOT][b"real"] = REAL
         self.native_reads = os.environ.get("MEMFS_NATIVE_READS") == "1"
+        self.native_writes = os.environ.get("MEMFS_NATIVE_WRITES") == "1"
+        self.python_writes = 0
         self.next_ino = 10
         for i in range(count):
             self._add(b"f%04d" % i)
@@ -106,9 +109,10 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
         if inode in self.names:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if inode == REAL and self.real:
-            fd = os.open(self.real, os.O_RDONLY)
-            if self.native_reads:
-                NATIVE.serve_reads(REAL_FH + fd, fd)
+            writable = flags & os.O_ACCMODE != os.O_RDONLY
+            fd = os.open(self.real, os.O_RDWR if writable else os.O_RDONLY)
+            if self.native_reads or (writable and self.native_writes):
+                NATIVE.serve(REAL_FH + fd, fd, reads=self.native_reads, writes=writable and self.native_writes)
             return pyfuse3.FileInfo(fh=REAL_FH + fd)
         return pyfuse3.FileInfo(fh=inode)
 
@@ -119,10 +123,13 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
 
     async def release(self, fh: int) -> None:
         if fh >= REAL_FH:
-            NATIVE.stop_reads(fh)
+            NATIVE.stop(fh)
             os.close(fh - REAL_FH)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if fh >= REAL_FH:
+            self.python_writes += 1
+            return os.pwrite(fh - REAL_FH, buf, off)
         if fh == CTL:
             for line in buf.decode().splitlines():
                 word, _, arg = line.partition(" ")
@@ -153,6 +160,8 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == DATA and fields.update_size:
             del self.data[attr.st_size:]
+        if inode == REAL and self.real and fields.update_size:
+            os.truncate(self.real, attr.st_size)
         return self._attr(inode)
 
 
@@ -168,8 +177,8 @@ def main() -> None:
     finally:
         pyfuse3.close(unmount=False)
         leaked = sum(n for ino, n in fs.lookups.items() if n > 0)
-        print(f"memfs: plain_readdirs {fs.plain_readdirs} lookups_left {leaked} getxattrs {fs.getxattrs}",
-              flush=True)
+        print(f"memfs: plain_readdirs {fs.plain_readdirs} lookups_left {leaked} getxattrs {fs.getxattrs} "
+              f"python_writes {fs.python_writes}", flush=True)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,26 @@ def test_reads_on_a_registered_descriptor_skip_python(start: Start, tmp_path: Pa
 
 
 @pytest.mark.parametrize("config", ["", "own_reader"])
+def test_writes_on_a_registered_descriptor_skip_python(start: Start, tmp_path: Path, config: str) -> None:
+    real = tmp_path / "real"
+    real.write_bytes(b"")
+    s = start(config=config, MEMFS_REAL=str(real), MEMFS_NATIVE_READS="1", MEMFS_NATIVE_WRITES="1")
+    data = os.urandom(2 * MIB + 4321)
+    with open(s.mnt / "real", "r+b", buffering=0) as f:
+        assert f.write(data) == len(data)
+        f.seek(100)
+        assert f.write(b"patched") == 7
+    expected = data[:100] + b"patched" + data[107:]
+    assert real.read_bytes() == expected  # on disk, written by the shim
+    assert (s.mnt / "real").read_bytes() == expected
+    assert (s.mnt / "real").stat().st_size == len(expected)
+    stats = s.stop()
+    assert stats["write_native"] == stats["write"] >= 3
+    assert stats["write_bytes"] == len(data) + 7
+    assert memfs_report(s)["python_writes"] == 0
+
+
+@pytest.mark.parametrize("config", ["", "own_reader"])
 def test_absent_xattr_is_answered_until_set(start: Start, config: str) -> None:
     s = start(config=f"{config},absent_xattr=user.absent".lstrip(","))
     data = s.mnt / "data"

@@ -43,7 +43,7 @@ CAPS = {
 _COUNTER_FIELDS = (
     "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
     "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
-    "read_native", "xattr_absent", "reader_forwarded", "reader_served")
+    "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -82,6 +82,7 @@ class Counters:
     xattr_absent: int
     reader_forwarded: int
     reader_served: int
+    write_native: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,7 @@ class Native:
         lib.unionfs_native_get.argtypes = [ctypes.c_int]
         lib.unionfs_native_plain_readdir_bit.restype = ctypes.c_uint64
         lib.unionfs_native_dump.argtypes = [ctypes.c_char_p]
-        lib.unionfs_native_set_fd.argtypes = [ctypes.c_uint64, ctypes.c_int]
+        lib.unionfs_native_set_fd.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
         lib.unionfs_native_absent_xattr.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
@@ -196,17 +197,27 @@ class Native:
     def readdirplus_auto(self) -> bool:
         return self._get(_OPT_READDIRPLUS_AUTO)
 
-    def serve_reads(self, fh: int, fd: int) -> None:
-        """READ requests on file handle ``fh`` are answered from descriptor ``fd`` without Python (pread in the
-        shim) until :meth:`stop_reads`; ``fd`` must stay open until then. Register it again when the handle
-        should read another descriptor (after a copy-up)."""
-        err = self._lib.unionfs_native_set_fd(fh, fd)
+    def serve(self, fh: int, fd: int, reads: bool = True, writes: bool = False) -> None:
+        """READ (and with ``writes`` WRITE) requests on file handle ``fh`` are answered on descriptor ``fd``
+        without Python (pread, pwrite in the shim) until :meth:`stop`; ``fd`` must stay open until then. Register
+        again when the handle must use another descriptor (a read-only handle after a copy-up); register a
+        descriptor for writes only once it is the upper file's."""
+        err = self._lib.unionfs_native_set_fd(fh, fd, (1 if reads else 0) | (2 if writes else 0))
         if err != 0:
             raise OSError(-err, os.strerror(-err))
 
+    def serve_reads(self, fh: int, fd: int) -> None:
+        """:meth:`serve` for reads only."""
+        self.serve(fh, fd)
+
+    def stop(self, fh: int) -> None:
+        """Requests on ``fh`` go to Python again (call before closing the descriptor: it waits for a read or
+        write of it under way in the shim)."""
+        self._lib.unionfs_native_set_fd(fh, -1, 0)
+
     def stop_reads(self, fh: int) -> None:
-        """READ requests on ``fh`` go to Python again (call before closing the descriptor)."""
-        self._lib.unionfs_native_set_fd(fh, -1)
+        """The same as :meth:`stop`."""
+        self.stop(fh)
 
     def set_absent_xattr(self, name: bytes, absent: bool) -> None:
         """Declare that no file of the mount has the extended attribute ``name`` (GETXATTR of it is then answered

@@ -93,6 +93,7 @@ struct unionfs_native_counters {
     uint64_t xattr_absent;    /* GETXATTR requests answered ENODATA for a name declared absent */
     uint64_t reader_forwarded; /* requests the shim's reader thread queued for pyfuse3 */
     uint64_t reader_served;   /* requests it answered itself (READ on a registered descriptor, absent xattr) */
+    uint64_t write_native;    /* WRITE requests served on a registered descriptor, without Python */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -339,15 +340,19 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, cons
     g_inner.setxattr(req, ino, name, value, size, flags);
 }
 
-/* -- descriptors the shell registered for its file handles (the data path, reads only for now) -------------- */
+/* -- descriptors the shell registered for its file handles (the data path: READ and WRITE) ------------------ */
 
-/* fh -> descriptor, open addressing; a removed slot keeps FD_GONE so that probing goes on past it. */
+/* fh -> descriptor and what it serves (FD_READ, FD_WRITE), open addressing; a removed slot keeps FD_GONE so
+ * that probing goes on past it. */
 #define FD_SLOTS 4096
 #define FD_FREE (-1)
 #define FD_GONE (-2)
+#define FD_READ 1
+#define FD_WRITE 2
 static struct {
     uint64_t fh;
     int fd;
+    int modes;
 } g_fds[FD_SLOTS];
 static atomic_int g_fd_count;
 static pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -358,6 +363,7 @@ static void fd_table_clear(void)
     for (int i = 0; i < FD_SLOTS; i++) {
         g_fds[i].fh = 0;
         g_fds[i].fd = FD_FREE;
+        g_fds[i].modes = 0;
     }
     atomic_store(&g_fd_count, 0);
     pthread_mutex_unlock(&g_fd_lock);
@@ -368,37 +374,34 @@ static unsigned fd_hash(uint64_t fh)
     return (unsigned)((fh * UINT64_C(0x9E3779B97F4A7C15)) >> 52) % FD_SLOTS;
 }
 
-/* The descriptor registered for fh, or -1. */
-static int fd_lookup(uint64_t fh)
+/* The descriptor registered for fh serving ``mode``, or -1; the caller holds g_fd_lock. */
+static int fd_find_locked(uint64_t fh, int mode)
 {
-    int fd = -1;
-    if (atomic_load(&g_fd_count) == 0)
-        return -1;
-    pthread_mutex_lock(&g_fd_lock);
     for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
         if (g_fds[at].fd == FD_FREE)
-            break;
-        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh) {
-            fd = g_fds[at].fd;
-            break;
-        }
+            return -1;
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh)
+            return (g_fds[at].modes & mode) ? g_fds[at].fd : -1;
     }
-    pthread_mutex_unlock(&g_fd_lock);
-    return fd;
+    return -1;
 }
 
-/* Register (fd >= 0) or forget (fd < 0) the descriptor of fh: 0, -ENOSPC when the table is full. */
-static int fd_register(uint64_t fh, int fd)
+/* Register (fd >= 0, modes != 0) or forget (fd < 0) the descriptor of fh: 0, -ENOSPC when the table is full. */
+static int fd_register(uint64_t fh, int fd, int modes)
 {
     int ret = fd >= 0 ? -ENOSPC : 0;
     int reuse = -1;
+    if (fd >= 0 && modes == 0)
+        fd = -1;
     pthread_mutex_lock(&g_fd_lock);
     for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
         if (g_fds[at].fd >= 0 && g_fds[at].fh == fh) {
             if (fd >= 0) {
                 g_fds[at].fd = fd;
+                g_fds[at].modes = modes;
             } else {
                 g_fds[at].fd = FD_GONE;
+                g_fds[at].modes = 0;
                 atomic_fetch_sub(&g_fd_count, 1);
             }
             ret = 0;
@@ -416,6 +419,7 @@ static int fd_register(uint64_t fh, int fd)
     if (fd >= 0 && reuse >= 0) {
         g_fds[reuse].fh = fh;
         g_fds[reuse].fd = fd;
+        g_fds[reuse].modes = modes;
         atomic_fetch_add(&g_fd_count, 1);
         ret = 0;
     }
@@ -432,11 +436,31 @@ static save_thread_fn py_save_thread;
 static restore_thread_fn py_restore_thread;
 static gil_check_fn py_gil_check;
 
+/* The descriptor registered for fh serving ``mode`` with g_fd_lock held (the caller unlocks once done with it, so
+ * that the shell's unregistering, then closing, waits), or -1 with the lock not held. */
+static int fd_take(uint64_t fh, int mode)
+{
+    if (atomic_load(&g_fd_count) == 0)
+        return -1;
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = fd_find_locked(fh, mode);
+    if (fd < 0)
+        pthread_mutex_unlock(&g_fd_lock);
+    return fd;
+}
+
+/* Release the GIL if this thread holds it (a handler called by pyfuse3's fuse_session_process_buf does). */
+static void *gil_release(int *released)
+{
+    *released = py_gil_check && py_save_thread && py_restore_thread && py_gil_check();
+    return *released ? py_save_thread() : NULL;
+}
+
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     COUNT(read);
     note_max(&g_counters.read_max, size);
-    int fd = fd_lookup(fi->fh);
+    int fd = fd_take(fi->fh, FD_READ);
     if (fd < 0) {
         g_inner.read(req, ino, size, off, fi);
         return;
@@ -446,13 +470,12 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
     buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
     buf.buf[0].fd = fd;
     buf.buf[0].pos = off;
-    void *state = NULL;
-    int release = py_gil_check && py_save_thread && py_restore_thread && py_gil_check();
-    if (release)
-        state = py_save_thread();
+    int released;
+    void *state = gil_release(&released);
     /* fuse_reply_data answers an error of the read itself, and frees the request in every case */
     real_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
-    if (release)
+    pthread_mutex_unlock(&g_fd_lock);
+    if (released)
         py_restore_thread(state);
 }
 
@@ -466,7 +489,26 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
     COUNT(write);
     ADD(write_bytes, size);
     note_max(&g_counters.write_max, size);
-    g_inner.write_buf(req, ino, bufv, off, fi);
+    int fd = fd_take(fi->fh, FD_WRITE);
+    if (fd < 0) {
+        g_inner.write_buf(req, ino, bufv, off, fi);
+        return;
+    }
+    COUNT(write_native);
+    struct fuse_bufvec dst = FUSE_BUFVEC_INIT(size);
+    dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    dst.buf[0].fd = fd;
+    dst.buf[0].pos = off;
+    int released;
+    void *state = gil_release(&released);
+    ssize_t n = fuse_buf_copy(&dst, bufv, 0);
+    if (n < 0)
+        real_reply_err(req, (int)-n);
+    else
+        fuse_reply_write(req, (size_t)n);
+    pthread_mutex_unlock(&g_fd_lock);
+    if (released)
+        py_restore_thread(state);
 }
 
 static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
@@ -497,6 +539,7 @@ static int dump_stats(const char *path)
     C(session_new); C(session_wrapped); C(init); C(opendir); C(dir_cached); C(dir_untracked); C(reply_open);
     C(reply_err); C(readdir_plain); C(entries_plain); C(read); C(read_max); C(write); C(write_max);
     C(write_bytes); C(readdirplus); C(read_native); C(xattr_absent); C(reader_forwarded); C(reader_served);
+    C(write_native);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -603,16 +646,10 @@ static int rx_serve_read(const struct fuse_in_header *in, const struct fuse_read
     if (data == NULL && (data = malloc(RX_BUFSIZE)) == NULL)
         return 0;
     /* The table's lock is held across the read, so the shell cannot close the descriptor under it. */
+    if (atomic_load(&g_fd_count) == 0)
+        return 0;
     pthread_mutex_lock(&g_fd_lock);
-    int fd = -1;
-    for (unsigned i = 0, at = fd_hash(arg->fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
-        if (g_fds[at].fd == FD_FREE)
-            break;
-        if (g_fds[at].fd >= 0 && g_fds[at].fh == arg->fh) {
-            fd = g_fds[at].fd;
-            break;
-        }
-    }
+    int fd = fd_find_locked(arg->fh, FD_READ);
     if (fd < 0) {
         pthread_mutex_unlock(&g_fd_lock);
         return 0;
@@ -638,6 +675,41 @@ static int rx_serve_read(const struct fuse_in_header *in, const struct fuse_read
     return 1;
 }
 
+/* Answer a WRITE on a registered descriptor; 0 when it is not one. */
+static int rx_serve_write(const struct fuse_in_header *in, const struct fuse_write_in *arg, const char *data,
+                          size_t avail)
+{
+    if (atomic_load(&g_fd_count) == 0 || arg->size > avail)
+        return 0;
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = fd_find_locked(arg->fh, FD_WRITE);
+    if (fd < 0) {
+        pthread_mutex_unlock(&g_fd_lock);
+        return 0;
+    }
+    ssize_t n;
+    do
+        n = pwrite(fd, data, arg->size, (off_t)arg->offset);
+    while (n < 0 && errno == EINTR);
+    int err = n < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    COUNT(write);
+    COUNT(write_native);
+    ADD(write_bytes, arg->size);
+    note_max(&g_counters.write_max, arg->size);
+    if (err) {
+        rx_reply_error(in->unique, err);
+        return 1;
+    }
+    struct {
+        struct fuse_out_header head;
+        struct fuse_write_out body;
+    } out = {{.len = sizeof out, .error = 0, .unique = in->unique}, {.size = (uint32_t)n, .padding = 0}};
+    while (write(g_rx.devfd, &out, sizeof out) < 0 && errno == EINTR) {
+    }
+    return 1;
+}
+
 /* What the reader does with one request: 1 when answered here. */
 static int rx_serve(const char *mem, size_t size)
 {
@@ -649,6 +721,10 @@ static int rx_serve(const char *mem, size_t size)
     switch (in->opcode) {
     case FUSE_READ:
         return left >= sizeof(struct fuse_read_in) && rx_serve_read(in, (const struct fuse_read_in *)arg);
+    case FUSE_WRITE:
+        return left >= sizeof(struct fuse_write_in) &&
+               rx_serve_write(in, (const struct fuse_write_in *)arg, arg + sizeof(struct fuse_write_in),
+                              left - sizeof(struct fuse_write_in));
     case FUSE_GETXATTR:
         if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) && absent_has(arg + 8)) {
             COUNT(xattr_absent);
@@ -980,11 +1056,12 @@ EXPORT int unionfs_native_get(int option)
     }
 }
 
-/* Serve READ requests on file handle ``fh`` from descriptor ``fd`` (pread, no Python); fd < 0 stops it. The
- * caller keeps fd open until it has unregistered it. 0, or -ENOSPC. */
-EXPORT int unionfs_native_set_fd(uint64_t fh, int fd)
+/* Serve READ (modes & 1) and WRITE (modes & 2) requests on file handle ``fh`` on descriptor ``fd`` (pread,
+ * pwrite, no Python); fd < 0 stops it. The caller keeps fd open until it has unregistered it (the shim holds its
+ * lock across every use, so unregistering waits for a read or write under way). 0, or -ENOSPC. */
+EXPORT int unionfs_native_set_fd(uint64_t fh, int fd, int modes)
 {
-    return fd_register(fh, fd);
+    return fd_register(fh, fd, modes);
 }
 
 /* Declare (absent != 0) or withdraw that no file of the mount has the extended attribute ``name``: GETXATTR of
