@@ -35,7 +35,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.unionfs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# the native part (unionfs/_native) is compiled by the install: again whenever its source changes
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+        || [ unionfs/_native/shim.c -nt "$stamp" ] || [ unionfs/_native/shim.map -nt "$stamp" ]; then
     echo "setup: installing Python dependencies into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     # compat: a plain path in a .pth file, no import hook: the interpreter starts ~8 ms sooner (the mount

@@ -1,0 +1,1153 @@
+/*
+ * unionfs native shim: a shared library loaded (RTLD_GLOBAL, or LD_PRELOAD) before pyfuse3, so that pyfuse3's
+ * calls into libfuse's low-level API reach these definitions first.
+ *
+ * What it does, and only when asked:
+ *   - fuse_session_new: copies pyfuse3's operations table, puts its own init (connection flags), opendir
+ *     (cached listings), readdir (plain READDIR when the kernel's adaptive readdirplus asks for it) and two
+ *     observers (read, write_buf: request sizes) in front of pyfuse3's handlers, then calls libfuse's function;
+ *   - fuse_reply_open / fuse_reply_err / fuse_reply_buf: finish what the wrapped handlers started for a request
+ *     (the reply of a directory open carries cache_readdir and keep_cache);
+ *   - fuse_add_direntry_plus: writes a plain entry when the request is a plain READDIR.
+ * Every other request goes to pyfuse3's handler untouched. libfuse's own functions are found with dlvsym at the
+ * version pyfuse3 binds (FUSE_3.0); the shim's definitions carry that version too (see shim.map).
+ *
+ * State is per process: pyfuse3 has one session at a time.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 31
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/fuse.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+
+#define SHIM_VERSION "0.1"
+#define EXPORT __attribute__((visibility("default")))
+#define MIB (1024u * 1024u)
+
+/* The bit of a file handle that marks a plain READDIR (pyfuse3 hands fi->fh to Python unchanged). */
+#define PLAIN_READDIR_BIT (UINT64_C(1) << 63)
+
+/* -- libfuse's own functions ------------------------------------------------------------------------------ */
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t,
+                                               void *);
+typedef void (*session_destroy_fn)(struct fuse_session *);
+typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
+typedef int (*reply_err_fn)(fuse_req_t, int);
+typedef int (*reply_buf_fn)(fuse_req_t, const char *, size_t);
+typedef size_t (*add_direntry_plus_fn)(fuse_req_t, char *, size_t, const char *, const struct fuse_entry_param *,
+                                       off_t);
+typedef size_t (*add_direntry_fn)(fuse_req_t, char *, size_t, const char *, const struct stat *, off_t);
+typedef int (*reply_data_fn)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags);
+typedef int (*version_fn)(void);
+typedef const char *(*pkgversion_fn)(void);
+
+static session_new_fn real_session_new;
+static session_destroy_fn real_session_destroy;
+static reply_open_fn real_reply_open;
+static reply_err_fn real_reply_err;
+static reply_buf_fn real_reply_buf;
+static add_direntry_plus_fn real_add_direntry_plus;
+static add_direntry_fn real_add_direntry;
+static reply_data_fn real_reply_data;
+static version_fn real_version;
+static pkgversion_fn real_pkgversion;
+
+/* Why the shim passes everything through (empty when it is active). */
+static char g_reason[160];
+static int g_active;
+
+/* -- what Python reads -------------------------------------------------------------------------------------- */
+
+/* Mirrored by unionfs/_native/__init__.py (Counters): append only. */
+struct unionfs_native_counters {
+    uint64_t session_new;     /* fuse_session_new calls seen */
+    uint64_t session_wrapped; /* ... of which got the shim's operations table */
+    uint64_t init;            /* init callbacks */
+    uint64_t opendir;         /* OPENDIR requests */
+    uint64_t dir_cached;      /* opendir replies sent with cache_readdir + keep_cache */
+    uint64_t dir_untracked;   /* directory opens not flagged: the table of pending requests was full */
+    uint64_t reply_open;      /* fuse_reply_open calls (files and directories) */
+    uint64_t reply_err;       /* fuse_reply_err calls */
+    uint64_t readdir_plain;   /* plain READDIR requests */
+    uint64_t entries_plain;   /* entries written as plain dirents */
+    uint64_t read;            /* READ requests */
+    uint64_t read_max;        /* largest READ size asked */
+    uint64_t write;           /* WRITE requests */
+    uint64_t write_max;       /* largest WRITE size received */
+    uint64_t write_bytes;     /* bytes received in WRITE requests */
+    uint64_t readdirplus;     /* READDIRPLUS requests */
+    uint64_t read_native;     /* READ requests served on a registered descriptor, without Python */
+    uint64_t xattr_absent;    /* GETXATTR requests answered ENODATA for a name declared absent */
+    uint64_t reader_forwarded; /* requests the shim's reader thread queued for pyfuse3 */
+    uint64_t reader_served;   /* requests it answered itself (READ on a registered descriptor, absent xattr) */
+    uint64_t write_native;    /* WRITE requests served on a registered descriptor, without Python */
+};
+
+/* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
+struct unionfs_native_conn {
+    uint32_t valid;                           /* 1 once an init callback ran */
+    uint32_t proto_major, proto_minor;
+    uint32_t capable;                         /* what the kernel offered */
+    uint32_t offered_max_write;               /* libfuse's value before init (its own limit) */
+    uint32_t offered_max_readahead;           /* the kernel's offer */
+    uint32_t offered_max_read;
+    uint32_t want_libfuse;                    /* conn->want as libfuse prepared it */
+    uint32_t want_pyfuse3;                    /* ... after pyfuse3's init */
+    uint32_t want;                            /* ... after the shim's */
+    uint32_t max_write;                       /* what the shim left in conn */
+    uint32_t max_readahead;
+    uint32_t max_background;
+    uint32_t congestion_threshold;
+    uint32_t time_gran;
+};
+
+/* Options (unionfs_native_set). */
+enum {
+    OPT_TUNE_CONN = 1,     /* max_write 1 MiB, max_readahead as offered; default on */
+    OPT_CACHE_DIRS = 2,    /* cache_readdir + keep_cache on opendir replies; default off */
+    OPT_READDIRPLUS_AUTO = 3, /* FUSE_CAP_READDIRPLUS_AUTO, plain READDIR served; default off */
+    OPT_OWN_READER = 4,    /* a thread of the shim reads /dev/fuse and answers data requests itself; default off */
+};
+
+static struct unionfs_native_counters g_counters;
+static struct unionfs_native_conn g_conn;
+static atomic_int g_opt_tune = 1;
+static atomic_int g_opt_cache_dirs;
+static atomic_int g_opt_rdplus_auto;
+static atomic_int g_opt_own_reader;
+/* The readdirplus_auto setting of the session being created (the init callback decides with it). */
+static int g_session_rdplus_auto;
+
+static void dump_to_environment(void);
+
+#define COUNT(field) __atomic_add_fetch(&g_counters.field, 1, __ATOMIC_RELAXED)
+#define ADD(field, n) __atomic_add_fetch(&g_counters.field, (n), __ATOMIC_RELAXED)
+
+static void note_max(uint64_t *field, uint64_t value)
+{
+    uint64_t seen = __atomic_load_n(field, __ATOMIC_RELAXED);
+    while (value > seen && !__atomic_compare_exchange_n(field, &seen, value, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+/* -- requests a wrapped handler started and a reply must finish --------------------------------------------- */
+
+/* pyfuse3 replies later (after its coroutine ran), from the thread that runs the loop; a request is known by its
+ * fuse_req_t until its reply frees it. The table is small: it holds requests between dispatch and reply. */
+enum { KIND_NONE = 0, KIND_OPENDIR = 1, KIND_PLAIN_READDIR = 2 };
+#define PENDING_SLOTS 512
+
+static struct {
+    fuse_req_t req;
+    int kind;
+} g_pending[PENDING_SLOTS];
+static atomic_int g_pending_count;
+static pthread_mutex_t g_pending_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int pending_add(fuse_req_t req, int kind)
+{
+    int added = 0;
+    pthread_mutex_lock(&g_pending_lock);
+    for (int i = 0; i < PENDING_SLOTS; i++) {
+        if (g_pending[i].req == NULL) {
+            g_pending[i].req = req;
+            g_pending[i].kind = kind;
+            atomic_fetch_add(&g_pending_count, 1);
+            added = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_pending_lock);
+    return added;
+}
+
+/* The kind ``req`` was registered with (KIND_NONE if none); ``take`` removes it. */
+static int pending_find(fuse_req_t req, int take)
+{
+    int kind = KIND_NONE;
+    if (atomic_load(&g_pending_count) == 0)
+        return KIND_NONE;
+    pthread_mutex_lock(&g_pending_lock);
+    for (int i = 0; i < PENDING_SLOTS; i++) {
+        if (g_pending[i].req == req) {
+            kind = g_pending[i].kind;
+            if (take) {
+                g_pending[i].req = NULL;
+                g_pending[i].kind = KIND_NONE;
+                atomic_fetch_sub(&g_pending_count, 1);
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_pending_lock);
+    return kind;
+}
+
+static void pending_clear(void)
+{
+    pthread_mutex_lock(&g_pending_lock);
+    memset(g_pending, 0, sizeof g_pending);
+    atomic_store(&g_pending_count, 0);
+    pthread_mutex_unlock(&g_pending_lock);
+}
+
+/* -- the operations table ------------------------------------------------------------------------------------ */
+
+static struct fuse_lowlevel_ops g_inner; /* pyfuse3's handlers */
+static struct fuse_lowlevel_ops g_outer; /* what libfuse gets */
+
+static void shim_init(void *userdata, struct fuse_conn_info *conn)
+{
+    struct unionfs_native_conn c;
+    memset(&c, 0, sizeof c);
+    COUNT(init);
+    c.proto_major = conn->proto_major;
+    c.proto_minor = conn->proto_minor;
+    c.capable = conn->capable;
+    c.offered_max_write = conn->max_write;
+    c.offered_max_readahead = conn->max_readahead;
+    c.offered_max_read = conn->max_read;
+    c.want_libfuse = conn->want;
+    if (g_inner.init)
+        g_inner.init(userdata, conn);
+    c.want_pyfuse3 = conn->want;
+    if (atomic_load(&g_opt_tune)) {
+        /* libfuse lowers max_write to what its receive buffer holds after init; 1 MiB is that limit in 3.14. */
+        conn->max_write = conn->max_write < MIB ? conn->max_write : MIB;
+        conn->max_readahead = c.offered_max_readahead;
+    }
+    if (g_session_rdplus_auto && (conn->capable & FUSE_CAP_READDIRPLUS_AUTO) && (conn->want & FUSE_CAP_READDIRPLUS))
+        conn->want |= FUSE_CAP_READDIRPLUS_AUTO;
+    c.want = conn->want;
+    c.max_write = conn->max_write;
+    c.max_readahead = conn->max_readahead;
+    c.max_background = conn->max_background;
+    c.congestion_threshold = conn->congestion_threshold;
+    c.time_gran = conn->time_gran;
+    c.valid = 1;
+    g_conn = c;
+    dump_to_environment();
+}
+
+static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    COUNT(opendir);
+    if (atomic_load(&g_opt_cache_dirs) && !pending_add(req, KIND_OPENDIR))
+        COUNT(dir_untracked);
+    g_inner.opendir(req, ino, fi);
+}
+
+/* A plain READDIR: pyfuse3's readdirplus handler fills the buffer, fuse_add_direntry_plus writes plain entries
+ * for it, and the file handle Python sees carries PLAIN_READDIR_BIT (the kernel takes no lookup reference for
+ * plain entries: Python must not count one). */
+static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    struct fuse_file_info copy = *fi;
+    COUNT(readdir_plain);
+    if (!pending_add(req, KIND_PLAIN_READDIR)) {
+        real_reply_err(req, EAGAIN);
+        return;
+    }
+    copy.fh |= PLAIN_READDIR_BIT;
+    g_inner.readdirplus(req, ino, size, off, &copy);
+}
+
+static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    COUNT(readdirplus);
+    g_inner.readdirplus(req, ino, size, off, fi);
+}
+
+/* -- extended attribute names no file of the mount has (declared by the shell) ----------------------------- */
+
+#define ABSENT_SLOTS 8
+#define ABSENT_NAME 64
+static char g_absent[ABSENT_SLOTS][ABSENT_NAME];
+static atomic_int g_absent_count;
+static pthread_mutex_t g_absent_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int absent_has(const char *name)
+{
+    int found = 0;
+    if (atomic_load(&g_absent_count) == 0)
+        return 0;
+    pthread_mutex_lock(&g_absent_lock);
+    for (int i = 0; i < ABSENT_SLOTS && !found; i++)
+        found = g_absent[i][0] && strcmp(g_absent[i], name) == 0;
+    pthread_mutex_unlock(&g_absent_lock);
+    return found;
+}
+
+/* 0; -ENOSPC when the table is full; -ENAMETOOLONG. */
+static int absent_set(const char *name, int absent)
+{
+    int ret = absent ? -ENOSPC : 0;
+    if (strlen(name) >= ABSENT_NAME || !name[0])
+        return -ENAMETOOLONG;
+    pthread_mutex_lock(&g_absent_lock);
+    for (int i = 0; i < ABSENT_SLOTS; i++) {
+        if (g_absent[i][0] && strcmp(g_absent[i], name) == 0) {
+            if (!absent) {
+                g_absent[i][0] = 0;
+                atomic_fetch_sub(&g_absent_count, 1);
+            }
+            ret = 0;
+            goto out;
+        }
+    }
+    for (int i = 0; absent && i < ABSENT_SLOTS; i++) {
+        if (!g_absent[i][0]) {
+            memcpy(g_absent[i], name, strlen(name) + 1);
+            atomic_fetch_add(&g_absent_count, 1);
+            ret = 0;
+            break;
+        }
+    }
+out:
+    pthread_mutex_unlock(&g_absent_lock);
+    return ret;
+}
+
+static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (absent_has(name)) {
+        COUNT(xattr_absent);
+        real_reply_err(req, ENODATA);
+        return;
+    }
+    g_inner.getxattr(req, ino, name, size);
+}
+
+/* A name set through the mount is no longer absent: the shim stops answering for it before Python sets it. */
+static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
+                          int flags)
+{
+    if (absent_has(name))
+        absent_set(name, 0);
+    g_inner.setxattr(req, ino, name, value, size, flags);
+}
+
+/* -- descriptors the shell registered for its file handles (the data path: READ and WRITE) ------------------ */
+
+/* fh -> descriptor and what it serves (FD_READ, FD_WRITE), open addressing; a removed slot keeps FD_GONE so
+ * that probing goes on past it. */
+#define FD_SLOTS 4096
+#define FD_FREE (-1)
+#define FD_GONE (-2)
+#define FD_READ 1
+#define FD_WRITE 2
+static struct {
+    uint64_t fh;
+    int fd;
+    int modes;
+} g_fds[FD_SLOTS];
+static atomic_int g_fd_count;
+static pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void fd_table_clear(void)
+{
+    pthread_mutex_lock(&g_fd_lock);
+    for (int i = 0; i < FD_SLOTS; i++) {
+        g_fds[i].fh = 0;
+        g_fds[i].fd = FD_FREE;
+        g_fds[i].modes = 0;
+    }
+    atomic_store(&g_fd_count, 0);
+    pthread_mutex_unlock(&g_fd_lock);
+}
+
+static unsigned fd_hash(uint64_t fh)
+{
+    return (unsigned)((fh * UINT64_C(0x9E3779B97F4A7C15)) >> 52) % FD_SLOTS;
+}
+
+/* The descriptor registered for fh serving ``mode``, or -1; the caller holds g_fd_lock. */
+static int fd_find_locked(uint64_t fh, int mode)
+{
+    for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+        if (g_fds[at].fd == FD_FREE)
+            return -1;
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh)
+            return (g_fds[at].modes & mode) ? g_fds[at].fd : -1;
+    }
+    return -1;
+}
+
+/* Register (fd >= 0, modes != 0) or forget (fd < 0) the descriptor of fh: 0, -ENOSPC when the table is full. */
+static int fd_register(uint64_t fh, int fd, int modes)
+{
+    int ret = fd >= 0 ? -ENOSPC : 0;
+    int reuse = -1;
+    if (fd >= 0 && modes == 0)
+        fd = -1;
+    pthread_mutex_lock(&g_fd_lock);
+    for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh) {
+            if (fd >= 0) {
+                g_fds[at].fd = fd;
+                g_fds[at].modes = modes;
+            } else {
+                g_fds[at].fd = FD_GONE;
+                g_fds[at].modes = 0;
+                atomic_fetch_sub(&g_fd_count, 1);
+            }
+            ret = 0;
+            reuse = -2;
+            break;
+        }
+        if (g_fds[at].fd == FD_GONE && reuse == -1)
+            reuse = (int)at;
+        if (g_fds[at].fd == FD_FREE) {
+            if (reuse == -1)
+                reuse = (int)at;
+            break;
+        }
+    }
+    if (fd >= 0 && reuse >= 0) {
+        g_fds[reuse].fh = fh;
+        g_fds[reuse].fd = fd;
+        g_fds[reuse].modes = modes;
+        atomic_fetch_add(&g_fd_count, 1);
+        ret = 0;
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return ret;
+}
+
+/* The Python C API's GIL functions, when this process has them: a READ served here runs inside pyfuse3's call
+ * of fuse_session_process_buf, which holds the GIL; it is released around the disk read and the reply. */
+typedef void *(*save_thread_fn)(void);
+typedef void (*restore_thread_fn)(void *);
+typedef int (*gil_check_fn)(void);
+static save_thread_fn py_save_thread;
+static restore_thread_fn py_restore_thread;
+static gil_check_fn py_gil_check;
+
+/* The descriptor registered for fh serving ``mode`` with g_fd_lock held (the caller unlocks once done with it, so
+ * that the shell's unregistering, then closing, waits), or -1 with the lock not held. */
+static int fd_take(uint64_t fh, int mode)
+{
+    if (atomic_load(&g_fd_count) == 0)
+        return -1;
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = fd_find_locked(fh, mode);
+    if (fd < 0)
+        pthread_mutex_unlock(&g_fd_lock);
+    return fd;
+}
+
+/* Release the GIL if this thread holds it (a handler called by pyfuse3's fuse_session_process_buf does). */
+static void *gil_release(int *released)
+{
+    *released = py_gil_check && py_save_thread && py_restore_thread && py_gil_check();
+    return *released ? py_save_thread() : NULL;
+}
+
+static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    COUNT(read);
+    note_max(&g_counters.read_max, size);
+    int fd = fd_take(fi->fh, FD_READ);
+    if (fd < 0) {
+        g_inner.read(req, ino, size, off, fi);
+        return;
+    }
+    COUNT(read_native);
+    struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+    buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    buf.buf[0].fd = fd;
+    buf.buf[0].pos = off;
+    int released;
+    void *state = gil_release(&released);
+    /* fuse_reply_data answers an error of the read itself, and frees the request in every case */
+    real_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+    pthread_mutex_unlock(&g_fd_lock);
+    if (released)
+        py_restore_thread(state);
+}
+
+static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                           struct fuse_file_info *fi)
+{
+    size_t size = 0;
+    for (size_t i = bufv->idx; i < bufv->count; i++)
+        size += bufv->buf[i].size;
+    size -= bufv->off;
+    COUNT(write);
+    ADD(write_bytes, size);
+    note_max(&g_counters.write_max, size);
+    int fd = fd_take(fi->fh, FD_WRITE);
+    if (fd < 0) {
+        g_inner.write_buf(req, ino, bufv, off, fi);
+        return;
+    }
+    COUNT(write_native);
+    struct fuse_bufvec dst = FUSE_BUFVEC_INIT(size);
+    dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    dst.buf[0].fd = fd;
+    dst.buf[0].pos = off;
+    int released;
+    void *state = gil_release(&released);
+    ssize_t n = fuse_buf_copy(&dst, bufv, 0);
+    if (n < 0)
+        real_reply_err(req, (int)-n);
+    else
+        fuse_reply_write(req, (size_t)n);
+    pthread_mutex_unlock(&g_fd_lock);
+    if (released)
+        py_restore_thread(state);
+}
+
+static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                       struct fuse_file_info *fi)
+{
+    COUNT(write);
+    ADD(write_bytes, size);
+    note_max(&g_counters.write_max, size);
+    g_inner.write(req, ino, buf, size, off, fi);
+}
+
+EXPORT size_t unionfs_native_counters(struct unionfs_native_counters *out, size_t size);
+
+/* Writes the counters and the connection record as "name value" lines to ``path`` (replaced atomically). */
+static int dump_stats(const char *path)
+{
+    char tmp[4096];
+    struct unionfs_native_counters c;
+    struct unionfs_native_conn k = g_conn;
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return -ENAMETOOLONG;
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return -errno;
+    unionfs_native_counters(&c, sizeof c);
+#define C(name) fprintf(f, #name " %llu\n", (unsigned long long)c.name)
+#define K(name) fprintf(f, "conn." #name " %u\n", k.name)
+    C(session_new); C(session_wrapped); C(init); C(opendir); C(dir_cached); C(dir_untracked); C(reply_open);
+    C(reply_err); C(readdir_plain); C(entries_plain); C(read); C(read_max); C(write); C(write_max);
+    C(write_bytes); C(readdirplus); C(read_native); C(xattr_absent); C(reader_forwarded); C(reader_served);
+    C(write_native);
+    K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
+    K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
+    K(max_background); K(congestion_threshold); K(time_gran);
+#undef C
+#undef K
+    int bad = ferror(f);
+    if (fclose(f) != 0 || bad || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return -EIO;
+    }
+    return 0;
+}
+
+/* UNIONFS_NATIVE_STATS names a file the shim writes its counters to after init and when the session ends (a
+ * server's counters, read by whoever started it). */
+static void dump_to_environment(void)
+{
+    const char *path = getenv("UNIONFS_NATIVE_STATS");
+    if (path && *path)
+        dump_stats(path);
+}
+
+/* -- the shim's own reader of /dev/fuse ------------------------------------------------------------------------
+ *
+ * pyfuse3 spends most of a request's cost in its trio loop (waiting for the device, receiving, dispatching), not
+ * in the handler. With OPT_OWN_READER a thread of the shim reads every request; it answers READ on a registered
+ * descriptor and GETXATTR of a name declared absent itself (writing the reply to the device, no libfuse request,
+ * no Python, no GIL), and queues everything else. pyfuse3 is given an eventfd as the session's descriptor (it only
+ * waits on it) and its fuse_session_receive_buf takes the next queued buffer (handed over, not copied).
+ */
+
+#define RX_BUFSIZE (256u * 4096u + 4096u) /* libfuse's own: FUSE_MAX_MAX_PAGES pages and a header page */
+#define RX_QUEUE 1024
+
+static struct {
+    int active;
+    int devfd;            /* /dev/fuse */
+    int eventfd;          /* what pyfuse3 waits on: one count per queued request, one more at the end */
+    int stopfd;           /* wakes the thread at fuse_session_destroy */
+    struct fuse_session *se;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    struct {
+        char *mem;
+        size_t size;
+    } queue[RX_QUEUE];
+    unsigned head, count;
+    int ended;            /* the device said ENODEV (unmounted) or failed */
+    char *spare[16];      /* buffers to reuse */
+    int spares;
+} g_rx = {.devfd = -1, .eventfd = -1, .stopfd = -1, .lock = PTHREAD_MUTEX_INITIALIZER};
+
+typedef int (*session_fd_fn)(struct fuse_session *);
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+typedef void (*session_exit_fn)(struct fuse_session *);
+static session_fd_fn real_session_fd;
+static session_mount_fn real_session_mount;
+static receive_buf_fn real_receive_buf;
+static session_exit_fn real_session_exit;
+
+static char *rx_buffer(void)
+{
+    char *mem = NULL;
+    pthread_mutex_lock(&g_rx.lock);
+    if (g_rx.spares > 0)
+        mem = g_rx.spare[--g_rx.spares];
+    pthread_mutex_unlock(&g_rx.lock);
+    return mem ? mem : malloc(RX_BUFSIZE);
+}
+
+static void rx_recycle(char *mem)
+{
+    if (mem == NULL)
+        return;
+    pthread_mutex_lock(&g_rx.lock);
+    if (g_rx.spares < (int)(sizeof g_rx.spare / sizeof g_rx.spare[0])) {
+        g_rx.spare[g_rx.spares++] = mem;
+        mem = NULL;
+    }
+    pthread_mutex_unlock(&g_rx.lock);
+    free(mem);
+}
+
+static void rx_signal(void)
+{
+    uint64_t one = 1;
+    while (write(g_rx.eventfd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+}
+
+static void rx_reply_error(uint64_t unique, int err)
+{
+    struct fuse_out_header out = {.len = sizeof out, .error = -err, .unique = unique};
+    /* ENOENT: the request was interrupted meanwhile; nothing to do */
+    while (write(g_rx.devfd, &out, sizeof out) < 0 && errno == EINTR) {
+    }
+}
+
+/* Answer a READ on a registered descriptor; 0 when it is not one (the request goes to pyfuse3). */
+static int rx_serve_read(const struct fuse_in_header *in, const struct fuse_read_in *arg)
+{
+    static char *data;
+    if (data == NULL && (data = malloc(RX_BUFSIZE)) == NULL)
+        return 0;
+    /* The table's lock is held across the read, so the shell cannot close the descriptor under it. */
+    if (atomic_load(&g_fd_count) == 0)
+        return 0;
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = fd_find_locked(arg->fh, FD_READ);
+    if (fd < 0) {
+        pthread_mutex_unlock(&g_fd_lock);
+        return 0;
+    }
+    size_t size = arg->size < RX_BUFSIZE ? arg->size : RX_BUFSIZE;
+    ssize_t n;
+    do
+        n = pread(fd, data, size, (off_t)arg->offset);
+    while (n < 0 && errno == EINTR);
+    int err = n < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    COUNT(read);
+    COUNT(read_native);
+    note_max(&g_counters.read_max, arg->size);
+    if (err) {
+        rx_reply_error(in->unique, err);
+        return 1;
+    }
+    struct fuse_out_header out = {.len = (uint32_t)(sizeof out + (size_t)n), .error = 0, .unique = in->unique};
+    struct iovec iov[2] = {{&out, sizeof out}, {data, (size_t)n}};
+    while (writev(g_rx.devfd, iov, 2) < 0 && errno == EINTR) {
+    }
+    return 1;
+}
+
+/* Answer a WRITE on a registered descriptor; 0 when it is not one. */
+static int rx_serve_write(const struct fuse_in_header *in, const struct fuse_write_in *arg, const char *data,
+                          size_t avail)
+{
+    if (atomic_load(&g_fd_count) == 0 || arg->size > avail)
+        return 0;
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = fd_find_locked(arg->fh, FD_WRITE);
+    if (fd < 0) {
+        pthread_mutex_unlock(&g_fd_lock);
+        return 0;
+    }
+    ssize_t n;
+    do
+        n = pwrite(fd, data, arg->size, (off_t)arg->offset);
+    while (n < 0 && errno == EINTR);
+    int err = n < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    COUNT(write);
+    COUNT(write_native);
+    ADD(write_bytes, arg->size);
+    note_max(&g_counters.write_max, arg->size);
+    if (err) {
+        rx_reply_error(in->unique, err);
+        return 1;
+    }
+    struct {
+        struct fuse_out_header head;
+        struct fuse_write_out body;
+    } out = {{.len = sizeof out, .error = 0, .unique = in->unique}, {.size = (uint32_t)n, .padding = 0}};
+    while (write(g_rx.devfd, &out, sizeof out) < 0 && errno == EINTR) {
+    }
+    return 1;
+}
+
+/* What the reader does with one request: 1 when answered here. */
+static int rx_serve(const char *mem, size_t size)
+{
+    const struct fuse_in_header *in = (const struct fuse_in_header *)mem;
+    if (size < sizeof *in)
+        return 0;
+    const char *arg = mem + sizeof *in;
+    size_t left = size - sizeof *in;
+    switch (in->opcode) {
+    case FUSE_READ:
+        return left >= sizeof(struct fuse_read_in) && rx_serve_read(in, (const struct fuse_read_in *)arg);
+    case FUSE_WRITE:
+        return left >= sizeof(struct fuse_write_in) &&
+               rx_serve_write(in, (const struct fuse_write_in *)arg, arg + sizeof(struct fuse_write_in),
+                              left - sizeof(struct fuse_write_in));
+    case FUSE_GETXATTR:
+        if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) && absent_has(arg + 8)) {
+            COUNT(xattr_absent);
+            rx_reply_error(in->unique, ENODATA);
+            return 1;
+        }
+        return 0;
+    case FUSE_SETXATTR:
+        /* the name follows an 8- or 16-byte header (FUSE_SETXATTR_EXT): a declared name in either place stops
+         * being declared before the request is queued, so no later GETXATTR is answered for it */
+        for (size_t at = 8; at <= 16; at += 8)
+            if (left > at && memchr(arg + at, 0, left - at) && absent_has(arg + at))
+                absent_set(arg + at, 0);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static void *rx_main(void *unused)
+{
+    (void)unused;
+    struct pollfd fds[2] = {{.fd = g_rx.devfd, .events = POLLIN}, {.fd = g_rx.stopfd, .events = POLLIN}};
+    char *mem = NULL;
+    for (;;) {
+        if (mem == NULL && (mem = rx_buffer()) == NULL)
+            break;
+        int ready = poll(fds, 2, -1);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0 || fds[1].revents)
+            break;
+        ssize_t n = read(g_rx.devfd, mem, RX_BUFSIZE);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == ENOENT))
+            continue;
+        if (n <= 0)
+            break; /* ENODEV: unmounted */
+        if (rx_serve(mem, (size_t)n)) {
+            COUNT(reader_served);
+            continue;
+        }
+        pthread_mutex_lock(&g_rx.lock);
+        while (g_rx.count == RX_QUEUE) { /* pyfuse3 is that far behind: wait for it */
+            pthread_mutex_unlock(&g_rx.lock);
+            usleep(100);
+            pthread_mutex_lock(&g_rx.lock);
+        }
+        unsigned at = (g_rx.head + g_rx.count) % RX_QUEUE;
+        g_rx.queue[at].mem = mem;
+        g_rx.queue[at].size = (size_t)n;
+        g_rx.count++;
+        rx_signal();
+        pthread_mutex_unlock(&g_rx.lock);
+        COUNT(reader_forwarded);
+        mem = NULL;
+    }
+    rx_recycle(mem);
+    pthread_mutex_lock(&g_rx.lock);
+    g_rx.ended = 1;
+    rx_signal();
+    pthread_mutex_unlock(&g_rx.lock);
+    return NULL;
+}
+
+static void rx_start(struct fuse_session *se)
+{
+    g_rx.devfd = real_session_fd(se);
+    g_rx.eventfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE);
+    g_rx.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    g_rx.se = se;
+    g_rx.head = g_rx.count = 0;
+    g_rx.ended = 0;
+    if (g_rx.devfd < 0 || g_rx.eventfd < 0 || g_rx.stopfd < 0 || pthread_create(&g_rx.thread, NULL, rx_main, NULL)) {
+        if (g_rx.eventfd >= 0)
+            close(g_rx.eventfd);
+        if (g_rx.stopfd >= 0)
+            close(g_rx.stopfd);
+        g_rx.eventfd = g_rx.stopfd = -1;
+        return;
+    }
+    g_rx.active = 1;
+}
+
+static void rx_stop(void)
+{
+    if (!g_rx.active)
+        return;
+    uint64_t one = 1;
+    while (write(g_rx.stopfd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+    pthread_join(g_rx.thread, NULL);
+    g_rx.active = 0;
+    for (unsigned i = 0; i < g_rx.count; i++)
+        free(g_rx.queue[(g_rx.head + i) % RX_QUEUE].mem);
+    g_rx.count = 0;
+    while (g_rx.spares > 0)
+        free(g_rx.spare[--g_rx.spares]);
+    close(g_rx.eventfd);
+    close(g_rx.stopfd);
+    g_rx.eventfd = g_rx.stopfd = g_rx.devfd = -1;
+    g_rx.se = NULL;
+}
+
+/* A process forked from a server (unionfs's spares) has no reader thread: it forgets the parent's (without
+ * touching the descriptors it shares with the parent beyond closing its own copies) and may start its own for
+ * the session it mounts next. Locks another thread held at the fork are made anew. */
+static void rx_after_fork_child(void)
+{
+    pthread_mutex_init(&g_rx.lock, NULL);
+    pthread_mutex_init(&g_fd_lock, NULL);
+    pthread_mutex_init(&g_pending_lock, NULL);
+    pthread_mutex_init(&g_absent_lock, NULL);
+    if (!g_rx.active)
+        return;
+    close(g_rx.eventfd);
+    close(g_rx.stopfd);
+    g_rx.active = 0;
+    g_rx.eventfd = g_rx.stopfd = g_rx.devfd = -1;
+    g_rx.se = NULL;
+    g_rx.count = 0; /* the queued buffers are the parent's requests: never answered here */
+}
+
+EXPORT int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    int ret = real_session_mount(se, mountpoint);
+    if (ret == 0 && g_active && atomic_load(&g_opt_own_reader) && !g_rx.active)
+        rx_start(se);
+    return ret;
+}
+
+EXPORT int fuse_session_fd(struct fuse_session *se)
+{
+    if (g_rx.active && se == g_rx.se)
+        return g_rx.eventfd;
+    return real_session_fd(se);
+}
+
+EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    if (!g_rx.active || se != g_rx.se)
+        return real_receive_buf(se, buf);
+    pthread_mutex_lock(&g_rx.lock);
+    if (g_rx.count == 0) {
+        int ended = g_rx.ended;
+        pthread_mutex_unlock(&g_rx.lock);
+        if (ended) {
+            real_session_exit(se);
+            return 0;
+        }
+        return -EINTR; /* another of pyfuse3's tasks took it: wait again */
+    }
+    char *mem = g_rx.queue[g_rx.head].mem;
+    size_t size = g_rx.queue[g_rx.head].size;
+    g_rx.head = (g_rx.head + 1) % RX_QUEUE;
+    g_rx.count--;
+    uint64_t token;
+    while (read(g_rx.eventfd, &token, sizeof token) < 0 && errno == EINTR) {
+    }
+    pthread_mutex_unlock(&g_rx.lock);
+    /* pyfuse3's previous buffer is one of ours (it starts with none): reuse it */
+    rx_recycle(buf->mem);
+    buf->mem = mem;
+    buf->size = size;
+    buf->flags = 0;
+    buf->pos = 0;
+    return (int)size;
+}
+
+/* -- the wrapped libfuse functions --------------------------------------------------------------------------- */
+
+EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                             size_t op_size, void *userdata)
+{
+    COUNT(session_new);
+    if (!g_active || op == NULL || op_size != sizeof(struct fuse_lowlevel_ops))
+        return real_session_new ? real_session_new(args, op, op_size, userdata) : NULL;
+    pending_clear();
+    fd_table_clear();
+    memcpy(&g_inner, op, sizeof g_inner);
+    g_outer = g_inner;
+    g_outer.init = shim_init;
+    if (g_inner.opendir)
+        g_outer.opendir = shim_opendir;
+    g_session_rdplus_auto = atomic_load(&g_opt_rdplus_auto) && g_inner.readdirplus && !g_inner.readdir;
+    if (g_session_rdplus_auto)
+        g_outer.readdir = shim_readdir;
+    if (g_inner.readdirplus)
+        g_outer.readdirplus = shim_readdirplus;
+    if (g_inner.getxattr)
+        g_outer.getxattr = shim_getxattr;
+    if (g_inner.setxattr)
+        g_outer.setxattr = shim_setxattr;
+    if (g_inner.read)
+        g_outer.read = shim_read;
+    if (g_inner.write)
+        g_outer.write = shim_write;
+    if (g_inner.write_buf)
+        g_outer.write_buf = shim_write_buf;
+    memset(&g_conn, 0, sizeof g_conn);
+    COUNT(session_wrapped);
+    return real_session_new(args, &g_outer, sizeof g_outer, userdata);
+}
+
+EXPORT void fuse_session_destroy(struct fuse_session *se)
+{
+    if (se == g_rx.se)
+        rx_stop();
+    if (real_session_destroy)
+        real_session_destroy(se);
+    pending_clear();
+    dump_to_environment();
+}
+
+EXPORT int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    COUNT(reply_open);
+    if (pending_find(req, 1) == KIND_OPENDIR) {
+        struct fuse_file_info copy = *fi;
+        copy.cache_readdir = 1;
+        copy.keep_cache = 1;
+        COUNT(dir_cached);
+        return real_reply_open(req, &copy);
+    }
+    return real_reply_open(req, fi);
+}
+
+EXPORT int fuse_reply_err(fuse_req_t req, int err)
+{
+    COUNT(reply_err);
+    pending_find(req, 1);
+    return real_reply_err(req, err);
+}
+
+EXPORT int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+{
+    pending_find(req, 1);
+    return real_reply_buf(req, buf, size);
+}
+
+EXPORT size_t fuse_add_direntry_plus(fuse_req_t req, char *buf, size_t bufsize, const char *name,
+                                     const struct fuse_entry_param *e, off_t off)
+{
+    if (pending_find(req, 0) == KIND_PLAIN_READDIR) {
+        size_t len = real_add_direntry(req, buf, bufsize, name, &e->attr, off);
+        if (len <= bufsize)
+            COUNT(entries_plain);
+        return len;
+    }
+    return real_add_direntry_plus(req, buf, bufsize, name, e, off);
+}
+
+/* -- what Python calls (ctypes) ----------------------------------------------------------------------------- */
+
+EXPORT const char *unionfs_native_version(void)
+{
+    static char text[128];
+    if (!text[0])
+        snprintf(text, sizeof text, "unionfs-native %s (libfuse %d.%d headers, %s at run time)", SHIM_VERSION,
+                 FUSE_MAJOR_VERSION, FUSE_MINOR_VERSION, real_pkgversion ? real_pkgversion() : "none");
+    return text;
+}
+
+EXPORT int unionfs_native_dump(const char *path)
+{
+    return dump_stats(path);
+}
+
+/* Empty when active; else why everything passes through. */
+EXPORT const char *unionfs_native_reason(void)
+{
+    return g_reason;
+}
+
+EXPORT int unionfs_native_active(void)
+{
+    return g_active;
+}
+
+EXPORT size_t unionfs_native_counters(struct unionfs_native_counters *out, size_t size)
+{
+    size_t n = size < sizeof g_counters ? size : sizeof g_counters;
+    uint64_t *src = (uint64_t *)&g_counters;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < n / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    return sizeof g_counters;
+}
+
+EXPORT size_t unionfs_native_connection(struct unionfs_native_conn *out, size_t size)
+{
+    memcpy(out, &g_conn, size < sizeof g_conn ? size : sizeof g_conn);
+    return sizeof g_conn;
+}
+
+/* 0, or -EINVAL for an unknown option. Takes effect at the next fuse_session_new (cached listings: at once). */
+EXPORT int unionfs_native_set(int option, int value)
+{
+    switch (option) {
+    case OPT_TUNE_CONN:
+        atomic_store(&g_opt_tune, value != 0);
+        return 0;
+    case OPT_CACHE_DIRS:
+        atomic_store(&g_opt_cache_dirs, value != 0);
+        return 0;
+    case OPT_READDIRPLUS_AUTO:
+        atomic_store(&g_opt_rdplus_auto, value != 0);
+        return 0;
+    case OPT_OWN_READER:
+        atomic_store(&g_opt_own_reader, value != 0);
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}
+
+EXPORT int unionfs_native_get(int option)
+{
+    switch (option) {
+    case OPT_TUNE_CONN:
+        return atomic_load(&g_opt_tune);
+    case OPT_CACHE_DIRS:
+        return atomic_load(&g_opt_cache_dirs);
+    case OPT_READDIRPLUS_AUTO:
+        return atomic_load(&g_opt_rdplus_auto);
+    case OPT_OWN_READER:
+        return atomic_load(&g_opt_own_reader);
+    default:
+        return -EINVAL;
+    }
+}
+
+/* Serve READ (modes & 1) and WRITE (modes & 2) requests on file handle ``fh`` on descriptor ``fd`` (pread,
+ * pwrite, no Python); fd < 0 stops it. The caller keeps fd open until it has unregistered it (the shim holds its
+ * lock across every use, so unregistering waits for a read or write under way). 0, or -ENOSPC. */
+EXPORT int unionfs_native_set_fd(uint64_t fh, int fd, int modes)
+{
+    return fd_register(fh, fd, modes);
+}
+
+/* Declare (absent != 0) or withdraw that no file of the mount has the extended attribute ``name``: GETXATTR of
+ * it is answered ENODATA without Python while declared; a SETXATTR of it through the mount withdraws it. */
+EXPORT int unionfs_native_absent_xattr(const char *name, int absent)
+{
+    return absent_set(name, absent);
+}
+
+/* The PLAIN_READDIR_BIT (Python strips it from the handle of a plain READDIR). */
+EXPORT uint64_t unionfs_native_plain_readdir_bit(void)
+{
+    return PLAIN_READDIR_BIT;
+}
+
+/* -- start-up --------------------------------------------------------------------------------------------------- */
+
+static void *lookup(const char *name)
+{
+    /* The version pyfuse3 binds: RTLD_NEXT finds libfuse's (this library needs libfuse3.so.3, so it is next in
+     * this library's scope, whether it was dlopen'ed or preloaded). */
+    void *fn = dlvsym(RTLD_NEXT, name, "FUSE_3.0");
+    if (fn == NULL && !g_reason[0])
+        snprintf(g_reason, sizeof g_reason, "libfuse has no %s@FUSE_3.0", name);
+    return fn;
+}
+
+/* Options for a server started without Python's help (LD_PRELOAD): UNIONFS_NATIVE_CONFIG=a,b with a, b among
+ * notune, cache_dirs, readdirplus_auto, own_reader, absent_xattr=NAME. */
+static void read_environment(void)
+{
+    const char *conf = getenv("UNIONFS_NATIVE_CONFIG");
+    char word[96];
+    while (conf && *conf) {
+        size_t n = strcspn(conf, ",");
+        if (n < sizeof word) {
+            memcpy(word, conf, n);
+            word[n] = 0;
+            if (strcmp(word, "notune") == 0)
+                atomic_store(&g_opt_tune, 0);
+            else if (strcmp(word, "cache_dirs") == 0)
+                atomic_store(&g_opt_cache_dirs, 1);
+            else if (strcmp(word, "readdirplus_auto") == 0)
+                atomic_store(&g_opt_rdplus_auto, 1);
+            else if (strcmp(word, "own_reader") == 0)
+                atomic_store(&g_opt_own_reader, 1);
+            else if (strncmp(word, "absent_xattr=", 13) == 0)
+                absent_set(word + 13, 1);
+        }
+        conf += n;
+        if (*conf == ',')
+            conf++;
+    }
+}
+
+__attribute__((constructor)) static void shim_start(void)
+{
+    real_session_new = (session_new_fn)lookup("fuse_session_new");
+    real_session_destroy = (session_destroy_fn)lookup("fuse_session_destroy");
+    real_reply_open = (reply_open_fn)lookup("fuse_reply_open");
+    real_reply_err = (reply_err_fn)lookup("fuse_reply_err");
+    real_reply_buf = (reply_buf_fn)lookup("fuse_reply_buf");
+    real_add_direntry_plus = (add_direntry_plus_fn)lookup("fuse_add_direntry_plus");
+    real_add_direntry = (add_direntry_fn)lookup("fuse_add_direntry");
+    real_reply_data = (reply_data_fn)lookup("fuse_reply_data");
+    real_session_fd = (session_fd_fn)lookup("fuse_session_fd");
+    real_session_mount = (session_mount_fn)lookup("fuse_session_mount");
+    real_receive_buf = (receive_buf_fn)lookup("fuse_session_receive_buf");
+    real_session_exit = (session_exit_fn)lookup("fuse_session_exit");
+    real_version = (version_fn)lookup("fuse_version");
+    py_save_thread = (save_thread_fn)dlsym(RTLD_DEFAULT, "PyEval_SaveThread");
+    py_restore_thread = (restore_thread_fn)dlsym(RTLD_DEFAULT, "PyEval_RestoreThread");
+    py_gil_check = (gil_check_fn)dlsym(RTLD_DEFAULT, "PyGILState_Check");
+    fd_table_clear();
+    real_pkgversion = (pkgversion_fn)lookup("fuse_pkgversion");
+    pthread_atfork(NULL, NULL, rx_after_fork_child);
+    read_environment();
+    if (g_reason[0])
+        return;
+    /* The operations table and struct fuse_conn_info are those of the headers this was compiled with: a libfuse
+     * of another major version, or older than the headers, may lay them out otherwise. */
+    int v = real_version();
+    if (v / 100 != FUSE_MAJOR_VERSION || v < FUSE_VERSION) {
+        snprintf(g_reason, sizeof g_reason, "built for libfuse %d.%d, running with %s", FUSE_MAJOR_VERSION,
+                 FUSE_MINOR_VERSION, real_pkgversion());
+        return;
+    }
+    g_active = 1;
+}
