@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from mounthelp import Layers, Mounts, needs_root, pid_alive, server_pid
+from mounthelp import Layers, Mounts, cli, needs_root, pid_alive, server_pid
 
 _LINE = re.compile(r"inode table: (\d+) nodes, (\d+) names, (\d+) listings kept \((\d+) names\); "
                    r"(\d+) files, (\d+) directories open")
@@ -44,6 +44,27 @@ def test_sigusr1_logs_the_table(base: Path, mounts: Mounts, tmp_path: Path) -> N
         assert (nodes, paths) == (1 + 1 + len(names), 1 + 1 + len(names))  # root, d, every file listed
         assert listings == 1 and listed == 50  # the listing of d (kept for its lookups)
         assert (files, dirs) == (1, 0)
+    assert pid_alive(pid)
+
+
+def test_the_signal_never_ends_a_server_still_starting(base: Path, mounts: Mounts) -> None:
+    """Regression: the server wrote its pid file (and the command returned) some 100 ms before it installed its
+    SIGUSR1 handler, and the signal's default action ended it there, leaving the mount without a server. It is
+    ignored from the server's start now; the handler replaces that once it is in place."""
+    from unionfs.fuse.server import pid_files
+
+    layers = Layers.create(base)
+    (layers.l2 / "kept").write_text("still served\n")
+    where = pid_files(str(layers.mnt))  # (found before the mount: looking then would wait for the server)
+    mounts.points.append(layers.mnt)  # (unmounted at the end; Mounts.mount would wait for the server to answer)
+    r = cli("mount", "-o", layers.opts(), layers.mnt)
+    assert r.returncode == 0, r.stderr
+    pid = next(int(Path(p).read_text().split()[0]) for p in where if Path(p).exists())
+    os.kill(pid, signal.SIGUSR1)  # at once: the server is still loading pyfuse3 and trio
+    mounts.pids.add(pid)
+    assert (layers.mnt / "kept").read_text() == "still served\n"
+    os.kill(pid, signal.SIGUSR1)  # and once it serves (the handler logs the table)
+    assert (layers.mnt / "kept").read_text() == "still served\n"
     assert pid_alive(pid)
 
 

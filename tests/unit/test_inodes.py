@@ -233,3 +233,55 @@ def test_regression_many_names_of_one_file(table: InodeTable, tmp_path: Path) ->
     assert node.path == b"many/n1" and len(node.paths) == 298 and b"many/n150" not in table.by_path
     table.forget(node.ino, 300)
     assert node.ino not in table.nodes and not any(p.startswith(b"many/") for p in table.by_path)
+
+
+# -- the packed form after changes made while a node is compacted ------------------------------------------------
+
+def test_copy_up_survives_a_second_push_out(table: InodeTable, tmp_path: Path) -> None:
+    """A node compacted, copied up, then compacted again keeps the copy's layer and stat."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.write_bytes(b"abc")
+    upper.write_bytes(b"abcdef")
+    old = Entry(b"f", 1, os.lstat(lower))
+    node = table.reference(old)
+    push_out(node)
+    new = Entry(b"f", 0, os.lstat(upper))
+    table.copied_up(CopiedUp(old, new))
+    push_out(node)  # compacted again: the parts must be the copy's
+    assert node.entry == new and node.entry.layer == 0 and same_stat(node.entry.st, new.st)
+
+def test_update_survives_a_second_push_out(table: InodeTable, tmp_path: Path) -> None:
+    f = tmp_path / "g"
+    f.write_bytes(b"x")
+    node = table.reference(Entry(b"g", 0, os.lstat(f)))
+    push_out(node)
+    f.write_bytes(b"x" * 9000)
+    os.utime(f, ns=(1, 2))
+    table.update(node, Entry(b"g", 0, os.lstat(f)))
+    push_out(node)
+    assert same_stat(node.entry.st, os.lstat(f))
+
+def test_device_numbers_and_big_fields() -> None:
+    st = os.lstat("/dev/null")
+    assert st.st_rdev != 0
+    assert same_stat(inodes._unpack(inodes._pack(st)), st)
+    full = os.lstat("/")
+    big = os.stat_result((full.st_mode, (1 << 64) - 1, (1 << 64) - 1, (1 << 64) - 1, (1 << 32) - 1, (1 << 32) - 1,
+                          (1 << 63) - 1, full[7], full[8], full[9], full.st_atime, full.st_mtime, full.st_ctime,
+                          full.st_atime_ns, full.st_mtime_ns, full.st_ctime_ns, 1 << 20, (1 << 63) - 1, (1 << 64) - 1))
+    assert same_stat(inodes._unpack(inodes._pack(big)), big)
+
+def test_hard_link_rename_of_compacted(table: InodeTable, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    f = tmp_path / "a" / "x"
+    f.touch()
+    os.link(f, tmp_path / "a" / "y")
+    d = table.reference(Entry(b"a", 0, os.lstat(tmp_path / "a"), (0,)))
+    n = table.reference(Entry(b"a/x", 0, os.lstat(f)))
+    assert table.reference(Entry(b"a/y", 0, os.lstat(tmp_path / "a" / "y"))) is n
+    push_out(n)
+    push_out(d)
+    table.renamed(table.root, b"a", Entry(b"b", 0, os.lstat(tmp_path / "a"), (0,)), None, False)
+    assert n.paths == [b"b/x", b"b/y"] and n.path == b"b/x" and n.entry.path == b"b/x"
+    push_out(n)
+    assert n.entry.path == b"b/x" and table.by_path[b"b/y"] is n and table.by_path[b"b/x"] is n

@@ -19,9 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import stat
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -148,10 +146,8 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._mutex = trio.Lock()
         self._absent = AbsentXattrs()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, self._log_table)
 
-    def _log_table(self, signum: int = 0, frame: object = None) -> None:
+    def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
         references (or one with open files), so that is what the server's memory follows."""
         s = self.inodes.stats()

@@ -26,6 +26,9 @@ log = logging.getLogger("unionfs")
 
 #: the signals that make a server unmount and exit
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: the signal on which a server logs the size of its inode table (see Operations.log_table); ignored from the
+#: start of every server process and spare until the handler is in place, so that it never ends one
+LOG_TABLE_SIGNAL = signal.SIGUSR1
 
 
 def fuse_options(spec: MountSpec) -> set[str]:

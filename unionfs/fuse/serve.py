@@ -24,7 +24,7 @@ import trio
 from ..preflight import MountError
 from . import errors, kernel
 from .operations import Operations
-from .prepare import SIGNALS, Mount, fuse_options
+from .prepare import LOG_TABLE_SIGNAL, SIGNALS, Mount, fuse_options
 
 log = logging.getLogger("unionfs")
 
@@ -126,6 +126,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     ``mask``: the signal mask to restore once the handlers are in place, when the caller has already blocked
     the signals (from before the mount); else the signals are blocked here."""
     ops = Operations(prepared.union, prepared.spec.timeout)
+    signal.signal(LOG_TABLE_SIGNAL, ops.log_table)  # (ignored from the start of the server until here)
     errors.set_debug(prepared.spec.debug)
     ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.

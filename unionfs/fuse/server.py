@@ -26,7 +26,7 @@ from .. import _sys, mountinfo
 from ..options import MountSpec, OptionError, parse, render
 from ..preflight import MountError, WorkdirLock
 from . import kernel, spare
-from .prepare import SIGNALS, prescan_display
+from .prepare import LOG_TABLE_SIGNAL, SIGNALS, prescan_display
 from .prepare import Mount as Mount
 from .prepare import fuse_options as fuse_options
 
@@ -123,6 +123,8 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
     if not foreground and not spec.debug and not log_file:  # (the caller's stderr: problems only)
         logging.getLogger().setLevel(logging.WARNING)
     caller_umask = os.umask(0)  # the server creates files with exactly the modes it is asked for
+    # (until the server's handler is in place, the signal that asks it for its table must not end it)
+    caller_log_signal = signal.signal(LOG_TABLE_SIGNAL, signal.SIG_IGN)
     # No garbage collection while the mount is made and the server loads pyfuse3 and trio (their import makes
     # many objects and no garbage: collecting meanwhile costs ~6 ms of the start); serve() turns it on again,
     # as does the end of this call in the caller.
@@ -146,6 +148,7 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
             _serve_in_background(prepared, log_file)
     finally:
         os.umask(caller_umask)  # (in the parent: the server has its own)
+        signal.signal(LOG_TABLE_SIGNAL, caller_log_signal)
         if collecting:
             gc.enable()
 

@@ -210,6 +210,9 @@ def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], l
         return
     ours = os.stat(path).st_ino
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # (the servers it forks are reaped by the kernel)
+    from .prepare import LOG_TABLE_SIGNAL
+
+    signal.signal(LOG_TABLE_SIGNAL, signal.SIG_IGN)  # (a spare has no table; the servers it forks install theirs)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
