@@ -1,7 +1,9 @@
 """Kill points for crash tests: a process that runs with this hook SIGKILLs itself just before its N-th call that
 changes a file system, counted from the moment it is armed.
 
-Nothing in unionfs knows of it. CPython raises an audit event before each of the calls unionfs changes layers
+Nothing in unionfs knows of it. Which calls count (:func:`counts`, :func:`audit_unaudited_os`) is shared with
+the snapshot store's kill points (tests/snapshots/killpoints.py), which count a few events of their own besides.
+CPython raises an audit event before each of the calls unionfs changes layers
 with (``os.mkdir``, ``os.rename`` and ``os.replace``, ``os.remove``/``os.unlink``, ``os.rmdir``, ``os.link``,
 ``os.symlink``, ``os.setxattr``, ``os.removexattr``, ``os.chmod``, ``os.chown``, ``os.utime``, ``os.truncate``
 and ``os.ftruncate``, and ``open``/``os.open`` with flags that write or create); the few such calls that raise
@@ -23,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -55,16 +58,24 @@ def counts(event: str, args: tuple[Any, ...]) -> bool:
         return True
     if event == "open":
         path, mode, flags = args
-        if isinstance(path, (str, bytes)) and os.fsencode(path).startswith(b"/dev/"):
-            return False  # (a device, not a file: /dev/null for a subprocess's standard streams, say)
-        if isinstance(mode, str):
-            return bool(_WRITE_MODE.search(mode))
-        return bool(flags & WRITE_FLAGS)
+        writes = bool(_WRITE_MODE.search(mode)) if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
+        return writes and not _is_device(path)
     if event.startswith(WRAPPED_PREFIX + "os."):
         return True
     if event == WRAPPED_PREFIX + "ctypes":
         return args[0] in CHANGING_C
     return False
+
+
+def _is_device(path: object) -> bool:
+    """Whether ``path`` names a device, not a file: /dev/null for a subprocess's standard streams, /dev/fuse."""
+    if not isinstance(path, (str, bytes)):
+        return False  # (a descriptor)
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False  # (not there yet: a file it creates)
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 def _detail(event: str, args: tuple[Any, ...]) -> str:
@@ -134,6 +145,17 @@ def _audited(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def audit_unaudited_os() -> None:
+    """Make the functions of ``os`` that change a file system without an audit event of their own
+    (:data:`WRAPPED_OS`) raise ``killpoints.os.NAME`` before they run (once)."""
+    for name in WRAPPED_OS:
+        fn = getattr(os, name)
+        if not getattr(fn, "_killpoints_audited", False):
+            wrapped = _audited(name, fn)
+            wrapped._killpoints_audited = True  # type: ignore[attr-defined]
+            setattr(os, name, wrapped)
+
+
 def _audit_ctypes() -> None:
     """Make every foreign function of a ``ctypes.CDLL`` loaded from now on raise ``killpoints.ctypes`` (its
     name and arguments) before it runs."""
@@ -169,8 +191,7 @@ def install() -> KillPoints | None:
     if not value or not trigger:
         return None
     points = KillPoints(int(value), trigger, os.environ.get(ENV_LOG))
-    for name in WRAPPED_OS:
-        setattr(os, name, _audited(name, getattr(os, name)))
+    audit_unaudited_os()
     _audit_ctypes()
     sys.addaudithook(points.hook)
     _installed = points

@@ -5,9 +5,11 @@ then for each kill point ``N`` copies the template store, forks a child that ope
 CPython audit hook (:func:`sys.addaudithook`) and runs the operation; the hook counts the events that change
 the file system (``os.mkdir``, ``os.rename``/``os.replace``, ``os.remove``, ``os.rmdir``, ``os.link``,
 ``os.symlink``, ``os.chmod``, ``os.chown``, ``os.utime``, ``os.truncate``, ``os.setxattr``,
-``os.removexattr``, ``open`` with a flag that writes or creates, ``sqlite3.connect``, ``ctypes.call_function``)
-and the store's named steps (``_snapshotter.crash_hook``, around the SQLite transactions, whose own writes
-raise no audit event), and sends itself SIGKILL at the ``N``-th one, before it takes effect.
+``os.removexattr``, ``open`` with a flag that writes or creates, and the calls without an event of their own
+that tests/killpoints wraps: the rule every kill-point test shares), ``sqlite3.connect``, the processes
+started, the ctypes functions of :mod:`unionfs._sys`, and the store's named steps (``_snapshotter.crash_hook``,
+around the SQLite transactions, whose own writes raise no audit event), and sends itself SIGKILL at the
+``N``-th one, before it takes effect.
 
 A first run kills nothing: it counts the events (``N`` = 1 .. count are the kill points) and leaves the
 state of an uninterrupted operation. Audit hooks cannot be removed, which is why each run is a fresh child.
@@ -17,6 +19,7 @@ Plain Python, no pytest: the spawner imports it as a module.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,32 +28,35 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-#: Audit events that change the file system (their argument tuples are logged as given).
-MUTATING = frozenset({
-    "os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "os.chmod", "os.chown",
-    "os.utime", "os.truncate", "os.setxattr", "os.removexattr", "os.mknod", "os.mkfifo", "sqlite3.connect",
-    "ctypes.call_function", "os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen",
-})
+
+def _file_system_rules() -> ModuleType:
+    """tests/killpoints/killpoints.py: which audit events are changes of a file system, the rule every kill-point
+    test counts by (loaded from its file, beside this module's own name)."""
+    path = Path(__file__).resolve().parents[1] / "killpoints" / "killpoints.py"
+    spec = importlib.util.spec_from_file_location("_file_system_killpoints", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_rules = _file_system_rules()
+#: Audit events the store's operations count besides the changes of a file system: SQLite opening its
+#: database, and the processes they start (their argument tuples are logged as given).
+STORE_EVENTS = frozenset({"sqlite3.connect", "os.fork", "os.forkpty", "os.posix_spawn", "subprocess.Popen"})
 #: The prefix of the pseudo-events of the C functions :mod:`unionfs._sys` calls through ctypes (mount(2),
 #: renameat2(2), ...): foreign function calls raise no audit event, so the child wraps them.
 CTYPES = "ctypes:"
 #: The pseudo-event of a named step of the store.
 STEP = "step"
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def counts(event: str, args: tuple[Any, ...]) -> bool:
     """Whether the audit event ``event`` is a kill point."""
-    if event in MUTATING or event == STEP or event.startswith(CTYPES):
-        return True
-    if event == "open":
-        mode, flags = args[1], args[2]
-        if isinstance(flags, int) and flags & _WRITE_FLAGS:
-            return True
-        return isinstance(mode, str) and any(c in mode for c in "wax+")
-    return False
+    return event in STORE_EVENTS or event == STEP or event.startswith(CTYPES) or bool(_rules.counts(event, args))
 
 
 # -- operations ------------------------------------------------------------------------------------------------
@@ -214,6 +220,7 @@ def _child(op: str, root: str, kill_at: int, log_path: str, umask: int | None) -
 
         _snapshotter.crash_hook = lambda name: hook(STEP, (name,))
         _wrap_foreign_functions(hook)
+        _rules.audit_unaudited_os()
         sys.addaudithook(hook)
         fn(sn, root)
         if sn is not None:
