@@ -726,7 +726,7 @@ class Union:
         # exchanged, so that the name is never uncovered; the whiteout at the old name then stays where
         # something beneath needs hiding.
         if st is not None and old.is_dir and not stat.S_ISDIR(st.st_mode) and self._exchange_over_whiteout(
-                old.path, new_path, keep=old_whiteout):
+                old.path, new_path, st, keep=old_whiteout):
             if old_whiteout and self.trace is not None:
                 self.trace.whiteout("rename", old.path, new_path)
             return self._upper_entry(new_path, opaque=old.opaque or new_parent.merged), new
@@ -748,22 +748,25 @@ class Union:
         moved = self._upper_entry(new_path, opaque=old.is_dir and (old.opaque or new_parent.merged))
         return moved, new
 
-    def _exchange_over_whiteout(self, old_path: bytes, new_path: bytes, keep: bool) -> bool:
-        """Move the upper directory ``old_path`` over the whiteout at ``new_path`` by exchanging the two; the
-        whiteout, now at ``old_path``, is removed unless ``keep``. False (nothing done) where the upper file
-        system cannot exchange: the whiteout is then removed before the rename."""
+    def _exchange_over_whiteout(self, old_path: bytes, new_path: bytes, st: os.stat_result, keep: bool) -> bool:
+        """Move the upper directory ``old_path`` over the whiteout at ``new_path`` (its stat ``st``) by exchanging
+        the two; the whiteout, now at ``old_path``, is removed unless ``keep``. False where it cannot be done so
+        (the upper file system cannot exchange, or the whiteout is another kind than the kernel's, which would
+        not hide anything at the old name): the whiteout has then been removed, for the caller to rename."""
         upper = self.stack.layers[0]
         with upper.at(old_path) as (sfd, src), upper.at(new_path) as (dfd, dst):
-            try:
-                _sys.renameat2(src, dst, _sys.RENAME_EXCHANGE, sfd, dfd)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                os.unlink(dst, dir_fd=dfd)
-                return False
-            if not keep:
-                os.unlink(src, dir_fd=sfd)
-        return True
+            if whiteout.is_whiteout_stat(st):
+                try:
+                    _sys.renameat2(src, dst, _sys.RENAME_EXCHANGE, sfd, dfd)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                else:
+                    if not keep:
+                        os.unlink(src, dir_fd=sfd)
+                    return True
+            os.unlink(dst, dir_fd=dfd)
+            return False
 
     def _empty_in_place(self, path: bytes, st: os.stat_result) -> bytes | None:
         """Make the upper directory at ``path`` (empty in the merged view) empty on disk: exchanged with a new

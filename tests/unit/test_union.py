@@ -441,6 +441,58 @@ def test_rename_pure_upper_dir_over_empty_lower_dir(make_env):
     assert env.work_entries() == []
 
 
+def test_rename_dir_over_a_whiteout_exchanges_them(make_env, monkeypatch):
+    """(Regression, crash safety: the whiteout was unlinked before the rename.) One exchange puts the directory
+    where the whiteout was; the whiteout, now at the old name, goes where nothing beneath needs hiding and
+    stays where something does."""
+    env = make_env(upper={"src": {"f": "x"}, "w": WHITEOUT}, lowers=[{"w": "hidden"}, {}])
+    calls = []
+    real = _sys.renameat2
+    monkeypatch.setattr(_sys, "renameat2", lambda *a: (calls.append(a[2]), real(*a))[1])
+    rename(env, "src", "w")
+    assert calls == [_sys.RENAME_EXCHANGE]
+    assert env.names("w") == {"f"} and opaque_value(env.upper / "w") == b"y"
+    assert not os.path.lexists(env.upper / "src")  # (nothing beneath it: no whiteout kept)
+    assert env.work_entries() == []
+
+
+def test_rename_dir_over_an_xattr_whiteout_removes_it_first(make_env):
+    """An xattr whiteout moved to the old name would hide nothing there (its directory is not marked for them)
+    and show as an empty file: it is removed, the directory renamed, and a kernel whiteout left at the old name,
+    which hides the lower file beneath it."""
+    env = make_env(upper={"p": {"src": Dir({"f": "x"})}, "d": Dir({"w": XWHITEOUT}, xwhiteouts=True)},
+                   lowers=[{"p": {"src": "lower file"}, "d": {"w": "hidden"}}, {}])
+    assert env.resolve("d/w") is None and env.entry("p/src").is_dir
+    rename(env, "p/src", "d/w")
+    assert env.names("d") == {"w"} and env.names("d/w") == {"f"}
+    assert env.resolve("p/src") is None and env.names("p") == set()
+    assert is_whiteout(env.upper / "p" / "src")
+
+
+def test_rename_dir_over_an_emptied_merged_dir_swaps_in_an_empty_one_first(make_env, monkeypatch):
+    """(Regression, crash safety: the target's upper copy, holding the whiteouts of its lower entries, was moved
+    to the workdir before the rename.) The target is first exchanged with an empty opaque directory of its
+    attributes, which the rename then replaces in one step."""
+    env = make_env(upper={"src": {"f": "x"}, "t": Dir({"gone": WHITEOUT}, mode=0o751, xattrs={b"user.k": b"v"})},
+                   lowers=[{"t": {"gone": "old"}}, {}])
+    seen = []
+    real = _sys.renameat2
+
+    def spy(src, dst, flags, sfd, dfd):
+        if flags == _sys.RENAME_EXCHANGE:  # what the merged view shows right after the exchange
+            real(src, dst, flags, sfd, dfd)
+            seen.append((sorted(os.listdir(env.upper / "t")), stat.S_IMODE(os.lstat(env.upper / "t").st_mode),
+                         os.getxattr(env.upper / "t", "user.k"), opaque_value(env.upper / "t")))
+            return
+        real(src, dst, flags, sfd, dfd)
+
+    monkeypatch.setattr(_sys, "renameat2", spy)
+    rename(env, "src", "t")
+    assert seen == [([], 0o751, b"v", b"y")]
+    assert env.names("t") == {"f"}
+    assert env.work_entries() == []
+
+
 def test_rename_pure_upper_dir_in_pure_upper_parent_stays_transparent(make_env):
     env = make_env(upper={"p": {"src": {}}}, lowers=[{}, {}])
     moved, _ = rename(env, "p/src", "p/dst")
