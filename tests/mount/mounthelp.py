@@ -369,3 +369,32 @@ def errno_of(fn: Callable[[], object]) -> int | None:
         return exc.errno
     return None
 
+
+def spare_pid(path: str) -> int | None:
+    """The pid of the spare listening at ``path`` (the listener's credentials), or None."""
+    import socket
+    import struct
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[0])
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def ppid(pid: int) -> int:
+    """The parent of process ``pid``."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2:].split()[1])
+
+
+def stop(pid: int | None) -> None:
+    """End process ``pid`` (SIGTERM) and wait for it, if it is alive."""
+    if pid is not None and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        wait_pid_exit(pid)

@@ -9,15 +9,22 @@ import errno
 import json
 import os
 import resource
-import signal
-import socket
-import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mounthelp import PY, Layers, Mounts, errno_of, pid_alive, server_pid, wait_pid_exit, wait_until
+from mounthelp import (
+    PY,
+    Layers,
+    Mounts,
+    errno_of,
+    ppid,
+    server_pid,
+    spare_pid,
+    stop,
+    wait_until,
+)
 
 from unionfs.fuse import server, spare
 
@@ -88,29 +95,7 @@ def test_foreground_server_raises_its_limit_too(layers: Layers, mounts: Mounts) 
     assert soft == hard == _hard()
 
 
-def _spare_pid(path: str) -> int | None:
-    """The pid of the spare listening at ``path`` (the listener's credentials), or None."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        conn.connect(path)
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return int(struct.unpack("3i", creds)[0])
-    except OSError:
-        return None
-    finally:
-        conn.close()
 
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
-def _stop(pid: int | None) -> None:
-    if pid is not None and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        wait_pid_exit(pid)
 
 
 def test_a_spare_keeps_the_commands_limit_and_its_server_raises_it(base: Path, mounts: Mounts,
@@ -123,26 +108,26 @@ def test_a_spare_keeps_the_commands_limit_and_its_server_raises_it(base: Path, m
     with _low_soft_limit():
         path = spare.socket_path(server.runtime_dirs())  # (the key of commands with this limit)
         assert path is not None
-        _stop(_spare_pid(path))
+        stop(spare_pid(path))
         try:
             mounts.mount(first.opts("spare=30"), first.mnt)
-            wait_until(lambda: _spare_pid(path) is not None, "a spare listening")
-            spare_pid = _spare_pid(path)
-            assert spare_pid is not None
-            assert _limits(spare_pid) == (LOW_SOFT, _hard()), "the spare keeps the limits it was started with"
+            wait_until(lambda: spare_pid(path) is not None, "a spare listening")
+            listener = spare_pid(path)
+            assert listener is not None
+            assert _limits(listener) == (LOW_SOFT, _hard()), "the spare keeps the limits it was started with"
             first_pid = server_pid(first.mnt)
             assert first_pid is not None and _limits(first_pid) == (_hard(), _hard())
             mounts.mount(second.opts("spare=30"), second.mnt, "--log", str(log))
             pid = server_pid(second.mnt)
             assert pid is not None and pid != first_pid
-            assert _ppid(pid) == spare_pid, "served by a child of the spare"
+            assert ppid(pid) == listener, "served by a child of the spare"
             assert _limits(pid) == (_hard(), _hard())
-            assert _limits(spare_pid) == (LOW_SOFT, _hard()), "and the spare still has its own"
+            assert _limits(listener) == (LOW_SOFT, _hard()), "and the spare still has its own"
             assert (second.mnt / "f").read_text() == "second\n"
             lines = _limit_lines(log)
             assert len(lines) == 1 and f"raised from {LOW_SOFT}" in lines[0], lines
         finally:
-            _stop(_spare_pid(path))
+            stop(spare_pid(path))
 
 
 # -- thousands of files open at once ---------------------------------------------------------------------------

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounthelp import DEADLINE, Layers, Mounts, pid_alive, server_pid, wait_pid_exit, wait_until
+from mounthelp import DEADLINE, Layers, Mounts, ppid, server_pid, spare_pid, stop, wait_pid_exit, wait_until
 
 from unionfs.fuse import server, spare
 
@@ -24,43 +23,21 @@ def _spare_path() -> str:
     return path
 
 
-def _spare_pid(path: str) -> int | None:
-    """The pid of the spare listening at ``path`` (the listener's credentials), or None."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        conn.connect(path)
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return int(struct.unpack("3i", creds)[0])
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
 
 def _comm(pid: int) -> str:
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
 
 
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
-def _stop(pid: int | None) -> None:
-    if pid is not None and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        wait_pid_exit(pid)
 
 
 @pytest.fixture
 def no_spare() -> Iterator[str]:
     """No spare of this user and installation before the test, and none left after it."""
     path = _spare_path()
-    _stop(_spare_pid(path))
+    stop(spare_pid(path))
     yield path
-    _stop(_spare_pid(path))
+    stop(spare_pid(path))
 
 
 def _pair(base: Path) -> tuple[Layers, Layers]:
@@ -74,7 +51,7 @@ def _wait_spare(path: str) -> int:
     found: list[int] = []
 
     def listening() -> bool:
-        pid = _spare_pid(path)
+        pid = spare_pid(path)
         if pid is not None:
             found.append(pid)
         return pid is not None
@@ -99,24 +76,24 @@ def _holds(pid: int, *roots: Path) -> list[str]:
 def test_a_spare_serves_the_next_mount(base: Path, mounts: Mounts, no_spare: str) -> None:
     first, second = _pair(base)
     mounts.mount(first.opts("spare=30"), first.mnt)
-    spare_pid = _wait_spare(no_spare)
-    assert _comm(spare_pid) == "unionfs-spare"
-    assert _holds(spare_pid, first.base) == [], "the spare holds nothing of the mount it was forked beside"
+    listener = _wait_spare(no_spare)
+    assert _comm(listener) == "unionfs-spare"
+    assert _holds(listener, first.base) == [], "the spare holds nothing of the mount it was forked beside"
     mounts.mount(second.opts("spare=30"), second.mnt)
     pid = server_pid(second.mnt)
-    assert pid is not None and _ppid(pid) == spare_pid, "the second mount is served by a child of the spare"
+    assert pid is not None and ppid(pid) == listener, "the second mount is served by a child of the spare"
     assert (second.mnt / "f").read_text() == "second\n"
     (second.mnt / "new").write_text("written\n")
     assert (second.upper / "new").read_text() == "written\n"
     assert (first.mnt / "f").read_text() == "first\n"
-    assert _holds(spare_pid, first.base, second.base) == [], "nor of the mount it handed to its server"
+    assert _holds(listener, first.base, second.base) == [], "nor of the mount it handed to its server"
     first_server = server_pid(first.mnt)
-    assert first_server is not None and _ppid(spare_pid) != first_server, "the spare is nobody's zombie"
+    assert first_server is not None and ppid(listener) != first_server, "the spare is nobody's zombie"
     # both unmount, their servers exit, the spare stays
     mounts.umount(second.mnt)
     mounts.umount(first.mnt)
     assert wait_pid_exit(pid)
-    assert _spare_pid(no_spare) == spare_pid
+    assert spare_pid(no_spare) == listener
 
 
 def test_regression_a_malformed_request_ends_no_spare(layers: Layers, mounts: Mounts, no_spare: str) -> None:
@@ -136,14 +113,14 @@ def test_regression_a_malformed_request_ends_no_spare(layers: Layers, mounts: Mo
             conn.close()
             os.close(r)
             os.close(w)
-    assert _spare_pid(no_spare) == pid
+    assert spare_pid(no_spare) == pid
 
 
 def test_without_the_option_no_spare_starts(layers: Layers, mounts: Mounts, no_spare: str) -> None:
     mounts.mount(layers.opts(), layers.mnt)
     assert (layers.mnt / "top.txt").read_text() == "from l1\n"
     time.sleep(0.3)  # (a spare would be listening by now: it is forked before the server serves)
-    assert _spare_pid(no_spare) is None
+    assert spare_pid(no_spare) is None
 
 
 def test_a_spare_exits_when_idle(layers: Layers, mounts: Mounts, no_spare: str) -> None:
@@ -167,6 +144,6 @@ def test_regression_a_spare_gone_away_leaves_the_command_to_serve(base: Path, mo
     mounts.mount(second.opts("spare=30"), second.mnt)
     assert (second.mnt / "f").read_text() == "second\n"
     pid = server_pid(second.mnt)
-    assert pid is not None and _comm(_ppid(pid)) != "unionfs-spare", "served by the command's own server"
+    assert pid is not None and _comm(ppid(pid)) != "unionfs-spare", "served by the command's own server"
     new = _wait_spare(no_spare)
     assert new != old
