@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from .._native import Native
 from ..layers import Entry
 from ..union import AttrChanges, DirListing, Union
 from ..userns import Caller
@@ -39,6 +40,10 @@ T = TypeVar("T")
 
 #: reads and writes at least this large leave the event loop for a worker thread
 _BIG_IO = 1 << 20
+
+#: how many directories opened with cached listings are remembered (beyond, all the table's directories are
+#: taken for them)
+_CACHED_DIRS_MAX = 1 << 16
 
 #: how many real objects the memory of missing xattr names covers before it starts again
 _ABSENT_MAX = 1 << 16
@@ -138,6 +143,9 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, union: Union, timeout: float = 300.0) -> None:
         super().__init__()
+        #: the native part when it serves this mount (unionfs.fuse.native): listings may then be cached by the
+        #: kernel, and READDIR may come plain
+        self.native: Native | None = None
         self.union = union
         self.timeout = timeout
         self.inodes = InodeTable(union.layer_devices(), union.root())
@@ -146,6 +154,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._mutex = trio.Lock()
         self._absent = AbsentXattrs()
+        #: the directories opened while listings are cached: the kernel may keep a listing of these only
+        self._cached_dirs: set[int] = set()
+        self._cached_dirs_overflow = False
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
@@ -166,6 +177,34 @@ class Operations(pyfuse3.Operations):
             self._absent.forget(copied.new.st)
             for parent_ino, name in self.inodes.copied_up(copied):
                 pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            if copied.breaks_hard_link:
+                # The lower file's other names now lead to another inode (the lower file, no longer the copy's):
+                # a listing the kernel keeps of a directory holding one would give it the old inode number. They
+                # may be names the table no longer knows (the kernel forgot them), so every listing the kernel
+                # may keep is dropped.
+                self._listings_changed_behind()
+
+    def _listings_changed_behind(self) -> None:
+        """Merged listings changed without a change the kernel made to their directories (which drops what
+        it caches itself): drop every listing the kernel may keep (cached listings, unionfs.fuse.native), that
+        of each directory opened since the last time this was done."""
+        cached, self._cached_dirs = self._cached_dirs, set()
+        if self._cached_dirs_overflow:  # (too many to remember: every directory the kernel holds)
+            cached = {ino for ino, node in self.inodes.nodes.items() if stat.S_ISDIR(node.identity()[0])}
+            self._cached_dirs_overflow = False
+        for ino in cached:
+            self._listing_changed_behind(ino)
+
+    def _listing_changed_behind(self, ino: int) -> None:
+        """The merged listing of directory ``ino`` changed without a change the kernel made to it (which drops
+        what it caches itself): drop the listing it may keep (cached listings, unionfs.fuse.native)."""
+        if self.native is None or not self.native.cached_listings:
+            return
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError as exc:  # (ENOENT: not known to the kernel, or it forgot it meanwhile)
+            if exc.errno not in (errno.ENOENT, errno.EBADF, errno.ENOTCONN):
+                log.warning("could not drop the kernel's listing of inode %d: %s", ino, exc)
 
     async def _change(self, fn: Callable[..., T], node: Node, *args: Any) -> T:
         """Run a core call that changes ``node``'s object (or adds or removes a name in it): in a worker thread
@@ -471,6 +510,11 @@ class Operations(pyfuse3.Operations):
         self.union.opendir(node.entry, _caller(ctx))
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
+        if self.native is not None:
+            if len(self._cached_dirs) < _CACHED_DIRS_MAX:
+                self._cached_dirs.add(inode)
+            else:
+                self._cached_dirs_overflow = True
         self.inodes.opened(node)
         return fh
 
