@@ -231,3 +231,33 @@ def _is_spare(proc: Path, path: str) -> bool:
     except OSError:
         return False
     return bool(path) and cmdline.startswith(b"unionfs-spare: ") and f"({path})".encode() in cmdline
+
+
+def test_adaptive_readdirplus_serves_plain_listings_without_references(stack: tuple[str, Path], shim: Path,
+                                                                       tmp_path: Path) -> None:
+    """With the kernel's adaptive readdirplus (UNIONFS_NATIVE_CONFIG=readdirplus_auto), the continuation of a
+    large listing comes as plain READDIR: the readdir handler finds its handle, lists every name once, and
+    keeps no node for the plain entries (the kernel holds no reference to them)."""
+    opts, mnt = stack
+    lower = tmp_path / "l" / "big"
+    lower.mkdir()
+    names = [f"file-{i:04d}" for i in range(600)]
+    for name in names:
+        (lower / name).write_text(name)
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_CONFIG="readdirplus_auto")
+    listed = os.listdir(mnt / "big")
+    assert sorted(listed) == names  # (each name once)
+    os.kill(pid, 10)  # SIGUSR1: the server logs its inode table
+    deadline = time.monotonic() + 30
+    while not _log_lines(log, "inode table") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nodes = int(_log_lines(log, "inode table")[0].split("inode table: ")[1].split()[0])
+    assert nodes < len(names) // 2, f"{nodes} nodes kept after a listing that was mostly plain"
+    assert all((mnt / "big" / n).read_text() == n for n in names[::50])
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["readdir_plain"] > 0 and got["entries_plain"] > len(names) // 2
+    assert "adaptive readdirplus" in _log_lines(log, "native part")[0]
+    assert "Traceback" not in log.read_text()

@@ -96,14 +96,15 @@ def configure(spec: MountSpec) -> _native.Native | None:
         return None
     on = wanted(spec)
     native.set_connection_tuning(on)
-    native.set_cached_listings(on and CACHED_LISTINGS)
-    native.set_readdirplus_auto(on and READDIRPLUS_AUTO)
+    # (UNIONFS_NATIVE_CONFIG, read by the shim, may have turned either on already: kept then)
+    native.set_cached_listings(on and (CACHED_LISTINGS or native.cached_listings))
+    native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
     if not on:
         log.info("native part loaded but switched off (%s): serving in the pure mode",
                  "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}")
         return None
-    features = ["connection tuning"] + (["cached listings"] if CACHED_LISTINGS else []) + (
-        ["adaptive readdirplus"] if READDIRPLUS_AUTO else [])
+    features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
+        ["adaptive readdirplus"] if native.readdirplus_auto else [])
     log.info("native part: %s (%s)", native.version(), ", ".join(features))
     return native
 

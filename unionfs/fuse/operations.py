@@ -546,6 +546,9 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         await self._settle()
+        # (the kernel's adaptive readdirplus, unionfs.fuse.native: a plain READDIR comes with a flag in the
+        # handle; the kernel takes no reference for its entries)
+        fh, plain = self.native.readdir_handle(fh) if self.native is not None else (fh, False)
         handle = self._dirs[fh]
         if start_id == 0 or handle.listing is None:
             # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
@@ -562,7 +565,10 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, index + 3):
                 self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
                 return
-            self.inodes.listed(node)
+            if plain:
+                self.inodes.forget(node.ino, 0)  # (likewise: a plain entry hands the kernel no reference)
+            else:
+                self.inodes.listed(node)
             listing.sent(index)
 
     @boundary
