@@ -261,3 +261,31 @@ def test_adaptive_readdirplus_serves_plain_listings_without_references(stack: tu
     assert got["readdir_plain"] > 0 and got["entries_plain"] > len(names) // 2
     assert "adaptive readdirplus" in _log_lines(log, "native part")[0]
     assert "Traceback" not in log.read_text()
+
+
+def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str, Path], shim: Path,
+                                                               tmp_path: Path) -> None:
+    """UNIONFS_NATIVE_DATA=1: reads and writes of open files go to the shim on the handle's descriptor; a handle
+    opened for reading on the lower file before a copy-up reads the copy afterwards (as on the kernel), and a
+    write never reaches the lower file."""
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_DATA="1")
+    f = mnt / "d" / "f"
+    with open(f, "rb", buffering=0) as reader:
+        assert reader.read() == b"lower\n"
+        with open(f, "r+b", buffering=0) as writer:  # (copies up)
+            writer.write(b"UPPER")
+            os.fsync(writer.fileno())
+        os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(reader.fileno(), 100, 0) == b"UPPER\n"
+    assert (tmp_path / "l" / "d" / "f").read_text() == "lower\n"
+    assert (tmp_path / "u" / "d" / "f").read_text() == "UPPER\n"
+    (mnt / "d" / "new").write_bytes(b"x" * 100_000)
+    assert os.stat(mnt / "d" / "new").st_size == 100_000
+    assert (mnt / "d" / "new").read_bytes() == b"x" * 100_000
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["read_native"] > 0 and got["write_native"] > 0
+    assert "data path" in _log_lines(log, "native part")[0]

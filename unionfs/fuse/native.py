@@ -37,7 +37,16 @@ CACHED_LISTINGS = True
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
+#: ``UNIONFS_NATIVE_DATA=1``: reads and writes of open files are served by the shim on the descriptor the open
+#: handler chose, without Python (off by default until its suites run green in this mode)
+DATA_ENV = "UNIONFS_NATIVE_DATA"
+
 _why = "not asked for yet"
+
+
+def data_path() -> bool:
+    """Whether the shim serves the data requests of open files (:data:`DATA_ENV`)."""
+    return os.environ.get(DATA_ENV, "") == "1"
 
 
 def wanted(spec: MountSpec) -> bool:
@@ -104,7 +113,7 @@ def configure(spec: MountSpec) -> _native.Native | None:
                  "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}")
         return None
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
-        ["adaptive readdirplus"] if native.readdirplus_auto else [])
+        ["adaptive readdirplus"] if native.readdirplus_auto else []) + (["data path"] if data_path() else [])
     log.info("native part: %s (%s)", native.version(), ", ".join(features))
     return native
 

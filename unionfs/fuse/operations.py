@@ -146,6 +146,8 @@ class Operations(pyfuse3.Operations):
         #: the native part when it serves this mount (unionfs.fuse.native): listings may then be cached by the
         #: kernel, and READDIR may come plain
         self.native: Native | None = None
+        #: whether the shim serves reads and writes of open files on their descriptors (unionfs.fuse.native)
+        self.data_path = False
         self.union = union
         self.timeout = timeout
         self.inodes = InodeTable(union.layer_devices(), union.root())
@@ -177,12 +179,24 @@ class Operations(pyfuse3.Operations):
             self._absent.forget(copied.new.st)
             for parent_ino, name in self.inodes.copied_up(copied):
                 pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            if self.data_path:
+                self._follow_copy_up(copied.new.path)
             if copied.breaks_hard_link:
                 # The lower file's other names now lead to another inode (the lower file, no longer the copy's):
                 # a listing the kernel keeps of a directory holding one would give it the old inode number. They
                 # may be names the table no longer knows (the kernel forgot them), so every listing the kernel
                 # may keep is dropped.
                 self._listings_changed_behind()
+
+    def _follow_copy_up(self, path: bytes) -> None:
+        """The handles open before a copy-up on the lower file read the copy from now on (as on the kernel):
+        reopened here, since their reads no longer reach Python (the data path)."""
+        node = self.inodes.by_path.get(path)
+        if node is None:
+            return
+        for fh, handle in self._files.items():
+            if handle.node is node and handle.layer != node.entry.layer:
+                self._current(handle, fh)
 
     def _listings_changed_behind(self) -> None:
         """Merged listings changed without a change the kernel made to their directories (which drops what
@@ -449,6 +463,9 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, node: Node, fd: int, writable: bool) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = FileHandle(node, fd, node.entry.layer, writable)
+        if self.data_path and self.native is not None:
+            # (a descriptor open for writing is the upper file's: the open copied up first)
+            self.native.serve(fh, fd, reads=True, writes=writable and node.entry.layer == 0)
         self.inodes.opened(node)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True
@@ -465,14 +482,19 @@ class Operations(pyfuse3.Operations):
             fd = self.union.open(node.entry, flags, _caller(ctx))
         return self._open_handle(node, fd, writable)
 
-    def _current(self, handle: FileHandle) -> int:
-        """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel."""
+    def _current(self, handle: FileHandle, fh: int | None = None) -> int:
+        """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel. (``fh``: the
+        handle's number, whose reads the shim serves, on the new descriptor from now on.)"""
         node = handle.node
         if handle.layer != node.entry.layer and not node.unlinked:
             fd = self.union.open(node.entry, os.O_RDONLY)
+            if fh is not None and self.native is not None:
+                self.native.stop(fh)  # (waits for a read of the old descriptor under way in the shim)
             os.close(handle.fd)
             handle.fd = fd
             handle.layer = node.entry.layer
+            if fh is not None and self.native is not None:
+                self.native.serve(fh, fd, reads=True, writes=False)
         return handle.fd
 
     @boundary
@@ -498,6 +520,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
+        if self.data_path and self.native is not None:
+            self.native.stop(fh)  # (before the close: waits for a request of it under way in the shim)
         os.close(handle.fd)
         self.inodes.release_open(handle.node)
 
