@@ -52,7 +52,10 @@ def data_path() -> bool:
 def wanted(spec: MountSpec) -> bool:
     """Whether ``spec`` is to be served natively (when the shim loads): not with ``-o nonative``, nor with
     ``UNIONFS_NATIVE=off``."""
-    return spec.native and os.environ.get(MODE_ENV, "").lower() not in ("off", "0", "no", "pure")
+    return spec.native and os.environ.get(MODE_ENV, "").lower() not in _OFF
+
+
+_OFF = ("off", "0", "no", "pure")
 
 
 def prepare(spec: MountSpec) -> _native.Native | None:
@@ -85,7 +88,12 @@ def wanted_kind(spec: MountSpec) -> str:
     """The spare kind a command asks for: :data:`NATIVE` and the library a server would load
     (:func:`unionfs._native.library_path`, found here without loading ctypes: a command must not pay for it)
     when the mount wants the native part and a library is there, else :data:`PURE`."""
-    if not wanted(spec):
+    return default_kind() if spec.native else PURE
+
+
+def default_kind() -> str:
+    """:func:`wanted_kind` of a mount without ``-o nonative``."""
+    if os.environ.get(MODE_ENV, "").lower() in _OFF:
         return PURE
     env = os.environ.get("UNIONFS_NATIVE_LIB")
     if env:

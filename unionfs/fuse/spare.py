@@ -89,11 +89,15 @@ def _key(kind: str) -> str:
     return _sys.short_digest("\0".join(parts).encode())
 
 
-def socket_path(dirs: list[str], kind: str = "pure") -> str | None:
+def socket_path(dirs: list[str], kind: str | None = None) -> str | None:
     """Where this user's spare for this kind of command listens: in the first of ``dirs`` that is (or can be
     made) a private directory of the user; None when there is none. ``kind`` (unionfs.fuse.native.spare_kind)
     keeps apart the spares that have the native part loaded and those that have not: a spare cannot load it
-    once pyfuse3 is imported."""
+    once pyfuse3 is imported; by default, the kind a mount without ``-o nonative`` asks for."""
+    if kind is None:
+        from .native import default_kind
+
+        kind = default_kind()
     for d in dirs:
         try:
             os.makedirs(d, mode=0o700, exist_ok=True)
