@@ -45,7 +45,8 @@ _why = "not asked for yet"
 
 
 def data_path() -> bool:
-    """Whether the shim serves the data requests of open files (:data:`DATA_ENV`)."""
+    """Whether the shim serves the data requests of open files (:data:`DATA_ENV`; never with ``-d``, whose log
+    shows every request)."""
     return os.environ.get(DATA_ENV, "") == "1"
 
 
@@ -121,7 +122,8 @@ def configure(spec: MountSpec) -> _native.Native | None:
                  "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}")
         return None
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
-        ["adaptive readdirplus"] if native.readdirplus_auto else []) + (["data path"] if data_path() else [])
+        ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
+        ["data path"] if data_path() and not spec.debug else [])
     log.info("native part: %s (%s)", native.version(), ", ".join(features))
     return native
 
