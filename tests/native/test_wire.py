@@ -289,3 +289,15 @@ def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str,
     got = read_stats(stats)
     assert got["read_native"] > 0 and got["write_native"] > 0
     assert "data path" in _log_lines(log, "native part")[0]
+
+
+def test_regression_debug_log_shows_reads_with_the_data_path_asked_for(stack: tuple[str, Path], shim: Path,
+                                                                       tmp_path: Path) -> None:
+    """-o debug logs every request: UNIONFS_NATIVE_DATA=1 does not take the reads away from Python then."""
+    opts, mnt = stack
+    log = tmp_path / "log"
+    pid = _mount(opts + ",debug", mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_DATA="1")
+    assert (mnt / "d" / "f").read_text() == "lower\n"
+    _unmount(mnt, pid)
+    assert _log_lines(log, "DEBUG read(")
+    assert "data path" not in _log_lines(log, "native part")[0]
