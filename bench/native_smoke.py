@@ -2,12 +2,12 @@
 
     sudo python bench/native_smoke.py [--files 10000] [--repeat 5] [--workdir /var/tmp]
 
-unionfs runs from this checkout: pure as ``python -m unionfs mount -f``, native as ``python -m unionfs._native.run
-mount -f`` (the shim loaded before pyfuse3), once with its defaults (connection flags only) and once with
-``UNIONFS_NATIVE_CONFIG=cache_dirs`` (cached listings; safe here: nothing changes the layers during the run), and
-once more with ``security.selinux`` declared absent (what ``ls -l`` asks of every file; no file here has it), and
-last with the shim's own reader of the device, which answers those GETXATTR before they reach pyfuse3's loop. The
-shim's counters (``UNIONFS_NATIVE_STATS``) give the number of READDIRPLUS requests each warm pass cost.
+unionfs runs from this checkout as ``python -m unionfs mount -f``: pure with ``UNIONFS_NATIVE=off``; native with
+the FUSE shell's defaults (connection flags and cached listings, with the shell's invalidation); once more with
+the kernel's adaptive readdirplus (``UNIONFS_NATIVE_CONFIG=readdirplus_auto``), once with ``security.selinux``
+declared absent (what ``ls -l`` asks of every file; no file here has it), and last with the shim's own reader of
+the device, which answers those GETXATTR before they reach pyfuse3's loop. The shim's counters
+(``UNIONFS_NATIVE_STATS``) give the number of READDIRPLUS requests each warm pass cost.
 With ``--reads MIB``, also fio random reads from disk through the shim's data path (see :func:`reads`).
 Prints markdown tables; times are medians of ``--repeat`` warm passes after one cold pass (``ls -lR``: after
 one pass of its own).
@@ -71,16 +71,18 @@ def mounted(kind: str, base: Path, lower: Path, stats: Path | None = None) -> It
     else:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("UNIONFS_NATIVE_CONFIG", None)
-        if kind == "native-cached":
-            env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs"
+        env.pop("UNIONFS_NATIVE", None)
+        if kind == "pure":
+            env["UNIONFS_NATIVE"] = "off"
+        if kind == "native-rdpauto":
+            env["UNIONFS_NATIVE_CONFIG"] = "readdirplus_auto"
         if kind == "native-xattr":
             env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs,absent_xattr=security.selinux"
         if kind == "native-reader":
             env["UNIONFS_NATIVE_CONFIG"] = "cache_dirs,absent_xattr=security.selinux,own_reader"
         if stats is not None:
             env["UNIONFS_NATIVE_STATS"] = str(stats)
-        module = "unionfs" if kind == "pure" else "unionfs._native.run"
-        proc = subprocess.Popen([PY, "-m", module, "mount", "-f", "-o", f"{opts},noatime", str(mnt)], env=env,
+        proc = subprocess.Popen([PY, "-m", "unionfs", "mount", "-f", "-o", f"{opts},noatime", str(mnt)], env=env,
                                 stderr=subprocess.PIPE, text=True)
         wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, f"{kind} mount")
         if proc.poll() is not None:
@@ -185,7 +187,7 @@ def main() -> None:
         lower.mkdir()
         entries = build_tree(lower, args.files)
         rows = []
-        for kind in ("kernel", "pure", "native", "native-cached", "native-xattr", "native-reader"):
+        for kind in ("kernel", "pure", "native", "native-rdpauto", "native-xattr", "native-reader"):
             stats = base / f"{kind}.stats"
             with mounted(kind, base, lower, stats if kind.startswith("native") else None) as mnt:
                 cold = find_once(mnt, entries)

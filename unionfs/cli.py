@@ -68,6 +68,9 @@ options (-o, comma separated, may be repeated; a backslash escapes a comma insid
   prescan                 walk the lower layers once at mount and answer lookups in them from memory:
                           lookups cost the same through hundreds of layers as through one; costs mount time
                           and ~100 bytes per lower path; lower layers must not change while mounted
+  nonative                serve without the native part (the C library beneath pyfuse3 that caches listings
+                          and tunes the connection): every request through Python, as when it is not built;
+                          `unionfs --version` says whether it is available
   fsname=NAME             the source shown in the mount table (default unionfs)
   debug                   log every request and its result (with -f, to stderr)
   trace[=FILE]            a line for each union decision (lookup, whiteout, opaque directory, copy-up, EXDEV)
@@ -261,7 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ALIASES.get(cmd, cmd) == "umount":
         return run_command(PROG, lambda: cmd_umount(args[1:]))
     if cmd in ("-V", "--version"):
-        print(VERSION)
+        print(VERSION)  # (this line exactly: podman parses it)
+        from .fuse.native import version_line
+
+        print(version_line())
         return 0
     if ALIASES.get(cmd, cmd) == "snapshot":
         from .snapshots.cli import main as snapshot_main

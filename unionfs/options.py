@@ -119,6 +119,9 @@ class MountSpec:
     #: (appended), else to the server's log; a ``trace_file`` implies ``trace``
     trace: bool = False
     trace_file: bytes | None = None
+    #: serve through the native part beneath pyfuse3 when it loads (False: ``-o nonative``, the pure mode;
+    #: unionfs.fuse.native)
+    native: bool = True
 
     @property
     def writable(self) -> bool:
@@ -199,6 +202,7 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "debug": ("debug", True), "prescan": ("prescan", True),
     "aufs_markers": ("aufs_markers", True), "noaufs_markers": ("aufs_markers", False),
     "volatile": ("fsync", False),
+    "native": ("native", True), "nonative": ("native", False),
 }
 
 

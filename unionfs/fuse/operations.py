@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from .._native import Native
 from ..layers import Entry
 from ..union import AttrChanges, DirListing, Union
 from ..userns import Caller
@@ -39,6 +40,10 @@ T = TypeVar("T")
 
 #: reads and writes at least this large leave the event loop for a worker thread
 _BIG_IO = 1 << 20
+
+#: how many directories opened with cached listings are remembered (beyond, all the table's directories are
+#: taken for them)
+_CACHED_DIRS_MAX = 1 << 16
 
 #: how many real objects the memory of missing xattr names covers before it starts again
 _ABSENT_MAX = 1 << 16
@@ -138,6 +143,11 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, union: Union, timeout: float = 300.0) -> None:
         super().__init__()
+        #: the native part when it serves this mount (unionfs.fuse.native): listings may then be cached by the
+        #: kernel, and READDIR may come plain
+        self.native: Native | None = None
+        #: whether the shim serves reads and writes of open files on their descriptors (unionfs.fuse.native)
+        self.data_path = False
         self.union = union
         self.timeout = timeout
         self.inodes = InodeTable(union.layer_devices(), union.root())
@@ -146,6 +156,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._mutex = trio.Lock()
         self._absent = AbsentXattrs()
+        #: the directories opened while listings are cached: the kernel may keep a listing of these only
+        self._cached_dirs: set[int] = set()
+        self._cached_dirs_overflow = False
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
@@ -166,6 +179,46 @@ class Operations(pyfuse3.Operations):
             self._absent.forget(copied.new.st)
             for parent_ino, name in self.inodes.copied_up(copied):
                 pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            if self.data_path:
+                self._follow_copy_up(copied.new.path)
+            if copied.breaks_hard_link:
+                # The lower file's other names now lead to another inode (the lower file, no longer the copy's):
+                # a listing the kernel keeps of a directory holding one would give it the old inode number. They
+                # may be names the table no longer knows (the kernel forgot them), so every listing the kernel
+                # may keep is dropped.
+                self._listings_changed_behind()
+
+    def _follow_copy_up(self, path: bytes) -> None:
+        """The handles open before a copy-up on the lower file read the copy from now on (as on the kernel):
+        reopened here, since their reads no longer reach Python (the data path)."""
+        node = self.inodes.by_path.get(path)
+        if node is None:
+            return
+        for fh, handle in self._files.items():
+            if handle.node is node and handle.layer != node.entry.layer:
+                self._current(handle, fh)
+
+    def _listings_changed_behind(self) -> None:
+        """Merged listings changed without a change the kernel made to their directories (which drops what
+        it caches itself): drop every listing the kernel may keep (cached listings, unionfs.fuse.native), that
+        of each directory opened since the last time this was done."""
+        cached, self._cached_dirs = self._cached_dirs, set()
+        if self._cached_dirs_overflow:  # (too many to remember: every directory the kernel holds)
+            cached = {ino for ino, node in self.inodes.nodes.items() if stat.S_ISDIR(node.identity()[0])}
+            self._cached_dirs_overflow = False
+        for ino in cached:
+            self._listing_changed_behind(ino)
+
+    def _listing_changed_behind(self, ino: int) -> None:
+        """The merged listing of directory ``ino`` changed without a change the kernel made to it (which drops
+        what it caches itself): drop the listing it may keep (cached listings, unionfs.fuse.native)."""
+        if self.native is None or not self.native.cached_listings:
+            return
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError as exc:  # (ENOENT: not known to the kernel, or it forgot it meanwhile)
+            if exc.errno not in (errno.ENOENT, errno.EBADF, errno.ENOTCONN):
+                log.warning("could not drop the kernel's listing of inode %d: %s", ino, exc)
 
     async def _change(self, fn: Callable[..., T], node: Node, *args: Any) -> T:
         """Run a core call that changes ``node``'s object (or adds or removes a name in it): in a worker thread
@@ -410,6 +463,9 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, node: Node, fd: int, writable: bool) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = FileHandle(node, fd, node.entry.layer, writable)
+        if self.data_path and self.native is not None:
+            # (a descriptor open for writing is the upper file's: the open copied up first)
+            self.native.serve(fh, fd, reads=True, writes=writable and node.entry.layer == 0)
         self.inodes.opened(node)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True
@@ -426,14 +482,19 @@ class Operations(pyfuse3.Operations):
             fd = self.union.open(node.entry, flags, _caller(ctx))
         return self._open_handle(node, fd, writable)
 
-    def _current(self, handle: FileHandle) -> int:
-        """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel."""
+    def _current(self, handle: FileHandle, fh: int | None = None) -> int:
+        """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel. (``fh``: the
+        handle's number, whose reads the shim serves, on the new descriptor from now on.)"""
         node = handle.node
         if handle.layer != node.entry.layer and not node.unlinked:
             fd = self.union.open(node.entry, os.O_RDONLY)
+            if fh is not None and self.native is not None:
+                self.native.stop(fh)  # (waits for a read of the old descriptor under way in the shim)
             os.close(handle.fd)
             handle.fd = fd
             handle.layer = node.entry.layer
+            if fh is not None and self.native is not None:
+                self.native.serve(fh, fd, reads=True, writes=False)
         return handle.fd
 
     @boundary
@@ -459,6 +520,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
+        if self.data_path and self.native is not None:
+            self.native.stop(fh)  # (before the close: waits for a request of it under way in the shim)
         os.close(handle.fd)
         self.inodes.release_open(handle.node)
 
@@ -471,6 +534,11 @@ class Operations(pyfuse3.Operations):
         self.union.opendir(node.entry, _caller(ctx))
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
+        if self.native is not None:
+            if len(self._cached_dirs) < _CACHED_DIRS_MAX:
+                self._cached_dirs.add(inode)
+            else:
+                self._cached_dirs_overflow = True
         self.inodes.opened(node)
         return fh
 
@@ -502,6 +570,9 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         await self._settle()
+        # (the kernel's adaptive readdirplus, unionfs.fuse.native: a plain READDIR comes with a flag in the
+        # handle; the kernel takes no reference for its entries)
+        fh, plain = self.native.readdir_handle(fh) if self.native is not None else (fh, False)
         handle = self._dirs[fh]
         if start_id == 0 or handle.listing is None:
             # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
@@ -518,7 +589,10 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, index + 3):
                 self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
                 return
-            self.inodes.listed(node)
+            if plain:
+                self.inodes.forget(node.ino, 0)  # (likewise: a plain entry hands the kernel no reference)
+            else:
+                self.inodes.listed(node)
             listing.sent(index)
 
     @boundary

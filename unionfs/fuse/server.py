@@ -25,7 +25,7 @@ from typing import Any
 from .. import _sys, mountinfo
 from ..options import MountSpec, OptionError, parse, render
 from ..preflight import MountError, WorkdirLock
-from . import kernel, spare
+from . import kernel, native, spare
 from .prepare import LOG_TABLE_SIGNAL, SIGNALS, prescan_display
 from .prepare import Mount as Mount
 from .prepare import fuse_options as fuse_options
@@ -137,6 +137,7 @@ def mount(spec: MountSpec, mountpoint: str | os.PathLike[str], *, foreground: bo
         else:
             prepared = Mount(spec, mountpoint)
         if foreground:
+            native.prepare(spec)
             from .serve import serve
 
             with _pidfile(pid_files(mountpoint)):
@@ -173,6 +174,7 @@ def _serve_in_background(prepared: Mount, log_file: str | None) -> None:
             setup_logging(False, spec.debug, log_file)
             if prepared.stale:
                 log.info("removed %d stale entries from the work directory", prepared.stale)
+            native.prepare(spec)
             from .serve import serve
 
             with _pidfile(pid_files(mountpoint)):
@@ -267,11 +269,12 @@ def _server(prepared: Mount, device: int, report: int, mask: set[int | signal.Si
                 setup_logging(False, spec.debug, log_file)
                 if prepared.stale:
                     log.info("removed %d stale entries from the work directory", prepared.stale)
+                loaded = native.prepare(spec)
                 from .serve import serve
 
                 if spec.spare is not None:
                     try:
-                        spare.start(spare.socket_path(runtime_dirs()), spec.spare,
+                        spare.start(spare.socket_path(runtime_dirs(), native.spare_kind(loaded)), spec.spare,
                                     lambda: _close_mount(prepared, device), _serve_request)
                     except Exception as exc:  # (no spare: this mount is served all the same)
                         log.warning("could not start a spare server: %s", exc)
@@ -313,7 +316,7 @@ def _handed_to_spare(prepared: Mount, device: int, request: dict[str, object]) -
     MountError when the spare's server could not start (the caller detaches the mount then)."""
     lock = prepared.lock
     try:
-        handed = spare.hand_over(spare.socket_path(runtime_dirs()), request,
+        handed = spare.hand_over(spare.socket_path(runtime_dirs(), native.wanted_kind(prepared.spec)), request,
                                  [device] + ([lock.fd] if lock is not None else []))
     except spare.HandOverFailed as exc:
         raise MountError(str(exc)) from None
@@ -346,6 +349,7 @@ def _serve_request(request: dict[str, object], fds: list[int], conn: socket.sock
         setup_logging(False, spec.debug, str(log_file) if log_file else None)
         lock = WorkdirLock.adopt(fds[1]) if len(fds) > 1 else None
         prepared = Mount(spec, mountpoint, checked=True, lock=lock)
+        native.prepare(spec)  # (pyfuse3 is loaded: the shim is there when the spare's first server loaded it)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             conn.send(f"error: {exc}".encode())

@@ -75,11 +75,12 @@ def _identity() -> list[str]:
     return parts
 
 
-def _key() -> str:
+def _key(kind: str) -> str:
     from .. import __file__ as package
     from .. import __version__
 
-    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__, _cgroup(), *_identity()]
+    parts = [str(os.geteuid()), sys.executable, os.path.dirname(package), __version__, kind, _cgroup(),
+             *_identity()]
     for ns in ("user", "mnt", "pid"):
         try:
             parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
@@ -88,9 +89,15 @@ def _key() -> str:
     return _sys.short_digest("\0".join(parts).encode())
 
 
-def socket_path(dirs: list[str]) -> str | None:
+def socket_path(dirs: list[str], kind: str | None = None) -> str | None:
     """Where this user's spare for this kind of command listens: in the first of ``dirs`` that is (or can be
-    made) a private directory of the user; None when there is none."""
+    made) a private directory of the user; None when there is none. ``kind`` (unionfs.fuse.native.spare_kind)
+    keeps apart the spares that have the native part loaded and those that have not: a spare cannot load it
+    once pyfuse3 is imported; by default, the kind a mount without ``-o nonative`` asks for."""
+    if kind is None:
+        from .native import default_kind
+
+        kind = default_kind()
     for d in dirs:
         try:
             os.makedirs(d, mode=0o700, exist_ok=True)
@@ -98,7 +105,7 @@ def socket_path(dirs: list[str]) -> str | None:
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
-            return os.path.join(d, f"spare-{_key()}.sock")
+            return os.path.join(d, f"spare-{_key(kind)}.sock")
     return None
 
 

@@ -1,0 +1,303 @@
+"""The FUSE shell loads the native part itself: ``unionfs mount`` (background and foreground) and spare servers
+load the shim before pyfuse3; ``-o nonative`` and ``UNIONFS_NATIVE=off`` serve in the pure mode; a shim that
+cannot load is said once in the log and the mount is served as without it; ``unionfs --version`` says which."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nativehelp import PY, REPO, fuse_unavailable, is_mounted, read_stats
+
+from unionfs import __version__
+from unionfs.options import parse, render
+
+BUILT = sorted((REPO / "unionfs" / "_native").glob("_shim*.so"))
+
+
+def test_nonative_option_parses_and_renders() -> None:
+    assert parse(["lowerdir=/a"]).native is True
+    spec = parse(["lowerdir=/a,nonative"])
+    assert spec.native is False
+    assert "nonative" in render(spec).split(",")
+    assert parse([render(spec)]) == spec
+    assert "native" not in render(parse(["lowerdir=/a,nonative,native"])).split(",")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIONFS_NATIVE") and k != "LD_PRELOAD"}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def _version(**extra: str) -> list[str]:
+    r = subprocess.run([PY, "-m", "unionfs", "--version"], env=_env(**extra), capture_output=True, text=True,
+                       timeout=60, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_version_says_the_native_part_is_available(shim: Path) -> None:
+    lines = _version(UNIONFS_NATIVE_LIB=str(shim))
+    assert lines[0] == f"unionfs {__version__}"  # (exactly: podman parses it)
+    assert len(lines) == 2
+    assert lines[1].startswith("native part: available (unionfs-native ")
+
+
+def test_version_says_why_the_native_part_is_not_available(tmp_path: Path) -> None:
+    lines = _version(UNIONFS_NATIVE_LIB=str(tmp_path / "missing.so"))
+    assert lines == [f"unionfs {__version__}", f"native part: not available: {tmp_path / 'missing.so'} does not exist"]
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(b"not a library")
+    lines = _version(UNIONFS_NATIVE_LIB=str(bad))
+    assert lines[0] == f"unionfs {__version__}"
+    assert lines[1].startswith("native part: not available: cannot open ")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Mount options of a two-layer stack and a mount point (unmounted, lazily, at the end)."""
+    why = fuse_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    tmp_path.chmod(0o755)
+    for d in ("l/d", "u", "w", "m"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "l" / "d" / "f").write_text("lower\n")
+    mnt = tmp_path / "m"
+    yield f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},workdir={tmp_path / 'w'}", mnt
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+
+
+def _server_pid(mnt: Path) -> int:
+    from unionfs.fuse.server import pid_file
+
+    return int(Path(pid_file(str(mnt))).read_text())
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def _unmount(mnt: Path, pid: int) -> None:
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _mount(opts: str, mnt: Path, log: Path, **extra: str) -> int:
+    r = subprocess.run([PY, "-m", "unionfs", "mount", "-o", opts, "--log", str(log), str(mnt)], env=_env(**extra),
+                       capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    assert is_mounted(mnt)
+    return _server_pid(mnt)
+
+
+def _log_lines(log: Path, word: str) -> list[str]:
+    return [line for line in log.read_text().splitlines() if word in line]
+
+
+def test_background_server_loads_the_shim_and_caches_listings(stack: tuple[str, Path], shim: Path,
+                                                              tmp_path: Path) -> None:
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    assert str(shim) in _maps(pid)
+    for _ in range(3):
+        assert os.listdir(mnt / "d") == ["f"]
+    (mnt / "d" / "g").write_text("new")
+    assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["session_wrapped"] == 1
+    assert got["dir_cached"] == got["opendir"] >= 4
+    assert got["conn.max_write"] == 1 << 20
+    lines = _log_lines(log, "native part")
+    assert len(lines) == 1 and "native part: unionfs-native" in lines[0] and "cached listings" in lines[0]
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_nonative_serves_in_the_pure_mode(stack: tuple[str, Path], shim: Path, tmp_path: Path, how: str) -> None:
+    opts, mnt = stack
+    log = tmp_path / "log"
+    extra = {"UNIONFS_NATIVE": "off"} if how == "environment" else {}
+    pid = _mount(opts + (",nonative" if how == "option" else ""), mnt, log, UNIONFS_NATIVE_LIB=str(shim),
+                 UNIONFS_NATIVE_STATS=str(tmp_path / "stats"), **extra)
+    assert str(shim) not in _maps(pid)
+    assert os.listdir(mnt / "d") == ["f"]
+    _unmount(mnt, pid)
+    assert not (tmp_path / "stats").exists()
+    why = "-o nonative" if how == "option" else "UNIONFS_NATIVE=off"
+    lines = _log_lines(log, "native part")
+    assert len(lines) == 1 and f"native part not loaded ({why}): serving in the pure mode" in lines[0]
+
+
+def test_a_shim_that_cannot_load_is_logged_once_and_the_mount_served(stack: tuple[str, Path], tmp_path: Path) -> None:
+    opts, mnt = stack
+    log = tmp_path / "log"
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(b"\x7fELF but not a library")
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(bad))
+    assert (mnt / "d" / "f").read_text() == "lower\n"
+    (mnt / "d" / "g").write_text("new")
+    assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
+    _unmount(mnt, pid)
+    lines = _log_lines(log, "native part")
+    assert len(lines) == 1
+    assert f"native part not loaded (cannot open {bad}" in lines[0] and lines[0].endswith("serving in the pure mode")
+
+
+def test_foreground_server_loads_the_shim(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    proc = subprocess.Popen([PY, "-m", "unionfs", "mount", "-f", "-o", opts, str(mnt)], cwd=str(REPO),
+                            env=_env(UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        assert str(shim) in _maps(proc.pid)
+        assert os.listdir(mnt / "d") == ["f"]
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+        _out, err = proc.communicate(timeout=30)
+    assert read_stats(stats)["dir_cached"] >= 1
+    assert "native part: unionfs-native" in err
+
+
+def test_spare_servers_keep_the_mode_they_were_started_in(stack: tuple[str, Path], shim: Path,
+                                                          tmp_path: Path) -> None:
+    """A spare forked by a native server hands its mounts native servers (the shim is mapped in them); a mount
+    with -o nonative is not handed to it (it gets a server of its own, in the pure mode)."""
+    opts, mnt = stack
+    env = {"UNIONFS_NATIVE_LIB": str(shim), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir(mode=0o700)
+    first = _mount(opts + ",spare=20", mnt, tmp_path / "log1", **env)
+    second_mnt, third_mnt = tmp_path / "m2", tmp_path / "m3"
+    for m, name in ((second_mnt, "2"), (third_mnt, "3")):
+        m.mkdir()
+        for d in (f"u{name}", f"w{name}"):
+            (tmp_path / d).mkdir()
+    spares: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        sock = Path(_spare_socket(env))
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _mount(f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u2'},workdir={tmp_path / 'w2'},spare=20",
+                        second_mnt, tmp_path / "log2", **env)
+        assert str(shim) in _maps(second)
+        assert "handed over by its command" in (tmp_path / "log2").read_text()
+        assert os.listdir(second_mnt / "d") == ["f"]
+        third = _mount(f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u3'},workdir={tmp_path / 'w3'},"
+                       "nonative,spare=20", third_mnt, tmp_path / "log3", **env)
+        assert str(shim) not in _maps(third)
+        assert "handed over by its command" not in (tmp_path / "log3").read_text()
+        spares = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_spare(p, str(sock))]
+        _unmount(second_mnt, second)
+        _unmount(third_mnt, third)
+    finally:
+        for m in (second_mnt, third_mnt):
+            if is_mounted(m):
+                subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True, check=False)
+        for pid in spares:  # (the spare this test started: its title names its socket, of this checkout's key)
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+    _unmount(mnt, first)
+
+
+def _spare_socket(env: dict[str, str]) -> str:
+    """Where the native spare of this checkout listens (the socket's name has the installation in its key)."""
+    code = ("from unionfs.fuse import spare, server, native; from unionfs.options import parse; "
+            "print(spare.socket_path(server.runtime_dirs(), native.wanted_kind(parse(['lowerdir=/']))))")
+    return subprocess.run([PY, "-c", code], env=_env(**env), capture_output=True, text=True, cwd=str(REPO),
+                          timeout=60).stdout.strip()
+
+
+def _is_spare(proc: Path, path: str) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return bool(path) and cmdline.startswith(b"unionfs-spare: ") and f"({path})".encode() in cmdline
+
+
+def test_adaptive_readdirplus_serves_plain_listings_without_references(stack: tuple[str, Path], shim: Path,
+                                                                       tmp_path: Path) -> None:
+    """With the kernel's adaptive readdirplus (UNIONFS_NATIVE_CONFIG=readdirplus_auto), the continuation of a
+    large listing comes as plain READDIR: the readdir handler finds its handle, lists every name once, and
+    keeps no node for the plain entries (the kernel holds no reference to them)."""
+    opts, mnt = stack
+    lower = tmp_path / "l" / "big"
+    lower.mkdir()
+    names = [f"file-{i:04d}" for i in range(600)]
+    for name in names:
+        (lower / name).write_text(name)
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_CONFIG="readdirplus_auto")
+    listed = os.listdir(mnt / "big")
+    assert sorted(listed) == names  # (each name once)
+    os.kill(pid, 10)  # SIGUSR1: the server logs its inode table
+    deadline = time.monotonic() + 30
+    while not _log_lines(log, "inode table") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nodes = int(_log_lines(log, "inode table")[0].split("inode table: ")[1].split()[0])
+    assert nodes < len(names) // 2, f"{nodes} nodes kept after a listing that was mostly plain"
+    assert all((mnt / "big" / n).read_text() == n for n in names[::50])
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["readdir_plain"] > 0 and got["entries_plain"] > len(names) // 2
+    assert "adaptive readdirplus" in _log_lines(log, "native part")[0]
+    assert "Traceback" not in log.read_text()
+
+
+def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str, Path], shim: Path,
+                                                               tmp_path: Path) -> None:
+    """UNIONFS_NATIVE_DATA=1: reads and writes of open files go to the shim on the handle's descriptor; a handle
+    opened for reading on the lower file before a copy-up reads the copy afterwards (as on the kernel), and a
+    write never reaches the lower file."""
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_DATA="1")
+    f = mnt / "d" / "f"
+    with open(f, "rb", buffering=0) as reader:
+        assert reader.read() == b"lower\n"
+        with open(f, "r+b", buffering=0) as writer:  # (copies up)
+            writer.write(b"UPPER")
+            os.fsync(writer.fileno())
+        os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(reader.fileno(), 100, 0) == b"UPPER\n"
+    assert (tmp_path / "l" / "d" / "f").read_text() == "lower\n"
+    assert (tmp_path / "u" / "d" / "f").read_text() == "UPPER\n"
+    (mnt / "d" / "new").write_bytes(b"x" * 100_000)
+    assert os.stat(mnt / "d" / "new").st_size == 100_000
+    assert (mnt / "d" / "new").read_bytes() == b"x" * 100_000
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["read_native"] > 0 and got["write_native"] > 0
+    assert "data path" in _log_lines(log, "native part")[0]
+
+
+def test_regression_debug_log_shows_reads_with_the_data_path_asked_for(stack: tuple[str, Path], shim: Path,
+                                                                       tmp_path: Path) -> None:
+    """-o debug logs every request: UNIONFS_NATIVE_DATA=1 does not take the reads away from Python then."""
+    opts, mnt = stack
+    log = tmp_path / "log"
+    pid = _mount(opts + ",debug", mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_DATA="1")
+    assert (mnt / "d" / "f").read_text() == "lower\n"
+    _unmount(mnt, pid)
+    assert _log_lines(log, "DEBUG read(")
+    assert "data path" not in _log_lines(log, "native part")[0]

@@ -1,0 +1,148 @@
+"""The native part (:mod:`unionfs._native`) in the FUSE shell: whether a server runs with it, and what it asks of it.
+
+The shim must be in the process before pyfuse3 is imported, so every way into a server calls :func:`prepare`
+before it imports :mod:`unionfs.fuse.serve`: the forked server of ``unionfs mount``, the foreground server,
+and the first server that starts a spare (:mod:`unionfs.fuse.spare`; the spare, forked once pyfuse3 is loaded,
+and the servers it forks inherit whatever that server loaded). :func:`configure`, called by
+:func:`unionfs.fuse.serve.serve` once logging is set up, turns the shim's features on for a mount that wants
+them (or off, for ``-o nonative`` in a process that has the shim), and logs one line saying which mode serves.
+
+This module loads neither pyfuse3 nor the shim, nor :mod:`unionfs._native` (ctypes: ~10 ms of a command's
+start) at its import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..options import MountSpec
+
+if TYPE_CHECKING:
+    from .. import _native
+
+log = logging.getLogger("unionfs")
+
+#: ``UNIONFS_NATIVE=off`` in a server's environment serves every mount it starts as ``-o nonative`` would (the
+#: test suites run once in each mode with it)
+MODE_ENV = "UNIONFS_NATIVE"
+
+#: the spare kinds (:func:`spare_kind`)
+NATIVE, PURE = "native", "pure"
+
+#: whether cached listings are turned on for a native mount (the shell invalidates what the kernel cannot see)
+CACHED_LISTINGS = True
+#: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
+READDIRPLUS_AUTO = False
+
+#: ``UNIONFS_NATIVE_DATA=1``: reads and writes of open files are served by the shim on the descriptor the open
+#: handler chose, without Python (off by default until its suites run green in this mode)
+DATA_ENV = "UNIONFS_NATIVE_DATA"
+
+_why = "not asked for yet"
+
+
+def data_path() -> bool:
+    """Whether the shim serves the data requests of open files (:data:`DATA_ENV`; never with ``-d``, whose log
+    shows every request)."""
+    return os.environ.get(DATA_ENV, "") == "1"
+
+
+def wanted(spec: MountSpec) -> bool:
+    """Whether ``spec`` is to be served natively (when the shim loads): not with ``-o nonative``, nor with
+    ``UNIONFS_NATIVE=off``."""
+    return spec.native and os.environ.get(MODE_ENV, "").lower() not in _OFF
+
+
+_OFF = ("off", "0", "no", "pure")
+
+
+def prepare(spec: MountSpec) -> _native.Native | None:
+    """Load the shim for a server of ``spec`` (before pyfuse3 is imported), unless ``-o nonative``; None when
+    it is not loaded, :func:`reason` saying why."""
+    global _why
+    from .. import _native
+
+    if not wanted(spec):
+        _why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
+        return _native.loaded()
+    native = _native.load()
+    _why = _native.reason() if native is None else ""
+    return native
+
+
+def reason() -> str:
+    """Why the last :func:`prepare` left this process without the shim (empty when it is loaded)."""
+    return _why
+
+
+def spare_kind(native: _native.Native | None) -> str:
+    """The kind of server a spare forks, a part of its socket's name: a mount wanting the native part is handed
+    only to a spare that has loaded the same library (:func:`wanted_kind`), one in the pure mode only to a
+    spare without it."""
+    return f"{NATIVE}:{native.path}" if native is not None else PURE
+
+
+def wanted_kind(spec: MountSpec) -> str:
+    """The spare kind a command asks for: :data:`NATIVE` and the library a server would load
+    (:func:`unionfs._native.library_path`, found here without loading ctypes: a command must not pay for it)
+    when the mount wants the native part and a library is there, else :data:`PURE`."""
+    return default_kind() if spec.native else PURE
+
+
+def default_kind() -> str:
+    """:func:`wanted_kind` of a mount without ``-o nonative``."""
+    if os.environ.get(MODE_ENV, "").lower() in _OFF:
+        return PURE
+    env = os.environ.get("UNIONFS_NATIVE_LIB")
+    if env:
+        return f"{NATIVE}:{Path(env)}"
+    found = sorted((Path(__file__).parent.parent / "_native").glob("_shim*.so"))
+    return f"{NATIVE}:{found[0]}" if found else PURE
+
+
+def configure(spec: MountSpec) -> _native.Native | None:
+    """Set the shim's features for serving ``spec`` in this process and log which mode serves; returns the
+    shim when the mount is served natively, None in the pure mode."""
+    from .. import _native
+
+    native = _native.loaded()
+    if native is None:
+        log.info("native part not loaded (%s): serving in the pure mode", _why or _native.reason())
+        return None
+    on = wanted(spec)
+    native.set_connection_tuning(on)
+    # (UNIONFS_NATIVE_CONFIG, read by the shim, may have turned either on already: kept then)
+    native.set_cached_listings(on and (CACHED_LISTINGS or native.cached_listings))
+    native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
+    if not on:
+        log.info("native part loaded but switched off (%s): serving in the pure mode",
+                 "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}")
+        return None
+    features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
+        ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
+        ["data path"] if data_path() and not spec.debug else [])
+    log.info("native part: %s (%s)", native.version(), ", ".join(features))
+    return native
+
+
+def version_line() -> str:
+    """The second line of ``unionfs --version``: whether the native part is available, and why not."""
+    from .. import _native
+
+    try:
+        found = _native.version()
+    except OSError as exc:  # (a library that cannot even be opened)
+        return f"native part: not available ({exc})"
+    if found is not None:
+        return f"native part: available ({found})"
+    path = _native.library_path()
+    if path is None:
+        why = "no native library was built (it needs gcc and libfuse3's headers at install)"
+    elif not path.exists():
+        why = f"{path} does not exist"
+    else:
+        why = _native._probe(path)[1] or "it does not fit this libfuse"
+    return f"native part: not available: {why}"
