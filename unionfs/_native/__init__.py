@@ -27,6 +27,7 @@ _OPT_TUNE_CONN = 1
 _OPT_CACHE_DIRS = 2
 _OPT_READDIRPLUS_AUTO = 3
 _OPT_OWN_READER = 4
+_OPT_DATA_OPS = 5
 
 # The FUSE_CAP_* bits of fuse_common.h that the connection record names.
 CAPS = {
@@ -43,7 +44,8 @@ CAPS = {
 _COUNTER_FIELDS = (
     "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
     "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
-    "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native")
+    "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
+    "copy_file_range", "copy_bytes", "data_unregistered")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -83,6 +85,11 @@ class Counters:
     reader_forwarded: int
     reader_served: int
     write_native: int
+    fallocate: int
+    lseek: int
+    copy_file_range: int
+    copy_bytes: int
+    data_unregistered: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +195,17 @@ class Native:
         and GETXATTR of absent names itself, without the GIL, and hands every other request to pyfuse3, whose
         session descriptor becomes an eventfd."""
         self._set(_OPT_OWN_READER, on)
+
+    def set_data_ops(self, on: bool) -> None:
+        """From the next session, FALLOCATE, LSEEK (SEEK_DATA, SEEK_HOLE) and COPY_FILE_RANGE are answered by the
+        shim on the descriptors registered with :meth:`serve` (fallocate on a write descriptor, copy_file_range
+        from a read descriptor to a write descriptor), and EOPNOTSUPP for a handle with none: pyfuse3 has no
+        handlers for them. Turn it on only when every open handle is registered."""
+        self._set(_OPT_DATA_OPS, on)
+
+    @property
+    def data_ops(self) -> bool:
+        return self._get(_OPT_DATA_OPS)
 
     @property
     def cached_listings(self) -> bool:

@@ -94,6 +94,11 @@ struct unionfs_native_counters {
     uint64_t reader_forwarded; /* requests the shim's reader thread queued for pyfuse3 */
     uint64_t reader_served;   /* requests it answered itself (READ on a registered descriptor, absent xattr) */
     uint64_t write_native;    /* WRITE requests served on a registered descriptor, without Python */
+    uint64_t fallocate;       /* FALLOCATE requests (all served here: Python has no handler) */
+    uint64_t lseek;           /* LSEEK requests (SEEK_DATA, SEEK_HOLE) */
+    uint64_t copy_file_range; /* COPY_FILE_RANGE requests */
+    uint64_t copy_bytes;      /* bytes copied by them */
+    uint64_t data_unregistered; /* requests of the three above on a handle with no registered descriptor */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -120,6 +125,7 @@ enum {
     OPT_CACHE_DIRS = 2,    /* cache_readdir + keep_cache on opendir replies; default off */
     OPT_READDIRPLUS_AUTO = 3, /* FUSE_CAP_READDIRPLUS_AUTO, plain READDIR served; default off */
     OPT_OWN_READER = 4,    /* a thread of the shim reads /dev/fuse and answers data requests itself; default off */
+    OPT_DATA_OPS = 5,      /* FALLOCATE, LSEEK and COPY_FILE_RANGE served on registered descriptors; default off */
 };
 
 static struct unionfs_native_counters g_counters;
@@ -128,6 +134,7 @@ static atomic_int g_opt_tune = 1;
 static atomic_int g_opt_cache_dirs;
 static atomic_int g_opt_rdplus_auto;
 static atomic_int g_opt_own_reader;
+static atomic_int g_opt_data_ops;
 /* The readdirplus_auto setting of the session being created (the init callback decides with it). */
 static int g_session_rdplus_auto;
 
@@ -343,41 +350,56 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, cons
 /* -- descriptors the shell registered for its file handles (the data path: READ and WRITE) ------------------ */
 
 /* fh -> descriptor and what it serves (FD_READ, FD_WRITE), open addressing; a removed slot keeps FD_GONE so
- * that probing goes on past it. */
-#define FD_SLOTS 4096
+ * that probing goes on past it. The table doubles (and drops its FD_GONE slots) when three quarters of it are in
+ * use, so every handle the shell opens can be registered. */
+#define FD_SLOTS_MIN 4096
 #define FD_FREE (-1)
 #define FD_GONE (-2)
 #define FD_READ 1
 #define FD_WRITE 2
-static struct {
+struct fd_slot {
     uint64_t fh;
     int fd;
     int modes;
-} g_fds[FD_SLOTS];
+};
+static struct fd_slot g_fds_initial[FD_SLOTS_MIN];
+static struct fd_slot *g_fds = g_fds_initial;
+static unsigned g_fd_slots = FD_SLOTS_MIN;
+static unsigned g_fd_used; /* slots not FD_FREE (FD_GONE included) */
 static atomic_int g_fd_count;
 static pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void fd_slots_clear(struct fd_slot *slots, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        slots[i].fh = 0;
+        slots[i].fd = FD_FREE;
+        slots[i].modes = 0;
+    }
+}
 
 static void fd_table_clear(void)
 {
     pthread_mutex_lock(&g_fd_lock);
-    for (int i = 0; i < FD_SLOTS; i++) {
-        g_fds[i].fh = 0;
-        g_fds[i].fd = FD_FREE;
-        g_fds[i].modes = 0;
-    }
+    if (g_fds != g_fds_initial)
+        free(g_fds);
+    g_fds = g_fds_initial;
+    g_fd_slots = FD_SLOTS_MIN;
+    fd_slots_clear(g_fds, g_fd_slots);
+    g_fd_used = 0;
     atomic_store(&g_fd_count, 0);
     pthread_mutex_unlock(&g_fd_lock);
 }
 
-static unsigned fd_hash(uint64_t fh)
+static unsigned fd_hash(uint64_t fh, unsigned slots)
 {
-    return (unsigned)((fh * UINT64_C(0x9E3779B97F4A7C15)) >> 52) % FD_SLOTS;
+    return (unsigned)((fh * UINT64_C(0x9E3779B97F4A7C15)) >> 32) % slots;
 }
 
 /* The descriptor registered for fh serving ``mode``, or -1; the caller holds g_fd_lock. */
 static int fd_find_locked(uint64_t fh, int mode)
 {
-    for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+    for (unsigned i = 0, at = fd_hash(fh, g_fd_slots); i < g_fd_slots; i++, at = (at + 1) % g_fd_slots) {
         if (g_fds[at].fd == FD_FREE)
             return -1;
         if (g_fds[at].fd >= 0 && g_fds[at].fh == fh)
@@ -386,15 +408,50 @@ static int fd_find_locked(uint64_t fh, int mode)
     return -1;
 }
 
-/* Register (fd >= 0, modes != 0) or forget (fd < 0) the descriptor of fh: 0, -ENOSPC when the table is full. */
+/* Put fh in a free slot of ``slots`` (known to have one). */
+static void fd_place(struct fd_slot *slots, unsigned n, uint64_t fh, int fd, int modes)
+{
+    unsigned at = fd_hash(fh, n);
+    while (slots[at].fd != FD_FREE)
+        at = (at + 1) % n;
+    slots[at].fh = fh;
+    slots[at].fd = fd;
+    slots[at].modes = modes;
+}
+
+/* Make room for one more registration: a table at three quarters is rebuilt, twice as large when the live
+ * entries need it. 0, or -ENOMEM (the table stays as it was). The caller holds g_fd_lock. */
+static int fd_room_locked(void)
+{
+    if ((g_fd_used + 1) * 4 <= g_fd_slots * 3)
+        return 0;
+    unsigned live = (unsigned)atomic_load(&g_fd_count);
+    unsigned n = (live + 1) * 2 <= g_fd_slots ? g_fd_slots : g_fd_slots * 2;
+    struct fd_slot *slots = malloc(sizeof *slots * n);
+    if (slots == NULL)
+        return -ENOMEM;
+    fd_slots_clear(slots, n);
+    for (unsigned i = 0; i < g_fd_slots; i++)
+        if (g_fds[i].fd >= 0)
+            fd_place(slots, n, g_fds[i].fh, g_fds[i].fd, g_fds[i].modes);
+    if (g_fds != g_fds_initial)
+        free(g_fds);
+    g_fds = slots;
+    g_fd_slots = n;
+    g_fd_used = live;
+    return 0;
+}
+
+/* Register (fd >= 0, modes != 0) or forget (fd < 0) the descriptor of fh: 0, or -ENOMEM. */
 static int fd_register(uint64_t fh, int fd, int modes)
 {
-    int ret = fd >= 0 ? -ENOSPC : 0;
-    int reuse = -1;
+    int ret = 0;
     if (fd >= 0 && modes == 0)
         fd = -1;
     pthread_mutex_lock(&g_fd_lock);
-    for (unsigned i = 0, at = fd_hash(fh); i < FD_SLOTS; i++, at = (at + 1) % FD_SLOTS) {
+    for (unsigned i = 0, at = fd_hash(fh, g_fd_slots); i < g_fd_slots; i++, at = (at + 1) % g_fd_slots) {
+        if (g_fds[at].fd == FD_FREE)
+            break;
         if (g_fds[at].fd >= 0 && g_fds[at].fh == fh) {
             if (fd >= 0) {
                 g_fds[at].fd = fd;
@@ -404,24 +461,23 @@ static int fd_register(uint64_t fh, int fd, int modes)
                 g_fds[at].modes = 0;
                 atomic_fetch_sub(&g_fd_count, 1);
             }
-            ret = 0;
-            reuse = -2;
-            break;
-        }
-        if (g_fds[at].fd == FD_GONE && reuse == -1)
-            reuse = (int)at;
-        if (g_fds[at].fd == FD_FREE) {
-            if (reuse == -1)
-                reuse = (int)at;
-            break;
+            pthread_mutex_unlock(&g_fd_lock);
+            return 0;
         }
     }
-    if (fd >= 0 && reuse >= 0) {
-        g_fds[reuse].fh = fh;
-        g_fds[reuse].fd = fd;
-        g_fds[reuse].modes = modes;
-        atomic_fetch_add(&g_fd_count, 1);
-        ret = 0;
+    if (fd >= 0) {
+        ret = fd_room_locked();
+        if (ret == 0) {
+            unsigned at = fd_hash(fh, g_fd_slots);
+            while (g_fds[at].fd >= 0) /* a FD_GONE slot is reused */
+                at = (at + 1) % g_fd_slots;
+            if (g_fds[at].fd == FD_FREE)
+                g_fd_used++;
+            g_fds[at].fh = fh;
+            g_fds[at].fd = fd;
+            g_fds[at].modes = modes;
+            atomic_fetch_add(&g_fd_count, 1);
+        }
     }
     pthread_mutex_unlock(&g_fd_lock);
     return ret;
@@ -518,6 +574,96 @@ static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
     ADD(write_bytes, size);
     note_max(&g_counters.write_max, size);
     g_inner.write(req, ino, buf, size, off, fi);
+}
+
+/* FALLOCATE, LSEEK and COPY_FILE_RANGE (OPT_DATA_OPS): pyfuse3 has no handlers for them, so every such request
+ * is answered here, on the descriptors the shell registered. The kernel asks FALLOCATE only of a handle open for
+ * writing (a registered FD_WRITE descriptor is the upper file's: the open copied up first); a handle with no
+ * descriptor (none is, while the shell serves them) is answered EOPNOTSUPP, never ENOSYS, which would switch the
+ * request off for the whole connection. */
+
+/* Longest copy one COPY_FILE_RANGE makes (the caller asks again for the rest; the loop waits meanwhile). */
+#define COPY_CHUNK (8u * MIB)
+
+static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                           struct fuse_file_info *fi)
+{
+    (void)ino;
+    COUNT(fallocate);
+    int fd = fd_take(fi->fh, FD_WRITE);
+    if (fd < 0) {
+        COUNT(data_unregistered);
+        real_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    int released;
+    void *state = gil_release(&released);
+    int err = fallocate(fd, mode, offset, length) < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    real_reply_err(req, err);
+    if (released)
+        py_restore_thread(state);
+}
+
+static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+    (void)ino;
+    COUNT(lseek);
+    int fd = fd_take(fi->fh, FD_READ | FD_WRITE);
+    if (fd < 0) {
+        COUNT(data_unregistered);
+        real_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    int released;
+    void *state = gil_release(&released);
+    off_t at = lseek(fd, off, whence);
+    int err = at < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    if (err)
+        real_reply_err(req, err);
+    else
+        fuse_reply_lseek(req, at);
+    if (released)
+        py_restore_thread(state);
+}
+
+static void shim_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in, struct fuse_file_info *fi_in,
+                                 fuse_ino_t ino_out, off_t off_out, struct fuse_file_info *fi_out, size_t len,
+                                 int flags)
+{
+    (void)ino_in;
+    (void)ino_out;
+    COUNT(copy_file_range);
+    if (atomic_load(&g_fd_count) == 0) {
+        COUNT(data_unregistered);
+        real_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    pthread_mutex_lock(&g_fd_lock);
+    int in = fd_find_locked(fi_in->fh, FD_READ);
+    int out = fd_find_locked(fi_out->fh, FD_WRITE);
+    if (in < 0 || out < 0) {
+        pthread_mutex_unlock(&g_fd_lock);
+        COUNT(data_unregistered);
+        real_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    int released;
+    void *state = gil_release(&released);
+    loff_t from = off_in, to = off_out;
+    ssize_t n = copy_file_range(in, &from, out, &to, len < COPY_CHUNK ? len : COPY_CHUNK, (unsigned)flags);
+    int err = n < 0 ? errno : 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    /* EXDEV (layers on two file systems) and EOPNOTSUPP: the kernel copies through READ and WRITE itself */
+    if (err)
+        real_reply_err(req, err);
+    else {
+        ADD(copy_bytes, (uint64_t)n);
+        fuse_reply_write(req, (size_t)n);
+    }
+    if (released)
+        py_restore_thread(state);
 }
 
 EXPORT size_t unionfs_native_counters(struct unionfs_native_counters *out, size_t size);
@@ -923,6 +1069,11 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
         g_outer.write = shim_write;
     if (g_inner.write_buf)
         g_outer.write_buf = shim_write_buf;
+    if (atomic_load(&g_opt_data_ops)) {
+        g_outer.fallocate = shim_fallocate;
+        g_outer.lseek = shim_lseek;
+        g_outer.copy_file_range = shim_copy_file_range;
+    }
     memset(&g_conn, 0, sizeof g_conn);
     COUNT(session_wrapped);
     return real_session_new(args, &g_outer, sizeof g_outer, userdata);
@@ -1035,6 +1186,9 @@ EXPORT int unionfs_native_set(int option, int value)
     case OPT_OWN_READER:
         atomic_store(&g_opt_own_reader, value != 0);
         return 0;
+    case OPT_DATA_OPS:
+        atomic_store(&g_opt_data_ops, value != 0);
+        return 0;
     default:
         return -EINVAL;
     }
@@ -1051,6 +1205,8 @@ EXPORT int unionfs_native_get(int option)
         return atomic_load(&g_opt_rdplus_auto);
     case OPT_OWN_READER:
         return atomic_load(&g_opt_own_reader);
+    case OPT_DATA_OPS:
+        return atomic_load(&g_opt_data_ops);
     default:
         return -EINVAL;
     }
@@ -1058,7 +1214,7 @@ EXPORT int unionfs_native_get(int option)
 
 /* Serve READ (modes & 1) and WRITE (modes & 2) requests on file handle ``fh`` on descriptor ``fd`` (pread,
  * pwrite, no Python); fd < 0 stops it. The caller keeps fd open until it has unregistered it (the shim holds its
- * lock across every use, so unregistering waits for a read or write under way). 0, or -ENOSPC. */
+ * lock across every use, so unregistering waits for a request of it under way). 0, or -ENOMEM. */
 EXPORT int unionfs_native_set_fd(uint64_t fh, int fd, int modes)
 {
     return fd_register(fh, fd, modes);
@@ -1090,7 +1246,7 @@ static void *lookup(const char *name)
 }
 
 /* Options for a server started without Python's help (LD_PRELOAD): UNIONFS_NATIVE_CONFIG=a,b with a, b among
- * notune, cache_dirs, readdirplus_auto, own_reader, absent_xattr=NAME. */
+ * notune, cache_dirs, readdirplus_auto, own_reader, data_ops, absent_xattr=NAME. */
 static void read_environment(void)
 {
     const char *conf = getenv("UNIONFS_NATIVE_CONFIG");
@@ -1108,6 +1264,8 @@ static void read_environment(void)
                 atomic_store(&g_opt_rdplus_auto, 1);
             else if (strcmp(word, "own_reader") == 0)
                 atomic_store(&g_opt_own_reader, 1);
+            else if (strcmp(word, "data_ops") == 0)
+                atomic_store(&g_opt_data_ops, 1);
             else if (strncmp(word, "absent_xattr=", 13) == 0)
                 absent_set(word + 13, 1);
         }

@@ -37,17 +37,18 @@ CACHED_LISTINGS = True
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
-#: ``UNIONFS_NATIVE_DATA=1``: reads and writes of open files are served by the shim on the descriptor the open
-#: handler chose, without Python (off by default until its suites run green in this mode)
+#: the data requests of open files (READ, WRITE, FALLOCATE, LSEEK, COPY_FILE_RANGE) are served by the shim on the
+#: descriptor the open handler chose, without Python; ``UNIONFS_NATIVE_DATA=off`` leaves READ and WRITE to Python
+#: (and the other three unsupported, as in the pure mode)
 DATA_ENV = "UNIONFS_NATIVE_DATA"
 
 _why = "not asked for yet"
 
 
-def data_path() -> bool:
-    """Whether the shim serves the data requests of open files (:data:`DATA_ENV`; never with ``-d``, whose log
-    shows every request)."""
-    return os.environ.get(DATA_ENV, "") == "1"
+def data_path(spec: MountSpec) -> bool:
+    """Whether the shim is to serve the data requests of open files of a native mount of ``spec`` (unless
+    ``UNIONFS_NATIVE_DATA=off``; never with ``-d``, whose log shows every request)."""
+    return os.environ.get(DATA_ENV, "").lower() not in _OFF and not spec.debug
 
 
 def wanted(spec: MountSpec) -> bool:
@@ -117,13 +118,14 @@ def configure(spec: MountSpec) -> _native.Native | None:
     # (UNIONFS_NATIVE_CONFIG, read by the shim, may have turned either on already: kept then)
     native.set_cached_listings(on and (CACHED_LISTINGS or native.cached_listings))
     native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
+    native.set_data_ops(on and data_path(spec))
     if not on:
         log.info("native part loaded but switched off (%s): serving in the pure mode",
                  "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}")
         return None
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
-        ["data path"] if data_path() and not spec.debug else [])
+        ["data path"] if native.data_ops else [])
     log.info("native part: %s (%s)", native.version(), ", ".join(features))
     return native
 

@@ -131,7 +131,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
     ops.native = native.configure(prepared.spec)  # (the shim, when it serves natively)
     # (not with -d: the debug log shows every request, and the data path's never reach Python)
-    ops.data_path = ops.native is not None and native.data_path() and not prepared.spec.debug
+    ops.data_path = ops.native is not None and ops.native.data_ops
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     if mask is None:
