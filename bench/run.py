@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-FS_NAMES = ("kernel", "fuse-overlayfs", "unionfs")
+FS_NAMES = ("kernel", "fuse-overlayfs", "unionfs", "unionfs-pure")
 SEED = 1_234_567
 MOUNT_DEADLINE = 30.0  # seconds a FUSE server gets to show up in /proc/self/mountinfo
 EXIT_DEADLINE = 30.0  # seconds a FUSE server gets to exit after fusermount3 -u
@@ -294,9 +294,13 @@ class Unionfs(FuseServer):
     #: more mount options (the prescan workload sets "prescan")
     extra_options = ""
 
+    #: options every mount of this backend gets
+    base_options = ""
+
     def command(self, opts: str, mnt: Path) -> list[str]:
-        if self.extra_options:
-            opts += "," + self.extra_options
+        for more in (self.base_options, self.extra_options):
+            if more:
+                opts += "," + more
         return [sys.executable, "-m", "unionfs", "mount", "-f", "-o", opts, str(mnt)]
 
     def environment(self) -> dict[str, str] | None:
@@ -311,8 +315,15 @@ class Unionfs(FuseServer):
         return super().unavailable()
 
 
+class UnionfsPure(Unionfs):
+    """unionfs in the pure mode (``-o nonative``): every request served by Python through pyfuse3 alone."""
+
+    name = "unionfs-pure"
+    base_options = "nonative"
+
+
 BACKENDS: dict[str, Callable[[], Backend]] = {
-    "kernel": Kernel, "fuse-overlayfs": FuseOverlayfs, "unionfs": Unionfs,
+    "kernel": Kernel, "fuse-overlayfs": FuseOverlayfs, "unionfs": Unionfs, "unionfs-pure": UnionfsPure,
 }
 
 

@@ -1,8 +1,8 @@
 """``python -m unionfs._native.run ARGS...``: the ``unionfs`` command with the native shim loaded first.
 
-A stand-in until the FUSE shell loads the shim itself: the shim must be in the process before pyfuse3 is
-imported, and the server is forked from this process, so it inherits it. ``UNIONFS_NATIVE_CONFIG`` (read by
-the shim) turns on what is off by default, e.g. ``cache_dirs,readdirplus_auto``.
+The shim is loaded before anything else of unionfs (the FUSE shell loads it itself too, in every server it
+starts: this is for the shim's own tests, which set its options through ``UNIONFS_NATIVE_CONFIG``, e.g.
+``cache_dirs,readdirplus_auto``).
 """
 
 from __future__ import annotations
