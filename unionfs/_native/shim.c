@@ -585,17 +585,25 @@ static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
 /* Longest copy one COPY_FILE_RANGE makes (the caller asks again for the rest; the loop waits meanwhile). */
 #define COPY_CHUNK (8u * MIB)
 
+/* fd_take, or -1 once the request is answered EOPNOTSUPP (a handle with no descriptor serving ``mode``). */
+static int fd_take_or_refuse(fuse_req_t req, uint64_t fh, int mode)
+{
+    int fd = fd_take(fh, mode);
+    if (fd < 0) {
+        COUNT(data_unregistered);
+        real_reply_err(req, EOPNOTSUPP);
+    }
+    return fd;
+}
+
 static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                            struct fuse_file_info *fi)
 {
     (void)ino;
     COUNT(fallocate);
-    int fd = fd_take(fi->fh, FD_WRITE);
-    if (fd < 0) {
-        COUNT(data_unregistered);
-        real_reply_err(req, EOPNOTSUPP);
+    int fd = fd_take_or_refuse(req, fi->fh, FD_WRITE);
+    if (fd < 0)
         return;
-    }
     int released;
     void *state = gil_release(&released);
     int err = fallocate(fd, mode, offset, length) < 0 ? errno : 0;
@@ -609,12 +617,9 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, st
 {
     (void)ino;
     COUNT(lseek);
-    int fd = fd_take(fi->fh, FD_READ | FD_WRITE);
-    if (fd < 0) {
-        COUNT(data_unregistered);
-        real_reply_err(req, EOPNOTSUPP);
+    int fd = fd_take_or_refuse(req, fi->fh, FD_READ | FD_WRITE);
+    if (fd < 0)
         return;
-    }
     int released;
     void *state = gil_release(&released);
     off_t at = lseek(fd, off, whence);
