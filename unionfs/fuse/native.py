@@ -5,7 +5,8 @@ before it imports :mod:`unionfs.fuse.serve`: the forked server of ``unionfs moun
 and the first server that starts a spare (:mod:`unionfs.fuse.spare`; the spare, forked once pyfuse3 is loaded,
 and the servers it forks inherit whatever that server loaded). :func:`configure`, called by
 :func:`unionfs.fuse.serve.serve` once logging is set up, turns the shim's features on for a mount that wants
-them (or off, for ``-o nonative`` in a process that has the shim), and logs one line saying which mode serves.
+them (or off, for ``-o nonative`` in a process that has the shim); :func:`report` logs one line saying which
+mode serves once the mount is made.
 
 This module loads neither pyfuse3 nor the shim, nor :mod:`unionfs._native` (ctypes: ~10 ms of a command's
 start) at its import.
@@ -43,6 +44,8 @@ READDIRPLUS_AUTO = False
 DATA_ENV = "UNIONFS_NATIVE_DATA"
 
 _why = "not asked for yet"
+#: the line :func:`report` logs
+_report = ""
 
 
 def data_path(spec: MountSpec) -> bool:
@@ -105,13 +108,14 @@ def default_kind() -> str:
 
 
 def configure(spec: MountSpec) -> _native.Native | None:
-    """Set the shim's features for serving ``spec`` in this process and log which mode serves; returns the
-    shim when the mount is served natively, None in the pure mode."""
+    """Set the shim's features for serving ``spec`` in this process (:func:`report` then logs which mode
+    serves); returns the shim when the mount is served natively, None in the pure mode."""
     from .. import _native
 
+    global _report
     native = _native.loaded()
     if native is None:
-        log.info("native part not loaded (%s): serving in the pure mode", _why or _native.reason())
+        _report = f"native part not loaded ({_why or _native.reason()}): serving in the pure mode"
         return None
     on = wanted(spec)
     native.set_connection_tuning(on)
@@ -120,14 +124,21 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
     native.set_data_ops(on and data_path(spec))
     if not on:
-        log.info("native part loaded but switched off (%s): serving in the pure mode",
-                 "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}")
+        why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
+        _report = f"native part loaded but switched off ({why}): serving in the pure mode"
         return None
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
         ["data path"] if native.data_ops else [])
-    log.info("native part: %s (%s)", native.version(), ", ".join(features))
+    _report = f"native part: {native.version()} ({', '.join(features)})"
     return native
+
+
+def report() -> None:
+    """Log which mode serves (what the last :func:`configure` found): once the mount is made, so that a mount
+    that fails says only why."""
+    if _report:
+        log.info("%s", _report)
 
 
 def version_line() -> str:

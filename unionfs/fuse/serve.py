@@ -159,6 +159,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
             os.write(2, ("\n".join(said) + "\n").encode())
     terminated: list[bool] = []
     limit.report()
+    native.report()
     log.info("mounted %s", prepared.describe())
     try:
         ready()
