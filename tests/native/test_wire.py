@@ -265,12 +265,13 @@ def test_adaptive_readdirplus_serves_plain_listings_without_references(stack: tu
 
 def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str, Path], shim: Path,
                                                                tmp_path: Path) -> None:
-    """Reads and writes of open files go to the shim on the handle's descriptor; a handle
+    """UNIONFS_NATIVE_DATA=on: reads and writes of open files go to the shim on the handle's descriptor; a handle
     opened for reading on the lower file before a copy-up reads the copy afterwards (as on the kernel), and a
     write never reaches the lower file."""
     opts, mnt = stack
     stats, log = tmp_path / "stats", tmp_path / "log"
-    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_DATA="on")
     f = mnt / "d" / "f"
     with open(f, "rb", buffering=0) as reader:
         assert reader.read() == b"lower\n"
@@ -295,7 +296,7 @@ def test_regression_debug_log_shows_reads_with_the_data_path_asked_for(stack: tu
     """-o debug logs every request: the data path does not take the reads away from Python then."""
     opts, mnt = stack
     log = tmp_path / "log"
-    pid = _mount(opts + ",debug", mnt, log, UNIONFS_NATIVE_LIB=str(shim))
+    pid = _mount(opts + ",debug", mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_DATA="on")
     assert (mnt / "d" / "f").read_text() == "lower\n"
     _unmount(mnt, pid)
     assert _log_lines(log, "DEBUG read(")
