@@ -512,6 +512,15 @@ static void *gil_release(int *released)
     return *released ? py_save_thread() : NULL;
 }
 
+/* The end of a request served on a descriptor fd_take gave: the table's lock is let go, then the GIL taken back
+ * if gil_release let it go. */
+static void fd_give_back(int released, void *state)
+{
+    pthread_mutex_unlock(&g_fd_lock);
+    if (released)
+        py_restore_thread(state);
+}
+
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     COUNT(read);
@@ -530,9 +539,7 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
     void *state = gil_release(&released);
     /* fuse_reply_data answers an error of the read itself, and frees the request in every case */
     real_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
-    pthread_mutex_unlock(&g_fd_lock);
-    if (released)
-        py_restore_thread(state);
+    fd_give_back(released, state);
 }
 
 static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
@@ -562,9 +569,7 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
         real_reply_err(req, (int)-n);
     else
         fuse_reply_write(req, (size_t)n);
-    pthread_mutex_unlock(&g_fd_lock);
-    if (released)
-        py_restore_thread(state);
+    fd_give_back(released, state);
 }
 
 static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
@@ -585,14 +590,19 @@ static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
 /* Longest copy one COPY_FILE_RANGE makes (the caller asks again for the rest; the loop waits meanwhile). */
 #define COPY_CHUNK (8u * MIB)
 
-/* fd_take, or -1 once the request is answered EOPNOTSUPP (a handle with no descriptor serving ``mode``). */
+/* Answer a request of a handle with no descriptor serving it: EOPNOTSUPP. */
+static void refuse(fuse_req_t req)
+{
+    COUNT(data_unregistered);
+    real_reply_err(req, EOPNOTSUPP);
+}
+
+/* fd_take, or -1 once the request is refused (a handle with no descriptor serving ``mode``). */
 static int fd_take_or_refuse(fuse_req_t req, uint64_t fh, int mode)
 {
     int fd = fd_take(fh, mode);
-    if (fd < 0) {
-        COUNT(data_unregistered);
-        real_reply_err(req, EOPNOTSUPP);
-    }
+    if (fd < 0)
+        refuse(req);
     return fd;
 }
 
@@ -606,11 +616,8 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
         return;
     int released;
     void *state = gil_release(&released);
-    int err = fallocate(fd, mode, offset, length) < 0 ? errno : 0;
-    pthread_mutex_unlock(&g_fd_lock);
-    real_reply_err(req, err);
-    if (released)
-        py_restore_thread(state);
+    real_reply_err(req, fallocate(fd, mode, offset, length) < 0 ? errno : 0);
+    fd_give_back(released, state);
 }
 
 static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
@@ -623,14 +630,11 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, st
     int released;
     void *state = gil_release(&released);
     off_t at = lseek(fd, off, whence);
-    int err = at < 0 ? errno : 0;
-    pthread_mutex_unlock(&g_fd_lock);
-    if (err)
-        real_reply_err(req, err);
+    if (at < 0)
+        real_reply_err(req, errno);
     else
         fuse_reply_lseek(req, at);
-    if (released)
-        py_restore_thread(state);
+    fd_give_back(released, state);
 }
 
 static void shim_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in, struct fuse_file_info *fi_in,
@@ -640,35 +644,27 @@ static void shim_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in
     (void)ino_in;
     (void)ino_out;
     COUNT(copy_file_range);
-    if (atomic_load(&g_fd_count) == 0) {
-        COUNT(data_unregistered);
-        real_reply_err(req, EOPNOTSUPP);
+    int in = fd_take_or_refuse(req, fi_in->fh, FD_READ);
+    if (in < 0)
         return;
-    }
-    pthread_mutex_lock(&g_fd_lock);
-    int in = fd_find_locked(fi_in->fh, FD_READ);
     int out = fd_find_locked(fi_out->fh, FD_WRITE);
-    if (in < 0 || out < 0) {
+    if (out < 0) {
         pthread_mutex_unlock(&g_fd_lock);
-        COUNT(data_unregistered);
-        real_reply_err(req, EOPNOTSUPP);
+        refuse(req);
         return;
     }
     int released;
     void *state = gil_release(&released);
     loff_t from = off_in, to = off_out;
     ssize_t n = copy_file_range(in, &from, out, &to, len < COPY_CHUNK ? len : COPY_CHUNK, (unsigned)flags);
-    int err = n < 0 ? errno : 0;
-    pthread_mutex_unlock(&g_fd_lock);
     /* EXDEV (layers on two file systems) and EOPNOTSUPP: the kernel copies through READ and WRITE itself */
-    if (err)
-        real_reply_err(req, err);
+    if (n < 0)
+        real_reply_err(req, errno);
     else {
         ADD(copy_bytes, (uint64_t)n);
         fuse_reply_write(req, (size_t)n);
     }
-    if (released)
-        py_restore_thread(state);
+    fd_give_back(released, state);
 }
 
 EXPORT size_t unionfs_native_counters(struct unionfs_native_counters *out, size_t size);
