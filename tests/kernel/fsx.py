@@ -154,6 +154,18 @@ class Exerciser:
         self.unsupported.append(name)
         return True
 
+    def try_fallocate(self, name: str, mode: int, off: int, length: int) -> bool:
+        """fallocate(2) on the writable descriptor; False when ``name`` (an :class:`Options` field) turned out
+        not to be supported and is left out from now on (not strict)."""
+        try:
+            fallocate(self.writer(), mode, off, length)
+        except OSError as exc:
+            if self.unsupported_op(name, exc):
+                setattr(self.o, name, False)
+                return False
+            raise
+        return True
+
     # -- operations ---------------------------------------------------------------------------------------
 
     def op_read(self) -> None:
@@ -220,13 +232,8 @@ class Exerciser:
         off, length = self.range()
         keep = self.rng.random() < 0.5
         self.log.append(f"{self.step} fallocate {off} {length}{' keep_size' if keep else ''}")
-        try:
-            fallocate(self.writer(), FALLOC_FL_KEEP_SIZE if keep else 0, off, length)
-        except OSError as exc:
-            if self.unsupported_op("fallocate", exc):
-                self.o.fallocate = False
-                return
-            raise
+        if not self.try_fallocate("fallocate", FALLOC_FL_KEEP_SIZE if keep else 0, off, length):
+            return
         if not keep and off + length > len(self.model):
             self.resize(off + length)
 
@@ -235,26 +242,17 @@ class Exerciser:
             return
         off, length = self.range(len(self.model))
         self.log.append(f"{self.step} punch_hole {off} {length}")
-        try:
-            fallocate(self.writer(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
-        except OSError as exc:
-            if self.unsupported_op("punch_hole", exc):
-                self.o.punch_hole = False
-                return
-            raise
+        if not self.try_fallocate("punch_hole", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length):
+            return
         self.zero(off, off + length)
 
     def op_zero_range(self) -> None:
         off, length = self.range()
         keep = self.rng.random() < 0.5
         self.log.append(f"{self.step} zero_range {off} {length}{' keep_size' if keep else ''}")
-        try:
-            fallocate(self.writer(), FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep else 0), off, length)
-        except OSError as exc:
-            if self.unsupported_op("zero_range", exc):
-                self.o.zero_range = False
-                return
-            raise
+        if not self.try_fallocate("zero_range", FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep else 0), off,
+                                  length):
+            return
         if not keep and off + length > len(self.model):
             self.resize(off + length)
         self.zero(off, off + length)
