@@ -7,6 +7,7 @@ what the kernel cannot check for us: access to objects whose owner this user nam
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -72,16 +73,40 @@ class AttrChanges:
 Shown = tuple[int, int, int, int]
 
 
+#: the positions of "." and "..": a listing's names come after them
+FIRST_POSITION = 3
+_POSITION_BITS = (1 << 62) - 1
+
+
+def listing_position(name: bytes) -> int:
+    """Where ``name`` stands in every listing of its directory (the offset a reader resumes after): a function
+    of the name alone, the same in a listing taken before or after others changed the directory. A reader
+    resuming at a name's position continues with the names after it whatever listing serves it (a directory
+    the kernel caches is filled by several readers, each from its own listing), and the kernel's own listings
+    of a directory agree on where each name stands. Within one server process; 62 bits, past "." and ".."."""
+    return max(hash(name) & _POSITION_BITS, FIRST_POSITION)
+
+
 class DirListing:
     """What one open directory serves: the merged listing taken at its first read (as the kernel takes it),
-    and the entry of each listed name, resolved when first asked for and kept until it has been sent."""
+    and the entry of each listed name, resolved when first asked for and kept until it has been sent.
 
-    __slots__ = ("_stack", "names", "_children", "_inos")
+    Names are served in the order of their positions (:func:`listing_position`; two names of one position, a
+    hash collision, take the next free one in name order), so that the offset a reader resumes at means the
+    same in every listing of the directory."""
+
+    __slots__ = ("_stack", "names", "positions", "_children", "_inos")
 
     def __init__(self, stack: Stack, names: dict[bytes, tuple[int, int]]) -> None:
         self._stack = stack
         #: (name, (layer, file type)) in listing order
-        self.names = list(names.items())
+        self.names = sorted(names.items(), key=lambda item: (listing_position(item[0]), item[0]))
+        #: the position of each name, increasing
+        self.positions: list[int] = []
+        last = FIRST_POSITION - 1
+        for name, _ in self.names:
+            last = max(listing_position(name), last + 1)
+            self.positions.append(last)
         self._children: dict[int, tuple[Entry, bool] | None] = {}
         #: per layer, the inode numbers its directory lists (for names the server may not stat)
         self._inos: dict[int, dict[bytes, int]] = {}
@@ -104,6 +129,10 @@ class DirListing:
             child = None
         self._children[index] = child
         return child
+
+    def index_after(self, position: int) -> int:
+        """The index of the first name whose position is past ``position`` (the offset a reader resumes at)."""
+        return bisect.bisect_right(self.positions, position)
 
     def sent(self, index: int) -> None:
         """The index-th name has been sent: its entry need not be kept."""

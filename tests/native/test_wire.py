@@ -301,3 +301,33 @@ def test_regression_debug_log_shows_reads_with_the_data_path_asked_for(stack: tu
     _unmount(mnt, pid)
     assert _log_lines(log, "DEBUG read(")
     assert "data path" not in _log_lines(log, "native part")[0]
+
+
+def test_regression_a_cached_listing_filled_from_two_listings_holds_each_name_once(tmp_path: Path, shim: Path) -> None:
+    """One reader fills the kernel's cache of a directory partway; a copy-up changes the order the layers list
+    its names in (not the names); a second reader takes the rest from the cache and then from the server, which
+    must go on after the last cached name. A root listing once held one name twice and missed another."""
+    why = fuse_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    tmp_path.chmod(0o755)
+    names = [f"d{i:04}" for i in range(3000)]
+    for d in ("u", "w", "m"):
+        (tmp_path / d).mkdir()
+    for n in names:
+        (tmp_path / "l" / n).mkdir(parents=True)
+    mnt = tmp_path / "m"
+    stats = tmp_path / "stats"
+    pid = _mount(f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},workdir={tmp_path / 'w'}", mnt,
+                 tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    try:
+        with os.scandir(mnt) as first:
+            next(first)  # one getdents: the cache holds its entries (about a thousand), not all
+            for n in names[-5:]:
+                os.chmod(mnt / n, 0o700)  # copied up: the upper directory lists these first
+            second = sorted(os.listdir(mnt))
+        assert second == names
+        assert sorted(os.listdir(mnt)) == names
+    finally:
+        _unmount(mnt, pid)
+    assert read_stats(stats)["dir_cached"] >= 1

@@ -7,11 +7,13 @@ import os
 import stat
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, File, Symlink, as_nobody, is_whiteout, opaque_value, readable_layers
 
 from unionfs import _sys, copyup
 from unionfs.layers import Stack
-from unionfs.union import Union
+from unionfs.union import DirListing, Union
 from unionfs.whiteout import XattrFormat
 
 LONG = b"n" * 256
@@ -858,6 +860,46 @@ def test_listing_child_resolves_each_listed_name_once(make_env):
         listing.sent(index)
     os.unlink(env.upper / "a")
     assert listing.child(root, names.index(b"a")) is None, "a name gone since the listing was taken"
+
+
+def test_regression_listing_positions_do_not_depend_on_the_order_layers_list_names(make_env):
+    """A directory the kernel caches is filled by several readers at once, each from its own listing: a reader
+    resuming at another's offset must go on with the names after that one. The merged listing's order changes
+    when the upper layer gains names in another order (copy-ups): positions must not (a cached root listing once
+    showed one worker directory twice and another not at all)."""
+    names = [f"w{i}" for i in range(12)]
+    env = make_env(upper={}, lowers=[{n: {} for n in names}, {}])
+    root = env.entry("")
+    order_before = list(env.union.listdir(root))
+    before = env.union.listing(env.union.listdir(root))
+    for n in reversed(names[:7]):  # copied up in another order: the upper directory lists them first
+        os.mkdir(env.upper / n)
+    order_after = list(env.union.listdir(root))
+    assert order_after != order_before and sorted(order_after) == sorted(order_before)
+    after = env.union.listing(env.union.listdir(root))
+    assert [n for n, _ in after.names] == [n for n, _ in before.names] and after.positions == before.positions
+    assert sorted(before.positions) == before.positions and len(set(before.positions)) == len(names)
+    assert min(before.positions) >= 3, "past . and .."
+    for cut in range(len(names) + 1):
+        resumed_at = before.positions[cut - 1] if cut else 2
+        rest = [name for name, _ in after.names[after.index_after(resumed_at):]]
+        assert rest == [name for name, _ in before.names[cut:]]
+
+
+@given(st.lists(st.binary(min_size=1, max_size=12).filter(lambda n: b"/" not in n and n not in (b".", b"..")),
+                unique=True, max_size=40), st.randoms(use_true_random=False))
+def test_listing_positions_are_a_function_of_the_names(names, rnd):
+    """Whatever order a listing comes in, each name gets the same position, increasing, past . and ..;
+    resuming after any position gives exactly the names after it."""
+    stack = Stack.__new__(Stack)
+    shuffled = list(names)
+    rnd.shuffle(shuffled)
+    a = DirListing(stack, {n: (0, stat.S_IFREG) for n in names})
+    b = DirListing(stack, {n: (1, stat.S_IFDIR) for n in shuffled})
+    assert [n for n, _ in a.names] == [n for n, _ in b.names] and a.positions == b.positions
+    assert all(p >= 3 for p in a.positions) and a.positions == sorted(set(a.positions))
+    for i, p in enumerate(a.positions):
+        assert b.index_after(p) == i + 1 and b.index_after(p - 1) == i
 
 
 def test_listing_of_a_directory_the_server_may_read_but_not_search():

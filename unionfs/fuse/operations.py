@@ -580,13 +580,13 @@ class Operations(pyfuse3.Operations):
         listing = handle.listing
         if start_id < 2 and not self._reply_dots(handle, start_id, token):
             return
-        for index in range(max(start_id, 2) - 2, len(listing.names)):
+        for index in range(listing.index_after(start_id), len(listing.names)):
             child = listing.child(handle.node.entry, index)
             if child is None:
                 continue
             node = self.inodes.node_for(child[0])
             attrs = self._attrs(node, child[0].st) if child[1] else self._unreachable_attrs(node)
-            if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, index + 3):
+            if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, listing.positions[index]):
                 self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
                 return
             if plain:
