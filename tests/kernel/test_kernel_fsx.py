@@ -1,7 +1,7 @@
 """fsx-style random operations on a file of a lower layer (:mod:`fsx`): read, write, mmap, truncate, fallocate
 (plain, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE), copy_file_range, SEEK_DATA/SEEK_HOLE, fsync, reopen; the first
 open for writing copies the file up in the middle of the run, a read-only descriptor opened before it staying
-open. With the native part's data path (UNIONFS_NATIVE_DATA=on), every operation must be supported and the
+open. With the native part's data path (on unless UNIONFS_NATIVE_DATA=off), every operation must be supported and the
 run, with the same seed, must end with the same bytes in the upper layer as on kernel overlayfs; in the pure
 mode fallocate's three kinds are not supported (EOPNOTSUPP, as pyfuse3 has no handler) and everything else
 must hold."""
@@ -70,7 +70,7 @@ def test_fsx_native_matches_the_kernel(make_pair: Callable[..., kernel_diff.Stac
     ops = SHORT_OPS if kernel_diff.IN_USER_NAMESPACE or os.geteuid() != 0 else NATIVE_OPS
     if kernel_diff.IMPL != "unionfs":
         pytest.skip(f"UNIONFS_DIFF_IMPL={kernel_diff.IMPL}: no native part")
-    monkeypatch.setenv("UNIONFS_NATIVE_DATA", "on")  # (the data path is not on by default yet)
+    monkeypatch.setenv("UNIONFS_NATIVE_DATA", "on")  # (whatever the environment of the run says)
     data = _lower_file()
     pair = make_pair(lowers=({"f": File(data)},))
     assert isinstance(pair.unionfs, kernel_diff.FuseMount)

