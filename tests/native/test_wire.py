@@ -104,23 +104,38 @@ def _log_lines(log: Path, word: str) -> list[str]:
     return [line for line in log.read_text().splitlines() if word in line]
 
 
+@pytest.mark.parametrize("openless", [True, False], ids=["open-less", "UNIONFS_NATIVE_OPENLESS=off"])
 def test_background_server_loads_the_shim_and_caches_listings(stack: tuple[str, Path], shim: Path,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, openless: bool) -> None:
+    """Listings are cached: by default the kernel opens directories itself (the first OPENDIR answered ENOSYS,
+    none after it, nor any RELEASEDIR), and asks for a listing only when it has none or it changed; with
+    UNIONFS_NATIVE_OPENLESS=off every directory open is Python's, its reply flagged cache_readdir."""
     opts, mnt = stack
     stats, log = tmp_path / "stats", tmp_path / "log"
-    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 **({} if openless else {"UNIONFS_NATIVE_OPENLESS": "off"}))
     assert str(shim) in _maps(pid)
     for _ in range(3):
         assert os.listdir(mnt / "d") == ["f"]
     (mnt / "d" / "g").write_text("new")
     assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
+    for _ in range(3):
+        assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
     _unmount(mnt, pid)
     got = read_stats(stats)
     assert got["session_wrapped"] == 1
-    assert got["dir_cached"] == got["opendir"] >= 4
+    if openless:
+        assert got["opendir"] == got["opendir_enosys"] == 1 and got["dir_cached"] == 0
+        # the root's listing (at the mount), d's first and d's after the change: each read once, the rest cached
+        assert 2 <= got["dir_openless"] <= 2 * 3, got
+    else:
+        assert got["opendir_enosys"] == 0 and got["dir_openless"] == 0
+        assert got["dir_cached"] == got["opendir"] >= 7
+    assert got["readdirplus"] <= 2 * 3  # (a listing asks twice: the entries, then their end)
     assert got["conn.max_write"] == 1 << 20
     lines = _log_lines(log, "native part")
     assert len(lines) == 1 and "native part: unionfs-native" in lines[0] and "cached listings" in lines[0]
+    assert ("open-less directories" in lines[0]) == openless
 
 
 @pytest.mark.parametrize("how", ["option", "environment"])
@@ -170,7 +185,8 @@ def test_foreground_server_loads_the_shim(stack: tuple[str, Path], shim: Path, t
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
         _out, err = proc.communicate(timeout=30)
-    assert read_stats(stats)["dir_cached"] >= 1
+    got = read_stats(stats)
+    assert got["dir_cached"] + got["dir_openless"] >= 1
     assert "native part: unionfs-native" in err
 
 
@@ -330,4 +346,5 @@ def test_regression_a_cached_listing_filled_from_two_listings_holds_each_name_on
         assert sorted(os.listdir(mnt)) == names
     finally:
         _unmount(mnt, pid)
-    assert read_stats(stats)["dir_cached"] >= 1
+    got = read_stats(stats)
+    assert got["dir_cached"] + got["dir_openless"] >= 1, "the kernel cached no listing"
