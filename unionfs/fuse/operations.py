@@ -613,6 +613,10 @@ class Operations(pyfuse3.Operations):
             return
         for index in range(listing.index_after(start_id), len(listing.names)):
             child = listing.child(directory.entry, index)
+            if ino is not None:
+                # (a listing readers share keeps no entry: one kept unsent would be sent, perhaps much later, with
+                # the attributes it had then)
+                listing.sent(index)
             if child is None:
                 continue
             node = self.inodes.node_for(child[0])
