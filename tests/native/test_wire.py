@@ -348,3 +348,36 @@ def test_regression_a_cached_listing_filled_from_two_listings_holds_each_name_on
         _unmount(mnt, pid)
     got = read_stats(stats)
     assert got["dir_cached"] + got["dir_openless"] >= 1, "the kernel cached no listing"
+
+
+def test_regression_a_directory_numbered_by_the_server_lists_its_own_names(stack: tuple[str, Path], shim: Path,
+                                                                           tmp_path: Path) -> None:
+    """A directory whose real inode number was reused while the kernel still held the old directory gets a number
+    of the server's own (from 1 << 62 up). With open-less directories its listings were answered ESTALE (or
+    another directory's): the bit that marked a handle as an inode number was one of its number's."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    upper = Path(opts.split("upperdir=")[1].split(",")[0])
+    try:
+        (mnt / "n").mkdir()
+        real = (upper / "n").stat().st_ino
+        held = os.open(mnt / "n", os.O_RDONLY | os.O_DIRECTORY)  # (the kernel keeps the old directory)
+        try:
+            for _ in range(20):
+                (mnt / "n").rmdir()
+                (mnt / "n").mkdir()
+                if (upper / "n").stat().st_ino == real:
+                    break
+            else:
+                pytest.skip(f"the upper file system ({upper}) gave no inode number again in 20 tries")
+            assert (mnt / "n").stat().st_ino >= 1 << 62, "numbered by the server"
+            (mnt / "n" / "inside").write_text("")
+            assert os.listdir(mnt / "n") == ["inside"]
+            assert os.listdir(held) == []
+        finally:
+            os.close(held)
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["opendir_enosys"] == 1 and got["dir_openless"] >= 2

@@ -145,8 +145,6 @@ class Native:
         lib.unionfs_native_set_fd.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
         lib.unionfs_native_absent_xattr.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
-        lib.unionfs_native_dir_inode_bit.restype = ctypes.c_uint64
-        self._inode_bit: int = lib.unionfs_native_dir_inode_bit()
 
     def version(self) -> str:
         return str(self._lib.unionfs_native_version().decode())
@@ -270,7 +268,7 @@ class Native:
     def dir_inode(self, fh: int) -> int | None:
         """The inode number of an open-less directory's handle (:meth:`set_openless_dirs`; after
         :meth:`readdir_handle`), None for a handle opendir returned."""
-        return fh & ~self._inode_bit if fh & self._inode_bit else None
+        return fh if self._lib.unionfs_native_session_openless() else None
 
 
 _loaded: Native | None = None

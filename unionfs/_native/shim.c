@@ -38,9 +38,6 @@
 
 /* The bit of a file handle that marks a plain READDIR (pyfuse3 hands fi->fh to Python unchanged). */
 #define PLAIN_READDIR_BIT (UINT64_C(1) << 63)
-/* The bit of a file handle that says the rest is the directory's inode number: a directory the kernel opened
- * without OPENDIR (OPT_OPENLESS_DIRS), whose requests carry fh 0. */
-#define DIR_INODE_BIT (UINT64_C(1) << 62)
 
 /* -- libfuse's own functions ------------------------------------------------------------------------------ */
 
@@ -275,18 +272,20 @@ static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     g_inner.opendir(req, ino, fi);
 }
 
-/* A plain READDIR: pyfuse3's readdirplus handler fills the buffer, fuse_add_direntry_plus writes plain entries
- * for it, and the file handle Python sees carries PLAIN_READDIR_BIT (the kernel takes no lookup reference for
- * plain entries: Python must not count one). */
-/* The handle Python gets for a directory request: the inode number for a directory opened without OPENDIR. */
+/* The handle Python gets for a directory request: in a session with open-less directories (where the kernel
+ * sends fh 0 for every directory: it never sent an OPENDIR Python answered), the directory's inode number. */
 static uint64_t dir_handle(fuse_ino_t ino, const struct fuse_file_info *fi)
 {
-    if (g_session_openless && fi->fh == 0) {
+    if (g_session_openless) {
         COUNT(dir_openless);
-        return DIR_INODE_BIT | (uint64_t)ino;
+        return (uint64_t)ino;
     }
     return fi->fh;
 }
+
+/* A plain READDIR: pyfuse3's readdirplus handler fills the buffer, fuse_add_direntry_plus writes plain entries
+ * for it, and the file handle Python sees carries PLAIN_READDIR_BIT (the kernel takes no lookup reference for
+ * plain entries: Python must not count one; inode numbers are below that bit). */
 
 static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
@@ -1099,7 +1098,6 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
         g_outer.readdir = shim_readdir;
     if (g_inner.readdirplus)
         g_outer.readdirplus = shim_readdirplus;
-    /* (inode numbers below DIR_INODE_BIT: pyfuse3's are st_ino-sized, and the shell's own are 48-bit) */
     g_session_openless = atomic_load(&g_opt_openless) && g_inner.opendir && g_inner.readdirplus;
     if (g_session_openless && g_inner.fsyncdir)
         g_outer.fsyncdir = shim_fsyncdir;
@@ -1282,10 +1280,11 @@ EXPORT uint64_t unionfs_native_plain_readdir_bit(void)
     return PLAIN_READDIR_BIT;
 }
 
-/* The DIR_INODE_BIT (the handle of a directory opened without OPENDIR is this bit and its inode number). */
-EXPORT uint64_t unionfs_native_dir_inode_bit(void)
+/* Whether the session has open-less directories (OPT_OPENLESS_DIRS when it started): the handle of each of its
+ * directory requests is then the directory's inode number. */
+EXPORT int unionfs_native_session_openless(void)
 {
-    return DIR_INODE_BIT;
+    return g_session_openless;
 }
 
 /* -- start-up --------------------------------------------------------------------------------------------------- */
