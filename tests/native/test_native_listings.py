@@ -8,7 +8,10 @@ test would prove nothing about them).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -102,11 +105,38 @@ def check(pair: StackPair, rel: str, what: str) -> None:
     assert k == u, f"{what}: listing of {rel}: kernel={k!r} unionfs={u!r}" + pair.context()
 
 
-def cached_listings(pair: StackPair) -> int:
-    """How many directory opens the shim replied with cache_readdir (after the unmount)."""
+def native_stats(pair: StackPair) -> dict[str, int]:
+    """The shim's counters (after the unmount)."""
     pair.unmount_all()
-    stats = dict(line.split(" ", 1) for line in pair.stats.read_text().splitlines())  # type: ignore[attr-defined]
-    return int(stats["dir_cached"])
+    lines = pair.stats.read_text().splitlines()  # type: ignore[attr-defined]
+    return {k: int(v) for k, v in (line.split(" ", 1) for line in lines)}
+
+
+def cached_listings(pair: StackPair) -> int:
+    """How many directory opens let the kernel cache the listing (after the unmount): replies to OPENDIR with
+    cache_readdir, or, with open-less directories, READDIR requests of directories the kernel opened itself
+    (with cache_readdir, its default then)."""
+    stats = native_stats(pair)
+    return stats["dir_cached"] + (stats["dir_openless"] if stats["opendir_enosys"] else 0)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_GETDENTS64 = 217  # (x86_64)
+
+
+def getdents(fd: int, size: int = 1024) -> list[str]:
+    """One getdents64(2) call on ``fd`` with a ``size``-byte buffer: the names it returned ([] at the end)."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    names, at, raw = [], 0, buf.raw[:n]
+    while at < n:
+        reclen = struct.unpack_from("<H", raw, at + 16)[0]
+        names.append(os.fsdecode(raw[at + 19:at + reclen].split(b"\0", 1)[0]))
+        at += reclen
+    return names
 
 
 CHANGES = [
@@ -213,5 +243,44 @@ def test_listing_follows_a_link_breaking_copy_up_when_the_kernel_forgot_the_name
     finally:
         for fd in fds:
             os.close(fd)
+    if NATIVE:
+        assert cached_listings(pair) > 0
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="getdents64's number is x86_64's")
+def test_listings_in_progress_list_each_name_once(make: Callable[..., StackPair]) -> None:
+    """Two listings of one directory read a little at a time, a name created between their reads: each lists
+    every name that was there exactly once, as on the kernel (a directory opened without OPENDIR has no handle:
+    where a listing in progress stands is the position of the last name it had); one read from the start again
+    sees the new name."""
+    names = {f"m/n{i:03d}-{'x' * 40}": "" for i in range(200)}
+    pair = make(({**LOWERS[0], **names}, *LOWERS[1:]))
+    for root in pair.roots:
+        d = root / "m"
+        held = set(os.listdir(d)) | {".", ".."}
+        assert {os.path.basename(n) for n in names} <= held
+        a = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        b = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            got_a, got_b = getdents(a), getdents(b)
+            assert got_a and got_b
+            elsewhere("open(os.path.join(sys.argv[1], 'created'), 'w').close()", d)
+            got_a += getdents(a)
+            c = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                got_c = [n for chunk in iter(lambda: getdents(c), []) for n in chunk]  # noqa: B023
+            finally:
+                os.close(c)
+            for fd, got in ((a, got_a), (b, got_b)):
+                while chunk := getdents(fd):
+                    got += chunk
+        finally:
+            os.close(a)
+            os.close(b)
+        for what, got in (("first", got_a), ("second", got_b)):
+            assert len(got) == len(set(got)), f"{root}: the {what} listing repeats names"
+            assert set(got) - {"created"} == held, (
+                f"{root}: the {what} listing is not what the directory held: {sorted(set(got) ^ held)}")
+        assert "created" in got_c, root
     if NATIVE:
         assert cached_listings(pair) > 0

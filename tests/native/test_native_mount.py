@@ -282,6 +282,9 @@ def test_unionfs_cached_listings_follow_changes_through_the_mount(start: Start, 
     os.rmdir(d / "sub")
     assert names() == ["hard", "ln", "renamed"]
     stats = s.stop()
-    assert stats["dir_cached"] == stats["opendir"] == 7
+    if stats["opendir_enosys"]:  # (open-less directories: the first OPENDIR answered ENOSYS, none after it)
+        assert stats["opendir"] == 1 and stats["dir_cached"] == 0
+    else:
+        assert stats["dir_cached"] == stats["opendir"] == 7
     # a listing asks READDIRPLUS twice (the entries, then their end); the repeated first one asked nothing
-    assert stats["readdirplus"] <= 2 * (stats["opendir"] - 1)
+    assert stats["readdirplus"] <= 2 * 6

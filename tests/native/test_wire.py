@@ -104,23 +104,38 @@ def _log_lines(log: Path, word: str) -> list[str]:
     return [line for line in log.read_text().splitlines() if word in line]
 
 
+@pytest.mark.parametrize("openless", [True, False], ids=["open-less", "UNIONFS_NATIVE_OPENLESS=off"])
 def test_background_server_loads_the_shim_and_caches_listings(stack: tuple[str, Path], shim: Path,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, openless: bool) -> None:
+    """Listings are cached: by default the kernel opens directories itself (the first OPENDIR answered ENOSYS,
+    none after it, nor any RELEASEDIR), and asks for a listing only when it has none or it changed; with
+    UNIONFS_NATIVE_OPENLESS=off every directory open is Python's, its reply flagged cache_readdir."""
     opts, mnt = stack
     stats, log = tmp_path / "stats", tmp_path / "log"
-    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 **({} if openless else {"UNIONFS_NATIVE_OPENLESS": "off"}))
     assert str(shim) in _maps(pid)
     for _ in range(3):
         assert os.listdir(mnt / "d") == ["f"]
     (mnt / "d" / "g").write_text("new")
     assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
+    for _ in range(3):
+        assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
     _unmount(mnt, pid)
     got = read_stats(stats)
     assert got["session_wrapped"] == 1
-    assert got["dir_cached"] == got["opendir"] >= 4
+    if openless:
+        assert got["opendir"] == got["opendir_enosys"] == 1 and got["dir_cached"] == 0
+        # the root's listing (at the mount), d's first and d's after the change: each read once, the rest cached
+        assert 2 <= got["dir_openless"] <= 2 * 3, got
+    else:
+        assert got["opendir_enosys"] == 0 and got["dir_openless"] == 0
+        assert got["dir_cached"] == got["opendir"] >= 7
+    assert got["readdirplus"] <= 2 * 3  # (a listing asks twice: the entries, then their end)
     assert got["conn.max_write"] == 1 << 20
     lines = _log_lines(log, "native part")
     assert len(lines) == 1 and "native part: unionfs-native" in lines[0] and "cached listings" in lines[0]
+    assert ("open-less directories" in lines[0]) == openless
 
 
 @pytest.mark.parametrize("how", ["option", "environment"])
@@ -170,7 +185,8 @@ def test_foreground_server_loads_the_shim(stack: tuple[str, Path], shim: Path, t
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
         _out, err = proc.communicate(timeout=30)
-    assert read_stats(stats)["dir_cached"] >= 1
+    got = read_stats(stats)
+    assert got["dir_cached"] + got["dir_openless"] >= 1
     assert "native part: unionfs-native" in err
 
 
@@ -345,4 +361,38 @@ def test_regression_a_cached_listing_filled_from_two_listings_holds_each_name_on
         assert sorted(os.listdir(mnt)) == names
     finally:
         _unmount(mnt, pid)
-    assert read_stats(stats)["dir_cached"] >= 1
+    got = read_stats(stats)
+    assert got["dir_cached"] + got["dir_openless"] >= 1, "the kernel cached no listing"
+
+
+def test_regression_a_directory_numbered_by_the_server_lists_its_own_names(stack: tuple[str, Path], shim: Path,
+                                                                           tmp_path: Path) -> None:
+    """A directory whose real inode number was reused while the kernel still held the old directory gets a number
+    of the server's own (from 1 << 62 up). With open-less directories its listings were answered ESTALE (or
+    another directory's): the bit that marked a handle as an inode number was one of its number's."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    upper = Path(opts.split("upperdir=")[1].split(",")[0])
+    try:
+        (mnt / "n").mkdir()
+        real = (upper / "n").stat().st_ino
+        held = os.open(mnt / "n", os.O_RDONLY | os.O_DIRECTORY)  # (the kernel keeps the old directory)
+        try:
+            for _ in range(20):
+                (mnt / "n").rmdir()
+                (mnt / "n").mkdir()
+                if (upper / "n").stat().st_ino == real:
+                    break
+            else:
+                pytest.skip(f"the upper file system ({upper}) gave no inode number again in 20 tries")
+            assert (mnt / "n").stat().st_ino >= 1 << 62, "numbered by the server"
+            (mnt / "n" / "inside").write_text("")
+            assert os.listdir(mnt / "n") == ["inside"]
+            assert os.listdir(held) == []
+        finally:
+            os.close(held)
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["opendir_enosys"] == 1 and got["dir_openless"] >= 2

@@ -28,6 +28,7 @@ _OPT_CACHE_DIRS = 2
 _OPT_READDIRPLUS_AUTO = 3
 _OPT_OWN_READER = 4
 _OPT_DATA_OPS = 5
+_OPT_OPENLESS_DIRS = 6
 
 # The FUSE_CAP_* bits of fuse_common.h that the connection record names.
 CAPS = {
@@ -45,7 +46,7 @@ _COUNTER_FIELDS = (
     "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
     "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
-    "copy_file_range", "copy_bytes", "data_unregistered")
+    "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -90,6 +91,8 @@ class Counters:
     copy_file_range: int
     copy_bytes: int
     data_unregistered: int
+    opendir_enosys: int
+    dir_openless: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +206,18 @@ class Native:
         handlers for them. Turn it on only when every open handle is registered."""
         self._set(_OPT_DATA_OPS, on)
 
+    def set_openless_dirs(self, on: bool) -> None:
+        """From the next session, the first OPENDIR is answered ENOSYS by the shim, so the kernel opens every
+        directory itself from then on (no OPENDIR, no RELEASEDIR; listings cached with keep_cache and
+        cache_readdir, its defaults then); READDIR(PLUS) and FSYNCDIR of such a directory come with a handle
+        for which :meth:`readdir_handle` names the inode instead (the kernel sends none). Python's opendir is
+        never called: the kernel checks access itself (default_permissions)."""
+        self._set(_OPT_OPENLESS_DIRS, on)
+
+    @property
+    def openless_dirs(self) -> bool:
+        return self._get(_OPT_OPENLESS_DIRS)
+
     @property
     def data_ops(self) -> bool:
         return self._get(_OPT_DATA_OPS)
@@ -249,6 +264,11 @@ class Native:
     def readdir_handle(self, fh: int) -> tuple[int, bool]:
         """(the handle opendir returned, whether this is a plain READDIR) for the ``fh`` a readdir got."""
         return fh & ~self._plain_bit, bool(fh & self._plain_bit)
+
+    def dir_inode(self, fh: int) -> int | None:
+        """The inode number of an open-less directory's handle (:meth:`set_openless_dirs`; after
+        :meth:`readdir_handle`), None for a handle opendir returned."""
+        return fh if self._lib.unionfs_native_session_openless() else None
 
 
 _loaded: Native | None = None

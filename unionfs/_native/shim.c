@@ -99,6 +99,8 @@ struct unionfs_native_counters {
     uint64_t copy_file_range; /* COPY_FILE_RANGE requests */
     uint64_t copy_bytes;      /* bytes copied by them */
     uint64_t data_unregistered; /* requests of the three above on a handle with no registered descriptor */
+    uint64_t opendir_enosys;  /* OPENDIR answered ENOSYS (open-less directories: the kernel stops asking) */
+    uint64_t dir_openless;    /* READDIR(PLUS) and FSYNCDIR requests of directories opened without OPENDIR */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -126,6 +128,7 @@ enum {
     OPT_READDIRPLUS_AUTO = 3, /* FUSE_CAP_READDIRPLUS_AUTO, plain READDIR served; default off */
     OPT_OWN_READER = 4,    /* a thread of the shim reads /dev/fuse and answers data requests itself; default off */
     OPT_DATA_OPS = 5,      /* FALLOCATE, LSEEK and COPY_FILE_RANGE served on registered descriptors; default off */
+    OPT_OPENLESS_DIRS = 6, /* OPENDIR answered ENOSYS: no OPENDIR/RELEASEDIR at all, listings cached; default off */
 };
 
 static struct unionfs_native_counters g_counters;
@@ -135,6 +138,9 @@ static atomic_int g_opt_cache_dirs;
 static atomic_int g_opt_rdplus_auto;
 static atomic_int g_opt_own_reader;
 static atomic_int g_opt_data_ops;
+static atomic_int g_opt_openless;
+/* The open-less setting of the session being created. */
+static int g_session_openless;
 /* The readdirplus_auto setting of the session being created (the init callback decides with it). */
 static int g_session_rdplus_auto;
 
@@ -249,20 +255,42 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
     dump_to_environment();
 }
 
+/* With open-less directories the first OPENDIR is answered ENOSYS: the kernel then opens every directory of the
+ * connection itself, with keep_cache and cache_readdir (its defaults without OPENDIR), never sends OPENDIR or
+ * RELEASEDIR again, and sends fh 0 in READDIR(PLUS) and FSYNCDIR, for which the handlers below pass the inode
+ * number (with DIR_INODE_BIT) instead. Access was checked by the kernel (default_permissions). */
 static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     COUNT(opendir);
+    if (g_session_openless) {
+        COUNT(opendir_enosys);
+        real_reply_err(req, ENOSYS);
+        return;
+    }
     if (atomic_load(&g_opt_cache_dirs) && !pending_add(req, KIND_OPENDIR))
         COUNT(dir_untracked);
     g_inner.opendir(req, ino, fi);
 }
 
+/* The handle Python gets for a directory request: in a session with open-less directories (where the kernel
+ * sends fh 0 for every directory: it never sent an OPENDIR Python answered), the directory's inode number. */
+static uint64_t dir_handle(fuse_ino_t ino, const struct fuse_file_info *fi)
+{
+    if (g_session_openless) {
+        COUNT(dir_openless);
+        return (uint64_t)ino;
+    }
+    return fi->fh;
+}
+
 /* A plain READDIR: pyfuse3's readdirplus handler fills the buffer, fuse_add_direntry_plus writes plain entries
  * for it, and the file handle Python sees carries PLAIN_READDIR_BIT (the kernel takes no lookup reference for
- * plain entries: Python must not count one). */
+ * plain entries: Python must not count one; inode numbers are below that bit). */
+
 static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     struct fuse_file_info copy = *fi;
+    copy.fh = dir_handle(ino, fi);
     COUNT(readdir_plain);
     if (!pending_add(req, KIND_PLAIN_READDIR)) {
         real_reply_err(req, EAGAIN);
@@ -274,8 +302,17 @@ static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
+    struct fuse_file_info copy = *fi;
+    copy.fh = dir_handle(ino, fi);
     COUNT(readdirplus);
-    g_inner.readdirplus(req, ino, size, off, fi);
+    g_inner.readdirplus(req, ino, size, off, &copy);
+}
+
+static void shim_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    struct fuse_file_info copy = *fi;
+    copy.fh = dir_handle(ino, fi);
+    g_inner.fsyncdir(req, ino, datasync, &copy);
 }
 
 /* -- extended attribute names no file of the mount has (declared by the shell) ----------------------------- */
@@ -686,7 +723,8 @@ static int dump_stats(const char *path)
     C(session_new); C(session_wrapped); C(init); C(opendir); C(dir_cached); C(dir_untracked); C(reply_open);
     C(reply_err); C(readdir_plain); C(entries_plain); C(read); C(read_max); C(write); C(write_max);
     C(write_bytes); C(readdirplus); C(read_native); C(xattr_absent); C(reader_forwarded); C(reader_served);
-    C(write_native);
+    C(write_native); C(fallocate); C(lseek); C(copy_file_range); C(copy_bytes); C(data_unregistered);
+    C(opendir_enosys); C(dir_openless);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -1060,6 +1098,9 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
         g_outer.readdir = shim_readdir;
     if (g_inner.readdirplus)
         g_outer.readdirplus = shim_readdirplus;
+    g_session_openless = atomic_load(&g_opt_openless) && g_inner.opendir && g_inner.readdirplus;
+    if (g_session_openless && g_inner.fsyncdir)
+        g_outer.fsyncdir = shim_fsyncdir;
     if (g_inner.getxattr)
         g_outer.getxattr = shim_getxattr;
     if (g_inner.setxattr)
@@ -1190,6 +1231,9 @@ EXPORT int unionfs_native_set(int option, int value)
     case OPT_DATA_OPS:
         atomic_store(&g_opt_data_ops, value != 0);
         return 0;
+    case OPT_OPENLESS_DIRS:
+        atomic_store(&g_opt_openless, value != 0);
+        return 0;
     default:
         return -EINVAL;
     }
@@ -1208,6 +1252,8 @@ EXPORT int unionfs_native_get(int option)
         return atomic_load(&g_opt_own_reader);
     case OPT_DATA_OPS:
         return atomic_load(&g_opt_data_ops);
+    case OPT_OPENLESS_DIRS:
+        return atomic_load(&g_opt_openless);
     default:
         return -EINVAL;
     }
@@ -1234,6 +1280,13 @@ EXPORT uint64_t unionfs_native_plain_readdir_bit(void)
     return PLAIN_READDIR_BIT;
 }
 
+/* Whether the session has open-less directories (OPT_OPENLESS_DIRS when it started): the handle of each of its
+ * directory requests is then the directory's inode number. */
+EXPORT int unionfs_native_session_openless(void)
+{
+    return g_session_openless;
+}
+
 /* -- start-up --------------------------------------------------------------------------------------------------- */
 
 static void *lookup(const char *name)
@@ -1247,7 +1300,7 @@ static void *lookup(const char *name)
 }
 
 /* Options for a server started without Python's help (LD_PRELOAD): UNIONFS_NATIVE_CONFIG=a,b with a, b among
- * notune, cache_dirs, readdirplus_auto, own_reader, data_ops, absent_xattr=NAME. */
+ * notune, cache_dirs, readdirplus_auto, own_reader, data_ops, openless_dirs, absent_xattr=NAME. */
 static void read_environment(void)
 {
     const char *conf = getenv("UNIONFS_NATIVE_CONFIG");
@@ -1267,6 +1320,8 @@ static void read_environment(void)
                 atomic_store(&g_opt_own_reader, 1);
             else if (strcmp(word, "data_ops") == 0)
                 atomic_store(&g_opt_data_ops, 1);
+            else if (strcmp(word, "openless_dirs") == 0)
+                atomic_store(&g_opt_openless, 1);
             else if (strncmp(word, "absent_xattr=", 13) == 0)
                 absent_set(word + 13, 1);
         }

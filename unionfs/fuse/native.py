@@ -35,6 +35,11 @@ NATIVE, PURE = "native", "pure"
 
 #: whether cached listings are turned on for a native mount (the shell invalidates what the kernel cannot see)
 CACHED_LISTINGS = True
+#: whether a native mount's directories are opened by the kernel without OPENDIR (and closed without
+#: RELEASEDIR): the shim answers the first OPENDIR ENOSYS; listings are cached all the same
+OPENLESS_DIRS = True
+#: ``UNIONFS_NATIVE_OPENLESS=off``: directories are opened through Python's opendir again
+OPENLESS_ENV = "UNIONFS_NATIVE_OPENLESS"
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
@@ -122,11 +127,13 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_cached_listings(on and (CACHED_LISTINGS or native.cached_listings))
     native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
     native.set_data_ops(on and data_path(spec))
+    native.set_openless_dirs(on and OPENLESS_DIRS and os.environ.get(OPENLESS_ENV, "").lower() not in _OFF)
     if not on:
         why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
         _report = f"native part loaded but switched off ({why}): serving in the pure mode"
         return None
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
+        ["open-less directories"] if native.openless_dirs else []) + (
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
         ["data path"] if native.data_ops else [])
     _report = f"native part: {native.version()} ({', '.join(features)})"

@@ -45,6 +45,9 @@ _BIG_IO = 1 << 20
 #: taken for them)
 _CACHED_DIRS_MAX = 1 << 16
 
+#: how many merged listings of directories opened without OPENDIR are kept ready to serve (unionfs.fuse.native)
+_OPENLESS_LISTINGS = 256
+
 #: how many real objects the memory of missing xattr names covers before it starts again
 _ABSENT_MAX = 1 << 16
 
@@ -159,6 +162,10 @@ class Operations(pyfuse3.Operations):
         #: the directories opened while listings are cached: the kernel may keep a listing of these only
         self._cached_dirs: set[int] = set()
         self._cached_dirs_overflow = False
+        #: what the READDIRs of directories the kernel opened without OPENDIR are served from (unionfs.fuse.native):
+        #: by inode, the merged listing of the node it was made of and its listing in position order; no
+        #: handle holds it (the kernel sends none), the offsets say where a reader stands (listing_position)
+        self._openless: dict[int, tuple[dict[bytes, tuple[int, int]], DirListing]] = {}
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
@@ -535,12 +542,29 @@ class Operations(pyfuse3.Operations):
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         if self.native is not None:
-            if len(self._cached_dirs) < _CACHED_DIRS_MAX:
-                self._cached_dirs.add(inode)
-            else:
-                self._cached_dirs_overflow = True
+            self._dir_cached(inode)
         self.inodes.opened(node)
         return fh
+
+    def _dir_cached(self, ino: int) -> None:
+        """The kernel may keep a listing of directory ``ino`` from now on (cached listings)."""
+        if len(self._cached_dirs) < _CACHED_DIRS_MAX:
+            self._cached_dirs.add(ino)
+        else:
+            self._cached_dirs_overflow = True
+
+    def _openless_listing(self, node: Node) -> DirListing:
+        """The listing a READDIR of directory ``node`` opened without OPENDIR is served from: the current merged
+        listing, in position order, made again once the merged listing changed."""
+        names = self._merged(node)
+        kept = self._openless.pop(node.ino, None)
+        if kept is None or kept[0] is not names:
+            kept = (names, self.union.listing(names))
+            self._dir_cached(node.ino)
+        self._openless[node.ino] = kept  # (the most recently used last)
+        while len(self._openless) > _OPENLESS_LISTINGS:
+            del self._openless[next(iter(self._openless))]
+        return kept[1]
 
     def _merged(self, node: Node) -> dict[bytes, tuple[int, int]]:
         """The merged listing of directory ``node``, kept until something changes in it."""
@@ -558,9 +582,8 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = 0
         return a
 
-    def _reply_dots(self, handle: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> bool:
+    def _reply_dots(self, node: Node, start_id: int, token: pyfuse3.ReaddirToken) -> bool:
         """"." and ".." (the kernel takes no lookup reference for these); False when the buffer is full."""
-        node = handle.node
         dots = [(b".", node), (b"..", self.inodes.parent_of(node) or node)]
         for index, (name, dot) in enumerate(dots[start_id:], start_id):
             if not pyfuse3.readdir_reply(token, name, self._attrs(dot), index + 1):
@@ -573,15 +596,27 @@ class Operations(pyfuse3.Operations):
         # (the kernel's adaptive readdirplus, unionfs.fuse.native: a plain READDIR comes with a flag in the
         # handle; the kernel takes no reference for its entries)
         fh, plain = self.native.readdir_handle(fh) if self.native is not None else (fh, False)
-        handle = self._dirs[fh]
-        if start_id == 0 or handle.listing is None:
-            # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
-            handle.listing = self.union.listing(self._merged(handle.node))
-        listing = handle.listing
-        if start_id < 2 and not self._reply_dots(handle, start_id, token):
+        ino = self.native.dir_inode(fh) if self.native is not None else None
+        if ino is not None:
+            # A directory the kernel opened without OPENDIR: no handle, each READDIR is served from the current
+            # merged listing (the offsets are positions of names: a reader goes on after the last it had).
+            directory = self._node(ino)
+            listing = self._openless_listing(directory)
+        else:
+            handle = self._dirs[fh]
+            directory = handle.node
+            if start_id == 0 or handle.listing is None:
+                # The first read takes the snapshot (as the kernel does); rewinddir(3) takes a new one.
+                handle.listing = self.union.listing(self._merged(directory))
+            listing = handle.listing
+        if start_id < 2 and not self._reply_dots(directory, start_id, token):
             return
         for index in range(listing.index_after(start_id), len(listing.names)):
-            child = listing.child(handle.node.entry, index)
+            child = listing.child(directory.entry, index)
+            if ino is not None:
+                # (a listing readers share keeps no entry: one kept unsent would be sent, perhaps much later, with
+                # the attributes it had then)
+                listing.sent(index)
             if child is None:
                 continue
             node = self.inodes.node_for(child[0])
@@ -602,7 +637,9 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(self.union.fsync_dir, self._dirs[fh].node.entry)
+        ino = self.native.dir_inode(fh) if self.native is not None else None
+        node = self._node(ino) if ino is not None else self._dirs[fh].node
+        await trio.to_thread.run_sync(self.union.fsync_dir, node.entry)
 
     # -- xattrs -------------------------------------------------------------------------------------------
 
