@@ -223,6 +223,10 @@ class Native:
         return self._get(_OPT_DATA_OPS)
 
     @property
+    def own_reader(self) -> bool:
+        return self._get(_OPT_OWN_READER)
+
+    @property
     def cached_listings(self) -> bool:
         return self._get(_OPT_CACHE_DIRS)
 

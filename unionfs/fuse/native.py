@@ -40,6 +40,10 @@ CACHED_LISTINGS = True
 OPENLESS_DIRS = True
 #: ``UNIONFS_NATIVE_OPENLESS=off``: directories are opened through Python's opendir again
 OPENLESS_ENV = "UNIONFS_NATIVE_OPENLESS"
+#: whether a thread of the shim reads the device of a mount with the data path, answering READ and WRITE itself
+#: (pyfuse3 gets the rest from it); ``UNIONFS_NATIVE_READER=on``/``off`` says otherwise
+OWN_READER = False
+READER_ENV = "UNIONFS_NATIVE_READER"
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
@@ -65,6 +69,7 @@ def wanted(spec: MountSpec) -> bool:
 
 
 _OFF = ("off", "0", "no", "pure")
+_ON = ("on", "1", "yes")
 
 
 def prepare(spec: MountSpec) -> _native.Native | None:
@@ -128,6 +133,8 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
     native.set_data_ops(on and data_path(spec))
     native.set_openless_dirs(on and OPENLESS_DIRS and os.environ.get(OPENLESS_ENV, "").lower() not in _OFF)
+    reader = os.environ.get(READER_ENV, "").lower()
+    native.set_own_reader(on and data_path(spec) and (reader in _ON if reader in _ON + _OFF else OWN_READER))
     if not on:
         why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
         _report = f"native part loaded but switched off ({why}): serving in the pure mode"
@@ -135,7 +142,7 @@ def configure(spec: MountSpec) -> _native.Native | None:
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
         ["open-less directories"] if native.openless_dirs else []) + (
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
-        ["data path"] if native.data_ops else [])
+        ["data path"] if native.data_ops else []) + (["own reader"] if native.own_reader else [])
     _report = f"native part: {native.version()} ({', '.join(features)})"
     return native
 
