@@ -309,7 +309,8 @@ def test_data_path_serves_reads_and_writes_and_follows_copy_up(stack: tuple[str,
 
 @pytest.mark.parametrize("data", ["", "off"])
 def test_data_path_is_on_unless_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path, data: str) -> None:
-    """The data path serves a native mount by default; UNIONFS_NATIVE_DATA=off keeps reads and writes in Python."""
+    """The data path serves a native mount by default, with the shim's own reader thread; UNIONFS_NATIVE_DATA=off
+    keeps reads and writes in Python (and the device to pyfuse3)."""
     opts, mnt = stack
     stats, log = tmp_path / "stats", tmp_path / "log"
     extra = {"UNIONFS_NATIVE_DATA": data} if data else {}
@@ -320,6 +321,22 @@ def test_data_path_is_on_unless_switched_off(stack: tuple[str, Path], shim: Path
     assert got["read"] >= 1
     assert (got["read_native"] == got["read"]) == (not data) and (got["read_native"] == 0) == bool(data)
     assert ("data path" in _log_lines(log, "native part")[0]) == (not data)
+    assert ("own reader" in _log_lines(log, "native part")[0]) == (not data)
+    assert (got["reader_served"] >= 1) == (not data)
+
+
+def test_own_reader_can_be_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    """UNIONFS_NATIVE_READER=off: pyfuse3 reads the device; the data path still serves reads in the shim."""
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_READER="off")
+    assert (mnt / "d" / "f").read_text() == "lower\n"
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["reader_served"] == got["reader_forwarded"] == 0 and got["read_native"] == got["read"] >= 1
+    line = _log_lines(log, "native part")[0]
+    assert "data path" in line and "own reader" not in line
 
 
 def test_regression_debug_log_shows_reads_with_the_data_path_asked_for(stack: tuple[str, Path], shim: Path,

@@ -41,8 +41,8 @@ OPENLESS_DIRS = True
 #: ``UNIONFS_NATIVE_OPENLESS=off``: directories are opened through Python's opendir again
 OPENLESS_ENV = "UNIONFS_NATIVE_OPENLESS"
 #: whether a thread of the shim reads the device of a mount with the data path, answering READ and WRITE itself
-#: (pyfuse3 gets the rest from it); ``UNIONFS_NATIVE_READER=on``/``off`` says otherwise
-OWN_READER = False
+#: (pyfuse3 gets the rest from it); ``UNIONFS_NATIVE_READER=off`` leaves the device to pyfuse3
+OWN_READER = True
 READER_ENV = "UNIONFS_NATIVE_READER"
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
