@@ -27,6 +27,8 @@ from kernel_diff import (  # noqa: E402
     IMPL,
     STD_LOWERS,
     Dir,
+    File,
+    Hardlink,
     Layer,
     StackPair,
     build_template,
@@ -220,6 +222,21 @@ def test_listing_follows_a_copy_up_that_breaks_a_lower_hard_link(make: Callable[
         elsewhere("open(sys.argv[1], 'a').write('through hl1')", root / "hl1")
     check(pair, "dir", "after the copy-up")
     check(pair, "", "after the copy-up")
+    if NATIVE:
+        assert cached_listings(pair) > 0
+
+
+def test_listing_follows_a_second_link_breaking_copy_up(make: Callable[..., StackPair]) -> None:
+    """Two lower hard links with a name in dir each, broken one after the other, dir listed between: the second
+    copy-up must drop dir's listing too (each listing served is remembered as one the kernel may keep)."""
+    l1, l2, l3 = HARDLINK_LOWERS
+    l2 = {**l2, "k1": File(b"second link in l2\n"), "dir/k3": Hardlink("k1")}
+    pair = make((l1, l2, l3))
+    check(pair, "dir", "before")
+    for n, name in enumerate(("hl1", "k1")):
+        for root in pair.roots:
+            elsewhere("open(sys.argv[1], 'a').write('through it')", root / name)
+        check(pair, "dir", f"after copy-up {n + 1} (of {name})")
     if NATIVE:
         assert cached_listings(pair) > 0
 

@@ -560,7 +560,7 @@ class Operations(pyfuse3.Operations):
         kept = self._openless.pop(node.ino, None)
         if kept is None or kept[0] is not names:
             kept = (names, self.union.listing(names))
-            self._dir_cached(node.ino)
+        self._dir_cached(node.ino)  # (each time: the set is emptied whenever what it names is dropped)
         self._openless[node.ino] = kept  # (the most recently used last)
         while len(self._openless) > _OPENLESS_LISTINGS:
             del self._openless[next(iter(self._openless))]
