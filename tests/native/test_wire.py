@@ -4,6 +4,7 @@ cannot load is said once in the log and the mount is served as without it; ``uni
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -413,3 +414,36 @@ def test_regression_a_directory_numbered_by_the_server_lists_its_own_names(stack
         _unmount(mnt, pid)
     got = read_stats(stats)
     assert got["opendir_enosys"] == 1 and got["dir_openless"] >= 2
+
+
+def test_absent_xattrs_are_answered_by_the_shim_until_set(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    """A name found missing on a file is answered ENODATA by the shim the next time (the GETXATTR of
+    security.selinux that `ls -l` sends for every file); setting it, through that name or another name of the
+    object, makes it readable at once."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    f, g = mnt / "d" / "f", mnt / "d" / "g"
+    try:
+        for _ in range(3):
+            with pytest.raises(OSError) as missing:
+                os.getxattr(f, "user.a")
+            assert missing.value.errno == errno.ENODATA
+        os.setxattr(f, "user.a", b"1")  # (copies f up)
+        assert os.getxattr(f, "user.a") == b"1"
+        os.link(f, g)
+        for _ in range(2):
+            with pytest.raises(OSError):
+                os.getxattr(f, "user.b")
+        os.setxattr(g, "user.b", b"2")
+        assert os.getxattr(f, "user.b") == b"2"
+        for _ in range(2):
+            with pytest.raises(OSError):
+                os.getxattr(f, "user.c")
+        os.removexattr(f, "user.a")  # (a change of the object's xattrs: nothing it knew is kept)
+        os.setxattr(g, "user.c", b"3", follow_symlinks=False)
+        assert os.getxattr(f, "user.c") == b"3"
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["xattr_absent"] >= 3, got["xattr_absent"]

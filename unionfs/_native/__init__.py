@@ -144,6 +144,8 @@ class Native:
         lib.unionfs_native_dump.argtypes = [ctypes.c_char_p]
         lib.unionfs_native_set_fd.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
         lib.unionfs_native_absent_xattr.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.unionfs_native_absent_at.argtypes = [ctypes.c_uint64, ctypes.c_char_p]
+        lib.unionfs_native_absent_clear.restype = None
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
     def version(self) -> str:
@@ -264,6 +266,18 @@ class Native:
         err = self._lib.unionfs_native_absent_xattr(name, int(absent))
         if err != 0:
             raise OSError(-err, os.strerror(-err), os.fsdecode(name))
+
+    def absent_at(self, ino: int, name: bytes) -> None:
+        """Inode ``ino`` has no extended attribute ``name`` (found missing): the shim answers GETXATTR of it
+        ENODATA until :meth:`absent_clear` or a SETXATTR through the mount. OSError ENOSPC: the shim holds 8
+        names."""
+        err = self._lib.unionfs_native_absent_at(ino, name)
+        if err != 0:
+            raise OSError(-err, os.strerror(-err), os.fsdecode(name))
+
+    def absent_clear(self) -> None:
+        """Forget what :meth:`absent_at` said of every inode."""
+        self._lib.unionfs_native_absent_clear()
 
     def readdir_handle(self, fh: int) -> tuple[int, bool]:
         """(the handle opendir returned, whether this is a plain READDIR) for the ``fh`` a readdir got."""

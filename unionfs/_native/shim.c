@@ -365,9 +365,120 @@ out:
     return ret;
 }
 
+/* -- extended attribute names one inode lacks (told by the shell when it found them missing) ---------------- */
+
+/* inode -> a bit per name of g_obj_names, open addressing (no removal: the shell empties the table at every change
+ * that may give an object an xattr, as its own memory is forgotten then). */
+#define OBJ_NAMES 8
+#define OBJ_SLOTS_MIN 1024
+#define OBJ_MAX (1u << 20)
+struct obj_slot {
+    uint64_t ino;
+    uint32_t names; /* 0: a free slot */
+};
+static char g_obj_names[OBJ_NAMES][ABSENT_NAME];
+static struct obj_slot *g_obj;
+static unsigned g_obj_slots, g_obj_used;
+static atomic_int g_obj_count;
+static pthread_mutex_t g_obj_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void obj_clear_locked(void)
+{
+    free(g_obj);
+    g_obj = NULL;
+    g_obj_slots = g_obj_used = 0;
+    atomic_store(&g_obj_count, 0);
+}
+
+static void obj_clear(void)
+{
+    if (atomic_load(&g_obj_count) == 0)
+        return;
+    pthread_mutex_lock(&g_obj_lock);
+    obj_clear_locked();
+    pthread_mutex_unlock(&g_obj_lock);
+}
+
+/* The slot of ``ino`` in ``slots`` (n a power of two), or the free one where it would go. */
+static struct obj_slot *obj_at(struct obj_slot *slots, unsigned n, uint64_t ino)
+{
+    unsigned at = (unsigned)((ino * UINT64_C(0x9E3779B97F4A7C15)) >> 40) & (n - 1);
+    while (slots[at].names && slots[at].ino != ino)
+        at = (at + 1) & (n - 1);
+    return &slots[at];
+}
+
+/* The bit of ``name`` (added when ``add``), 0 when it has none. The caller holds g_obj_lock. */
+static uint32_t obj_name_bit_locked(const char *name, int add)
+{
+    for (int i = 0; i < OBJ_NAMES; i++)
+        if (g_obj_names[i][0] && strcmp(g_obj_names[i], name) == 0)
+            return 1u << i;
+    if (!add || strlen(name) >= ABSENT_NAME || !name[0])
+        return 0;
+    for (int i = 0; i < OBJ_NAMES; i++) {
+        if (!g_obj_names[i][0]) {
+            memcpy(g_obj_names[i], name, strlen(name) + 1);
+            return 1u << i;
+        }
+    }
+    return 0;
+}
+
+static int obj_absent(uint64_t ino, const char *name)
+{
+    int found = 0;
+    if (atomic_load(&g_obj_count) == 0)
+        return 0;
+    pthread_mutex_lock(&g_obj_lock);
+    uint32_t bit = obj_name_bit_locked(name, 0);
+    if (bit && g_obj != NULL)
+        found = (obj_at(g_obj, g_obj_slots, ino)->names & bit) != 0;
+    pthread_mutex_unlock(&g_obj_lock);
+    return found;
+}
+
+/* ``ino`` has no xattr ``name``: 0, or -ENOSPC (more names than OBJ_NAMES), -ENOMEM. */
+static int obj_set_absent(uint64_t ino, const char *name)
+{
+    int ret = 0;
+    pthread_mutex_lock(&g_obj_lock);
+    uint32_t bit = obj_name_bit_locked(name, 1);
+    if (!bit) {
+        ret = -ENOSPC;
+        goto out;
+    }
+    if (g_obj_used >= OBJ_MAX)
+        obj_clear_locked();
+    if ((g_obj_used + 1) * 4 > g_obj_slots * 3) {
+        unsigned n = g_obj_slots ? g_obj_slots * 2 : OBJ_SLOTS_MIN;
+        struct obj_slot *slots = calloc(n, sizeof *slots);
+        if (slots == NULL) {
+            ret = -ENOMEM;
+            goto out;
+        }
+        for (unsigned i = 0; i < g_obj_slots; i++)
+            if (g_obj[i].names)
+                *obj_at(slots, n, g_obj[i].ino) = g_obj[i];
+        free(g_obj);
+        g_obj = slots;
+        g_obj_slots = n;
+    }
+    struct obj_slot *slot = obj_at(g_obj, g_obj_slots, ino);
+    if (!slot->names) {
+        slot->ino = ino;
+        g_obj_used++;
+        atomic_store(&g_obj_count, (int)g_obj_used);
+    }
+    slot->names |= bit;
+out:
+    pthread_mutex_unlock(&g_obj_lock);
+    return ret;
+}
+
 static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
-    if (absent_has(name)) {
+    if (absent_has(name) || obj_absent(ino, name)) {
         COUNT(xattr_absent);
         real_reply_err(req, ENODATA);
         return;
@@ -381,6 +492,7 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, cons
 {
     if (absent_has(name))
         absent_set(name, 0);
+    obj_clear();
     g_inner.setxattr(req, ino, name, value, size, flags);
 }
 
@@ -911,7 +1023,8 @@ static int rx_serve(const char *mem, size_t size)
                rx_serve_write(in, (const struct fuse_write_in *)arg, arg + sizeof(struct fuse_write_in),
                               left - sizeof(struct fuse_write_in));
     case FUSE_GETXATTR:
-        if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) && absent_has(arg + 8)) {
+        if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) &&
+            (absent_has(arg + 8) || obj_absent(in->nodeid, arg + 8))) {
             COUNT(xattr_absent);
             rx_reply_error(in->unique, ENODATA);
             return 1;
@@ -923,6 +1036,7 @@ static int rx_serve(const char *mem, size_t size)
         for (size_t at = 8; at <= 16; at += 8)
             if (left > at && memchr(arg + at, 0, left - at) && absent_has(arg + at))
                 absent_set(arg + at, 0);
+        obj_clear();
         return 0;
     default:
         return 0;
@@ -1022,6 +1136,7 @@ static void rx_after_fork_child(void)
     pthread_mutex_init(&g_fd_lock, NULL);
     pthread_mutex_init(&g_pending_lock, NULL);
     pthread_mutex_init(&g_absent_lock, NULL);
+    pthread_mutex_init(&g_obj_lock, NULL);
     if (!g_rx.active)
         return;
     close(g_rx.eventfd);
@@ -1088,6 +1203,7 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
         return real_session_new ? real_session_new(args, op, op_size, userdata) : NULL;
     pending_clear();
     fd_table_clear();
+    obj_clear();
     memcpy(&g_inner, op, sizeof g_inner);
     g_outer = g_inner;
     g_outer.init = shim_init;
@@ -1272,6 +1388,19 @@ EXPORT int unionfs_native_set_fd(uint64_t fh, int fd, int modes)
 EXPORT int unionfs_native_absent_xattr(const char *name, int absent)
 {
     return absent_set(name, absent);
+}
+
+/* Inode ``ino`` has no extended attribute ``name`` (the shell found it missing): GETXATTR of it is answered
+ * ENODATA until unionfs_native_absent_clear() or a SETXATTR through the mount. 0, -ENOSPC, -ENOMEM. */
+EXPORT int unionfs_native_absent_at(uint64_t ino, const char *name)
+{
+    return obj_set_absent(ino, name);
+}
+
+/* Forget every inode's absent names (an object may have gained one). */
+EXPORT void unionfs_native_absent_clear(void)
+{
+    obj_clear();
 }
 
 /* The PLAIN_READDIR_BIT (Python strips it from the handle of a plain READDIR). */

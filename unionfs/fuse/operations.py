@@ -16,6 +16,7 @@ What runs where:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -60,14 +61,24 @@ class AbsentXattrs:
     Keyed by the real object, not by node: one upper file may have two nodes (a name the kernel has not looked
     up yet, beside an unlinked open one). Forgotten for an object whenever an xattr of it changes through us,
     and whenever a name is created or removed (an inode number may be reused).
+
+    With a ``mirror`` (the native part), each name found missing is told to it for the inode asked, and it
+    answers the next requests itself; any forgetting empties all it was told (it knows inodes, not objects).
     """
 
-    __slots__ = ("_names", "_sets")
+    __slots__ = ("_names", "_sets", "mirror")
 
     def __init__(self) -> None:
         self._names: dict[tuple[int, int], tuple[bytes, ...]] = {}
         #: one shared tuple per set of names (nearly every object has the same one or two)
         self._sets: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+        self.mirror: Native | None = None
+
+    def tell(self, ino: int, name: bytes) -> None:
+        """Inode ``ino``'s object lacks ``name`` (it is known here): the mirror answers for it from now on."""
+        if self.mirror is not None:
+            with contextlib.suppress(OSError):  # (ENOSPC: more names than it holds; asked here then)
+                self.mirror.absent_at(ino, name)
 
     def known(self, st: os.stat_result, name: bytes) -> bool:
         return self.known_object(st.st_dev, st.st_ino, name)
@@ -86,6 +97,8 @@ class AbsentXattrs:
 
     def forget(self, st: os.stat_result) -> None:
         self._names.pop((st.st_dev, st.st_ino), None)
+        if self.mirror is not None:
+            self.mirror.absent_clear()
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
@@ -151,6 +164,7 @@ class Operations(pyfuse3.Operations):
         self.native: Native | None = None
         #: whether the shim serves reads and writes of open files on their descriptors (unionfs.fuse.native)
         self.data_path = False
+
         self.union = union
         self.timeout = timeout
         self.inodes = InodeTable(union.layer_devices(), union.root())
@@ -166,6 +180,13 @@ class Operations(pyfuse3.Operations):
         #: by inode, the merged listing of the node it was made of and its listing in position order; no
         #: handle holds it (the kernel sends none), the offsets say where a reader stands (listing_position)
         self._openless: dict[int, tuple[dict[bytes, tuple[int, int]], DirListing]] = {}
+
+    def use_native(self, native: Native | None) -> None:
+        """Serve with the native part (None: the pure mode): cached listings, the data path when it has it, and
+        absent xattrs answered by it (not with -d, whose log shows every request)."""
+        self.native = native
+        self.data_path = native is not None and native.data_ops
+        self._absent.mirror = native if not errors.debug else None
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
@@ -649,6 +670,7 @@ class Operations(pyfuse3.Operations):
         # but the FUSEError it means to).
         node = self.inodes.nodes.get(inode)
         if node is not None and not node.unlinked and self._absent.known_object(*node.identity()[1:], name):
+            self._absent.tell(inode, name)
             if errors.debug:
                 errors.log_request("getxattr", (inode, name), "ENODATA")
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -662,6 +684,7 @@ class Operations(pyfuse3.Operations):
         except OSError as exc:
             if exc.errno == errno.ENODATA and not node.unlinked:
                 self._absent.add(node.entry.st, name)
+                self._absent.tell(inode, name)
             raise
 
     @boundary

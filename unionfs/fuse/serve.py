@@ -129,9 +129,7 @@ def serve(prepared: Mount, ready: Callable[[], None] = lambda: None, device: int
     signal.signal(LOG_TABLE_SIGNAL, ops.log_table)  # (ignored from the start of the server until here)
     errors.set_debug(prepared.spec.debug)
     ops.enable_acl = prepared.spec.acl  # (-o noacl: the kernel checks the mode bits alone)
-    ops.native = native.configure(prepared.spec)  # (the shim, when it serves natively)
-    # (not with -d: the debug log shows every request, and the data path's never reach Python)
-    ops.data_path = ops.native is not None and ops.native.data_ops
+    ops.use_native(native.configure(prepared.spec))  # (the shim, when it serves natively)
     # A signal between the mount and the handler's installation must not kill us with the mount left behind.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     if mask is None:
