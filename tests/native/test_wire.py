@@ -4,6 +4,7 @@ cannot load is said once in the log and the mount is served as without it; ``uni
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -447,3 +448,28 @@ def test_absent_xattrs_are_answered_by_the_shim_until_set(stack: tuple[str, Path
         _unmount(mnt, pid)
     got = read_stats(stats)
     assert got["xattr_absent"] >= 3, got["xattr_absent"]
+
+
+def test_regression_renaming_a_lower_file_held_open_for_reading(stack: tuple[str, Path], shim: Path,
+                                                               tmp_path: Path) -> None:
+    """A lower file open for reading is renamed (copied up, moved, a whiteout left at its name) and then
+    exchanged with another: each rename succeeds and the open handle reads the file it opened, at its new name.
+    The handle's reopening after the copy-up used the old name: the rename failed with ENXIO (the whiteout), and
+    after an exchange the handle would have read the other file."""
+    opts, mnt = stack
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim))
+    d = mnt / "d"
+    (d / "other").write_text("other\n")
+    (d / "sub").mkdir()
+    try:
+        with open(d / "f", "rb", buffering=0) as held:
+            os.rename(d / "f", d / "sub" / "f")
+            with open(d / "sub" / "f", "a") as more:
+                more.write("more\n")
+            assert os.pread(held.fileno(), 100, 0) == b"lower\nmore\n"
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.renameat2(-100, bytes(d / "other"), -100, bytes(d / "sub" / "f"), 2) == 0, ctypes.get_errno()
+            assert os.pread(held.fileno(), 100, 0) == b"lower\nmore\n"
+            assert (d / "other").read_text() == "lower\nmore\n" and (d / "sub" / "f").read_text() == "other\n"
+    finally:
+        _unmount(mnt, pid)

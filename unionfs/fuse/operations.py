@@ -480,11 +480,16 @@ class Operations(pyfuse3.Operations):
                                                   flags, _caller(ctx))
         if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
             self.inodes.exchanged(moved, replaced)
+            if self.data_path:  # (a copy-up of the rename's was followed where the copy no longer was)
+                self._follow_copy_up(moved.path)
+                self._follow_copy_up(replaced.path)
             return
         if replaced is not None:
             self._absent.forget(replaced.st)
         last = replaced is not None and self.union.last_name(replaced)
         self.inodes.renamed(old_parent, name_old, moved, replaced, last)
+        if self.data_path:
+            self._follow_copy_up(moved.path)
 
     # -- files --------------------------------------------------------------------------------------------
 
@@ -512,10 +517,19 @@ class Operations(pyfuse3.Operations):
 
     def _current(self, handle: FileHandle, fh: int | None = None) -> int:
         """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel. (``fh``: the
-        handle's number, whose reads the shim serves, on the new descriptor from now on.)"""
+        handle's number, whose reads the shim serves, on the new descriptor from now on.) Only the copy itself:
+        when what stands at the node's path now is something else (the copy was renamed away, leaving a
+        whiteout or another file there, and the node is not told yet), the handle keeps its descriptor."""
         node = handle.node
         if handle.layer != node.entry.layer and not node.unlinked:
-            fd = self.union.open(node.entry, os.O_RDONLY)
+            try:
+                fd = self.union.open(node.entry, os.O_RDONLY)
+            except OSError:
+                return handle.fd
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (node.entry.st.st_dev, node.entry.st.st_ino):
+                os.close(fd)
+                return handle.fd
             if fh is not None and self.native is not None:
                 self.native.stop(fh)  # (waits for a read of the old descriptor under way in the shim)
             os.close(handle.fd)
