@@ -211,8 +211,8 @@ class Native:
     def set_openless_dirs(self, on: bool) -> None:
         """From the next session, the first OPENDIR is answered ENOSYS by the shim, so the kernel opens every
         directory itself from then on (no OPENDIR, no RELEASEDIR; listings cached with keep_cache and
-        cache_readdir, its defaults then); READDIR(PLUS) and FSYNCDIR of such a directory come with a handle
-        for which :meth:`readdir_handle` names the inode instead (the kernel sends none). Python's opendir is
+        cache_readdir, its defaults then); READDIR(PLUS) and FSYNCDIR of such a directory come with its inode
+        number as the handle (:meth:`dir_inode`; the kernel sends none). Python's opendir is
         never called: the kernel checks access itself (default_permissions)."""
         self._set(_OPT_OPENLESS_DIRS, on)
 

@@ -258,7 +258,7 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
 /* With open-less directories the first OPENDIR is answered ENOSYS: the kernel then opens every directory of the
  * connection itself, with keep_cache and cache_readdir (its defaults without OPENDIR), never sends OPENDIR or
  * RELEASEDIR again, and sends fh 0 in READDIR(PLUS) and FSYNCDIR, for which the handlers below pass the inode
- * number (with DIR_INODE_BIT) instead. Access was checked by the kernel (default_permissions). */
+ * number instead (dir_handle). Access was checked by the kernel (default_permissions). */
 static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     COUNT(opendir);
@@ -286,7 +286,6 @@ static uint64_t dir_handle(fuse_ino_t ino, const struct fuse_file_info *fi)
 /* A plain READDIR: pyfuse3's readdirplus handler fills the buffer, fuse_add_direntry_plus writes plain entries
  * for it, and the file handle Python sees carries PLAIN_READDIR_BIT (the kernel takes no lookup reference for
  * plain entries: Python must not count one; inode numbers are below that bit). */
-
 static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     struct fuse_file_info copy = *fi;

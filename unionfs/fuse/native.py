@@ -69,7 +69,6 @@ def wanted(spec: MountSpec) -> bool:
 
 
 _OFF = ("off", "0", "no", "pure")
-_ON = ("on", "1", "yes")
 
 
 def prepare(spec: MountSpec) -> _native.Native | None:
@@ -133,8 +132,7 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_readdirplus_auto(on and (READDIRPLUS_AUTO or native.readdirplus_auto))
     native.set_data_ops(on and data_path(spec))
     native.set_openless_dirs(on and OPENLESS_DIRS and os.environ.get(OPENLESS_ENV, "").lower() not in _OFF)
-    reader = os.environ.get(READER_ENV, "").lower()
-    native.set_own_reader(on and data_path(spec) and (reader in _ON if reader in _ON + _OFF else OWN_READER))
+    native.set_own_reader(on and data_path(spec) and OWN_READER and os.environ.get(READER_ENV, "").lower() not in _OFF)
     if not on:
         why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
         _report = f"native part loaded but switched off ({why}): serving in the pure mode"

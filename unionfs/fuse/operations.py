@@ -164,7 +164,6 @@ class Operations(pyfuse3.Operations):
         self.native: Native | None = None
         #: whether the shim serves reads and writes of open files on their descriptors (unionfs.fuse.native)
         self.data_path = False
-
         self.union = union
         self.timeout = timeout
         self.inodes = InodeTable(union.layer_devices(), union.root())
