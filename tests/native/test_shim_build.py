@@ -11,6 +11,7 @@ import pytest
 from nativehelp import REPO, fuse_include_dirs
 
 WRAPPED = {"fuse_session_new", "fuse_session_destroy", "fuse_reply_open", "fuse_reply_err", "fuse_reply_buf",
+           "fuse_reply_attr", "fuse_reply_entry", "fuse_reply_create", "fuse_reply_write",
            "fuse_add_direntry_plus", "fuse_session_mount", "fuse_session_fd", "fuse_session_receive_buf"}
 
 

@@ -473,3 +473,95 @@ def test_regression_renaming_a_lower_file_held_open_for_reading(stack: tuple[str
             assert (d / "other").read_text() == "lower\nmore\n" and (d / "sub" / "f").read_text() == "other\n"
     finally:
         _unmount(mnt, pid)
+
+
+def test_directory_attributes_are_answered_by_the_shim_until_changed(stack: tuple[str, Path], shim: Path,
+                                                                     tmp_path: Path) -> None:
+    """The GETATTR the kernel sends after each listing it did not have cached is answered by the shim from what
+    Python gave last (after reading the layers: the atime such a reading moves is the one shown); any change
+    through the mount is seen by the next stat: a name added or removed (mtime, nlink), chmod, an xattr set
+    (ctime), a copy-up below."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    d, lower = mnt / "d", tmp_path / "l" / "d"
+    try:
+        before = os.stat(d)
+        for _ in range(3):
+            assert os.listdir(d) == ["f"]
+            st = os.stat(d)
+            assert (st.st_mode, st.st_nlink, st.st_mtime_ns) == (before.st_mode, before.st_nlink, before.st_mtime_ns)
+        assert st.st_atime_ns == lower.stat().st_atime_ns  # (the layer's, after the listing read it)
+        (d / "sub").mkdir()  # (d is copied up: a merged directory shows one link, as on the kernel)
+        assert sorted(os.listdir(d)) == ["f", "sub"]
+        assert os.stat(d).st_mtime_ns == (tmp_path / "u" / "d").stat().st_mtime_ns
+        e = mnt / "e"  # (in the upper layer only: its links are counted)
+        e.mkdir()
+        assert os.listdir(e) == [] and os.stat(e).st_nlink == 2
+        (e / "sub").mkdir()
+        assert os.listdir(e) == ["sub"] and os.stat(e).st_nlink == 3
+        (e / "sub").rmdir()
+        assert os.listdir(e) == [] and os.stat(e).st_nlink == 2
+        os.chmod(d, 0o700)
+        assert os.listdir(d) and os.stat(d).st_mode & 0o7777 == 0o700
+        ctime = os.stat(d).st_ctime_ns
+        time.sleep(0.01)
+        os.setxattr(d, "user.k", b"v")
+        assert os.listdir(d) and os.stat(d).st_ctime_ns > ctime
+        (d / "sub").rmdir()
+        assert os.listdir(d) == ["f"]
+        mtime = os.stat(d).st_mtime_ns
+        time.sleep(0.01)
+        with open(d / "f", "a") as f:  # (a copy-up of the file: the upper directory gains a name)
+            f.write("more\n")
+        assert os.listdir(d) == ["f"]
+        assert os.stat(d).st_mtime_ns == (tmp_path / "u" / "d").stat().st_mtime_ns >= mtime
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["attr_served"] >= 2, got
+    assert got["attr_untracked"] == 0
+
+
+def test_directory_attributes_can_be_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    log = tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_ATTRS="off")
+    try:
+        for _ in range(3):
+            assert os.listdir(mnt / "d") == ["f"]
+            os.stat(mnt / "d")
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["attr_served"] == 0 and got["attr_kept"] == 0
+    assert "directory attributes" not in log.read_text()
+
+
+@pytest.mark.parametrize("volatile", [False, True], ids=["durable", "volatile"])
+def test_fsync_is_served_by_the_shim_on_the_open_descriptor(stack: tuple[str, Path], shim: Path, tmp_path: Path,
+                                                            volatile: bool) -> None:
+    """fsync and fdatasync of a file open through the mount are made by the shim on the descriptor the open chose
+    (the upper file's after a copy-up), in a thread of its own; a mount with ``volatile`` leaves them to Python,
+    which does nothing."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    pid = _mount(opts + (",volatile" if volatile else ""), mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim),
+                 UNIONFS_NATIVE_STATS=str(stats))
+    try:
+        fd = os.open(mnt / "d" / "f", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"L", 0)
+            os.fsync(fd)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        with open(mnt / "d" / "f", "rb") as f:
+            os.fsync(f.fileno())
+        assert (tmp_path / "u" / "d" / "f").read_bytes() == b"Lower\n"
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["fsync_native"] == (0 if volatile else 3), got["fsync_native"]

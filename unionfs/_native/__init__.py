@@ -29,6 +29,8 @@ _OPT_READDIRPLUS_AUTO = 3
 _OPT_OWN_READER = 4
 _OPT_DATA_OPS = 5
 _OPT_OPENLESS_DIRS = 6
+_OPT_DIR_ATTRS = 7
+_OPT_FSYNC = 8
 
 # The FUSE_CAP_* bits of fuse_common.h that the connection record names.
 CAPS = {
@@ -46,7 +48,8 @@ _COUNTER_FIELDS = (
     "session_new", "session_wrapped", "init", "opendir", "dir_cached", "dir_untracked", "reply_open", "reply_err",
     "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
-    "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless")
+    "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
+    "attr_served", "attr_untracked", "fsync_native")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -93,6 +96,10 @@ class Counters:
     data_unregistered: int
     opendir_enosys: int
     dir_openless: int
+    attr_kept: int
+    attr_served: int
+    attr_untracked: int
+    fsync_native: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +153,11 @@ class Native:
         lib.unionfs_native_absent_xattr.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.unionfs_native_absent_at.argtypes = [ctypes.c_uint64, ctypes.c_char_p]
         lib.unionfs_native_absent_clear.restype = None
+        lib.unionfs_native_attr_gen.restype = ctypes.c_uint64
+        lib.unionfs_native_dir_attr.argtypes = [
+            ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+            ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_int64, ctypes.c_double]
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
     def version(self) -> str:
@@ -215,6 +227,38 @@ class Native:
         number as the handle (:meth:`dir_inode`; the kernel sends none). Python's opendir is
         never called: the kernel checks access itself (default_permissions)."""
         self._set(_OPT_OPENLESS_DIRS, on)
+
+    def set_dir_attrs(self, on: bool) -> None:
+        """From the next session, GETATTR of a directory is answered by the shim from the attributes the last
+        LOOKUP or GETATTR reply (or :meth:`dir_attr`) gave, for as long as they were given for, while no request
+        that may change anything has been asked since (the kernel asks again after every READDIR it did not
+        serve from its cached listing)."""
+        self._set(_OPT_DIR_ATTRS, on)
+
+    @property
+    def dir_attrs(self) -> bool:
+        return self._get(_OPT_DIR_ATTRS)
+
+    def set_fsync(self, on: bool) -> None:
+        """FSYNC of a handle with a descriptor registered (:meth:`serve`) is made by the shim on that descriptor,
+        in a thread of its own, from now on; turn it on only for a mount whose fsync is to reach the disk."""
+        self._set(_OPT_FSYNC, on)
+
+    @property
+    def fsync(self) -> bool:
+        return self._get(_OPT_FSYNC)
+
+    def attr_generation(self) -> int:
+        """The generation :meth:`dir_attr` is to be given: taken before the attributes are read."""
+        return int(self._lib.unionfs_native_attr_gen())
+
+    def dir_attr(self, generation: int, ino: int, mode: int, nlink: int, uid: int, gid: int, rdev: int,
+                 size: int, blksize: int, blocks: int, atime_ns: int, mtime_ns: int, ctime_ns: int,
+                 timeout: float) -> bool:
+        """Directory ``ino``'s attributes, read since ``generation`` (:meth:`attr_generation`): the shim answers
+        GETATTR with them for ``timeout`` seconds unless something may change first. Whether they were kept."""
+        return bool(self._lib.unionfs_native_dir_attr(generation, ino, mode, nlink, uid, gid, rdev, size, blksize,
+                                                      blocks, atime_ns, mtime_ns, ctime_ns, timeout))
 
     @property
     def openless_dirs(self) -> bool:

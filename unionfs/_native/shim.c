@@ -31,6 +31,10 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <sched.h>
+#include <time.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 
 #define SHIM_VERSION "0.1"
 #define EXPORT __attribute__((visibility("default")))
@@ -47,6 +51,10 @@ typedef void (*session_destroy_fn)(struct fuse_session *);
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
 typedef int (*reply_err_fn)(fuse_req_t, int);
 typedef int (*reply_buf_fn)(fuse_req_t, const char *, size_t);
+typedef int (*reply_attr_fn)(fuse_req_t, const struct stat *, double);
+typedef int (*reply_entry_fn)(fuse_req_t, const struct fuse_entry_param *);
+typedef int (*reply_create_fn)(fuse_req_t, const struct fuse_entry_param *, const struct fuse_file_info *);
+typedef int (*reply_write_fn)(fuse_req_t, size_t);
 typedef size_t (*add_direntry_plus_fn)(fuse_req_t, char *, size_t, const char *, const struct fuse_entry_param *,
                                        off_t);
 typedef size_t (*add_direntry_fn)(fuse_req_t, char *, size_t, const char *, const struct stat *, off_t);
@@ -59,6 +67,10 @@ static session_destroy_fn real_session_destroy;
 static reply_open_fn real_reply_open;
 static reply_err_fn real_reply_err;
 static reply_buf_fn real_reply_buf;
+static reply_attr_fn real_reply_attr;
+static reply_entry_fn real_reply_entry;
+static reply_create_fn real_reply_create;
+static reply_write_fn real_reply_write;
 static add_direntry_plus_fn real_add_direntry_plus;
 static add_direntry_fn real_add_direntry;
 static reply_data_fn real_reply_data;
@@ -101,6 +113,10 @@ struct unionfs_native_counters {
     uint64_t data_unregistered; /* requests of the three above on a handle with no registered descriptor */
     uint64_t opendir_enosys;  /* OPENDIR answered ENOSYS (open-less directories: the kernel stops asking) */
     uint64_t dir_openless;    /* READDIR(PLUS) and FSYNCDIR requests of directories opened without OPENDIR */
+    uint64_t attr_kept;       /* directory attributes kept (OPT_DIR_ATTRS) */
+    uint64_t attr_served;     /* GETATTR requests answered from them */
+    uint64_t attr_untracked;  /* changes the table of pending requests could not hold (keeping stopped) */
+    uint64_t fsync_native;    /* FSYNC requests served on a registered descriptor (OPT_FSYNC), without Python */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -129,6 +145,8 @@ enum {
     OPT_OWN_READER = 4,    /* a thread of the shim reads /dev/fuse and answers data requests itself; default off */
     OPT_DATA_OPS = 5,      /* FALLOCATE, LSEEK and COPY_FILE_RANGE served on registered descriptors; default off */
     OPT_OPENLESS_DIRS = 6, /* OPENDIR answered ENOSYS: no OPENDIR/RELEASEDIR at all, listings cached; default off */
+    OPT_DIR_ATTRS = 7,     /* GETATTR of a directory answered from the attributes Python gave last; default off */
+    OPT_FSYNC = 8,         /* FSYNC of a handle with a registered descriptor served here; default off */
 };
 
 static struct unionfs_native_counters g_counters;
@@ -139,6 +157,7 @@ static atomic_int g_opt_rdplus_auto;
 static atomic_int g_opt_own_reader;
 static atomic_int g_opt_data_ops;
 static atomic_int g_opt_openless;
+static atomic_int g_opt_fsync;
 /* The open-less setting of the session being created. */
 static int g_session_openless;
 /* The readdirplus_auto setting of the session being created (the init callback decides with it). */
@@ -160,17 +179,19 @@ static void note_max(uint64_t *field, uint64_t value)
 
 /* pyfuse3 replies later (after its coroutine ran), from the thread that runs the loop; a request is known by its
  * fuse_req_t until its reply frees it. The table is small: it holds requests between dispatch and reply. */
-enum { KIND_NONE = 0, KIND_OPENDIR = 1, KIND_PLAIN_READDIR = 2 };
-#define PENDING_SLOTS 512
+enum { KIND_NONE = 0, KIND_OPENDIR = 1, KIND_PLAIN_READDIR = 2, KIND_ATTR = 3, KIND_CHANGE = 4 };
+#define PENDING_SLOTS 1024
 
 static struct {
     fuse_req_t req;
     int kind;
+    uint64_t gen; /* KIND_ATTR: the attribute generation at dispatch */
+    uint64_t ino; /* KIND_ATTR: the inode a GETATTR asked of */
 } g_pending[PENDING_SLOTS];
 static atomic_int g_pending_count;
 static pthread_mutex_t g_pending_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static int pending_add(fuse_req_t req, int kind)
+static int pending_add_attr(fuse_req_t req, int kind, uint64_t gen, uint64_t ino)
 {
     int added = 0;
     pthread_mutex_lock(&g_pending_lock);
@@ -178,6 +199,8 @@ static int pending_add(fuse_req_t req, int kind)
         if (g_pending[i].req == NULL) {
             g_pending[i].req = req;
             g_pending[i].kind = kind;
+            g_pending[i].gen = gen;
+            g_pending[i].ino = ino;
             atomic_fetch_add(&g_pending_count, 1);
             added = 1;
             break;
@@ -187,8 +210,14 @@ static int pending_add(fuse_req_t req, int kind)
     return added;
 }
 
-/* The kind ``req`` was registered with (KIND_NONE if none); ``take`` removes it. */
-static int pending_find(fuse_req_t req, int take)
+static int pending_add(fuse_req_t req, int kind)
+{
+    return pending_add_attr(req, kind, 0, 0);
+}
+
+/* The kind ``req`` was registered with (KIND_NONE if none), and its gen and ino (when not NULL); ``take``
+ * removes it. */
+static int pending_get(fuse_req_t req, int take, uint64_t *gen, uint64_t *ino)
 {
     int kind = KIND_NONE;
     if (atomic_load(&g_pending_count) == 0)
@@ -197,6 +226,10 @@ static int pending_find(fuse_req_t req, int take)
     for (int i = 0; i < PENDING_SLOTS; i++) {
         if (g_pending[i].req == req) {
             kind = g_pending[i].kind;
+            if (gen)
+                *gen = g_pending[i].gen;
+            if (ino)
+                *ino = g_pending[i].ino;
             if (take) {
                 g_pending[i].req = NULL;
                 g_pending[i].kind = KIND_NONE;
@@ -209,6 +242,11 @@ static int pending_find(fuse_req_t req, int take)
     return kind;
 }
 
+static int pending_find(fuse_req_t req, int take)
+{
+    return pending_get(req, take, NULL, NULL);
+}
+
 static void pending_clear(void)
 {
     pthread_mutex_lock(&g_pending_lock);
@@ -217,10 +255,334 @@ static void pending_clear(void)
     pthread_mutex_unlock(&g_pending_lock);
 }
 
-/* -- the operations table ------------------------------------------------------------------------------------ */
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static struct fuse_lowlevel_ops g_inner; /* pyfuse3's handlers */
 static struct fuse_lowlevel_ops g_outer; /* what libfuse gets */
+
+/* -- attributes of directories, for GETATTR -------------------------------------------------------------------
+ *
+ * The kernel asks GETATTR of a directory again after each READDIR it could not serve from its cached listing (it
+ * drops the directory's atime then): a warm `find` sends one per directory. With OPT_DIR_ATTRS the shim keeps
+ * the attributes Python last gave for each directory (a LOOKUP or GETATTR reply, or unionfs_native_dir_attr after
+ * Python read the directory's layers) and answers GETATTR from them for as long as Python gave them for. What
+ * Python says is only kept while nothing can have changed meanwhile: every request that may change anything
+ * (all but the ones that only look: LOOKUP, GETATTR, READLINK, READ, READDIR, GETXATTR, LISTXATTR, STATFS, ACCESS,
+ * a read-only OPEN and its RELEASE, FLUSH, FSYNC) ends the generation at its dispatch and again at its reply, and
+ * a reply is kept only when the generation it was asked in still holds. A forgotten inode's attributes go. */
+
+#define ATTR_SLOTS 16384u /* a power of two */
+#define ATTR_PROBE 8u
+
+struct attr_slot {
+    uint64_t ino;
+    uint64_t gen;     /* live while equal to g_attr_gen */
+    uint64_t expires; /* now_ns() deadline */
+    struct fuse_attr attr;
+};
+
+static struct attr_slot *g_attr;
+static pthread_mutex_t g_attr_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic uint64_t g_attr_gen = 1;
+static atomic_int g_opt_dir_attrs;
+/* The dir-attrs setting of the session (and whether it still holds: a change the table could not track ends it). */
+static atomic_int g_session_dir_attrs;
+
+static void attr_bump(void)
+{
+    atomic_fetch_add(&g_attr_gen, 1);
+}
+
+static unsigned attr_hash(uint64_t ino)
+{
+    return (unsigned)((ino * UINT64_C(0x9E3779B97F4A7C15)) >> 40) & (ATTR_SLOTS - 1);
+}
+
+static void attr_drop(uint64_t ino)
+{
+    if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
+        return;
+    pthread_mutex_lock(&g_attr_lock);
+    for (unsigned i = 0, at = attr_hash(ino); i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1))
+        if (g_attr[at].ino == ino)
+            g_attr[at].gen = 0;
+    pthread_mutex_unlock(&g_attr_lock);
+}
+
+static void attr_from_stat(struct fuse_attr *a, const struct stat *st)
+{
+    memset(a, 0, sizeof *a);
+    a->ino = st->st_ino;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    a->rdev = (uint32_t)st->st_rdev;
+    a->size = (uint64_t)st->st_size;
+    a->blksize = (uint32_t)st->st_blksize;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->atime = (uint64_t)st->st_atim.tv_sec;
+    a->mtime = (uint64_t)st->st_mtim.tv_sec;
+    a->ctime = (uint64_t)st->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+}
+
+static void attr_to_stat(struct stat *st, const struct fuse_attr *a)
+{
+    memset(st, 0, sizeof *st);
+    st->st_ino = a->ino;
+    st->st_mode = a->mode;
+    st->st_nlink = a->nlink;
+    st->st_uid = a->uid;
+    st->st_gid = a->gid;
+    st->st_rdev = a->rdev;
+    st->st_size = (off_t)a->size;
+    st->st_blksize = a->blksize;
+    st->st_blocks = (blkcnt_t)a->blocks;
+    st->st_atim.tv_sec = (time_t)a->atime;
+    st->st_mtim.tv_sec = (time_t)a->mtime;
+    st->st_ctim.tv_sec = (time_t)a->ctime;
+    st->st_atim.tv_nsec = a->atimensec;
+    st->st_mtim.tv_nsec = a->mtimensec;
+    st->st_ctim.tv_nsec = a->ctimensec;
+}
+
+/* Keep directory ``ino``'s attributes for ``timeout`` seconds if generation ``gen`` still holds; attributes of
+ * anything else, or not to be cached, drop what was kept of ``ino``. */
+static void attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, double timeout)
+{
+    if (!atomic_load(&g_session_dir_attrs) || ino == 0)
+        return;
+    if (!S_ISDIR(a->mode) || !(timeout > 0)) {
+        attr_drop(ino);
+        return;
+    }
+    uint64_t expires = now_ns() + (uint64_t)(timeout < 1e6 ? timeout * 1e9 : 1e15);
+    pthread_mutex_lock(&g_attr_lock);
+    if (g_attr == NULL)
+        g_attr = calloc(ATTR_SLOTS, sizeof *g_attr);
+    uint64_t now = atomic_load(&g_attr_gen);
+    if (g_attr == NULL || gen != now) {
+        pthread_mutex_unlock(&g_attr_lock);
+        return;
+    }
+    struct attr_slot *take = NULL;
+    unsigned first = attr_hash(ino);
+    for (unsigned i = 0, at = first; i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
+        struct attr_slot *slot = &g_attr[at];
+        if (slot->ino == ino && slot->gen == now) {
+            take = slot; /* the one live entry of ino */
+            break;
+        }
+        if (take == NULL && slot->gen != now)
+            take = slot;
+    }
+    if (take == NULL)
+        take = &g_attr[first]; /* all live: the first gives way */
+    /* no other live entry of ino is left in the window: a live one would have been found first */
+    take->ino = ino;
+    take->gen = now;
+    take->expires = expires;
+    take->attr = *a;
+    take->attr.ino = ino;
+    pthread_mutex_unlock(&g_attr_lock);
+    COUNT(attr_kept);
+}
+
+/* The kept attributes of ``ino`` and how many nanoseconds they remain valid; 0 when none are kept. */
+static uint64_t attr_get(uint64_t ino, struct fuse_attr *out)
+{
+    if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
+        return 0;
+    uint64_t left = 0;
+    uint64_t t = now_ns();
+    pthread_mutex_lock(&g_attr_lock);
+    uint64_t now = atomic_load(&g_attr_gen);
+    for (unsigned i = 0, at = attr_hash(ino); i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
+        struct attr_slot *slot = &g_attr[at];
+        if (slot->ino == ino && slot->gen == now) {
+            if (slot->expires > t) {
+                *out = slot->attr;
+                left = slot->expires - t;
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_attr_lock);
+    return left;
+}
+
+static void attr_clear(void)
+{
+    attr_bump();
+    pthread_mutex_lock(&g_attr_lock);
+    if (g_attr != NULL)
+        memset(g_attr, 0, ATTR_SLOTS * sizeof *g_attr);
+    pthread_mutex_unlock(&g_attr_lock);
+}
+
+/* A request that may change something was dispatched: the generation ends, and again at its reply. */
+static void change_begin(fuse_req_t req)
+{
+    if (!atomic_load(&g_session_dir_attrs))
+        return;
+    attr_bump();
+    if (!pending_add(req, KIND_CHANGE)) {
+        /* (its reply could not be told from another's: nothing is kept for the rest of the session) */
+        atomic_store(&g_session_dir_attrs, 0);
+        COUNT(attr_untracked);
+    }
+}
+
+/* A request that gives attributes (LOOKUP, GETATTR) was dispatched: its reply may be kept. */
+static void attr_asked(fuse_req_t req, uint64_t ino)
+{
+    if (atomic_load(&g_session_dir_attrs))
+        pending_add_attr(req, KIND_ATTR, atomic_load(&g_attr_gen), ino);
+}
+
+/* Every reply: ends a change; keeps the attributes of a LOOKUP or GETATTR reply (``a``, NULL for other replies;
+ * ``ino`` 0: the inode the request named). Returns the kind the request was registered with. */
+static int reply_seen(fuse_req_t req, const struct fuse_attr *a, uint64_t ino, double timeout)
+{
+    if (atomic_load(&g_pending_count) == 0)
+        return KIND_NONE;
+    uint64_t gen = 0, asked = 0;
+    int kind = pending_get(req, 1, &gen, &asked);
+    if (kind == KIND_CHANGE)
+        attr_bump();
+    else if (kind == KIND_ATTR && a != NULL)
+        attr_put(gen, ino ? ino : asked, a, timeout);
+    else if (kind == KIND_ATTR)
+        attr_drop(asked); /* (an error: ESTALE, ENOENT of an unlinked node, ...) */
+    return kind;
+}
+
+/* The wrapped handlers of requests that give attributes, may change something, or forget. */
+static void shim_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    attr_asked(req, 0);
+    g_inner.lookup(req, parent, name);
+}
+
+static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fuse_attr a;
+    uint64_t left = attr_get(ino, &a);
+    if (left) {
+        struct stat st;
+        attr_to_stat(&st, &a);
+        COUNT(attr_served);
+        real_reply_attr(req, &st, (double)left / 1e9);
+        return;
+    }
+    attr_asked(req, ino);
+    g_inner.getattr(req, ino, fi);
+}
+
+static void shim_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    attr_drop(ino);
+    g_inner.forget(req, ino, nlookup);
+}
+
+static void shim_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    for (size_t i = 0; i < count; i++)
+        attr_drop(forgets[i].ino);
+    g_inner.forget_multi(req, count, forgets);
+}
+
+static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
+{
+    change_begin(req);
+    g_inner.setattr(req, ino, attr, to_set, fi);
+}
+
+static void shim_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
+{
+    change_begin(req);
+    g_inner.mknod(req, parent, name, mode, rdev);
+}
+
+static void shim_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    change_begin(req);
+    g_inner.mkdir(req, parent, name, mode);
+}
+
+static void shim_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    change_begin(req);
+    g_inner.unlink(req, parent, name);
+}
+
+static void shim_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    change_begin(req);
+    g_inner.rmdir(req, parent, name);
+}
+
+static void shim_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+{
+    change_begin(req);
+    g_inner.symlink(req, link, parent, name);
+}
+
+static void shim_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+                        const char *newname, unsigned int flags)
+{
+    change_begin(req);
+    g_inner.rename(req, parent, name, newparent, newname, flags);
+}
+
+static void shim_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
+{
+    change_begin(req);
+    g_inner.link(req, ino, newparent, newname);
+}
+
+/* An open for writing may copy up (or truncate); one for reading only looks. */
+static int opens_to_change(const struct fuse_file_info *fi)
+{
+    return (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
+}
+
+static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (opens_to_change(fi))
+        change_begin(req);
+    g_inner.open(req, ino, fi);
+}
+
+static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (opens_to_change(fi))
+        change_begin(req);
+    g_inner.release(req, ino, fi);
+}
+
+static void shim_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
+{
+    change_begin(req);
+    g_inner.create(req, parent, name, mode, fi);
+}
+
+static void shim_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    change_begin(req);
+    g_inner.removexattr(req, ino, name);
+}
+
+/* -- the operations table ------------------------------------------------------------------------------------ */
+
 
 static void shim_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -489,6 +851,7 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
 static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
                           int flags)
 {
+    change_begin(req);
     if (absent_has(name))
         absent_set(name, 0);
     obj_clear();
@@ -835,7 +1198,8 @@ static int dump_stats(const char *path)
     C(reply_err); C(readdir_plain); C(entries_plain); C(read); C(read_max); C(write); C(write_max);
     C(write_bytes); C(readdirplus); C(read_native); C(xattr_absent); C(reader_forwarded); C(reader_served);
     C(write_native); C(fallocate); C(lseek); C(copy_file_range); C(copy_bytes); C(data_unregistered);
-    C(opendir_enosys); C(dir_openless);
+    C(opendir_enosys); C(dir_openless); C(attr_kept); C(attr_served); C(attr_untracked);
+    C(fsync_native);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -856,6 +1220,69 @@ static void dump_to_environment(void)
     const char *path = getenv("UNIONFS_NATIVE_STATS");
     if (path && *path)
         dump_stats(path);
+}
+
+/* -- FSYNC on the registered descriptor ------------------------------------------------------------------------
+ *
+ * With OPT_FSYNC an FSYNC of a handle with a registered descriptor is made on a duplicate of it, in a thread of
+ * its own (it may take long: neither the reader nor pyfuse3's loop waits for it), which replies. */
+
+struct fsync_job {
+    fuse_req_t req;  /* the request (a handler's), or NULL: the reader's, replied by ``unique`` */
+    uint64_t unique;
+    int fd;
+    int datasync;
+};
+
+static void rx_reply_error(uint64_t unique, int err);
+
+static void *fsync_main(void *arg)
+{
+    struct fsync_job *job = arg;
+    int err = (job->datasync ? fdatasync(job->fd) : fsync(job->fd)) < 0 ? errno : 0;
+    close(job->fd);
+    if (job->req != NULL)
+        real_reply_err(job->req, err);
+    else
+        rx_reply_error(job->unique, err);
+    free(job);
+    return NULL;
+}
+
+/* Start the FSYNC of handle ``fh``; 0 when it is not served here (no descriptor, no thread: Python serves it). */
+static int fsync_start(fuse_req_t req, uint64_t unique, uint64_t fh, int datasync)
+{
+    if (!atomic_load(&g_opt_fsync) || atomic_load(&g_fd_count) == 0)
+        return 0;
+    pthread_mutex_lock(&g_fd_lock);
+    int fd = fd_find_locked(fh, FD_READ | FD_WRITE);
+    int copy = fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    pthread_mutex_unlock(&g_fd_lock);
+    if (copy < 0)
+        return 0;
+    struct fsync_job *job = malloc(sizeof *job);
+    pthread_attr_t attr;
+    pthread_t thread;
+    int started = 0;
+    if (job != NULL && pthread_attr_init(&attr) == 0) {
+        *job = (struct fsync_job){.req = req, .unique = unique, .fd = copy, .datasync = datasync};
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        started = pthread_create(&thread, &attr, fsync_main, job) == 0;
+        pthread_attr_destroy(&attr);
+    }
+    if (!started) {
+        close(copy);
+        free(job);
+        return 0;
+    }
+    COUNT(fsync_native);
+    return 1;
+}
+
+static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    if (!fsync_start(req, 0, fi->fh, datasync))
+        g_inner.fsync(req, ino, datasync, fi);
 }
 
 /* -- the shim's own reader of /dev/fuse ------------------------------------------------------------------------
@@ -1021,6 +1448,28 @@ static int rx_serve(const char *mem, size_t size)
         return left >= sizeof(struct fuse_write_in) &&
                rx_serve_write(in, (const struct fuse_write_in *)arg, arg + sizeof(struct fuse_write_in),
                               left - sizeof(struct fuse_write_in));
+    case FUSE_FSYNC:
+        return left >= sizeof(struct fuse_fsync_in) &&
+               fsync_start(NULL, in->unique, ((const struct fuse_fsync_in *)arg)->fh,
+                           ((const struct fuse_fsync_in *)arg)->fsync_flags & 1);
+    case FUSE_GETATTR: {
+        struct {
+            struct fuse_out_header head;
+            struct fuse_attr_out body;
+        } out;
+        memset(&out, 0, sizeof out);
+        uint64_t valid = g_conn.proto_minor >= 9 ? attr_get(in->nodeid, &out.body.attr) : 0;
+        if (!valid)
+            return 0;
+        out.head.len = sizeof out;
+        out.head.unique = in->unique;
+        out.body.attr_valid = valid / 1000000000u;
+        out.body.attr_valid_nsec = (uint32_t)(valid % 1000000000u);
+        COUNT(attr_served);
+        while (write(g_rx.devfd, &out, sizeof out) < 0 && errno == EINTR) {
+        }
+        return 1;
+    }
     case FUSE_GETXATTR:
         if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) &&
             (absent_has(arg + 8) || obj_absent(in->nodeid, arg + 8))) {
@@ -1042,15 +1491,36 @@ static int rx_serve(const char *mem, size_t size)
     }
 }
 
+/* After each request the reader polls the device without sleeping for this long (UNIONFS_NATIVE_SPIN_US, 0: not
+ * at all), yielding the CPU to whatever else may run: the client's next request of a burst (an `ls -l` asks one
+ * GETXATTR per file) is then taken without the thread being woken, which costs most of a round trip on a machine
+ * whose idle CPUs halt (a virtual machine's). */
+#define SPIN_NS_DEFAULT 50000u
+static uint64_t g_spin_ns = SPIN_NS_DEFAULT;
+
+static int rx_wait(struct pollfd *fds, uint64_t last)
+{
+    while (now_ns() - last < g_spin_ns) {
+        int ready = poll(fds, 2, 0);
+        if (ready != 0)
+            return ready;
+        sched_yield();
+    }
+    return poll(fds, 2, -1);
+}
+
 static void *rx_main(void *unused)
 {
     (void)unused;
     struct pollfd fds[2] = {{.fd = g_rx.devfd, .events = POLLIN}, {.fd = g_rx.stopfd, .events = POLLIN}};
     char *mem = NULL;
+    uint64_t last = 0;
+    const char *spin = getenv("UNIONFS_NATIVE_SPIN_US");
+    g_spin_ns = spin && *spin ? (uint64_t)strtoul(spin, NULL, 10) * 1000u : SPIN_NS_DEFAULT;
     for (;;) {
         if (mem == NULL && (mem = rx_buffer()) == NULL)
             break;
-        int ready = poll(fds, 2, -1);
+        int ready = rx_wait(fds, last);
         if (ready < 0 && errno == EINTR)
             continue;
         if (ready < 0 || fds[1].revents)
@@ -1060,6 +1530,7 @@ static void *rx_main(void *unused)
             continue;
         if (n <= 0)
             break; /* ENODEV: unmounted */
+        last = now_ns();
         if (rx_serve(mem, (size_t)n)) {
             COUNT(reader_served);
             continue;
@@ -1216,12 +1687,40 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
     g_session_openless = atomic_load(&g_opt_openless) && g_inner.opendir && g_inner.readdirplus;
     if (g_session_openless && g_inner.fsyncdir)
         g_outer.fsyncdir = shim_fsyncdir;
+    /* Directory attributes: every handler that may change something is wrapped, or none is kept. */
+    int attrs = atomic_load(&g_opt_dir_attrs) && g_inner.getattr && !g_inner.ioctl;
+    atomic_store(&g_session_dir_attrs, attrs);
+    attr_clear();
+    if (attrs) {
+#define WRAP(op)                                                                                                   \
+    if (g_inner.op)                                                                                                \
+        g_outer.op = shim_##op;
+        WRAP(lookup)
+        WRAP(getattr)
+        WRAP(forget)
+        WRAP(forget_multi)
+        WRAP(setattr)
+        WRAP(mknod)
+        WRAP(mkdir)
+        WRAP(unlink)
+        WRAP(rmdir)
+        WRAP(symlink)
+        WRAP(rename)
+        WRAP(link)
+        WRAP(open)
+        WRAP(release)
+        WRAP(create)
+        WRAP(removexattr)
+#undef WRAP
+    }
     if (g_inner.getxattr)
         g_outer.getxattr = shim_getxattr;
     if (g_inner.setxattr)
         g_outer.setxattr = shim_setxattr;
     if (g_inner.read)
         g_outer.read = shim_read;
+    if (g_inner.fsync)
+        g_outer.fsync = shim_fsync;
     if (g_inner.write)
         g_outer.write = shim_write;
     if (g_inner.write_buf)
@@ -1249,7 +1748,7 @@ EXPORT void fuse_session_destroy(struct fuse_session *se)
 EXPORT int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
 {
     COUNT(reply_open);
-    if (pending_find(req, 1) == KIND_OPENDIR) {
+    if (reply_seen(req, NULL, 0, 0) == KIND_OPENDIR) {
         struct fuse_file_info copy = *fi;
         copy.cache_readdir = 1;
         copy.keep_cache = 1;
@@ -1262,14 +1761,42 @@ EXPORT int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
 EXPORT int fuse_reply_err(fuse_req_t req, int err)
 {
     COUNT(reply_err);
-    pending_find(req, 1);
+    reply_seen(req, NULL, 0, 0);
     return real_reply_err(req, err);
 }
 
 EXPORT int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
 {
-    pending_find(req, 1);
+    reply_seen(req, NULL, 0, 0);
     return real_reply_buf(req, buf, size);
+}
+
+EXPORT int fuse_reply_attr(fuse_req_t req, const struct stat *attr, double attr_timeout)
+{
+    struct fuse_attr a;
+    attr_from_stat(&a, attr);
+    reply_seen(req, &a, 0, attr_timeout);
+    return real_reply_attr(req, attr, attr_timeout);
+}
+
+EXPORT int fuse_reply_entry(fuse_req_t req, const struct fuse_entry_param *e)
+{
+    struct fuse_attr a;
+    attr_from_stat(&a, &e->attr);
+    reply_seen(req, &a, e->ino, e->attr_timeout);
+    return real_reply_entry(req, e);
+}
+
+EXPORT int fuse_reply_create(fuse_req_t req, const struct fuse_entry_param *e, const struct fuse_file_info *fi)
+{
+    reply_seen(req, NULL, 0, 0);
+    return real_reply_create(req, e, fi);
+}
+
+EXPORT int fuse_reply_write(fuse_req_t req, size_t count)
+{
+    reply_seen(req, NULL, 0, 0);
+    return real_reply_write(req, count);
 }
 
 EXPORT size_t fuse_add_direntry_plus(fuse_req_t req, char *buf, size_t bufsize, const char *name,
@@ -1349,6 +1876,12 @@ EXPORT int unionfs_native_set(int option, int value)
     case OPT_OPENLESS_DIRS:
         atomic_store(&g_opt_openless, value != 0);
         return 0;
+    case OPT_DIR_ATTRS:
+        atomic_store(&g_opt_dir_attrs, value != 0);
+        return 0;
+    case OPT_FSYNC:
+        atomic_store(&g_opt_fsync, value != 0);
+        return 0;
     default:
         return -EINVAL;
     }
@@ -1369,6 +1902,10 @@ EXPORT int unionfs_native_get(int option)
         return atomic_load(&g_opt_data_ops);
     case OPT_OPENLESS_DIRS:
         return atomic_load(&g_opt_openless);
+    case OPT_DIR_ATTRS:
+        return atomic_load(&g_opt_dir_attrs);
+    case OPT_FSYNC:
+        return atomic_load(&g_opt_fsync);
     default:
         return -EINVAL;
     }
@@ -1415,6 +1952,49 @@ EXPORT int unionfs_native_session_openless(void)
     return g_session_openless;
 }
 
+/* The generation of directory attributes now: what unionfs_native_dir_attr is given is kept only while it holds
+ * (nothing that may change anything was asked since). */
+EXPORT uint64_t unionfs_native_attr_gen(void)
+{
+    return atomic_load(&g_attr_gen);
+}
+
+/* Directory ``ino``'s attributes as the shell gives them, fresh since generation ``gen`` (after it read the
+ * directory's layers, which may have moved its atime), valid for ``timeout`` seconds: kept as a reply would be.
+ * 1 when kept, 0 when not (another generation, not a directory, not keeping attributes). */
+EXPORT int unionfs_native_dir_attr(uint64_t gen, uint64_t ino, uint32_t mode, uint32_t nlink, uint32_t uid,
+                                   uint32_t gid, uint64_t rdev, uint64_t size, uint32_t blksize, uint64_t blocks,
+                                   int64_t atime_ns, int64_t mtime_ns, int64_t ctime_ns, double timeout)
+{
+    struct stat st;
+    memset(&st, 0, sizeof st);
+    st.st_ino = ino;
+    st.st_mode = mode;
+    st.st_nlink = nlink;
+    st.st_uid = uid;
+    st.st_gid = gid;
+    st.st_rdev = rdev;
+    st.st_size = (off_t)size;
+    st.st_blksize = blksize;
+    st.st_blocks = (blkcnt_t)blocks;
+    int64_t ns[3] = {atime_ns, mtime_ns, ctime_ns};
+    struct timespec *ts[3] = {&st.st_atim, &st.st_mtim, &st.st_ctim};
+    for (int i = 0; i < 3; i++) {
+        int64_t sec = ns[i] / 1000000000, rest = ns[i] % 1000000000;
+        if (rest < 0) {
+            rest += 1000000000;
+            sec -= 1;
+        }
+        ts[i]->tv_sec = (time_t)sec;
+        ts[i]->tv_nsec = (long)rest;
+    }
+    struct fuse_attr a;
+    attr_from_stat(&a, &st);
+    uint64_t before = __atomic_load_n(&g_counters.attr_kept, __ATOMIC_RELAXED);
+    attr_put(gen, ino, &a, timeout);
+    return __atomic_load_n(&g_counters.attr_kept, __ATOMIC_RELAXED) != before;
+}
+
 /* -- start-up --------------------------------------------------------------------------------------------------- */
 
 static void *lookup(const char *name)
@@ -1428,7 +2008,7 @@ static void *lookup(const char *name)
 }
 
 /* Options for a server started without Python's help (LD_PRELOAD): UNIONFS_NATIVE_CONFIG=a,b with a, b among
- * notune, cache_dirs, readdirplus_auto, own_reader, data_ops, openless_dirs, absent_xattr=NAME. */
+ * notune, cache_dirs, readdirplus_auto, own_reader, data_ops, openless_dirs, dir_attrs, fsync, absent_xattr=NAME. */
 static void read_environment(void)
 {
     const char *conf = getenv("UNIONFS_NATIVE_CONFIG");
@@ -1450,6 +2030,10 @@ static void read_environment(void)
                 atomic_store(&g_opt_data_ops, 1);
             else if (strcmp(word, "openless_dirs") == 0)
                 atomic_store(&g_opt_openless, 1);
+            else if (strcmp(word, "dir_attrs") == 0)
+                atomic_store(&g_opt_dir_attrs, 1);
+            else if (strcmp(word, "fsync") == 0)
+                atomic_store(&g_opt_fsync, 1);
             else if (strncmp(word, "absent_xattr=", 13) == 0)
                 absent_set(word + 13, 1);
         }
@@ -1466,6 +2050,10 @@ __attribute__((constructor)) static void shim_start(void)
     real_reply_open = (reply_open_fn)lookup("fuse_reply_open");
     real_reply_err = (reply_err_fn)lookup("fuse_reply_err");
     real_reply_buf = (reply_buf_fn)lookup("fuse_reply_buf");
+    real_reply_attr = (reply_attr_fn)lookup("fuse_reply_attr");
+    real_reply_entry = (reply_entry_fn)lookup("fuse_reply_entry");
+    real_reply_create = (reply_create_fn)lookup("fuse_reply_create");
+    real_reply_write = (reply_write_fn)lookup("fuse_reply_write");
     real_add_direntry_plus = (add_direntry_plus_fn)lookup("fuse_add_direntry_plus");
     real_add_direntry = (add_direntry_fn)lookup("fuse_add_direntry");
     real_reply_data = (reply_data_fn)lookup("fuse_reply_data");

@@ -44,6 +44,11 @@ OPENLESS_ENV = "UNIONFS_NATIVE_OPENLESS"
 #: (pyfuse3 gets the rest from it); ``UNIONFS_NATIVE_READER=off`` leaves the device to pyfuse3
 OWN_READER = True
 READER_ENV = "UNIONFS_NATIVE_READER"
+#: whether GETATTR of a directory is answered by the shim from the attributes Python gave last, while nothing
+#: may have changed since (the kernel asks again after each listing it did not have cached);
+#: ``UNIONFS_NATIVE_ATTRS=off`` sends every GETATTR to Python
+DIR_ATTRS = True
+ATTRS_ENV = "UNIONFS_NATIVE_ATTRS"
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
@@ -133,6 +138,8 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_data_ops(on and data_path(spec))
     native.set_openless_dirs(on and OPENLESS_DIRS and os.environ.get(OPENLESS_ENV, "").lower() not in _OFF)
     native.set_own_reader(on and data_path(spec) and OWN_READER and os.environ.get(READER_ENV, "").lower() not in _OFF)
+    native.set_fsync(on and data_path(spec) and spec.fsync)
+    native.set_dir_attrs(on and DIR_ATTRS and not spec.debug and os.environ.get(ATTRS_ENV, "").lower() not in _OFF)
     if not on:
         why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
         _report = f"native part loaded but switched off ({why}): serving in the pure mode"
@@ -140,7 +147,8 @@ def configure(spec: MountSpec) -> _native.Native | None:
     features = ["connection tuning"] + (["cached listings"] if native.cached_listings else []) + (
         ["open-less directories"] if native.openless_dirs else []) + (
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
-        ["data path"] if native.data_ops else []) + (["own reader"] if native.own_reader else [])
+        ["data path"] if native.data_ops else []) + (["own reader"] if native.own_reader else []) + (
+        ["fsync"] if native.fsync else []) + (["directory attributes"] if native.dir_attrs else [])
     _report = f"native part: {native.version()} ({', '.join(features)})"
     return native
 

@@ -179,6 +179,8 @@ class Operations(pyfuse3.Operations):
         #: by inode, the merged listing of the node it was made of and its listing in position order; no
         #: handle holds it (the kernel sends none), the offsets say where a reader stands (listing_position)
         self._openless: dict[int, tuple[dict[bytes, tuple[int, int]], DirListing]] = {}
+        #: the native part when it answers GETATTR of directories from the attributes it was given last
+        self._dir_attrs: Native | None = None
 
     def use_native(self, native: Native | None) -> None:
         """Serve with the native part (None: the pure mode): cached listings, the data path when it has it, and
@@ -186,6 +188,7 @@ class Operations(pyfuse3.Operations):
         self.native = native
         self.data_path = native is not None and native.data_ops
         self._absent.mirror = native if not errors.debug else None
+        self._dir_attrs = native if native is not None and native.dir_attrs else None
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
@@ -604,7 +607,22 @@ class Operations(pyfuse3.Operations):
         """The merged listing of directory ``node``, kept until something changes in it."""
         if node.listing is None:
             node.listing = shared_listing(self.union.listdir(node.entry))
+            self._listed(node)
         return node.listing
+
+    def _listed(self, node: Node) -> None:
+        """The layers of directory ``node`` were just read, which may have moved the atime it shows (the kernel
+        asks GETATTR again after such a READDIR): the attributes the native part answers with are renewed."""
+        native = self._dir_attrs
+        if native is None or node.unlinked:
+            return
+        generation = native.attr_generation()
+        try:
+            a = self._attrs(node, self._fresh_stat(node))
+        except OSError:
+            return
+        native.dir_attr(generation, node.ino, a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev, a.st_size,
+                        a.st_blksize, a.st_blocks, a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns, a.attr_timeout)
 
     def _unreachable_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes of a listed name the server may not stat, which the kernel must not keep: every use of
