@@ -354,15 +354,15 @@ static void attr_to_stat(struct stat *st, const struct fuse_attr *a)
     st->st_ctim.tv_nsec = a->ctimensec;
 }
 
-/* Keep directory ``ino``'s attributes for ``timeout`` seconds if generation ``gen`` still holds; attributes of
- * anything else, or not to be cached, drop what was kept of ``ino``. */
-static void attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, double timeout)
+/* Keep directory ``ino``'s attributes for ``timeout`` seconds if generation ``gen`` still holds (1: kept);
+ * attributes of anything else, or not to be cached, drop what was kept of ``ino``. */
+static int attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, double timeout)
 {
     if (!atomic_load(&g_session_dir_attrs) || ino == 0)
-        return;
+        return 0;
     if (!S_ISDIR(a->mode) || !(timeout > 0)) {
         attr_drop(ino);
-        return;
+        return 0;
     }
     uint64_t expires = now_ns() + (uint64_t)(timeout < 1e6 ? timeout * 1e9 : 1e15);
     pthread_mutex_lock(&g_attr_lock);
@@ -371,7 +371,7 @@ static void attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, doub
     uint64_t now = atomic_load(&g_attr_gen);
     if (g_attr == NULL || gen != now) {
         pthread_mutex_unlock(&g_attr_lock);
-        return;
+        return 0;
     }
     struct attr_slot *take = NULL;
     unsigned first = attr_hash(ino);
@@ -394,6 +394,7 @@ static void attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, doub
     take->attr.ino = ino;
     pthread_mutex_unlock(&g_attr_lock);
     COUNT(attr_kept);
+    return 1;
 }
 
 /* The kept attributes of ``ino`` and how many nanoseconds they remain valid; 0 when none are kept. */
@@ -1854,61 +1855,45 @@ EXPORT size_t unionfs_native_connection(struct unionfs_native_conn *out, size_t 
     return sizeof g_conn;
 }
 
-/* 0, or -EINVAL for an unknown option. Takes effect at the next fuse_session_new (cached listings: at once). */
-EXPORT int unionfs_native_set(int option, int value)
+/* The flag of an option (unionfs_native_set), NULL for an unknown one. */
+static atomic_int *option_flag(int option)
 {
     switch (option) {
     case OPT_TUNE_CONN:
-        atomic_store(&g_opt_tune, value != 0);
-        return 0;
+        return &g_opt_tune;
     case OPT_CACHE_DIRS:
-        atomic_store(&g_opt_cache_dirs, value != 0);
-        return 0;
+        return &g_opt_cache_dirs;
     case OPT_READDIRPLUS_AUTO:
-        atomic_store(&g_opt_rdplus_auto, value != 0);
-        return 0;
+        return &g_opt_rdplus_auto;
     case OPT_OWN_READER:
-        atomic_store(&g_opt_own_reader, value != 0);
-        return 0;
+        return &g_opt_own_reader;
     case OPT_DATA_OPS:
-        atomic_store(&g_opt_data_ops, value != 0);
-        return 0;
+        return &g_opt_data_ops;
     case OPT_OPENLESS_DIRS:
-        atomic_store(&g_opt_openless, value != 0);
-        return 0;
+        return &g_opt_openless;
     case OPT_DIR_ATTRS:
-        atomic_store(&g_opt_dir_attrs, value != 0);
-        return 0;
+        return &g_opt_dir_attrs;
     case OPT_FSYNC:
-        atomic_store(&g_opt_fsync, value != 0);
-        return 0;
+        return &g_opt_fsync;
     default:
-        return -EINVAL;
+        return NULL;
     }
+}
+
+/* 0, or -EINVAL for an unknown option. Takes effect at the next fuse_session_new (cached listings: at once). */
+EXPORT int unionfs_native_set(int option, int value)
+{
+    atomic_int *flag = option_flag(option);
+    if (flag == NULL)
+        return -EINVAL;
+    atomic_store(flag, value != 0);
+    return 0;
 }
 
 EXPORT int unionfs_native_get(int option)
 {
-    switch (option) {
-    case OPT_TUNE_CONN:
-        return atomic_load(&g_opt_tune);
-    case OPT_CACHE_DIRS:
-        return atomic_load(&g_opt_cache_dirs);
-    case OPT_READDIRPLUS_AUTO:
-        return atomic_load(&g_opt_rdplus_auto);
-    case OPT_OWN_READER:
-        return atomic_load(&g_opt_own_reader);
-    case OPT_DATA_OPS:
-        return atomic_load(&g_opt_data_ops);
-    case OPT_OPENLESS_DIRS:
-        return atomic_load(&g_opt_openless);
-    case OPT_DIR_ATTRS:
-        return atomic_load(&g_opt_dir_attrs);
-    case OPT_FSYNC:
-        return atomic_load(&g_opt_fsync);
-    default:
-        return -EINVAL;
-    }
+    atomic_int *flag = option_flag(option);
+    return flag == NULL ? -EINVAL : atomic_load(flag);
 }
 
 /* Serve READ (modes & 1) and WRITE (modes & 2) requests on file handle ``fh`` on descriptor ``fd`` (pread,
@@ -1990,9 +1975,7 @@ EXPORT int unionfs_native_dir_attr(uint64_t gen, uint64_t ino, uint32_t mode, ui
     }
     struct fuse_attr a;
     attr_from_stat(&a, &st);
-    uint64_t before = __atomic_load_n(&g_counters.attr_kept, __ATOMIC_RELAXED);
-    attr_put(gen, ino, &a, timeout);
-    return __atomic_load_n(&g_counters.attr_kept, __ATOMIC_RELAXED) != before;
+    return attr_put(gen, ino, &a, timeout);
 }
 
 /* -- start-up --------------------------------------------------------------------------------------------------- */
