@@ -71,6 +71,8 @@ def test_fsx_native_matches_the_kernel(make_pair: Callable[..., kernel_diff.Stac
     if kernel_diff.IMPL != "unionfs":
         pytest.skip(f"UNIONFS_DIFF_IMPL={kernel_diff.IMPL}: no native part")
     monkeypatch.setenv("UNIONFS_NATIVE_DATA", "on")  # (whatever the environment of the run says)
+    # (both runs of 100,000 operations fall under the pair's watchdog: 60 to 120 s on a busy 2-core machine)
+    monkeypatch.setattr(kernel_diff, "WATCHDOG_SECONDS", max(kernel_diff.WATCHDOG_SECONDS, 360.0))
     data = _lower_file()
     pair = make_pair(lowers=({"f": File(data)},))
     assert isinstance(pair.unionfs, kernel_diff.FuseMount)

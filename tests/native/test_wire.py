@@ -565,3 +565,75 @@ def test_fsync_is_served_by_the_shim_on_the_open_descriptor(stack: tuple[str, Pa
         _unmount(mnt, pid)
     got = read_stats(stats)
     assert got["fsync_native"] == (0 if volatile else 3), got["fsync_native"]
+
+
+def test_read_only_opens_are_answered_by_the_shim_and_handed_over_when_python_must_know(
+        stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    """A read-only open of a file Python named (a listing's entry, a lookup, an earlier open) is answered by the
+    shim, and its release too, while nothing changed since. Such a handle still behaves as Python's would: after a
+    copy-up of its file it reads the copy (Python takes it over and reopens it), and once its file is unlinked
+    its attributes are still reached through it."""
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    d = mnt / "d"
+    try:
+        assert os.listdir(d) == ["f"]
+        for _ in range(3):
+            assert (d / "f").read_bytes() == b"lower\n"
+        with open(d / "f", "rb", buffering=0) as held:  # (on the lower file, opened by the shim)
+            with open(d / "f", "r+b", buffering=0) as writer:  # (copies up)
+                writer.write(b"UPPER")
+            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(held.fileno(), 100, 0) == b"UPPER\n"
+        assert (tmp_path / "l" / "d" / "f").read_bytes() == b"lower\n"
+        for _ in range(2):  # (the first after the change goes to Python, which names the file again)
+            assert (d / "f").read_bytes() == b"UPPER\n"
+        with open(d / "f", "rb", buffering=0) as held:
+            size = os.fstat(held.fileno()).st_size
+            os.unlink(d / "f")
+            st = os.fstat(held.fileno())
+            assert (st.st_size, st.st_nlink) == (size, 0)
+            assert os.pread(held.fileno(), 100, 0) == b"UPPER\n"
+        assert os.listdir(d) == []
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["open_native"] >= 4, got
+    assert got["release_native"] >= 3, got
+    assert got["adopted"] == 2, got
+    assert "read-only opens" in _log_lines(log, "native part")[0]
+
+
+def test_a_file_replaced_behind_the_mount_is_opened_by_python(stack: tuple[str, Path], shim: Path,
+                                                              tmp_path: Path) -> None:
+    """The shim opens what Python named only when it is that file (its device and inode number): another file
+    put at the path behind the mount is left to Python."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    (tmp_path / "u" / "g").write_bytes(b"first\n")
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    try:
+        assert sorted(os.listdir(mnt)) == ["d", "g"]
+        (tmp_path / "u" / "g.new").write_bytes(b"other\n")
+        os.rename(tmp_path / "u" / "g.new", tmp_path / "u" / "g")
+        assert (mnt / "g").read_bytes() == b"other\n"
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["open_missed"] == 1 and got["open_native"] == 0, got
+
+
+def test_read_only_opens_can_be_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats),
+                 UNIONFS_NATIVE_OPENS="off")
+    try:
+        for _ in range(3):
+            assert (mnt / "d" / "f").read_bytes() == b"lower\n"
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["open_native"] == 0 and got["recipes_kept"] == 0, got
+    assert "read-only opens" not in log.read_text()

@@ -31,6 +31,7 @@ _OPT_DATA_OPS = 5
 _OPT_OPENLESS_DIRS = 6
 _OPT_DIR_ATTRS = 7
 _OPT_FSYNC = 8
+_OPT_OPENS = 9
 
 # The FUSE_CAP_* bits of fuse_common.h that the connection record names.
 CAPS = {
@@ -49,7 +50,8 @@ _COUNTER_FIELDS = (
     "readdir_plain", "entries_plain", "read", "read_max", "write", "write_max", "write_bytes", "readdirplus",
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
     "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
-    "attr_served", "attr_untracked", "fsync_native")
+    "attr_served", "attr_untracked", "fsync_native", "open_native", "open_missed", "release_native", "adopted",
+    "recipes_kept")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -100,6 +102,11 @@ class Counters:
     attr_served: int
     attr_untracked: int
     fsync_native: int
+    open_native: int
+    open_missed: int
+    release_native: int
+    adopted: int
+    recipes_kept: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +165,12 @@ class Native:
             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
             ctypes.c_int64, ctypes.c_double]
+        lib.unionfs_native_layers.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_uint]
+        lib.unionfs_native_openable.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint, ctypes.c_char_p,
+                                                ctypes.c_uint64, ctypes.c_uint64]
+        lib.unionfs_native_adopt.argtypes = [ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64),
+                                             ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint), ctypes.c_int]
+        self._openable = lib.unionfs_native_openable
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
     def version(self) -> str:
@@ -247,6 +260,49 @@ class Native:
     @property
     def fsync(self) -> bool:
         return self._get(_OPT_FSYNC)
+
+    def set_opens(self, on: bool) -> None:
+        """From the next session (one with directory attributes), a read-only OPEN of an inode that
+        :meth:`openable` named, while nothing may have changed since, is answered by the shim's reader: it opens
+        the file named, serves its data requests and closes it at RELEASE, without Python, unless the shell takes
+        the handle over (:meth:`adopt`). Turn on only with the data path and the shim's fsync (Python never sees
+        such a handle otherwise), and :meth:`layers` given."""
+        self._set(_OPT_OPENS, on)
+
+    @property
+    def opens(self) -> bool:
+        return self._get(_OPT_OPENS)
+
+    def layers(self, fds: list[int]) -> None:
+        """The directories of the layers, by index (0: the upper layer), that :meth:`openable` names paths
+        beneath (the shim keeps duplicates)."""
+        array = (ctypes.c_int * len(fds))(*fds)
+        err = self._lib.unionfs_native_layers(array, len(fds))
+        if err != 0:
+            raise OSError(-err, os.strerror(-err))
+
+    def openable(self, generation: int, ino: int, layer: int, path: bytes, dev: int, st_ino: int) -> bool:
+        """Inode ``ino`` is the regular file ``path`` beneath layer ``layer`` (device ``dev``, inode number
+        ``st_ino``), as read since ``generation`` (:meth:`attr_generation`), and opening it read-only needs no
+        other decision: the shim may answer its read-only opens itself while nothing may have changed (see
+        :meth:`set_opens`). Whether it was kept."""
+        return bool(self._openable(generation, ino, layer, path, dev, st_ino))
+
+    def open_count(self) -> int:
+        """How many handles the shim opened (:meth:`set_opens`) and still owns."""
+        return int(self._lib.unionfs_native_open_count())
+
+    def adopt(self, ino: int) -> list[tuple[int, int, int]]:
+        """Take over the handles the shim opened for inode ``ino`` (:meth:`set_opens`): (handle, descriptor,
+        layer) of each; their RELEASE reaches Python from now on, whose handler closes the descriptor (still
+        registered for the data requests, as :meth:`serve` would have it)."""
+        out: list[tuple[int, int, int]] = []
+        while True:
+            fhs, fds, layers = (ctypes.c_uint64 * 64)(), (ctypes.c_int * 64)(), (ctypes.c_uint * 64)()
+            n = self._lib.unionfs_native_adopt(ino, fhs, fds, layers, 64)
+            out += [(fhs[i], fds[i], layers[i]) for i in range(n)]
+            if n < 64:
+                return out
 
     def attr_generation(self) -> int:
         """The generation :meth:`dir_attr` is to be given: taken before the attributes are read."""

@@ -35,6 +35,9 @@
 #include <time.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <linux/openat2.h>
+#include <limits.h>
 
 #define SHIM_VERSION "0.1"
 #define EXPORT __attribute__((visibility("default")))
@@ -117,6 +120,11 @@ struct unionfs_native_counters {
     uint64_t attr_served;     /* GETATTR requests answered from them */
     uint64_t attr_untracked;  /* changes the table of pending requests could not hold (keeping stopped) */
     uint64_t fsync_native;    /* FSYNC requests served on a registered descriptor (OPT_FSYNC), without Python */
+    uint64_t open_native;     /* read-only OPEN requests answered here from a kept recipe (OPT_OPENS) */
+    uint64_t open_missed;     /* ... that had a live recipe but went to Python (the file was not what it named) */
+    uint64_t release_native;  /* RELEASE requests of handles opened here, answered here */
+    uint64_t adopted;         /* handles opened here that the shell took over (unionfs_native_adopt) */
+    uint64_t recipes_kept;    /* recipes kept (unionfs_native_openable) */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -147,6 +155,7 @@ enum {
     OPT_OPENLESS_DIRS = 6, /* OPENDIR answered ENOSYS: no OPENDIR/RELEASEDIR at all, listings cached; default off */
     OPT_DIR_ATTRS = 7,     /* GETATTR of a directory answered from the attributes Python gave last; default off */
     OPT_FSYNC = 8,         /* FSYNC of a handle with a registered descriptor served here; default off */
+    OPT_OPENS = 9,         /* read-only OPEN and its RELEASE answered by the reader from recipes; default off */
 };
 
 static struct unionfs_native_counters g_counters;
@@ -158,6 +167,7 @@ static atomic_int g_opt_own_reader;
 static atomic_int g_opt_data_ops;
 static atomic_int g_opt_openless;
 static atomic_int g_opt_fsync;
+static atomic_int g_opt_opens;
 /* The open-less setting of the session being created. */
 static int g_session_openless;
 /* The readdirplus_auto setting of the session being created (the init callback decides with it). */
@@ -488,16 +498,21 @@ static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     g_inner.getattr(req, ino, fi);
 }
 
+static void recipe_drop(uint64_t ino);
+
 static void shim_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 {
     attr_drop(ino);
+    recipe_drop(ino);
     g_inner.forget(req, ino, nlookup);
 }
 
 static void shim_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
 {
-    for (size_t i = 0; i < count; i++)
+    for (size_t i = 0; i < count; i++) {
         attr_drop(forgets[i].ino);
+        recipe_drop(forgets[i].ino);
+    }
     g_inner.forget_multi(req, count, forgets);
 }
 
@@ -869,30 +884,40 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, cons
 #define FD_GONE (-2)
 #define FD_READ 1
 #define FD_WRITE 2
+#define FD_HERE 4 /* opened by the reader (native opens): closed by it at RELEASE unless adopted */
 struct fd_slot {
     uint64_t fh;
+    uint64_t ino;  /* FD_HERE: the inode it was opened for */
     int fd;
     int modes;
+    unsigned layer; /* FD_HERE: the layer it is a file of */
 };
 static struct fd_slot g_fds_initial[FD_SLOTS_MIN];
 static struct fd_slot *g_fds = g_fds_initial;
 static unsigned g_fd_slots = FD_SLOTS_MIN;
 static unsigned g_fd_used; /* slots not FD_FREE (FD_GONE included) */
 static atomic_int g_fd_count;
+static atomic_int g_native_open_count; /* FD_HERE slots: handles opened here, not yet released nor adopted */
 static pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void fd_slots_clear(struct fd_slot *slots, unsigned n)
 {
     for (unsigned i = 0; i < n; i++) {
         slots[i].fh = 0;
+        slots[i].ino = 0;
         slots[i].fd = FD_FREE;
         slots[i].modes = 0;
+        slots[i].layer = 0;
     }
 }
 
 static void fd_table_clear(void)
 {
     pthread_mutex_lock(&g_fd_lock);
+    for (unsigned i = 0; i < g_fd_slots; i++)
+        if (g_fds[i].fd >= 0 && (g_fds[i].modes & FD_HERE))
+            close(g_fds[i].fd); /* (opened by the reader for a session that ended) */
+    atomic_store(&g_native_open_count, 0);
     if (g_fds != g_fds_initial)
         free(g_fds);
     g_fds = g_fds_initial;
@@ -908,6 +933,18 @@ static unsigned fd_hash(uint64_t fh, unsigned slots)
     return (unsigned)((fh * UINT64_C(0x9E3779B97F4A7C15)) >> 32) % slots;
 }
 
+/* The live slot of fh, or NULL; the caller holds g_fd_lock. */
+static struct fd_slot *fd_slot_locked(uint64_t fh)
+{
+    for (unsigned i = 0, at = fd_hash(fh, g_fd_slots); i < g_fd_slots; i++, at = (at + 1) % g_fd_slots) {
+        if (g_fds[at].fd == FD_FREE)
+            return NULL;
+        if (g_fds[at].fd >= 0 && g_fds[at].fh == fh)
+            return &g_fds[at];
+    }
+    return NULL;
+}
+
 /* The descriptor registered for fh serving ``mode``, or -1; the caller holds g_fd_lock. */
 static int fd_find_locked(uint64_t fh, int mode)
 {
@@ -920,15 +957,13 @@ static int fd_find_locked(uint64_t fh, int mode)
     return -1;
 }
 
-/* Put fh in a free slot of ``slots`` (known to have one). */
-static void fd_place(struct fd_slot *slots, unsigned n, uint64_t fh, int fd, int modes)
+/* Put a copy of ``from`` in a free slot of ``slots`` (known to have one). */
+static void fd_place(struct fd_slot *slots, unsigned n, const struct fd_slot *from)
 {
-    unsigned at = fd_hash(fh, n);
+    unsigned at = fd_hash(from->fh, n);
     while (slots[at].fd != FD_FREE)
         at = (at + 1) % n;
-    slots[at].fh = fh;
-    slots[at].fd = fd;
-    slots[at].modes = modes;
+    slots[at] = *from;
 }
 
 /* Make room for one more registration: a table at three quarters is rebuilt, twice as large when the live
@@ -945,7 +980,7 @@ static int fd_room_locked(void)
     fd_slots_clear(slots, n);
     for (unsigned i = 0; i < g_fd_slots; i++)
         if (g_fds[i].fd >= 0)
-            fd_place(slots, n, g_fds[i].fh, g_fds[i].fd, g_fds[i].modes);
+            fd_place(slots, n, &g_fds[i]);
     if (g_fds != g_fds_initial)
         free(g_fds);
     g_fds = slots;
@@ -954,13 +989,13 @@ static int fd_room_locked(void)
     return 0;
 }
 
-/* Register (fd >= 0, modes != 0) or forget (fd < 0) the descriptor of fh: 0, or -ENOMEM. */
-static int fd_register(uint64_t fh, int fd, int modes)
+/* Register (fd >= 0, modes != 0) or forget (fd < 0) the descriptor of fh: 0, or -ENOMEM. The caller holds
+ * g_fd_lock. A new registration names ``ino`` and ``layer`` (kept by a registration again). */
+static int fd_register_locked(uint64_t fh, int fd, int modes, uint64_t ino, unsigned layer)
 {
     int ret = 0;
     if (fd >= 0 && modes == 0)
         fd = -1;
-    pthread_mutex_lock(&g_fd_lock);
     for (unsigned i = 0, at = fd_hash(fh, g_fd_slots); i < g_fd_slots; i++, at = (at + 1) % g_fd_slots) {
         if (g_fds[at].fd == FD_FREE)
             break;
@@ -973,7 +1008,6 @@ static int fd_register(uint64_t fh, int fd, int modes)
                 g_fds[at].modes = 0;
                 atomic_fetch_sub(&g_fd_count, 1);
             }
-            pthread_mutex_unlock(&g_fd_lock);
             return 0;
         }
     }
@@ -986,13 +1020,224 @@ static int fd_register(uint64_t fh, int fd, int modes)
             if (g_fds[at].fd == FD_FREE)
                 g_fd_used++;
             g_fds[at].fh = fh;
+            g_fds[at].ino = ino;
             g_fds[at].fd = fd;
             g_fds[at].modes = modes;
+            g_fds[at].layer = layer;
             atomic_fetch_add(&g_fd_count, 1);
         }
     }
+    return ret;
+}
+
+static int fd_register(uint64_t fh, int fd, int modes)
+{
+    pthread_mutex_lock(&g_fd_lock);
+    int ret = fd_register_locked(fh, fd, modes, 0, 0);
     pthread_mutex_unlock(&g_fd_lock);
     return ret;
+}
+
+/* -- read-only opens answered by the reader (OPT_OPENS) ------------------------------------------------------ *
+ *
+ * For an inode it hands the kernel (a LOOKUP reply, a READDIRPLUS entry, a read-only open), Python may say where
+ * its file is, as of an attribute generation: a layer, the path beneath the layer's directory, and the file's
+ * device and inode number (a recipe; unionfs_native_openable). Python gives one only when opening the inode
+ * read-only needs no decision of its own but that place (the kernel checked access: default_permissions). While
+ * that generation holds (nothing that may change anything was asked since: the rule directory attributes keep),
+ * the reader answers a read-only OPEN of the inode itself: it opens the path beneath the layer's directory without
+ * following symlinks, checks that what it opened is the file named, registers the descriptor for the data
+ * requests under a handle of its own (NATIVE_FH_BIT) and replies as Python would (keep_cache); it answers that
+ * handle's RELEASE by closing it. Anything else goes to Python, whose answer is the same. A handle the shell must
+ * know of (its file was copied up: it must read the copy; its file was unlinked: its attributes are reached
+ * through it) is taken over by the shell (unionfs_native_adopt): its RELEASE goes to Python from then on.
+ * Checking the generation and registering the handle happen under g_fd_lock, which adopting takes too: a handle
+ * opened on a recipe that a change then ended is always registered by the time the shell, after that change,
+ * takes over the inode's handles. The recipes have a lock of their own (taken after g_fd_lock, never before),
+ * so that naming files does not wait for a read the reader makes under g_fd_lock. */
+#define NATIVE_FH_BIT (UINT64_C(1) << 62)
+#define RECIPE_SLOTS 65536u /* a power of two */
+#define RECIPE_PROBE 8u
+/* The kernel's O_LARGEFILE, which every open on a 64-bit system carries (the C library's is 0 there). */
+#if defined(__aarch64__) || defined(__arm__)
+#define KERNEL_O_LARGEFILE 0400000
+#elif defined(__powerpc__)
+#define KERNEL_O_LARGEFILE 0200000
+#else
+#define KERNEL_O_LARGEFILE 0100000
+#endif
+/* the OPEN flags a recipe serves: a read-only open without O_TRUNC, O_DIRECT, O_SYNC, ... (__FMODE_EXEC: 0x20) */
+#define RECIPE_OPEN_FLAGS                                                                                            \
+    (O_ACCMODE | KERNEL_O_LARGEFILE | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOATIME | O_NOCTTY | 0x20)
+
+struct recipe {
+    uint64_t ino;
+    uint64_t gen; /* live while equal to g_attr_gen */
+    uint64_t dev, st_ino;
+    unsigned layer;
+    char *path;
+};
+
+/* Under g_recipe_lock. */
+static struct recipe *g_recipes;
+static int *g_layer_fds;
+static unsigned g_layer_count;
+static pthread_mutex_t g_recipe_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Under g_fd_lock. */
+static uint64_t g_native_fh_next;
+/* The native-opens setting of the session (it needs directory attributes' change tracking). */
+static atomic_int g_session_opens;
+
+static unsigned recipe_hash(uint64_t ino)
+{
+    return (unsigned)((ino * UINT64_C(0x9E3779B97F4A7C15)) >> 40) & (RECIPE_SLOTS - 1);
+}
+
+static void recipes_clear_locked(void)
+{
+    if (g_recipes == NULL)
+        return;
+    for (unsigned i = 0; i < RECIPE_SLOTS; i++)
+        free(g_recipes[i].path);
+    memset(g_recipes, 0, RECIPE_SLOTS * sizeof *g_recipes);
+}
+
+/* The live recipe of ``ino``, or NULL; the caller holds g_recipe_lock. */
+static struct recipe *recipe_find_locked(uint64_t ino)
+{
+    if (g_recipes == NULL)
+        return NULL;
+    uint64_t now = atomic_load(&g_attr_gen);
+    for (unsigned i = 0, at = recipe_hash(ino); i < RECIPE_PROBE; i++, at = (at + 1) & (RECIPE_SLOTS - 1))
+        if (g_recipes[at].ino == ino && g_recipes[at].gen == now)
+            return &g_recipes[at];
+    return NULL;
+}
+
+/* Keep the recipe of ``ino`` if generation ``gen`` still holds: 1 when kept. */
+static int recipe_put(uint64_t gen, uint64_t ino, uint64_t dev, uint64_t st_ino, unsigned layer, const char *path)
+{
+    if (!atomic_load(&g_session_opens) || !atomic_load(&g_session_dir_attrs) || ino == 0)
+        return 0;
+    size_t len = strlen(path);
+    if (len == 0 || len >= PATH_MAX)
+        return 0;
+    char *copy = malloc(len + 1);
+    if (copy == NULL)
+        return 0;
+    memcpy(copy, path, len + 1);
+    pthread_mutex_lock(&g_recipe_lock);
+    if (g_recipes == NULL)
+        g_recipes = calloc(RECIPE_SLOTS, sizeof *g_recipes);
+    uint64_t now = atomic_load(&g_attr_gen);
+    if (g_recipes == NULL || gen != now || layer >= g_layer_count) {
+        pthread_mutex_unlock(&g_recipe_lock);
+        free(copy);
+        return 0;
+    }
+    struct recipe *take = NULL;
+    unsigned first = recipe_hash(ino);
+    for (unsigned i = 0, at = first; i < RECIPE_PROBE; i++, at = (at + 1) & (RECIPE_SLOTS - 1)) {
+        struct recipe *r = &g_recipes[at];
+        if (r->ino == ino && r->gen == now) {
+            take = r;
+            break;
+        }
+        if (take == NULL && r->gen != now)
+            take = r;
+    }
+    if (take == NULL)
+        take = &g_recipes[first]; /* all live: the first gives way */
+    free(take->path);
+    take->ino = ino;
+    take->gen = now;
+    take->dev = dev;
+    take->st_ino = st_ino;
+    take->layer = layer;
+    take->path = copy;
+    pthread_mutex_unlock(&g_recipe_lock);
+    COUNT(recipes_kept);
+    return 1;
+}
+
+/* A forgotten inode's recipe goes (its number may come back for another object). */
+static void recipe_drop(uint64_t ino)
+{
+    pthread_mutex_lock(&g_recipe_lock);
+    if (g_recipes != NULL)
+        for (unsigned i = 0, at = recipe_hash(ino); i < RECIPE_PROBE; i++, at = (at + 1) & (RECIPE_SLOTS - 1))
+            if (g_recipes[at].ino == ino)
+                g_recipes[at].gen = 0;
+    pthread_mutex_unlock(&g_recipe_lock);
+}
+
+/* Open the file of ``ino``'s live recipe for a read-only OPEN with ``flags`` and register it under a new handle:
+ * the handle, or 0 (no live recipe, the open failed, or it is not the file the recipe named). */
+static uint64_t recipe_open(uint64_t ino, uint32_t flags)
+{
+    if ((flags & O_ACCMODE) != O_RDONLY || (flags & ~(uint32_t)RECIPE_OPEN_FLAGS))
+        return 0;
+    char path[PATH_MAX];
+    uint64_t dev = 0, st_ino = 0;
+    unsigned layer = 0;
+    int dirfd = -1;
+    pthread_mutex_lock(&g_fd_lock); /* (held from the generation's check to the registration) */
+    pthread_mutex_lock(&g_recipe_lock);
+    struct recipe *r = recipe_find_locked(ino);
+    if (r != NULL) {
+        memcpy(path, r->path, strlen(r->path) + 1);
+        dev = r->dev;
+        st_ino = r->st_ino;
+        layer = r->layer;
+        dirfd = g_layer_fds[layer];
+    }
+    pthread_mutex_unlock(&g_recipe_lock);
+    if (dirfd < 0) {
+        pthread_mutex_unlock(&g_fd_lock);
+        return 0;
+    }
+    uint64_t fh = 0;
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)(O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (int)(flags & (O_NONBLOCK | O_NOATIME)));
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    struct stat st;
+    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_dev == dev &&
+        (uint64_t)st.st_ino == st_ino) {
+        uint64_t candidate = NATIVE_FH_BIT | ++g_native_fh_next;
+        if (fd_register_locked(candidate, fd, FD_READ | FD_HERE, ino, layer) == 0) {
+            fh = candidate;
+            atomic_fetch_add(&g_native_open_count, 1);
+        }
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    if (fh == 0) {
+        COUNT(open_missed);
+        if (fd >= 0)
+            close(fd);
+    }
+    return fh;
+}
+
+/* Unregister handle ``fh`` if it is one the reader opened and still owns: its descriptor (for the caller to
+ * close), or -1. */
+static int recipe_release(uint64_t fh)
+{
+    if (!(fh & NATIVE_FH_BIT) || atomic_load(&g_native_open_count) == 0)
+        return -1;
+    int fd = -1;
+    pthread_mutex_lock(&g_fd_lock);
+    struct fd_slot *slot = fd_slot_locked(fh);
+    if (slot != NULL && (slot->modes & FD_HERE)) {
+        fd = slot->fd;
+        slot->fd = FD_GONE;
+        slot->modes = 0;
+        atomic_fetch_sub(&g_fd_count, 1);
+        atomic_fetch_sub(&g_native_open_count, 1);
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return fd;
 }
 
 /* The Python C API's GIL functions, when this process has them: a READ served here runs inside pyfuse3's call
@@ -1200,7 +1445,7 @@ static int dump_stats(const char *path)
     C(write_bytes); C(readdirplus); C(read_native); C(xattr_absent); C(reader_forwarded); C(reader_served);
     C(write_native); C(fallocate); C(lseek); C(copy_file_range); C(copy_bytes); C(data_unregistered);
     C(opendir_enosys); C(dir_openless); C(attr_kept); C(attr_served); C(attr_untracked);
-    C(fsync_native);
+    C(fsync_native); C(open_native); C(open_missed); C(release_native); C(adopted); C(recipes_kept);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -1435,6 +1680,48 @@ static int rx_serve_write(const struct fuse_in_header *in, const struct fuse_wri
 }
 
 /* What the reader does with one request: 1 when answered here. */
+/* Answer a read-only OPEN from a recipe; 0 when there is none to answer it with. */
+static int rx_serve_open(const struct fuse_in_header *in, const struct fuse_open_in *arg)
+{
+    if (!atomic_load(&g_session_opens) || !atomic_load(&g_session_dir_attrs))
+        return 0;
+    uint64_t fh = recipe_open(in->nodeid, arg->flags);
+    if (fh == 0)
+        return 0;
+    struct {
+        struct fuse_out_header head;
+        struct fuse_open_out body;
+    } out;
+    memset(&out, 0, sizeof out);
+    out.head.len = sizeof out;
+    out.head.unique = in->unique;
+    out.body.fh = fh;
+    out.body.open_flags = FOPEN_KEEP_CACHE;
+    ssize_t n;
+    while ((n = write(g_rx.devfd, &out, sizeof out)) < 0 && errno == EINTR) {
+    }
+    if (n < 0) { /* (ENOENT: the open was interrupted, the kernel has no use for the handle) */
+        int fd = recipe_release(fh);
+        if (fd >= 0)
+            close(fd);
+        return 1;
+    }
+    COUNT(open_native);
+    return 1;
+}
+
+/* Answer the RELEASE of a handle the reader opened (and still owns); 0 for any other. */
+static int rx_serve_release(const struct fuse_in_header *in, const struct fuse_release_in *arg)
+{
+    int fd = recipe_release(arg->fh);
+    if (fd < 0)
+        return 0;
+    close(fd);
+    COUNT(release_native);
+    rx_reply_error(in->unique, 0);
+    return 1;
+}
+
 static int rx_serve(const char *mem, size_t size)
 {
     const struct fuse_in_header *in = (const struct fuse_in_header *)mem;
@@ -1449,6 +1736,10 @@ static int rx_serve(const char *mem, size_t size)
         return left >= sizeof(struct fuse_write_in) &&
                rx_serve_write(in, (const struct fuse_write_in *)arg, arg + sizeof(struct fuse_write_in),
                               left - sizeof(struct fuse_write_in));
+    case FUSE_OPEN:
+        return left >= sizeof(struct fuse_open_in) && rx_serve_open(in, (const struct fuse_open_in *)arg);
+    case FUSE_RELEASE:
+        return left >= sizeof(struct fuse_release_in) && rx_serve_release(in, (const struct fuse_release_in *)arg);
     case FUSE_FSYNC:
         return left >= sizeof(struct fuse_fsync_in) &&
                fsync_start(NULL, in->unique, ((const struct fuse_fsync_in *)arg)->fh,
@@ -1692,6 +1983,10 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
     int attrs = atomic_load(&g_opt_dir_attrs) && g_inner.getattr && !g_inner.ioctl;
     atomic_store(&g_session_dir_attrs, attrs);
     attr_clear();
+    pthread_mutex_lock(&g_recipe_lock);
+    recipes_clear_locked();
+    pthread_mutex_unlock(&g_recipe_lock);
+    atomic_store(&g_session_opens, attrs && atomic_load(&g_opt_opens) && g_inner.open && g_inner.release);
     if (attrs) {
 #define WRAP(op)                                                                                                   \
     if (g_inner.op)                                                                                                \
@@ -1875,6 +2170,8 @@ static atomic_int *option_flag(int option)
         return &g_opt_dir_attrs;
     case OPT_FSYNC:
         return &g_opt_fsync;
+    case OPT_OPENS:
+        return &g_opt_opens;
     default:
         return NULL;
     }
@@ -1976,6 +2273,76 @@ EXPORT int unionfs_native_dir_attr(uint64_t gen, uint64_t ino, uint32_t mode, ui
     struct fuse_attr a;
     attr_from_stat(&a, &st);
     return attr_put(gen, ino, &a, timeout);
+}
+
+/* The directories of the layers, by index (0: the upper layer), that recipes name paths beneath: duplicated
+ * (the caller keeps its own). 0, or -errno (the layers are as before). */
+EXPORT int unionfs_native_layers(const int *fds, unsigned count)
+{
+    int *dups = calloc(count ? count : 1, sizeof *dups);
+    if (dups == NULL)
+        return -ENOMEM;
+    for (unsigned i = 0; i < count; i++) {
+        dups[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
+        if (dups[i] < 0) {
+            int err = errno;
+            while (i-- > 0)
+                close(dups[i]);
+            free(dups);
+            return -err;
+        }
+    }
+    pthread_mutex_lock(&g_recipe_lock);
+    int *old = g_layer_fds;
+    unsigned old_count = g_layer_count;
+    g_layer_fds = dups;
+    g_layer_count = count;
+    recipes_clear_locked(); /* (they named the old layers) */
+    pthread_mutex_unlock(&g_recipe_lock);
+    for (unsigned i = 0; i < old_count; i++)
+        close(old[i]);
+    free(old);
+    return 0;
+}
+
+/* The recipe of inode ``ino`` (see "read-only opens answered by the reader"), as of generation ``gen``: its file
+ * is ``path`` beneath layer ``layer``'s directory, device ``dev``, inode number ``st_ino``. 1 when kept. */
+EXPORT int unionfs_native_openable(uint64_t gen, uint64_t ino, unsigned layer, const char *path, uint64_t dev,
+                                   uint64_t st_ino)
+{
+    return recipe_put(gen, ino, dev, st_ino, layer, path);
+}
+
+/* Take over the handles the reader opened for inode ``ino`` and still owns: up to ``max`` of them are written
+ * (handle, descriptor, layer) and their RELEASE goes to Python from now on, which closes the descriptor; the
+ * descriptor stays registered for the data requests as it was. How many were written (call again while it is
+ * ``max``). */
+EXPORT int unionfs_native_adopt(uint64_t ino, uint64_t *fhs, int *fds, unsigned *layers, int max)
+{
+    if (atomic_load(&g_native_open_count) == 0)
+        return 0;
+    int n = 0;
+    pthread_mutex_lock(&g_fd_lock);
+    for (unsigned i = 0; i < g_fd_slots && n < max; i++) {
+        struct fd_slot *slot = &g_fds[i];
+        if (slot->fd >= 0 && (slot->modes & FD_HERE) && slot->ino == ino) {
+            slot->modes &= ~FD_HERE;
+            fhs[n] = slot->fh;
+            fds[n] = slot->fd;
+            layers[n] = slot->layer;
+            n++;
+            atomic_fetch_sub(&g_native_open_count, 1);
+            COUNT(adopted);
+        }
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return n;
+}
+
+/* How many handles the reader opened and still owns (not released, not adopted). */
+EXPORT int unionfs_native_open_count(void)
+{
+    return atomic_load(&g_native_open_count);
 }
 
 /* -- start-up --------------------------------------------------------------------------------------------------- */

@@ -49,6 +49,12 @@ READER_ENV = "UNIONFS_NATIVE_READER"
 #: ``UNIONFS_NATIVE_ATTRS=off`` sends every GETATTR to Python
 DIR_ATTRS = True
 ATTRS_ENV = "UNIONFS_NATIVE_ATTRS"
+#: whether a read-only OPEN of a file the shell named is answered by the shim's reader (it opens the file named,
+#: serves it and closes it at RELEASE: no Python) while nothing may have changed since the shell named it; with
+#: the data path, the shim's fsync and directory attributes (whose change tracking it shares);
+#: ``UNIONFS_NATIVE_OPENS=off`` sends every OPEN to Python
+NATIVE_OPENS = True
+OPENS_ENV = "UNIONFS_NATIVE_OPENS"
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
@@ -140,6 +146,8 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_own_reader(on and data_path(spec) and OWN_READER and os.environ.get(READER_ENV, "").lower() not in _OFF)
     native.set_fsync(on and data_path(spec) and spec.fsync)
     native.set_dir_attrs(on and DIR_ATTRS and not spec.debug and os.environ.get(ATTRS_ENV, "").lower() not in _OFF)
+    native.set_opens(on and NATIVE_OPENS and native.dir_attrs and native.fsync and native.own_reader
+                     and native.data_ops and os.environ.get(OPENS_ENV, "").lower() not in _OFF)
     if not on:
         why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
         _report = f"native part loaded but switched off ({why}): serving in the pure mode"
@@ -148,7 +156,8 @@ def configure(spec: MountSpec) -> _native.Native | None:
         ["open-less directories"] if native.openless_dirs else []) + (
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
         ["data path"] if native.data_ops else []) + (["own reader"] if native.own_reader else []) + (
-        ["fsync"] if native.fsync else []) + (["directory attributes"] if native.dir_attrs else [])
+        ["fsync"] if native.fsync else []) + (["directory attributes"] if native.dir_attrs else []) + (
+        ["read-only opens"] if native.opens else [])
     _report = f"native part: {native.version()} ({', '.join(features)})"
     return native
 

@@ -181,6 +181,8 @@ class Operations(pyfuse3.Operations):
         self._openless: dict[int, tuple[dict[bytes, tuple[int, int]], DirListing]] = {}
         #: the native part when it answers GETATTR of directories from the attributes it was given last
         self._dir_attrs: Native | None = None
+        #: the native part when it answers read-only opens of the files it is told of itself (Native.set_opens)
+        self._opens: Native | None = None
 
     def use_native(self, native: Native | None) -> None:
         """Serve with the native part (None: the pure mode): cached listings, the data path when it has it, and
@@ -189,13 +191,17 @@ class Operations(pyfuse3.Operations):
         self.data_path = native is not None and native.data_ops
         self._absent.mirror = native if not errors.debug else None
         self._dir_attrs = native if native is not None and native.dir_attrs else None
+        self._opens = native if native is not None and native.opens and self.data_path else None
+        if self._opens is not None:
+            self._opens.layers([layer.fd for layer in self.union.stack.layers])
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
         references (or one with open files), so that is what the server's memory follows."""
         s = self.inodes.stats()
+        files = len(self._files) + (self._opens.open_count() if self._opens is not None else 0)
         log.info("inode table: %d nodes, %d names, %d listings kept (%d names); %d files, %d directories open",
-                 s["nodes"], s["names"], s["listings"], s["listed_names"], len(self._files), len(self._dirs))
+                 s["nodes"], s["names"], s["listings"], s["listed_names"], files, len(self._dirs))
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -224,6 +230,7 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.by_path.get(path)
         if node is None:
             return
+        self._adopt(node)
         for fh, handle in self._files.items():
             if handle.node is node and handle.layer != node.entry.layer:
                 self._current(handle, fh)
@@ -300,6 +307,7 @@ class Operations(pyfuse3.Operations):
 
     def _open_fd(self, node: Node, upper_only: bool = False) -> int | None:
         """A descriptor open on ``node``'s object (of the upper layer only, with ``upper_only``)."""
+        self._adopt(node)
         for h in self._files.values():
             if h.node is node and (h.layer == 0 or not upper_only):
                 return h.fd
@@ -345,6 +353,27 @@ class Operations(pyfuse3.Operations):
         self.inodes.update(node, self.union.restat(node.entry))
         return node.entry.st
 
+    def _openable(self, generation: int, node: Node) -> None:
+        """Tell the native part where ``node``'s file is, as resolved since ``generation`` (taken after the last
+        await), when a read-only open of it needs nothing else of us (the kernel checks access; only an owner
+        this user namespace does not map needs our check): it answers such opens itself until anything may
+        have changed (Native.set_opens)."""
+        entry = node.entry
+        if (self._opens is None or node.unlinked or not stat.S_ISREG(entry.st.st_mode)
+                or self.union.unmapped(entry) is not None):
+            return
+        self._opens.openable(generation, node.ino, entry.layer, entry.path, entry.st.st_dev, entry.st.st_ino)
+
+    def _adopt(self, node: Node) -> None:
+        """The handles the native part opened on ``node``'s file become ours (it must be told of them: a copy-up
+        reopens them on the copy, an unlinked file's attributes are reached through them); we close them at
+        their release."""
+        if self._opens is None:
+            return
+        for fh, fd, layer in self._opens.adopt(node.ino):
+            self._files[fh] = FileHandle(node, fd, layer, False)
+            self.inodes.opened(node)
+
     def _reply_new(self, entry: Entry) -> pyfuse3.EntryAttributes:
         """The reply for an object just created (its inode number may have been another object's)."""
         self._absent.forget(entry.st)
@@ -369,9 +398,15 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
         await self._settle()
+        generation = self._opens.attr_generation() if self._opens is not None else 0
         parent = self._live(parent_inode)
         entry = self.union.lookup(parent.entry, name, _caller(ctx), parent.listing)
-        return self._negative() if entry is None else self._reply_entry(entry)
+        if entry is None:
+            return self._negative()
+        attrs = self._reply_entry(entry)
+        if self._opens is not None:
+            self._openable(generation, self.inodes.get(attrs.st_ino))
+        return attrs
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Drop kernel references; never raises."""
@@ -514,7 +549,10 @@ class Operations(pyfuse3.Operations):
         if writable:
             fd = await self._change(self.union.open, node, flags, _caller(ctx))
         else:
+            generation = self._opens.attr_generation() if self._opens is not None else 0
             fd = self.union.open(node.entry, flags, _caller(ctx))
+            if self._opens is not None:  # (the next read-only open is the native part's, unless things change)
+                self._openable(generation, node)
         return self._open_handle(node, fd, writable)
 
     def _current(self, handle: FileHandle, fh: int | None = None) -> int:
@@ -645,6 +683,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         await self._settle()
+        generation = self._opens.attr_generation() if self._opens is not None else 0
         # (the kernel's adaptive readdirplus, unionfs.fuse.native: a plain READDIR comes with a flag in the
         # handle; the kernel takes no reference for its entries)
         fh, plain = self.native.readdir_handle(fh) if self.native is not None else (fh, False)
@@ -680,6 +719,8 @@ class Operations(pyfuse3.Operations):
                 self.inodes.forget(node.ino, 0)  # (likewise: a plain entry hands the kernel no reference)
             else:
                 self.inodes.listed(node)
+                if child[1] and self._opens is not None:
+                    self._openable(generation, node)
             listing.sent(index)
 
     @boundary
