@@ -199,6 +199,7 @@ static struct {
     uint64_t ino; /* KIND_ATTR: the inode a GETATTR asked of */
 } g_pending[PENDING_SLOTS];
 static atomic_int g_pending_count;
+static atomic_int g_changes_pending; /* KIND_CHANGE entries: changes dispatched and not yet replied */
 static pthread_mutex_t g_pending_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int pending_add_attr(fuse_req_t req, int kind, uint64_t gen, uint64_t ino)
@@ -262,6 +263,7 @@ static void pending_clear(void)
     pthread_mutex_lock(&g_pending_lock);
     memset(g_pending, 0, sizeof g_pending);
     atomic_store(&g_pending_count, 0);
+    atomic_store(&g_changes_pending, 0);
     pthread_mutex_unlock(&g_pending_lock);
 }
 
@@ -445,7 +447,9 @@ static void change_begin(fuse_req_t req)
     if (!atomic_load(&g_session_dir_attrs))
         return;
     attr_bump();
-    if (!pending_add(req, KIND_CHANGE)) {
+    if (pending_add(req, KIND_CHANGE)) {
+        atomic_fetch_add(&g_changes_pending, 1);
+    } else {
         /* (its reply could not be told from another's: nothing is kept for the rest of the session) */
         atomic_store(&g_session_dir_attrs, 0);
         COUNT(attr_untracked);
@@ -467,8 +471,10 @@ static int reply_seen(fuse_req_t req, const struct fuse_attr *a, uint64_t ino, d
         return KIND_NONE;
     uint64_t gen = 0, asked = 0;
     int kind = pending_get(req, 1, &gen, &asked);
-    if (kind == KIND_CHANGE)
+    if (kind == KIND_CHANGE) {
         attr_bump();
+        atomic_fetch_sub(&g_changes_pending, 1);
+    }
     else if (kind == KIND_ATTR && a != NULL)
         attr_put(gen, ino ? ino : asked, a, timeout);
     else if (kind == KIND_ATTR)
@@ -1117,7 +1123,10 @@ static struct recipe *recipe_find_locked(uint64_t ino)
 /* Keep the recipe of ``ino`` if generation ``gen`` still holds: 1 when kept. */
 static int recipe_put(uint64_t gen, uint64_t ino, uint64_t dev, uint64_t st_ino, unsigned layer, const char *path)
 {
-    if (!atomic_load(&g_session_opens) || !atomic_load(&g_session_dir_attrs) || ino == 0)
+    /* (not while a change is under way: what was named may be what it changes, before its reply ends the
+     * generation) */
+    if (!atomic_load(&g_session_opens) || !atomic_load(&g_session_dir_attrs) || ino == 0 ||
+        atomic_load(&g_changes_pending) > 0)
         return 0;
     size_t len = strlen(path);
     if (len == 0 || len >= PATH_MAX)
@@ -1171,9 +1180,12 @@ static void recipe_drop(uint64_t ino)
     pthread_mutex_unlock(&g_recipe_lock);
 }
 
-/* Open the file of ``ino``'s live recipe for a read-only OPEN with ``flags`` and register it under a new handle:
- * the handle, or 0 (no live recipe, the open failed, or it is not the file the recipe named). */
-static uint64_t recipe_open(uint64_t ino, uint32_t flags)
+static int rx_devfd(void);
+
+/* Answer a read-only OPEN (``unique``) of ``ino`` with ``flags`` from its live recipe: open the file, register it
+ * under a new handle and reply, all under g_fd_lock (the handle cannot be taken over before the kernel has it). 1
+ * when answered, 0 when not (no live recipe, the open failed, or it is not the file the recipe named). */
+static int recipe_open(uint64_t ino, uint32_t flags, uint64_t unique)
 {
     if ((flags & O_ACCMODE) != O_RDONLY || (flags & ~(uint32_t)RECIPE_OPEN_FLAGS))
         return 0;
@@ -1181,7 +1193,7 @@ static uint64_t recipe_open(uint64_t ino, uint32_t flags)
     uint64_t dev = 0, st_ino = 0;
     unsigned layer = 0;
     int dirfd = -1;
-    pthread_mutex_lock(&g_fd_lock); /* (held from the generation's check to the registration) */
+    pthread_mutex_lock(&g_fd_lock); /* (held from the generation's check to the reply) */
     pthread_mutex_lock(&g_recipe_lock);
     struct recipe *r = recipe_find_locked(ino);
     if (r != NULL) {
@@ -1199,25 +1211,46 @@ static uint64_t recipe_open(uint64_t ino, uint32_t flags)
     uint64_t fh = 0;
     struct open_how how;
     memset(&how, 0, sizeof how);
-    how.flags = (uint64_t)(O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (int)(flags & (O_NONBLOCK | O_NOATIME)));
+    /* (O_NONBLOCK until it is known to be the regular file named: a FIFO put there must not block the reader) */
+    how.flags = (uint64_t)(O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | (int)(flags & O_NOATIME));
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
     struct stat st;
     if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_dev == dev &&
-        (uint64_t)st.st_ino == st_ino) {
+        (uint64_t)st.st_ino == st_ino && ((flags & O_NONBLOCK) || fcntl(fd, F_SETFL, 0) == 0)) {
         uint64_t candidate = NATIVE_FH_BIT | ++g_native_fh_next;
-        if (fd_register_locked(candidate, fd, FD_READ | FD_HERE, ino, layer) == 0) {
+        if (fd_register_locked(candidate, fd, FD_READ | FD_HERE, ino, layer) == 0)
             fh = candidate;
-            atomic_fetch_add(&g_native_open_count, 1);
-        }
     }
-    pthread_mutex_unlock(&g_fd_lock);
     if (fh == 0) {
+        pthread_mutex_unlock(&g_fd_lock);
         COUNT(open_missed);
         if (fd >= 0)
             close(fd);
+        return 0;
     }
-    return fh;
+    struct {
+        struct fuse_out_header head;
+        struct fuse_open_out body;
+    } out;
+    memset(&out, 0, sizeof out);
+    out.head.len = sizeof out;
+    out.head.unique = unique;
+    out.body.fh = fh;
+    out.body.open_flags = FOPEN_KEEP_CACHE;
+    ssize_t n;
+    while ((n = write(rx_devfd(), &out, sizeof out)) < 0 && errno == EINTR) {
+    }
+    if (n < 0) { /* (ENOENT: the open was interrupted, the kernel has no use for the handle) */
+        fd_register_locked(fh, -1, 0, 0, 0);
+        pthread_mutex_unlock(&g_fd_lock);
+        close(fd);
+        return 1;
+    }
+    atomic_fetch_add(&g_native_open_count, 1);
+    pthread_mutex_unlock(&g_fd_lock);
+    COUNT(open_native);
+    return 1;
 }
 
 /* Unregister handle ``fh`` if it is one the reader opened and still owns: its descriptor (for the caller to
@@ -1525,10 +1558,41 @@ static int fsync_start(fuse_req_t req, uint64_t unique, uint64_t fh, int datasyn
     return 1;
 }
 
+/* FSYNC of a handle the reader opened and still owns, made in the calling thread when fsync_start could not start
+ * one (Python has no such handle): 0 or an errno, -1 for any other handle. */
+static int fsync_here(uint64_t fh, int datasync)
+{
+    if (!(fh & NATIVE_FH_BIT))
+        return -1;
+    int err = -1;
+    pthread_mutex_lock(&g_fd_lock);
+    struct fd_slot *slot = fd_slot_locked(fh);
+    if (slot != NULL && (slot->modes & FD_HERE))
+        err = (datasync ? fdatasync(slot->fd) : fsync(slot->fd)) == 0 ? 0 : errno;
+    pthread_mutex_unlock(&g_fd_lock);
+    return err;
+}
+
 static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
-    if (!fsync_start(req, 0, fi->fh, datasync))
+    if (fsync_start(req, 0, fi->fh, datasync))
+        return;
+    int err = fsync_here(fi->fh, datasync);
+    if (err >= 0)
+        real_reply_err(req, err);
+    else
         g_inner.fsync(req, ino, datasync, fi);
+}
+
+static int rx_fsync(const struct fuse_in_header *in, const struct fuse_fsync_in *arg)
+{
+    if (fsync_start(NULL, in->unique, arg->fh, arg->fsync_flags & 1))
+        return 1;
+    int err = fsync_here(arg->fh, arg->fsync_flags & 1);
+    if (err < 0)
+        return 0;
+    rx_reply_error(in->unique, err);
+    return 1;
 }
 
 /* -- the shim's own reader of /dev/fuse ------------------------------------------------------------------------
@@ -1685,29 +1749,12 @@ static int rx_serve_open(const struct fuse_in_header *in, const struct fuse_open
 {
     if (!atomic_load(&g_session_opens) || !atomic_load(&g_session_dir_attrs))
         return 0;
-    uint64_t fh = recipe_open(in->nodeid, arg->flags);
-    if (fh == 0)
-        return 0;
-    struct {
-        struct fuse_out_header head;
-        struct fuse_open_out body;
-    } out;
-    memset(&out, 0, sizeof out);
-    out.head.len = sizeof out;
-    out.head.unique = in->unique;
-    out.body.fh = fh;
-    out.body.open_flags = FOPEN_KEEP_CACHE;
-    ssize_t n;
-    while ((n = write(g_rx.devfd, &out, sizeof out)) < 0 && errno == EINTR) {
-    }
-    if (n < 0) { /* (ENOENT: the open was interrupted, the kernel has no use for the handle) */
-        int fd = recipe_release(fh);
-        if (fd >= 0)
-            close(fd);
-        return 1;
-    }
-    COUNT(open_native);
-    return 1;
+    return recipe_open(in->nodeid, arg->flags, in->unique);
+}
+
+static int rx_devfd(void)
+{
+    return g_rx.devfd;
 }
 
 /* Answer the RELEASE of a handle the reader opened (and still owns); 0 for any other. */
@@ -1741,9 +1788,7 @@ static int rx_serve(const char *mem, size_t size)
     case FUSE_RELEASE:
         return left >= sizeof(struct fuse_release_in) && rx_serve_release(in, (const struct fuse_release_in *)arg);
     case FUSE_FSYNC:
-        return left >= sizeof(struct fuse_fsync_in) &&
-               fsync_start(NULL, in->unique, ((const struct fuse_fsync_in *)arg)->fh,
-                           ((const struct fuse_fsync_in *)arg)->fsync_flags & 1);
+        return left >= sizeof(struct fuse_fsync_in) && rx_fsync(in, (const struct fuse_fsync_in *)arg);
     case FUSE_GETATTR: {
         struct {
             struct fuse_out_header head;
@@ -1899,6 +1944,8 @@ static void rx_after_fork_child(void)
     pthread_mutex_init(&g_pending_lock, NULL);
     pthread_mutex_init(&g_absent_lock, NULL);
     pthread_mutex_init(&g_obj_lock, NULL);
+    pthread_mutex_init(&g_recipe_lock, NULL);
+    pthread_mutex_init(&g_attr_lock, NULL);
     if (!g_rx.active)
         return;
     close(g_rx.eventfd);
@@ -2315,14 +2362,14 @@ EXPORT int unionfs_native_openable(uint64_t gen, uint64_t ino, unsigned layer, c
 
 /* Take over the handles the reader opened for inode ``ino`` and still owns: up to ``max`` of them are written
  * (handle, descriptor, layer) and their RELEASE goes to Python from now on, which closes the descriptor; the
- * descriptor stays registered for the data requests as it was. How many were written (call again while it is
- * ``max``). */
+ * descriptor stays registered for the data requests as it was. The inode's recipe goes. How many were written
+ * (call again while it is ``max``). */
 EXPORT int unionfs_native_adopt(uint64_t ino, uint64_t *fhs, int *fds, unsigned *layers, int max)
 {
-    if (atomic_load(&g_native_open_count) == 0)
-        return 0;
     int n = 0;
+    /* (always under the lock, even with no handle of the reader's: one may be being opened, see above) */
     pthread_mutex_lock(&g_fd_lock);
+    recipe_drop(ino); /* (a recipe named while a change was under way must not outlive its taking over) */
     for (unsigned i = 0; i < g_fd_slots && n < max; i++) {
         struct fd_slot *slot = &g_fds[i];
         if (slot->fd >= 0 && (slot->modes & FD_HERE) && slot->ino == ino) {
