@@ -857,6 +857,17 @@ def is_mounted(mnt: str | Path, fstype_prefix: str = "") -> bool:
     return info is not None and info["fstype"].startswith(fstype_prefix)
 
 
+def wait_for_line(path: Path, fragment: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> str:
+    """The tail of the file at ``path`` once a line of it holds ``fragment``; after ``timeout`` seconds, or once
+    ``alive()`` is false, whatever it holds then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _tail(path)
+        if any(fragment in line for line in out.splitlines()) or time.monotonic() > deadline or not alive():
+            return _tail(path)
+        time.sleep(0.02)
+
+
 def _tail(path: Path, limit: int = 4000) -> str:
     try:
         data = path.read_text(errors="replace")
@@ -989,6 +1000,12 @@ class FuseMount(Mount):
 
     def server_log(self) -> str:
         return _tail(self.log) if self.log else "<no log>"
+
+    def server_log_once(self, fragment: str, timeout: float = 30.0) -> str:
+        """The server's output once a line of it holds ``fragment`` (or ``timeout`` seconds have passed, or the
+        server has exited): the mount is in /proc before the server logs how it serves."""
+        return wait_for_line(self.log, fragment, timeout, alive=lambda: self.proc is not None and
+                             self.proc.poll() is None) if self.log else "<no log>"
 
     def mount(self) -> None:
         self._count += 1

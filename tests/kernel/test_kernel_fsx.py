@@ -34,6 +34,23 @@ def _serves_natively(log: str) -> bool:
     return "data path" in lines[-1]
 
 
+def test_regression_the_mode_is_read_from_the_log_once_the_server_has_written_it(tmp_path: Path) -> None:
+    """The mount is in /proc before the server logs how it serves: read at once, its log could lack the line
+    (a CI run failed so). The line is waited for."""
+    import threading
+
+    log = tmp_path / "log"
+    log.write_text("$ unionfs mount\n")
+    late = threading.Timer(0.3, lambda: log.write_text("$ unionfs mount\nnative part: 0.1 (data path)\n"))
+    late.start()
+    try:
+        assert _serves_natively(kernel_diff.wait_for_line(log, "native part", timeout=30))
+    finally:
+        late.join()
+    with pytest.raises(AssertionError, match="did not say which mode"):
+        _serves_natively(kernel_diff.wait_for_line(tmp_path / "log2", "native part", timeout=0.1))
+
+
 def test_fsx_finds_a_change_its_model_does_not_know(tmp_path: Path) -> None:
     """The exerciser fails when the file is not what its model says (a byte changed behind its back)."""
     f = tmp_path / "f"
@@ -76,7 +93,7 @@ def test_fsx_native_matches_the_kernel(make_pair: Callable[..., kernel_diff.Stac
     data = _lower_file()
     pair = make_pair(lowers=({"f": File(data)},))
     assert isinstance(pair.unionfs, kernel_diff.FuseMount)
-    assert _serves_natively(pair.unionfs.server_log())
+    assert _serves_natively(pair.unionfs.server_log_once("native part"))
     k = fsx.run(str(pair.kernel.root / "f"), fsx.Options(ops=ops, seed=SEED, kernel_maps=True))
     u = fsx.run(str(pair.unionfs.root / "f"), fsx.Options(ops=ops, seed=SEED))
     assert u == k
@@ -101,7 +118,7 @@ def test_fsx_pure(make_pair: Callable[..., kernel_diff.StackPair], monkeypatch: 
     data = _lower_file()
     pair = make_pair(lowers=({"f": File(data)},))
     assert isinstance(pair.unionfs, kernel_diff.FuseMount)
-    assert not _serves_natively(pair.unionfs.server_log())
+    assert not _serves_natively(pair.unionfs.server_log_once("native part"))
     u = fsx.run(str(pair.unionfs.root / "f"), fsx.Options(ops=SHORT_OPS, seed=SEED, strict=False))
     assert sorted(u.unsupported) == ["fallocate", "punch_hole", "zero_range"]
     assert {"copy_range", "seek", "mapread", "mapwrite", "truncate"} <= set(u.counts)
