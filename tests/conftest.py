@@ -1,4 +1,5 @@
-"""Fixtures shared by the test directories: how tests that run as root make another user run the project."""
+"""Fixtures shared by the test directories: how tests that run as root make another user run the project; which
+tests must run alone (the ``serial`` mark, given here)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,32 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE_PYTHON = "/usr/bin/python3"
 #: the user that probes whether an ordinary user can read this interpreter and the repository
 PROBE_UID = 65534
+
+#: Tests that disturb others running at the same time, or are disturbed by them (tests/run.sh runs the rest on
+#: several workers, then these one at a time): a test id's prefix, and why.
+SERIAL = {
+    "tests/podman/": "containers copy every mount into their mount namespaces, keeping other tests' mounts alive "
+                     "after their unmount; podman's state under /run is shared",
+    "tests/mount/test_mount_lifecycle.py::test_mount_t_": "runs mount(8) in a new mount namespace (likewise)",
+    "tests/mount/test_mount_spare.py": "spare servers listen in /run/unionfs, one per kind of command",
+    "tests/mount/test_mount_limits.py::test_a_spare_": "spare servers (likewise)",
+    "tests/native/test_wire.py::test_spare_servers_": "spare servers (likewise)",
+    "tests/mount/test_mount_inode_table.py::test_forgotten_nodes_are_freed": "drops the kernel's caches, which "
+                     "makes every mount's kernel forget inodes (the request counts of other tests change)",
+    "tests/mount/test_mount_semantics.py::test_forget_after_drop_caches": "drops the kernel's caches (likewise)",
+    "tests/mount/test_mount_semantics.py::test_memory_bounded_after_forget": "drops the kernel's caches (likewise)",
+    "tests/native/test_native_listings.py::test_listing_follows_a_link_breaking_copy_up_when_the_kernel_forgot":
+        "drops the kernel's caches (likewise)",
+}
+if os.geteuid() != 0:
+    SERIAL["tests/mount/test_crash_steps.py"] = "an ordinary user's view of kernel overlayfs is made in a new mount " \
+                                                "namespace (unshare -Urm)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.nodeid.startswith(prefix) for prefix in SERIAL):
+            item.add_marker(pytest.mark.serial)
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ ENTRY_MODULES = (
     "rich.progress",  # loaded only when progress is shown on a terminal
     "setproctitle",  # loaded only by spare servers
     "unionfs.image.cli", "unionfs.image._images", "zstandard",  # the image commands (zstd layers)
+    "xdist.dsession", "xdist.remote", "execnet",  # tests/run.sh's workers (pytest-xdist)
 )
 PROJECT = ("pyproject.toml", "unionfs", "tests", "examples")
 #: Loaded by the interpreter's own start-up hooks (a ``.pth`` file), not by unionfs or the tests.

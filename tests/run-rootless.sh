@@ -25,6 +25,7 @@
 # .venv/bin/python, else the active virtual environment's, else tests/setup.sh makes .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tests/suite.sh
 
 USER_NAME=unionfs-test
 SUBIDS=65536
@@ -154,11 +155,11 @@ pytest=("$run_py" -m pytest -q -p no:cacheprovider)
 
 status=0
 echo "== rootless: tests/mount as $USER_NAME (uid $uid), no namespace" >&2
-(cd "$src" && "${as_user[@]}" "${user_env[@]}" "${pytest[@]}" tests/mount "$@") || status=1
+(cd "$src" && run_split "${as_user[@]}" "${user_env[@]}" "${pytest[@]}" tests/mount "$@") || status=1
 
 echo "== rootless: tests/kernel as $USER_NAME (uid $uid) in its own user namespace" \
      "(uid 0 -> $uid, 1-$SUBIDS -> $subuid-$((subuid + SUBIDS - 1))), overlayfs with userxattr" >&2
-(cd "$src" && "${as_user[@]}" "${user_env[@]}" UNIONFS_TEST_XATTR=user "UNIONFS_TEST_FOREIGN_LAYER=$foreign" \
+(cd "$src" && run_split "${as_user[@]}" "${user_env[@]}" UNIONFS_TEST_XATTR=user "UNIONFS_TEST_FOREIGN_LAYER=$foreign" \
     unshare --map-user=0 --map-group=0 \
             "--map-users=$subuid,1,$SUBIDS" "--map-groups=$subgid,1,$SUBIDS" \
             --mount --propagation private --pid --fork --kill-child --mount-proc \
@@ -166,7 +167,7 @@ echo "== rootless: tests/kernel as $USER_NAME (uid $uid) in its own user namespa
 
 echo "== rootless: differential suites of lookup, errno, copy-up and random operations again with -o prescan," \
      "in the same kind of namespace" >&2
-(cd "$src" && "${as_user[@]}" "${user_env[@]}" UNIONFS_TEST_XATTR=user UNIONFS_DIFF_OPTIONS=prescan \
+(cd "$src" && run_split "${as_user[@]}" "${user_env[@]}" UNIONFS_TEST_XATTR=user UNIONFS_DIFF_OPTIONS=prescan \
     unshare --map-user=0 --map-group=0 \
             "--map-users=$subuid,1,$SUBIDS" "--map-groups=$subgid,1,$SUBIDS" \
             --mount --propagation private --pid --fork --kill-child --mount-proc \

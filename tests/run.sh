@@ -3,22 +3,25 @@
 # test suite (unit, real mounts, differential against kernel overlayfs), and then the rootless pass
 # (tests/run-rootless.sh: the real-mount and differential suites again as an unprivileged user). Run it as root
 # so that the kernel side of the differential tests can mount; extra arguments go to pytest (the main run only).
-# It fails when either run fails.
+# It fails when either run fails. Each pytest run is split in two (tests/suite.sh): most tests on several workers,
+# then those that must run alone; UNIONFS_TEST_JOBS=1 runs each in one plain pytest process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
+. tests/suite.sh
 echo "== ruff" >&2
 .venv/bin/ruff check unionfs tests bench examples
 echo "== mypy" >&2
 .venv/bin/mypy
 echo "== pytest" >&2
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || status=$?
+echo "== pytest: on $UNIONFS_TEST_JOBS workers, then the serial tests alone" >&2
+run_split .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || status=$?
 if [ "$(id -u)" -eq 0 ]; then
     # The differential suites of lookup, errors and random operations again, with the lower layers prescanned
     # at mount (-o prescan: lookups answered from a table): they must see exactly what the kernel sees.
     echo "== pytest: differential suites again with -o prescan" >&2
-    UNIONFS_DIFF_OPTIONS=prescan .venv/bin/python -m pytest -q -p no:cacheprovider tests/kernel/test_kernel_lookup.py \
+    UNIONFS_DIFF_OPTIONS=prescan run_split .venv/bin/python -m pytest -q -p no:cacheprovider tests/kernel/test_kernel_lookup.py \
         tests/kernel/test_kernel_errno.py tests/kernel/test_kernel_random.py tests/kernel/test_kernel_copy_up.py \
         tests/kernel/test_kernel_deep.py \
         || status=$((status ? status : 1))
@@ -34,9 +37,9 @@ native_line=$(.venv/bin/python -m unionfs --version | tail -n 1)
 echo "== $native_line" >&2
 if [[ "$native_line" == "native part: available"* ]]; then
     echo "== pytest: differential, random and real-mount suites again in the pure mode (UNIONFS_NATIVE=off)" >&2
-    UNIONFS_NATIVE=off .venv/bin/python -m pytest -q -p no:cacheprovider tests/kernel \
+    UNIONFS_NATIVE=off run_split .venv/bin/python -m pytest -q -p no:cacheprovider tests/kernel \
         --deselect tests/kernel/test_kernel_fsx.py::test_fsx_pure || status=$((status ? status : 1))
-    UNIONFS_NATIVE=off .venv/bin/python -m pytest -q -p no:cacheprovider tests/native/test_native_listings.py \
+    UNIONFS_NATIVE=off run_split .venv/bin/python -m pytest -q -p no:cacheprovider tests/native/test_native_listings.py \
         tests/mount/test_mount_semantics.py tests/mount/test_mount_lifecycle.py tests/mount/test_mount_access.py \
         tests/mount/test_mount_errors.py tests/mount/test_mount_fast.py tests/mount/test_mount_inode_table.py \
         tests/mount/test_mount_limits.py tests/mount/test_mount_program.py tests/mount/test_mount_spare.py \
