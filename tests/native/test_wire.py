@@ -605,6 +605,29 @@ def test_read_only_opens_are_answered_by_the_shim_and_handed_over_when_python_mu
     assert "read-only opens" in _log_lines(log, "native part")[0]
 
 
+def test_the_files_of_a_listing_are_opened_by_the_shim(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    """A READDIRPLUS reply names all its regular files to the shim at once (one record each, of the layer, the
+    path, the device and the inode number): after a listing, opening each of its files (which the kernel knows
+    from the listing: no LOOKUP) is answered by the shim, on the file named, in either layer."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    names = {f"lower-{i:02}{'-' + 'n' * 180 if i % 7 == 0 else ''}": ("l", f"lower {i}\n".encode()) for i in range(40)}
+    names.update({f"upper-{i:02}": ("u", f"upper {i}\n".encode()) for i in range(10)})
+    (tmp_path / "u" / "d").mkdir()
+    for name, (layer, data) in names.items():
+        (tmp_path / layer / "d" / name).write_bytes(data)
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    try:
+        assert sorted(os.listdir(mnt / "d")) == sorted([*names, "f"])
+        for name, (_, data) in names.items():
+            assert (mnt / "d" / name).read_bytes() == data
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["recipes_kept"] >= len(names), got
+    assert got["open_native"] >= len(names) and got["open_missed"] == 0, got
+
+
 def test_a_file_replaced_behind_the_mount_is_opened_by_python(stack: tuple[str, Path], shim: Path,
                                                               tmp_path: Path) -> None:
     """The shim opens what Python named only when it is that file (its device and inode number): another file

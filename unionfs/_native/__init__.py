@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -166,8 +167,7 @@ class Native:
             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
             ctypes.c_int64, ctypes.c_double]
         lib.unionfs_native_layers.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_uint]
-        lib.unionfs_native_openable.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint, ctypes.c_char_p,
-                                                ctypes.c_uint64, ctypes.c_uint64]
+        lib.unionfs_native_openable.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
         lib.unionfs_native_adopt.argtypes = [ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64),
                                              ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint), ctypes.c_int]
         self._openable = lib.unionfs_native_openable
@@ -281,12 +281,12 @@ class Native:
         if err != 0:
             raise OSError(-err, os.strerror(-err))
 
-    def openable(self, generation: int, ino: int, layer: int, path: bytes, dev: int, st_ino: int) -> bool:
-        """Inode ``ino`` is the regular file ``path`` beneath layer ``layer`` (device ``dev``, inode number
-        ``st_ino``), as read since ``generation`` (:meth:`attr_generation`), and opening it read-only needs no
-        other decision: the shim may answer its read-only opens itself while nothing may have changed (see
-        :meth:`set_opens`). Whether it was kept."""
-        return bool(self._openable(generation, ino, layer, path, dev, st_ino))
+    def openable(self, generation: int, recipes: bytes) -> int:
+        """Each of ``recipes`` (:func:`recipe`, joined) says that an inode is a regular file beneath a layer, as
+        read since ``generation`` (:meth:`attr_generation`), and that opening it read-only needs no other
+        decision: the shim may answer its read-only opens itself while nothing may have changed (see
+        :meth:`set_opens`). How many were kept."""
+        return int(self._openable(generation, recipes, len(recipes)))
 
     def open_count(self) -> int:
         """How many handles the shim opened (:meth:`set_opens`) and still owns."""
@@ -391,6 +391,16 @@ class Native:
 
 _loaded: Native | None = None
 _reason = "not loaded yet"
+
+
+#: the head of a record of :meth:`Native.openable` (unionfs_native_openable in shim.c), the path's bytes after it
+_RECIPE = struct.Struct("=QQQII")
+
+
+def recipe(ino: int, layer: int, path: bytes, dev: int, st_ino: int) -> bytes:
+    """Inode ``ino`` is the regular file ``path`` beneath layer ``layer``, whose device and inode number are
+    ``dev`` and ``st_ino``: a record of :meth:`Native.openable`."""
+    return _RECIPE.pack(ino, dev, st_ino, layer, len(path)) + path
 
 
 def reason() -> str:

@@ -1828,10 +1828,12 @@ static int rx_serve(const char *mem, size_t size)
     }
 }
 
-/* After each request the reader polls the device without sleeping for this long (UNIONFS_NATIVE_SPIN_US, 0: not
- * at all), yielding the CPU to whatever else may run: the client's next request of a burst (an `ls -l` asks one
- * GETXATTR per file) is then taken without the thread being woken, which costs most of a round trip on a machine
- * whose idle CPUs halt (a virtual machine's). */
+/* After each request it answered itself, the reader polls the device without sleeping for this long
+ * (UNIONFS_NATIVE_SPIN_US, 0: not at all), yielding the CPU to whatever else may run: the client's next request
+ * of a burst (an `ls -l` asks one GETXATTR per file) is then taken without the thread being woken, which costs
+ * most of a round trip on a machine whose idle CPUs halt (a virtual machine's). Not after a request handed to
+ * pyfuse3: the client waits for Python's reply meanwhile, and a spinning thread would only take a CPU from
+ * Python and the client (a cold `find` took 20% longer so on a 2-core machine). */
 #define SPIN_NS_DEFAULT 50000u
 static uint64_t g_spin_ns = SPIN_NS_DEFAULT;
 
@@ -1867,11 +1869,12 @@ static void *rx_main(void *unused)
             continue;
         if (n <= 0)
             break; /* ENODEV: unmounted */
-        last = now_ns();
         if (rx_serve(mem, (size_t)n)) {
             COUNT(reader_served);
+            last = now_ns();
             continue;
         }
+        last = 0;
         pthread_mutex_lock(&g_rx.lock);
         while (g_rx.count == RX_QUEUE) { /* pyfuse3 is that far behind: wait for it */
             pthread_mutex_unlock(&g_rx.lock);
@@ -2354,10 +2357,34 @@ EXPORT int unionfs_native_layers(const int *fds, unsigned count)
 
 /* The recipe of inode ``ino`` (see "read-only opens answered by the reader"), as of generation ``gen``: its file
  * is ``path`` beneath layer ``layer``'s directory, device ``dev``, inode number ``st_ino``. 1 when kept. */
-EXPORT int unionfs_native_openable(uint64_t gen, uint64_t ino, unsigned layer, const char *path, uint64_t dev,
-                                   uint64_t st_ino)
+/* Recipes, as of generation ``gen``: ``buf`` holds ``len`` bytes of records, one per inode (all the entries of a
+ * READDIRPLUS reply at once), each its inode number, device and inode number in the layer (three uint64), layer
+ * and path length (two uint32), all in this machine's byte order, then the path's bytes (no NUL). How many were
+ * kept; a record cut short ends the list. */
+#define RECIPE_RECORD 32u
+EXPORT int unionfs_native_openable(uint64_t gen, const char *buf, size_t len)
 {
-    return recipe_put(gen, ino, dev, st_ino, layer, path);
+    int kept = 0;
+    char path[PATH_MAX];
+    for (size_t at = 0; len - at >= RECIPE_RECORD;) {
+        uint64_t ino, dev, st_ino;
+        uint32_t layer, size;
+        memcpy(&ino, buf + at, 8);
+        memcpy(&dev, buf + at + 8, 8);
+        memcpy(&st_ino, buf + at + 16, 8);
+        memcpy(&layer, buf + at + 24, 4);
+        memcpy(&size, buf + at + 28, 4);
+        at += RECIPE_RECORD;
+        if (size > len - at)
+            break;
+        if (size > 0 && size < sizeof path && memchr(buf + at, 0, size) == NULL) {
+            memcpy(path, buf + at, size);
+            path[size] = 0;
+            kept += recipe_put(gen, ino, dev, st_ino, layer, path);
+        }
+        at += size;
+    }
+    return kept;
 }
 
 /* Take over the handles the reader opened for inode ``ino`` and still owns: up to ``max`` of them are written

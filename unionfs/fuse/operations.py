@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from .._native import Native
+from .._native import recipe as native_recipe
 from ..layers import Entry
 from ..union import AttrChanges, DirListing, Union
 from ..userns import Caller
@@ -355,14 +356,21 @@ class Operations(pyfuse3.Operations):
 
     def _openable(self, generation: int, node: Node) -> None:
         """Tell the native part where ``node``'s file is, as resolved since ``generation`` (taken after the last
-        await), when a read-only open of it needs nothing else of us (the kernel checks access; only an owner
-        this user namespace does not map needs our check): it answers such opens itself until anything may
-        have changed (Native.set_opens)."""
+        await), when a read-only open of it needs nothing else of us: it answers such opens itself until
+        anything may have changed (Native.set_opens)."""
+        recipes: list[bytes] = []
+        self._recipe(node, recipes)
+        if recipes and self._opens is not None:
+            self._opens.openable(generation, recipes[0])
+
+    def _recipe(self, node: Node, out: list[bytes]) -> None:
+        """Where ``node``'s file is (a record of Native.openable), added to ``out`` when a read-only open of it
+        needs nothing else of us (the kernel checks access; only an owner this user namespace does not map
+        needs our check)."""
         entry = node.entry
-        if (self._opens is None or node.unlinked or not stat.S_ISREG(entry.st.st_mode)
-                or self.union.unmapped(entry) is not None):
+        if (node.unlinked or not stat.S_ISREG(entry.st.st_mode) or self.union.unmapped(entry) is not None):
             return
-        self._opens.openable(generation, node.ino, entry.layer, entry.path, entry.st.st_dev, entry.st.st_ino)
+        out.append(native_recipe(node.ino, entry.layer, entry.path, entry.st.st_dev, entry.st.st_ino))
 
     def _adopt(self, node: Node) -> None:
         """The handles the native part opened on ``node``'s file become ours (it must be told of them: a copy-up
@@ -702,9 +710,20 @@ class Operations(pyfuse3.Operations):
             listing = handle.listing
         if start_id < 2 and not self._reply_dots(directory, start_id, token):
             return
+        recipes: list[bytes] = []
+        self._reply_listing(directory, listing, start_id, token, ino is not None, plain, recipes)
+        if recipes and self._opens is not None:  # (one call for the reply's files)
+            self._opens.openable(generation, b"".join(recipes))
+
+    def _reply_listing(self, directory: Node, listing: DirListing, start_id: int, token: pyfuse3.ReaddirToken,
+                       shared: bool, plain: bool, recipes: list[bytes]) -> None:
+        """The entries of ``listing`` after ``start_id``, as many as the reply holds; the recipes of the regular
+        files among them are added to ``recipes`` (when the native part answers read-only opens). ``shared``: a
+        listing readers share; ``plain``: a READDIR, whose entries give the kernel no reference."""
+        opens = self._opens is not None
         for index in range(listing.index_after(start_id), len(listing.names)):
             child = listing.child(directory.entry, index)
-            if ino is not None:
+            if shared:
                 # (a listing readers share keeps no entry: one kept unsent would be sent, perhaps much later, with
                 # the attributes it had then)
                 listing.sent(index)
@@ -719,8 +738,8 @@ class Operations(pyfuse3.Operations):
                 self.inodes.forget(node.ino, 0)  # (likewise: a plain entry hands the kernel no reference)
             else:
                 self.inodes.listed(node)
-                if child[1] and self._opens is not None:
-                    self._openable(generation, node)
+                if child[1] and opens:
+                    self._recipe(node, recipes)
             listing.sent(index)
 
     @boundary
