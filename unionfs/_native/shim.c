@@ -2355,12 +2355,11 @@ EXPORT int unionfs_native_layers(const int *fds, unsigned count)
     return 0;
 }
 
-/* The recipe of inode ``ino`` (see "read-only opens answered by the reader"), as of generation ``gen``: its file
- * is ``path`` beneath layer ``layer``'s directory, device ``dev``, inode number ``st_ino``. 1 when kept. */
-/* Recipes, as of generation ``gen``: ``buf`` holds ``len`` bytes of records, one per inode (all the entries of a
- * READDIRPLUS reply at once), each its inode number, device and inode number in the layer (three uint64), layer
- * and path length (two uint32), all in this machine's byte order, then the path's bytes (no NUL). How many were
- * kept; a record cut short ends the list. */
+/* Recipes (see "read-only opens answered by the reader"), as of generation ``gen``: ``buf`` holds ``len`` bytes
+ * of records, one per inode (all the entries of a READDIRPLUS reply at once), each its inode number, the device
+ * and inode number of its file (three uint64), the layer and the length of the path beneath the layer's directory
+ * (two uint32), all in this machine's byte order, then the path's bytes (no NUL). How many were kept; a record
+ * cut short ends the list. */
 #define RECIPE_RECORD 32u
 EXPORT int unionfs_native_openable(uint64_t gen, const char *buf, size_t len)
 {
