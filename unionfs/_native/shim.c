@@ -1175,8 +1175,11 @@ static void recipe_drop(uint64_t ino)
     pthread_mutex_lock(&g_recipe_lock);
     if (g_recipes != NULL)
         for (unsigned i = 0, at = recipe_hash(ino); i < RECIPE_PROBE; i++, at = (at + 1) & (RECIPE_SLOTS - 1))
-            if (g_recipes[at].ino == ino)
-                g_recipes[at].gen = 0;
+            if (g_recipes[at].ino == ino) {
+                g_recipes[at].gen = 0; /* (never found again: the generation is never 0) */
+                free(g_recipes[at].path);
+                g_recipes[at].path = NULL;
+            }
     pthread_mutex_unlock(&g_recipe_lock);
 }
 

@@ -212,6 +212,11 @@ def _listen(path: str) -> socket.socket | None:
 
 def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], list[int], socket.socket],
                                                               None]) -> None:
+    import setproctitle  # (here, before any request: the servers forked for requests set their titles at once)
+
+    # (named before it listens: whoever finds the socket finds the spare under its name)
+    setproctitle.setproctitle(f"unionfs-spare: waiting {idle:g} s for the next mount ({path})")
+    _sys.set_process_name(b"unionfs-spare")
     sock = _listen(path)
     if sock is None:
         return
@@ -223,10 +228,6 @@ def _spare(path: str, idle: float, serve_request: Callable[[dict[str, object], l
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    import setproctitle  # (here, before any request: the servers forked for requests set their titles at once)
-
-    setproctitle.setproctitle(f"unionfs-spare: waiting {idle:g} s for the next mount ({path})")
-    _sys.set_process_name(b"unionfs-spare")
     log.info("spare server waiting at %s", path)
     sock.settimeout(idle)
     try:
