@@ -358,19 +358,17 @@ class Operations(pyfuse3.Operations):
         """Tell the native part where ``node``'s file is, as resolved since ``generation`` (taken after the last
         await), when a read-only open of it needs nothing else of us: it answers such opens itself until
         anything may have changed (Native.set_opens)."""
-        recipes: list[bytes] = []
-        self._recipe(node, recipes)
-        if recipes and self._opens is not None:
-            self._opens.openable(generation, recipes[0])
+        record = self._recipe(node)
+        if record is not None and self._opens is not None:
+            self._opens.openable(generation, record)
 
-    def _recipe(self, node: Node, out: list[bytes]) -> None:
-        """Where ``node``'s file is (a record of Native.openable), added to ``out`` when a read-only open of it
-        needs nothing else of us (the kernel checks access; only an owner this user namespace does not map
-        needs our check)."""
+    def _recipe(self, node: Node) -> bytes | None:
+        """Where ``node``'s file is (a record of Native.openable), when a read-only open of it needs nothing else
+        of us (the kernel checks access; only an owner this user namespace does not map needs our check)."""
         entry = node.entry
-        if (node.unlinked or not stat.S_ISREG(entry.st.st_mode) or self.union.unmapped(entry) is not None):
-            return
-        out.append(native_recipe(node.ino, entry.layer, entry.path, entry.st.st_dev, entry.st.st_ino))
+        if node.unlinked or not stat.S_ISREG(entry.st.st_mode) or self.union.unmapped(entry) is not None:
+            return None
+        return native_recipe(node.ino, entry.layer, entry.path, entry.st.st_dev, entry.st.st_ino)
 
     def _adopt(self, node: Node) -> None:
         """The handles the native part opened on ``node``'s file become ours (it must be told of them: a copy-up
@@ -738,8 +736,9 @@ class Operations(pyfuse3.Operations):
                 self.inodes.forget(node.ino, 0)  # (likewise: a plain entry hands the kernel no reference)
             else:
                 self.inodes.listed(node)
-                if child[1] and opens:
-                    self._recipe(node, recipes)
+                record = self._recipe(node) if child[1] and opens else None
+                if record is not None:
+                    recipes.append(record)
             listing.sent(index)
 
     @boundary
