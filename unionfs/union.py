@@ -1002,6 +1002,17 @@ class Union:
                     raise
                 return kept
 
+    def absence_names(self, name: bytes) -> tuple[bytes, ...] | None:
+        """The names on disk whose absence from a regular file's object means that :meth:`getxattr` of ``name``
+        fails ENODATA (one, or two with a kept name), or None when more than the object's xattrs decides."""
+        if not self.xattrs or explain.is_virtual(name) or name.startswith(KEPT_XATTR_PREFIX) \
+                or name in self.hidden_xattrs:
+            return None
+        disk = whiteout.xattr_to_disk(name, self.stack.private_prefixes)
+        if self.ownership.xattr_permissions and not name.startswith(b"user."):
+            return disk, kept_name(name)
+        return (disk,)
+
     def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
         """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
         to the superuser only, as the kernel lists them."""

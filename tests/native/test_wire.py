@@ -628,6 +628,42 @@ def test_the_files_of_a_listing_are_opened_by_the_shim(stack: tuple[str, Path], 
     assert got["open_native"] >= len(names) and got["open_missed"] == 0, got
 
 
+def test_a_listed_file_lacking_an_xattr_is_answered_by_the_shim(stack: tuple[str, Path], shim: Path,
+                                                                tmp_path: Path) -> None:
+    """Once Python found a name missing on one file, the shim answers the first GETXATTR of that name of every
+    other listed file by checking the file itself (a cold `ls -lR` asks one per file): ENODATA where the file
+    lacks it, the value (from Python) where the file has it, and a value set through the mount shows at once."""
+    opts, mnt = stack
+    stats = tmp_path / "stats"
+    (tmp_path / "u" / "d").mkdir()
+    names = [f"lower-{i:02}" for i in range(30)] + [f"upper-{i:02}" for i in range(10)]
+    for name in names:
+        layer = "u" if name.startswith("upper") else "l"
+        (tmp_path / layer / "d" / name).write_bytes(name.encode())
+    os.setxattr(tmp_path / "l" / "d" / "lower-07", "user.tag", b"seven")
+    os.setxattr(tmp_path / "u" / "d" / "upper-03", "user.tag", b"three")
+    pid = _mount(opts, mnt, tmp_path / "log", UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    try:
+        assert sorted(os.listdir(mnt / "d")) == sorted([*names, "f"])
+        got_values = {}
+        for name in names:
+            try:
+                got_values[name] = os.getxattr(mnt / "d" / name, "user.tag")
+            except OSError as exc:
+                assert exc.errno == errno.ENODATA, (name, exc)
+        assert got_values == {"lower-07": b"seven", "upper-03": b"three"}
+        os.setxattr(mnt / "d" / "lower-20", "user.tag", b"twenty")  # (copies it up)
+        assert os.getxattr(mnt / "d" / "lower-20", "user.tag") == b"twenty"
+        with pytest.raises(OSError) as missing:
+            os.getxattr(mnt / "d" / "lower-21", "user.tag")
+        assert missing.value.errno == errno.ENODATA
+    finally:
+        _unmount(mnt, pid)
+    got = read_stats(stats)
+    # the first file is Python's, and the two that have it; every other one the shim checked
+    assert got["xattr_checked"] >= len(names) - 3, got
+
+
 def test_a_file_replaced_behind_the_mount_is_opened_by_python(stack: tuple[str, Path], shim: Path,
                                                               tmp_path: Path) -> None:
     """The shim opens what Python named only when it is that file (its device and inode number): another file

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import struct
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["Connection", "Counters", "Native", "available", "library_path", "load", "loaded", "reason", "version"]
@@ -52,7 +53,7 @@ _COUNTER_FIELDS = (
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
     "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
     "attr_served", "attr_untracked", "fsync_native", "open_native", "open_missed", "release_native", "adopted",
-    "recipes_kept")
+    "recipes_kept", "xattr_checked")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -108,6 +109,7 @@ class Counters:
     release_native: int
     adopted: int
     recipes_kept: int
+    xattr_checked: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +163,8 @@ class Native:
         lib.unionfs_native_absent_xattr.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.unionfs_native_absent_at.argtypes = [ctypes.c_uint64, ctypes.c_char_p]
         lib.unionfs_native_absent_clear.restype = None
+        lib.unionfs_native_checkable_xattr.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
+                                                       ctypes.c_uint]
         lib.unionfs_native_attr_gen.restype = ctypes.c_uint64
         lib.unionfs_native_dir_attr.argtypes = [
             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
@@ -372,6 +376,16 @@ class Native:
         ENODATA until :meth:`absent_clear` or a SETXATTR through the mount. OSError ENOSPC: the shim holds 8
         names."""
         err = self._lib.unionfs_native_absent_at(ino, name)
+        if err != 0:
+            raise OSError(-err, os.strerror(-err), os.fsdecode(name))
+
+    def checkable_xattr(self, name: bytes, disk: Sequence[bytes]) -> None:
+        """A regular file lacks the extended attribute ``name`` when the file its recipe names (:meth:`openable`)
+        has none of the names ``disk`` (one or two): the reader checks that file at the first GETXATTR of ``name``
+        of an inode with a live recipe, answers ENODATA when it has none, and sends the request on otherwise.
+        OSError EINVAL (a name too long), ENOSPC (the shim holds 8 names)."""
+        names = (ctypes.c_char_p * len(disk))(*disk)
+        err = self._lib.unionfs_native_checkable_xattr(name, names, len(disk))
         if err != 0:
             raise OSError(-err, os.strerror(-err), os.fsdecode(name))
 

@@ -37,6 +37,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <linux/openat2.h>
+#include <sys/xattr.h>
 #include <limits.h>
 
 #define SHIM_VERSION "0.1"
@@ -125,6 +126,7 @@ struct unionfs_native_counters {
     uint64_t release_native;  /* RELEASE requests of handles opened here, answered here */
     uint64_t adopted;         /* handles opened here that the shell took over (unionfs_native_adopt) */
     uint64_t recipes_kept;    /* recipes kept (unionfs_native_openable) */
+    uint64_t xattr_checked;   /* GETXATTR requests answered ENODATA after the reader checked the file (a recipe's) */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -859,10 +861,17 @@ out:
     return ret;
 }
 
+static int recipe_lacks_xattr(uint64_t ino, const char *name);
+
 static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     if (absent_has(name) || obj_absent(ino, name)) {
         COUNT(xattr_absent);
+        real_reply_err(req, ENODATA);
+        return;
+    }
+    if (recipe_lacks_xattr(ino, name)) {
+        COUNT(xattr_checked);
         real_reply_err(req, ENODATA);
         return;
     }
@@ -1276,6 +1285,106 @@ static int recipe_release(uint64_t fh)
     return fd;
 }
 
+/* -- xattrs a file lacks, checked on the file its recipe names ---------------------------------------------- *
+ *
+ * For a name the shell declared checkable (unionfs_native_checkable_xattr: the names on disk whose absence from a
+ * regular file means the merged file lacks it, as the union decides), the reader answers the first GETXATTR of an
+ * inode with a live recipe itself: it opens the recipe's file (O_PATH, beneath the layer, no symlinks), checks it
+ * is the file named, and answers ENODATA when the file has none of those names; anything else goes to Python,
+ * whose answer that is. The inode is then remembered as lacking the name (as when Python tells it), unless the
+ * generation ended meanwhile. */
+#define CHECKABLE_SLOTS 8
+#define CHECKABLE_DISK 2
+struct checkable {
+    char name[ABSENT_NAME];
+    char disk[CHECKABLE_DISK][ABSENT_NAME + 32];
+};
+static struct checkable g_checkable[CHECKABLE_SLOTS];
+static atomic_int g_checkable_count;
+static pthread_mutex_t g_checkable_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Copy the on-disk names of checkable ``name`` to ``disk``: 1, or 0 when it is not checkable. */
+static int checkable_find(const char *name, char disk[CHECKABLE_DISK][ABSENT_NAME + 32])
+{
+    int found = 0;
+    if (atomic_load(&g_checkable_count) == 0)
+        return 0;
+    pthread_mutex_lock(&g_checkable_lock);
+    for (int i = 0; i < CHECKABLE_SLOTS && !found; i++)
+        if (g_checkable[i].name[0] && strcmp(g_checkable[i].name, name) == 0) {
+            memcpy(disk, g_checkable[i].disk, sizeof g_checkable[i].disk);
+            found = 1;
+        }
+    pthread_mutex_unlock(&g_checkable_lock);
+    return found;
+}
+
+static int checkable_set(const char *name, const char *const *disk, unsigned count)
+{
+    if (!name[0] || strlen(name) >= ABSENT_NAME || count == 0 || count > CHECKABLE_DISK)
+        return -EINVAL;
+    for (unsigned d = 0; d < count; d++)
+        if (!disk[d][0] || strlen(disk[d]) >= ABSENT_NAME + 32)
+            return -EINVAL;
+    int ret = -ENOSPC;
+    pthread_mutex_lock(&g_checkable_lock);
+    struct checkable *slot = NULL;
+    for (int i = 0; i < CHECKABLE_SLOTS; i++)
+        if (g_checkable[i].name[0] && strcmp(g_checkable[i].name, name) == 0)
+            slot = &g_checkable[i];
+    for (int i = 0; i < CHECKABLE_SLOTS && slot == NULL; i++)
+        if (!g_checkable[i].name[0]) {
+            slot = &g_checkable[i];
+            atomic_fetch_add(&g_checkable_count, 1);
+        }
+    if (slot != NULL) {
+        memset(slot->disk, 0, sizeof slot->disk);
+        for (unsigned d = 0; d < count; d++)
+            memcpy(slot->disk[d], disk[d], strlen(disk[d]) + 1);
+        memcpy(slot->name, name, strlen(name) + 1);
+        ret = 0;
+    }
+    pthread_mutex_unlock(&g_checkable_lock);
+    return ret;
+}
+
+static int recipe_lacks_xattr(uint64_t ino, const char *name)
+{
+    char disk[CHECKABLE_DISK][ABSENT_NAME + 32];
+    if (!checkable_find(name, disk))
+        return 0;
+    uint64_t dev = 0, st_ino = 0, gen = 0;
+    int fd = -1;
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)(O_PATH | O_CLOEXEC | O_NOFOLLOW);
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    pthread_mutex_lock(&g_recipe_lock); /* (held while opening: the layers' descriptors stay open) */
+    struct recipe *r = recipe_find_locked(ino);
+    if (r != NULL && r->path != NULL) {
+        dev = r->dev;
+        st_ino = r->st_ino;
+        gen = r->gen;
+        fd = (int)syscall(SYS_openat2, g_layer_fds[r->layer], r->path, &how, sizeof how);
+    }
+    pthread_mutex_unlock(&g_recipe_lock);
+    if (fd < 0)
+        return 0;
+    int lacks = 0;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == st_ino) {
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        lacks = 1;
+        for (unsigned d = 0; d < CHECKABLE_DISK && lacks && disk[d][0]; d++)
+            lacks = getxattr(proc, disk[d], NULL, 0) < 0 && errno == ENODATA;
+    }
+    close(fd);
+    if (lacks && atomic_load(&g_attr_gen) == gen)
+        obj_set_absent(ino, name);
+    return lacks;
+}
+
 /* The Python C API's GIL functions, when this process has them: a READ served here runs inside pyfuse3's call
  * of fuse_session_process_buf, which holds the GIL; it is released around the disk read and the reply. */
 typedef void *(*save_thread_fn)(void);
@@ -1482,6 +1591,7 @@ static int dump_stats(const char *path)
     C(write_native); C(fallocate); C(lseek); C(copy_file_range); C(copy_bytes); C(data_unregistered);
     C(opendir_enosys); C(dir_openless); C(attr_kept); C(attr_served); C(attr_untracked);
     C(fsync_native); C(open_native); C(open_missed); C(release_native); C(adopted); C(recipes_kept);
+    C(xattr_checked);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -1814,6 +1924,12 @@ static int rx_serve(const char *mem, size_t size)
         if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) &&
             (absent_has(arg + 8) || obj_absent(in->nodeid, arg + 8))) {
             COUNT(xattr_absent);
+            rx_reply_error(in->unique, ENODATA);
+            return 1;
+        }
+        if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) &&
+            recipe_lacks_xattr(in->nodeid, arg + 8)) {
+            COUNT(xattr_checked);
             rx_reply_error(in->unique, ENODATA);
             return 1;
         }
@@ -2266,6 +2382,13 @@ EXPORT int unionfs_native_absent_xattr(const char *name, int absent)
 EXPORT int unionfs_native_absent_at(uint64_t ino, const char *name)
 {
     return obj_set_absent(ino, name);
+}
+
+/* Declare ``name`` checkable on a recipe's file (see "xattrs a file lacks"): ``disk`` holds ``count`` (1 or 2)
+ * names whose absence from the file means the merged file lacks it. 0, -EINVAL, or -ENOSPC (8 names held). */
+EXPORT int unionfs_native_checkable_xattr(const char *name, const char *const *disk, unsigned count)
+{
+    return checkable_set(name, disk, count);
 }
 
 /* Forget every inode's absent names (an object may have gained one). */

@@ -184,6 +184,8 @@ class Operations(pyfuse3.Operations):
         self._dir_attrs: Native | None = None
         #: the native part when it answers read-only opens of the files it is told of itself (Native.set_opens)
         self._opens: Native | None = None
+        #: the xattr names the native part was asked to check on the files (_checkable)
+        self._checkable_names: set[bytes] = set()
 
     def use_native(self, native: Native | None) -> None:
         """Serve with the native part (None: the pure mode): cached listings, the data path when it has it, and
@@ -775,7 +777,19 @@ class Operations(pyfuse3.Operations):
             if exc.errno == errno.ENODATA and not node.unlinked:
                 self._absent.add(node.entry.st, name)
                 self._absent.tell(inode, name)
+                self._checkable(name)
             raise
+
+    def _checkable(self, name: bytes) -> None:
+        """Let the native part answer a file's first getxattr of ``name`` when its file lacks it (each name once;
+        it holds 8)."""
+        if self._opens is None or name in self._checkable_names or len(self._checkable_names) >= 8:
+            return
+        self._checkable_names.add(name)
+        disk = self.union.absence_names(name)
+        if disk is not None:
+            with contextlib.suppress(OSError):  # (a name too long for it: asked here)
+                self._opens.checkable_xattr(name, disk)
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
