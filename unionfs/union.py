@@ -994,7 +994,7 @@ class Union:
             try:
                 return os.getxattr(target, self._disk_name(name), follow_symlinks=isinstance(target, int))
             except OSError as exc:
-                if exc.errno != errno.ENODATA or not self.ownership.xattr_permissions or name.startswith(b"user."):
+                if exc.errno != errno.ENODATA or not self._kept_aside(name):
                     raise
                 # an xattr an ordinary user's store could not set as it is (security.capability...), kept aside
                 kept = xattrs.get(target, kept_name(name))
@@ -1009,9 +1009,12 @@ class Union:
                 or name in self.hidden_xattrs:
             return None
         disk = whiteout.xattr_to_disk(name, self.stack.private_prefixes)
-        if self.ownership.xattr_permissions and not name.startswith(b"user."):
-            return disk, kept_name(name)
-        return (disk,)
+        return (disk, kept_name(name)) if self._kept_aside(name) else (disk,)
+
+    def _kept_aside(self, name: bytes) -> bool:
+        """Whether an xattr ``name`` the store refused may be kept under :func:`kept_name` (an ordinary user's
+        store with ``xattr_permissions``, for names outside ``user.*``)."""
+        return self.ownership.xattr_permissions and not name.startswith(b"user.")
 
     def listxattr(self, entry: Entry | int, caller: Caller | None = None) -> list[bytes]:
         """The xattr names the merged view shows: overlay-private and hidden ones never, and ``trusted.*``
@@ -1076,8 +1079,7 @@ class Union:
 
     def _kept(self, target: bytes | int, name: bytes) -> bool:
         """Whether ``target`` keeps ``name`` aside (``user.unionfs-xattr.NAME``), shown as ``name``."""
-        return (self.ownership.xattr_permissions and not name.startswith(b"user.")
-                and xattrs.get(target, kept_name(name)) is not None)
+        return self._kept_aside(name) and xattrs.get(target, kept_name(name)) is not None
 
 
 def _or_keep(ident: int | None) -> int:

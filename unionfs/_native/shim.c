@@ -1194,6 +1194,24 @@ static void recipe_drop(uint64_t ino)
 
 static int rx_devfd(void);
 
+/* Open ``path`` beneath the layer directory ``dirfd`` with ``flags`` (following no symlink) and check that it is
+ * the regular file a recipe named by device and inode number: the descriptor, or -1 (nothing left open). */
+static int recipe_file(int dirfd, const char *path, uint64_t flags, uint64_t dev, uint64_t st_ino)
+{
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = flags | O_CLOEXEC | O_NOFOLLOW;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    struct stat st;
+    if (fd >= 0 && !(fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_dev == dev &&
+                     (uint64_t)st.st_ino == st_ino)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 /* Answer a read-only OPEN (``unique``) of ``ino`` with ``flags`` from its live recipe: open the file, register it
  * under a new handle and reply, all under g_fd_lock (the handle cannot be taken over before the kernel has it). 1
  * when answered, 0 when not (no live recipe, the open failed, or it is not the file the recipe named). */
@@ -1221,15 +1239,10 @@ static int recipe_open(uint64_t ino, uint32_t flags, uint64_t unique)
         return 0;
     }
     uint64_t fh = 0;
-    struct open_how how;
-    memset(&how, 0, sizeof how);
     /* (O_NONBLOCK until it is known to be the regular file named: a FIFO put there must not block the reader) */
-    how.flags = (uint64_t)(O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | (int)(flags & O_NOATIME));
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-    int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
-    struct stat st;
-    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_dev == dev &&
-        (uint64_t)st.st_ino == st_ino && ((flags & O_NONBLOCK) || fcntl(fd, F_SETFL, 0) == 0)) {
+    int fd = recipe_file(dirfd, path, (uint64_t)(O_RDONLY | O_NOCTTY | O_NONBLOCK | (int)(flags & O_NOATIME)), dev,
+                         st_ino);
+    if (fd >= 0 && ((flags & O_NONBLOCK) || fcntl(fd, F_SETFL, 0) == 0)) {
         uint64_t candidate = NATIVE_FH_BIT | ++g_native_fh_next;
         if (fd_register_locked(candidate, fd, FD_READ | FD_HERE, ino, layer) == 0)
             fh = candidate;
@@ -1353,32 +1366,22 @@ static int recipe_lacks_xattr(uint64_t ino, const char *name)
     char disk[CHECKABLE_DISK][ABSENT_NAME + 32];
     if (!checkable_find(name, disk))
         return 0;
-    uint64_t dev = 0, st_ino = 0, gen = 0;
+    uint64_t gen = 0;
     int fd = -1;
-    struct open_how how;
-    memset(&how, 0, sizeof how);
-    how.flags = (uint64_t)(O_PATH | O_CLOEXEC | O_NOFOLLOW);
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     pthread_mutex_lock(&g_recipe_lock); /* (held while opening: the layers' descriptors stay open) */
     struct recipe *r = recipe_find_locked(ino);
     if (r != NULL && r->path != NULL) {
-        dev = r->dev;
-        st_ino = r->st_ino;
         gen = r->gen;
-        fd = (int)syscall(SYS_openat2, g_layer_fds[r->layer], r->path, &how, sizeof how);
+        fd = recipe_file(g_layer_fds[r->layer], r->path, O_PATH, r->dev, r->st_ino);
     }
     pthread_mutex_unlock(&g_recipe_lock);
     if (fd < 0)
         return 0;
-    int lacks = 0;
-    struct stat st;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == st_ino) {
-        char proc[64];
-        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
-        lacks = 1;
-        for (unsigned d = 0; d < CHECKABLE_DISK && lacks && disk[d][0]; d++)
-            lacks = getxattr(proc, disk[d], NULL, 0) < 0 && errno == ENODATA;
-    }
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    int lacks = 1;
+    for (unsigned d = 0; d < CHECKABLE_DISK && lacks && disk[d][0]; d++)
+        lacks = getxattr(proc, disk[d], NULL, 0) < 0 && errno == ENODATA;
     close(fd);
     if (lacks && atomic_load(&g_attr_gen) == gen)
         obj_set_absent(ino, name);
