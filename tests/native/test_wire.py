@@ -327,6 +327,36 @@ def test_data_path_is_on_unless_switched_off(stack: tuple[str, Path], shim: Path
     assert (got["reader_served"] >= 1) == (not data)
 
 
+@pytest.mark.parametrize("threads", ["", "0"], ids=["default", "UNIONFS_NATIVE_READ_THREADS=0"])
+def test_large_reads_are_answered_by_the_pool_of_read_threads(stack: tuple[str, Path], shim: Path, tmp_path: Path,
+                                                              threads: str) -> None:
+    """READs of 64 KiB or more (readahead) are answered by the shim's read threads, side by side, each on a
+    duplicate of the handle's descriptor: the bytes are the file's, and a handle opened for reading before a
+    copy-up reads the copy afterwards. UNIONFS_NATIVE_READ_THREADS=0 leaves every READ to the reader."""
+    opts, mnt = stack
+    data = os.urandom(8 << 20)
+    (tmp_path / "l" / "d" / "big").write_bytes(data)
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    extra = {"UNIONFS_NATIVE_READ_THREADS": threads} if threads else {}
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats), **extra)
+    big = mnt / "d" / "big"
+    assert big.read_bytes() == data
+    with open(big, "rb", buffering=0) as reader:
+        assert os.pread(reader.fileno(), 1 << 20, 0) == data[:1 << 20]
+        with open(big, "r+b", buffering=0) as writer:  # (copies up)
+            writer.write(b"UPPER" * 1000)
+        os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(reader.fileno(), 2 << 20, 0) == b"UPPER" * 1000 + data[5000:2 << 20]
+    assert (tmp_path / "l" / "d" / "big").read_bytes() == data
+    _unmount(mnt, pid)
+    got = read_stats(stats)
+    assert got["read_native"] == got["read"] and got["read_max"] >= 64 << 10
+    if threads == "0":
+        assert got["read_pooled"] == 0
+    else:
+        assert got["read_pooled"] > 0
+
+
 def test_own_reader_can_be_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
     """UNIONFS_NATIVE_READER=off: pyfuse3 reads the device; the data path still serves reads in the shim."""
     opts, mnt = stack

@@ -53,7 +53,7 @@ _COUNTER_FIELDS = (
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
     "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
     "attr_served", "attr_untracked", "fsync_native", "open_native", "open_missed", "release_native", "adopted",
-    "recipes_kept", "xattr_checked")
+    "recipes_kept", "xattr_checked", "read_pooled")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -110,6 +110,7 @@ class Counters:
     adopted: int
     recipes_kept: int
     xattr_checked: int
+    read_pooled: int
 
 
 @dataclasses.dataclass(frozen=True)
