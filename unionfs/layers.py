@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from . import whiteout
@@ -325,6 +325,18 @@ def merged_listing(layers: Sequence[Layer], formats: tuple[XattrFormat, ...], en
             os.close(fd)
         hidden.update(deleted)
     return out
+
+
+def subdirectory_dirs(entry: Entry, listing: Mapping[bytes, tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(layer, path) of each layer directory the subdirectories in ``listing`` (:func:`merged_listing` of
+    directory ``entry``) may be made of: the layer a subdirectory was found in and each layer merged beneath it
+    in ``entry`` (an opaque marker or a non-directory there may stop it sooner). What listing them will read."""
+    for name, (layer, ftype) in listing.items():
+        if ftype == stat.S_IFDIR:
+            path = join(entry.path, name)
+            for i in entry.dirs:
+                if i >= layer:
+                    yield i, path
 
 
 class Stack:

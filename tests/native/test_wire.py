@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -357,6 +359,86 @@ def test_large_reads_are_answered_by_the_pool_of_read_threads(stack: tuple[str, 
         assert got["read_pooled"] > 0
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _dirents(fd: int) -> list[tuple[str, int]]:
+    """Every (name, d_off) getdents64(2) gives on ``fd`` from where it stands to the end."""
+    out: list[tuple[str, int]] = []
+    buf = ctypes.create_string_buffer(4096)
+    while (n := _libc.syscall(217, fd, buf, len(buf))) != 0:  # (getdents64 on x86_64)
+        assert n > 0, os.strerror(ctypes.get_errno())
+        raw, at = buf.raw[:n], 0
+        while at < n:
+            off, reclen = struct.unpack_from("<qH", raw, at + 8)
+            out.append((os.fsdecode(raw[at + 19:at + reclen].split(b"\0", 1)[0]), off))
+            at += reclen
+    return out
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="getdents64's number is x86_64's")
+def test_the_end_of_a_listing_is_answered_by_the_shim_until_the_directory_changes(
+        stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
+    """Once Python served an open-less directory's listing to its end, the kernel's next READDIRPLUS (after the
+    last entry) is answered empty by the shim; after a change through the mount (by another process) a reader
+    resuming at that same offset gets the names created past it."""
+    opts, mnt = stack
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats))
+    d = mnt / "d"
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = _dirents(fd)
+        assert sorted(name for name, _ in first) == [".", "..", "f"]
+        last = first[-1][1]
+        script = "import os, sys\nfor i in range(40): open(os.path.join(sys.argv[1], f'n{i}'), 'w').close()"
+        subprocess.run([PY, "-c", script, str(d)], check=True, timeout=60)
+        os.lseek(fd, last, os.SEEK_SET)
+        resumed = {name for name, _ in _dirents(fd)}
+        again = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            everything = _dirents(again)
+        finally:
+            os.close(again)
+    finally:
+        os.close(fd)
+    past = {name for name, off in everything if name.startswith("n") and off > last}
+    assert past, "no created name stands past the first listing's end (40 tries)"
+    assert resumed == past
+    _unmount(mnt, pid)
+    assert read_stats(stats)["listing_ends"] >= 1
+
+
+@pytest.mark.parametrize("prefetch", ["", "off"], ids=["default", "UNIONFS_NATIVE_PREFETCH=off"])
+def test_listed_subdirectories_are_read_ahead_without_touching_their_atime(stack: tuple[str, Path], shim: Path,
+                                                                           tmp_path: Path, prefetch: str) -> None:
+    """Listing a directory has the shim's threads read its subdirectories' layer directories ahead (a walk lists
+    them next), opened O_NOATIME: a layer directory the client never listed keeps its atime, even one whose
+    atime is older than its mtime (which relatime would move on a read). UNIONFS_NATIVE_PREFETCH=off: none."""
+    opts, mnt = stack
+    subs = [tmp_path / "l" / "d" / f"s{i}" for i in range(3)]
+    for sub in subs:
+        sub.mkdir()
+        (sub / "x").write_text("x\n")
+        st = os.stat(sub)
+        os.utime(sub, ns=(st.st_mtime_ns - 10**12, st.st_mtime_ns))
+    before = [os.stat(sub).st_atime_ns for sub in subs]
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    extra = {"UNIONFS_NATIVE_PREFETCH": prefetch} if prefetch else {}
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats), **extra)
+    assert sorted(os.listdir(mnt / "d")) == ["f", "s0", "s1", "s2"]
+    time.sleep(0.5)  # (the threads read them meanwhile; nothing waits for them)
+    _unmount(mnt, pid)
+    assert [os.stat(sub).st_atime_ns for sub in subs] == before
+    got = read_stats(stats)
+    if prefetch:
+        assert got["dirs_prefetched"] == 0
+        assert "directory prefetch" not in _log_lines(log, "native part")[0]
+    else:
+        assert got["dirs_prefetched"] >= 3
+        assert "directory prefetch" in _log_lines(log, "native part")[0]
+
+
 def test_own_reader_can_be_switched_off(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:
     """UNIONFS_NATIVE_READER=off: pyfuse3 reads the device; the data path still serves reads in the shim."""
     opts, mnt = stack
@@ -444,7 +526,8 @@ def test_regression_a_directory_numbered_by_the_server_lists_its_own_names(stack
     finally:
         _unmount(mnt, pid)
     got = read_stats(stats)
-    assert got["opendir_enosys"] == 1 and got["dir_openless"] >= 2
+    # (the listing's two READDIRPLUS were open-less: the first reached Python, the shim answered the end)
+    assert got["opendir_enosys"] == 1 and got["dir_openless"] + got["listing_ends"] >= 2
 
 
 def test_absent_xattrs_are_answered_by_the_shim_until_set(stack: tuple[str, Path], shim: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import stat
 import pytest
 from unit_tree import WHITEOUT, XWHITEOUT, Dir, Symlink
 
-from unionfs.layers import NAME_MAX, ROOT, Stack, check_name, join, split
+from unionfs.layers import NAME_MAX, ROOT, Stack, check_name, join, split, subdirectory_dirs
 from unionfs.whiteout import XattrFormat
 
 # -- paths ------------------------------------------------------------------------------------------------
@@ -240,6 +240,24 @@ def test_listdir_of_opaque_directory(make_env):
 def test_listdir_opaque_in_middle_layer(make_env):
     env = make_env(upper={"d": {"u": "1"}}, lowers=[{"d": Dir({"m": "2"}, opaque=True)}, {"d": {"l": "3"}}])
     assert env.names("d") == {"u", "m"}
+
+
+def test_subdirectory_dirs_name_each_layer_a_subdirectory_may_merge(make_env):
+    """What a walk lists next: each subdirectory in the layer it was found in and in every layer beneath it
+    that the parent merges; files, and layers above where it was found, are not named."""
+    env = make_env(upper={"d": {"top": {}, "f": "1"}},
+                   lowers=[{"d": {"mid": {}, "top": {}}}, {"d": {"mid": "a file", "low": {}}}])
+    d = env.entry("d")
+    got = sorted(subdirectory_dirs(d, env.union.listdir(d)))
+    assert got == [(0, b"d/top"), (1, b"d/mid"), (1, b"d/top"), (2, b"d/low"), (2, b"d/mid"), (2, b"d/top")]
+    for layer, path in got:  # (each is a place the union itself could look: beneath one of the parent's dirs)
+        assert layer in d.dirs and path.startswith(b"d/")
+
+
+def test_subdirectory_dirs_stop_at_an_opaque_parent(make_env):
+    env = make_env(upper={"d": Dir({"s": {}}, opaque=True)}, lowers=[{"d": {"s": {}, "t": {}}}, {}])
+    d = env.entry("d")
+    assert list(subdirectory_dirs(d, env.union.listdir(d))) == [(0, b"d/s")]
 
 
 def test_listdir_reports_symlink_and_special_types(make_env):

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = ["Connection", "Counters", "Native", "available", "library_path", "load", "loaded", "reason", "version"]
@@ -34,6 +34,7 @@ _OPT_OPENLESS_DIRS = 6
 _OPT_DIR_ATTRS = 7
 _OPT_FSYNC = 8
 _OPT_OPENS = 9
+_OPT_PREFETCH = 10
 
 # The FUSE_CAP_* bits of fuse_common.h that the connection record names.
 CAPS = {
@@ -53,7 +54,7 @@ _COUNTER_FIELDS = (
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
     "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
     "attr_served", "attr_untracked", "fsync_native", "open_native", "open_missed", "release_native", "adopted",
-    "recipes_kept", "xattr_checked", "read_pooled")
+    "recipes_kept", "xattr_checked", "read_pooled", "listing_ends", "dirs_prefetched")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -111,6 +112,8 @@ class Counters:
     recipes_kept: int
     xattr_checked: int
     read_pooled: int
+    listing_ends: int
+    dirs_prefetched: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +170,8 @@ class Native:
         lib.unionfs_native_checkable_xattr.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
                                                        ctypes.c_uint]
         lib.unionfs_native_attr_gen.restype = ctypes.c_uint64
+        lib.unionfs_native_listing_end.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+        lib.unionfs_native_prefetch.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.unionfs_native_dir_attr.argtypes = [
             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
@@ -278,6 +283,21 @@ class Native:
     def opens(self) -> bool:
         return self._get(_OPT_OPENS)
 
+    def set_prefetch(self, on: bool) -> None:
+        """Read ahead the directories :meth:`prefetch` names (at once; :meth:`layers` given)."""
+        self._set(_OPT_PREFETCH, on)
+
+    @property
+    def prefetch(self) -> bool:
+        return self._get(_OPT_PREFETCH)
+
+    def prefetch_dirs(self, dirs: Iterable[tuple[int, bytes]]) -> int:
+        """Have the shim's threads read the directories ``dirs`` (layer index, path beneath the layer's
+        directory) into the kernel's caches, without changing their atime, because they may be listed soon
+        (advisory: nothing else is done with them). How many were queued."""
+        records = b"".join(_PREFETCH_RECORD.pack(layer, len(path)) + path for layer, path in dirs)
+        return int(self._lib.unionfs_native_prefetch(records, len(records))) if records else 0
+
     def layers(self, fds: list[int]) -> None:
         """The directories of the layers, by index (0: the upper layer), that :meth:`openable` names paths
         beneath (the shim keeps duplicates)."""
@@ -312,6 +332,12 @@ class Native:
     def attr_generation(self) -> int:
         """The generation :meth:`dir_attr` is to be given: taken before the attributes are read."""
         return int(self._lib.unionfs_native_attr_gen())
+
+    def listing_end(self, generation: int, ino: int, offset: int) -> bool:
+        """Open-less directory ``ino``'s listing, read since ``generation`` (:meth:`attr_generation`), was served
+        to its end, the last entry at ``offset``: the shim answers a READDIR(PLUS) there with an empty reply
+        while nothing may change (kept with the directory's attributes, :meth:`dir_attr`). Whether kept."""
+        return bool(self._lib.unionfs_native_listing_end(generation, ino, offset))
 
     def dir_attr(self, generation: int, ino: int, mode: int, nlink: int, uid: int, gid: int, rdev: int,
                  size: int, blksize: int, blocks: int, atime_ns: int, mtime_ns: int, ctime_ns: int,
@@ -410,6 +436,8 @@ _reason = "not loaded yet"
 
 #: the head of a record of :meth:`Native.openable` (unionfs_native_openable in shim.c), the path's bytes after it
 _RECIPE = struct.Struct("=QQQII")
+#: a directory to read ahead (unionfs_native_prefetch): layer, length of the path that follows
+_PREFETCH_RECORD = struct.Struct("=II")
 
 
 def recipe(ino: int, layer: int, path: bytes, dev: int, st_ino: int) -> bytes:

@@ -128,6 +128,8 @@ struct unionfs_native_counters {
     uint64_t recipes_kept;    /* recipes kept (unionfs_native_openable) */
     uint64_t xattr_checked;   /* GETXATTR requests answered ENODATA after the reader checked the file (a recipe's) */
     uint64_t read_pooled;     /* READ requests (of those served natively) answered by the pool of read threads */
+    uint64_t listing_ends;    /* READDIR(PLUS) requests at the known end of an open-less listing, answered empty */
+    uint64_t dirs_prefetched; /* layer directories the prefetch threads opened and read (unionfs_native_prefetch) */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -159,11 +161,13 @@ enum {
     OPT_DIR_ATTRS = 7,     /* GETATTR of a directory answered from the attributes Python gave last; default off */
     OPT_FSYNC = 8,         /* FSYNC of a handle with a registered descriptor served here; default off */
     OPT_OPENS = 9,         /* read-only OPEN and its RELEASE answered by the reader from recipes; default off */
+    OPT_PREFETCH = 10,     /* directories named by unionfs_native_prefetch are read ahead; default off */
 };
 
 static struct unionfs_native_counters g_counters;
 static struct unionfs_native_conn g_conn;
 static atomic_int g_opt_tune = 1;
+static atomic_int g_opt_prefetch;
 static atomic_int g_opt_cache_dirs;
 static atomic_int g_opt_rdplus_auto;
 static atomic_int g_opt_own_reader;
@@ -299,6 +303,7 @@ struct attr_slot {
     uint64_t gen;     /* live while equal to g_attr_gen */
     uint64_t expires; /* now_ns() deadline */
     struct fuse_attr attr;
+    uint64_t listing_end; /* open-less directory: 1 + the offset a READDIR(PLUS) at the listing's end asks; 0: none */
 };
 
 static struct attr_slot *g_attr;
@@ -402,6 +407,8 @@ static int attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, doubl
     if (take == NULL)
         take = &g_attr[first]; /* all live: the first gives way */
     /* no other live entry of ino is left in the window: a live one would have been found first */
+    if (take->ino != ino || take->gen != now)
+        take->listing_end = 0; /* (an end known in this generation stays known) */
     take->ino = ino;
     take->gen = now;
     take->expires = expires;
@@ -433,6 +440,47 @@ static uint64_t attr_get(uint64_t ino, struct fuse_attr *out)
     }
     pthread_mutex_unlock(&g_attr_lock);
     return left;
+}
+
+/* Python served an open-less directory's listing to its end, as read since generation ``gen``: a READDIR(PLUS) of
+ * ``ino`` at ``offset`` (where the kernel goes on after the last entry it had) finds nothing more while nothing may
+ * have changed. Kept with the directory's attributes (and gone with them): 1 when kept. */
+static int attr_listing_end(uint64_t gen, uint64_t ino, uint64_t offset)
+{
+    if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
+        return 0;
+    int kept = 0;
+    pthread_mutex_lock(&g_attr_lock);
+    uint64_t now = atomic_load(&g_attr_gen);
+    for (unsigned i = 0, at = attr_hash(ino); gen == now && i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
+        struct attr_slot *slot = &g_attr[at];
+        if (slot->ino == ino && slot->gen == now) {
+            slot->listing_end = offset + 1;
+            kept = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_attr_lock);
+    return kept;
+}
+
+/* Whether a READDIR(PLUS) of ``ino`` at ``offset`` is known to find nothing (attr_listing_end). */
+static int attr_listing_ended(uint64_t ino, uint64_t offset)
+{
+    if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
+        return 0;
+    int ended = 0;
+    pthread_mutex_lock(&g_attr_lock);
+    uint64_t now = atomic_load(&g_attr_gen);
+    for (unsigned i = 0, at = attr_hash(ino); i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
+        struct attr_slot *slot = &g_attr[at];
+        if (slot->ino == ino && slot->gen == now) {
+            ended = slot->listing_end == offset + 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_attr_lock);
+    return ended;
 }
 
 static void attr_clear(void)
@@ -1213,6 +1261,145 @@ static int recipe_file(int dirfd, const char *path, uint64_t flags, uint64_t dev
     return fd;
 }
 
+/* -- reading ahead the directories a listing names ------------------------------------------------------------
+ *
+ * A cold `find` waits at the disk for each directory of each layer in turn, since Python reads a directory's
+ * layers only when the kernel asks for its listing. After Python merged a listing it names the directories its
+ * subdirectories are made of (unionfs_native_prefetch: a layer and a path beneath it, as recipes do); two threads
+ * open each (beneath the layer's directory, no symbolic link followed, O_NOATIME: the layer shows no access the
+ * client did not make, and a directory that cannot be opened so is skipped), read its entries and stat up to
+ * PF_STATS of them, so that their blocks are in the cache when the kernel asks. Advisory only: a full queue drops
+ * paths, a failure is ignored, nothing is kept but the kernel's caches. With OPT_PREFETCH (at once). */
+#define PF_QUEUE 4096
+#define PF_THREADS 2
+#define PF_STATS 1024
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t ready;
+    struct {
+        unsigned layer;
+        char *path;
+    } queue[PF_QUEUE];
+    unsigned head, count;
+    int threads;
+    int stopping;
+    pthread_t thread[PF_THREADS];
+} g_pf = {.lock = PTHREAD_MUTEX_INITIALIZER, .ready = PTHREAD_COND_INITIALIZER};
+
+struct pf_dirent {
+    uint64_t ino;
+    int64_t off;
+    unsigned short reclen;
+    unsigned char type;
+    char name[];
+};
+
+static void pf_read(unsigned layer, const char *path)
+{
+    pthread_mutex_lock(&g_recipe_lock);
+    int dirfd = layer < g_layer_count ? fcntl(g_layer_fds[layer], F_DUPFD_CLOEXEC, 3) : -1;
+    pthread_mutex_unlock(&g_recipe_lock);
+    if (dirfd < 0)
+        return;
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NOATIME | O_CLOEXEC;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    close(dirfd);
+    if (fd < 0)
+        return;
+    COUNT(dirs_prefetched);
+    static __thread char buf[32768];
+    unsigned stats = 0;
+    long n;
+    while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0) {
+        for (long at = 0; at < n;) {
+            const struct pf_dirent *d = (const struct pf_dirent *)(buf + at);
+            at += d->reclen;
+            if (stats < PF_STATS && strcmp(d->name, ".") != 0 && strcmp(d->name, "..") != 0) {
+                struct stat st;
+                (void)fstatat(fd, d->name, &st, AT_SYMLINK_NOFOLLOW);
+                stats++;
+            }
+        }
+    }
+    close(fd);
+}
+
+static void *pf_main(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&g_pf.lock);
+    for (;;) {
+        while (g_pf.count == 0 && !g_pf.stopping)
+            pthread_cond_wait(&g_pf.ready, &g_pf.lock);
+        if (g_pf.stopping)
+            break;
+        unsigned layer = g_pf.queue[g_pf.head].layer;
+        char *path = g_pf.queue[g_pf.head].path;
+        g_pf.head = (g_pf.head + 1) % PF_QUEUE;
+        g_pf.count--;
+        pthread_mutex_unlock(&g_pf.lock);
+        pf_read(layer, path);
+        free(path);
+        pthread_mutex_lock(&g_pf.lock);
+    }
+    pthread_mutex_unlock(&g_pf.lock);
+    return NULL;
+}
+
+/* Queue (the caller holds g_pf.lock) one path, starting the threads first if need be: 1 when queued. */
+static int pf_queue_locked(unsigned layer, const char *path, size_t len)
+{
+    if (g_pf.stopping || g_pf.count == PF_QUEUE)
+        return 0;
+    while (g_pf.threads < PF_THREADS && pthread_create(&g_pf.thread[g_pf.threads], NULL, pf_main, NULL) == 0)
+        g_pf.threads++;
+    if (g_pf.threads == 0)
+        return 0;
+    char *copy = malloc(len + 1);
+    if (copy == NULL)
+        return 0;
+    memcpy(copy, path, len);
+    copy[len] = 0;
+    unsigned at = (g_pf.head + g_pf.count) % PF_QUEUE;
+    g_pf.queue[at].layer = layer;
+    g_pf.queue[at].path = copy;
+    g_pf.count++;
+    pthread_cond_signal(&g_pf.ready);
+    return 1;
+}
+
+/* The threads end (what is queued is dropped); a later prefetch starts them again. */
+static void pf_stop(void)
+{
+    pthread_mutex_lock(&g_pf.lock);
+    g_pf.stopping = 1;
+    pthread_cond_broadcast(&g_pf.ready);
+    pthread_mutex_unlock(&g_pf.lock);
+    for (int i = 0; i < g_pf.threads; i++)
+        pthread_join(g_pf.thread[i], NULL);
+    pthread_mutex_lock(&g_pf.lock);
+    for (; g_pf.count > 0; g_pf.count--, g_pf.head = (g_pf.head + 1) % PF_QUEUE)
+        free(g_pf.queue[g_pf.head].path);
+    g_pf.threads = 0;
+    g_pf.stopping = 0;
+    pthread_mutex_unlock(&g_pf.lock);
+}
+
+/* A forked child has none of the parent's threads. */
+static void pf_after_fork_child(void)
+{
+    pthread_mutex_init(&g_pf.lock, NULL);
+    pthread_cond_init(&g_pf.ready, NULL);
+    for (; g_pf.count > 0; g_pf.count--, g_pf.head = (g_pf.head + 1) % PF_QUEUE)
+        free(g_pf.queue[g_pf.head].path);
+    g_pf.threads = 0;
+    g_pf.stopping = 0;
+}
+
 /* Answer a read-only OPEN (``unique``) of ``ino`` with ``flags`` from its live recipe: open the file, register it
  * under a new handle and reply, all under g_fd_lock (the handle cannot be taken over before the kernel has it). 1
  * when answered, 0 when not (no live recipe, the open failed, or it is not the file the recipe named). */
@@ -1595,7 +1782,7 @@ static int dump_stats(const char *path)
     C(write_native); C(fallocate); C(lseek); C(copy_file_range); C(copy_bytes); C(data_unregistered);
     C(opendir_enosys); C(dir_openless); C(attr_kept); C(attr_served); C(attr_untracked);
     C(fsync_native); C(open_native); C(open_missed); C(release_native); C(adopted); C(recipes_kept);
-    C(xattr_checked); C(read_pooled);
+    C(xattr_checked); C(read_pooled); C(listing_ends); C(dirs_prefetched);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -2055,6 +2242,16 @@ static int rx_serve(const char *mem, size_t size)
         }
         return 1;
     }
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS:
+        /* the end of an open-less directory's listing (fh 0) that Python served to its end meanwhile: empty */
+        if (left >= sizeof(struct fuse_read_in) && g_session_openless && ((const struct fuse_read_in *)arg)->fh == 0 &&
+            attr_listing_ended(in->nodeid, ((const struct fuse_read_in *)arg)->offset)) {
+            COUNT(listing_ends);
+            rx_reply_error(in->unique, 0);
+            return 1;
+        }
+        return 0;
     case FUSE_GETXATTR:
         if (left > sizeof(struct fuse_getxattr_in) && memchr(arg + 8, 0, left - 8) &&
             (absent_has(arg + 8) || obj_absent(in->nodeid, arg + 8))) {
@@ -2215,6 +2412,7 @@ static void rx_after_fork_child(void)
     pthread_mutex_init(&g_recipe_lock, NULL);
     pthread_mutex_init(&g_attr_lock, NULL);
     pool_after_fork_child();
+    pf_after_fork_child();
     if (!g_rx.active)
         return;
     close(g_rx.eventfd);
@@ -2351,6 +2549,7 @@ EXPORT void fuse_session_destroy(struct fuse_session *se)
 {
     if (se == g_rx.se)
         rx_stop();
+    pf_stop();
     if (real_session_destroy)
         real_session_destroy(se);
     pending_clear();
@@ -2488,6 +2687,8 @@ static atomic_int *option_flag(int option)
         return &g_opt_fsync;
     case OPT_OPENS:
         return &g_opt_opens;
+    case OPT_PREFETCH:
+        return &g_opt_prefetch;
     default:
         return NULL;
     }
@@ -2564,6 +2765,13 @@ EXPORT uint64_t unionfs_native_attr_gen(void)
     return atomic_load(&g_attr_gen);
 }
 
+/* The shell served open-less directory ``ino``'s listing, as read since generation ``gen``, to its end: a READDIR
+ * or READDIRPLUS at ``offset`` is answered empty by the reader while nothing may have changed. 1 when kept. */
+EXPORT int unionfs_native_listing_end(uint64_t gen, uint64_t ino, uint64_t offset)
+{
+    return attr_listing_end(gen, ino, offset);
+}
+
 /* Directory ``ino``'s attributes as the shell gives them, fresh since generation ``gen`` (after it read the
  * directory's layers, which may have moved its atime), valid for ``timeout`` seconds: kept as a reply would be.
  * 1 when kept, 0 when not (another generation, not a directory, not keeping attributes). */
@@ -2626,6 +2834,28 @@ EXPORT int unionfs_native_layers(const int *fds, unsigned count)
         close(old[i]);
     free(old);
     return 0;
+}
+
+/* Directories to read ahead (see "reading ahead the directories a listing names"): ``buf`` holds ``len`` bytes of
+ * records, each the layer and the length of a path beneath the layer's directory (two uint32, this machine's byte
+ * order), then the path's bytes (no NUL). How many were queued; a record cut short ends the list. */
+EXPORT int unionfs_native_prefetch(const char *buf, size_t len)
+{
+    int queued = 0;
+    if (!atomic_load(&g_opt_prefetch))
+        return 0;
+    pthread_mutex_lock(&g_pf.lock);
+    for (size_t at = 0; at + 8 <= len;) {
+        uint32_t head[2];
+        memcpy(head, buf + at, sizeof head);
+        if (head[1] == 0 || head[1] >= PATH_MAX || at + 8 + head[1] > len)
+            break;
+        if (memchr(buf + at + 8, 0, head[1]) == NULL)
+            queued += pf_queue_locked(head[0], buf + at + 8, head[1]);
+        at += 8 + head[1];
+    }
+    pthread_mutex_unlock(&g_pf.lock);
+    return queued;
 }
 
 /* Recipes (see "read-only opens answered by the reader"), as of generation ``gen``: ``buf`` holds ``len`` bytes

@@ -55,6 +55,11 @@ ATTRS_ENV = "UNIONFS_NATIVE_ATTRS"
 #: ``UNIONFS_NATIVE_OPENS=off`` sends every OPEN to Python
 NATIVE_OPENS = True
 OPENS_ENV = "UNIONFS_NATIVE_OPENS"
+#: whether, once a listing is merged, the shim's threads read ahead (into the kernel's caches) the directories of
+#: the layers its subdirectories are made of, which a walk of the tree lists next;
+#: ``UNIONFS_NATIVE_PREFETCH=off`` reads each only when the kernel asks for its listing
+PREFETCH_DIRS = True
+PREFETCH_ENV = "UNIONFS_NATIVE_PREFETCH"
 #: whether the kernel's adaptive readdirplus is turned on for a native mount (plain READDIR is then served too)
 READDIRPLUS_AUTO = False
 
@@ -148,6 +153,7 @@ def configure(spec: MountSpec) -> _native.Native | None:
     native.set_dir_attrs(on and DIR_ATTRS and not spec.debug and os.environ.get(ATTRS_ENV, "").lower() not in _OFF)
     native.set_opens(on and NATIVE_OPENS and native.dir_attrs and native.fsync and native.own_reader
                      and native.data_ops and os.environ.get(OPENS_ENV, "").lower() not in _OFF)
+    native.set_prefetch(on and PREFETCH_DIRS and os.environ.get(PREFETCH_ENV, "").lower() not in _OFF)
     if not on:
         why = "-o nonative" if not spec.native else f"{MODE_ENV}={os.environ.get(MODE_ENV)}"
         _report = f"native part loaded but switched off ({why}): serving in the pure mode"
@@ -157,7 +163,7 @@ def configure(spec: MountSpec) -> _native.Native | None:
         ["adaptive readdirplus"] if native.readdirplus_auto else []) + (
         ["data path"] if native.data_ops else []) + (["own reader"] if native.own_reader else []) + (
         ["fsync"] if native.fsync else []) + (["directory attributes"] if native.dir_attrs else []) + (
-        ["read-only opens"] if native.opens else [])
+        ["read-only opens"] if native.opens else []) + (["directory prefetch"] if native.prefetch else [])
     _report = f"native part: {native.version()} ({', '.join(features)})"
     return native
 

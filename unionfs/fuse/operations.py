@@ -29,7 +29,7 @@ import trio
 
 from .._native import Native
 from .._native import recipe as native_recipe
-from ..layers import Entry
+from ..layers import Entry, subdirectory_dirs
 from ..union import AttrChanges, DirListing, Union
 from ..userns import Caller
 from . import errors
@@ -184,6 +184,8 @@ class Operations(pyfuse3.Operations):
         self._dir_attrs: Native | None = None
         #: the native part when it answers read-only opens of the files it is told of itself (Native.set_opens)
         self._opens: Native | None = None
+        #: the native part when it reads ahead the directories a listing's subdirectories are made of
+        self._prefetch: Native | None = None
         #: the xattr names the native part was asked to check on the files (_checkable)
         self._checkable_names: set[bytes] = set()
 
@@ -195,8 +197,9 @@ class Operations(pyfuse3.Operations):
         self._absent.mirror = native if not errors.debug else None
         self._dir_attrs = native if native is not None and native.dir_attrs else None
         self._opens = native if native is not None and native.opens and self.data_path else None
-        if self._opens is not None:
-            self._opens.layers([layer.fd for layer in self.union.stack.layers])
+        self._prefetch = native if native is not None and native.prefetch else None
+        if native is not None and (self._opens is not None or self._prefetch is not None):
+            native.layers([layer.fd for layer in self.union.stack.layers])
 
     def log_table(self, signum: int = 0, frame: object = None) -> None:
         """Log the size of the inode table (on SIGUSR1): each node but the root is an inode the kernel still
@@ -654,6 +657,8 @@ class Operations(pyfuse3.Operations):
         if node.listing is None:
             node.listing = shared_listing(self.union.listdir(node.entry))
             self._listed(node)
+            if self._prefetch is not None:
+                self._prefetch.prefetch_dirs(subdirectory_dirs(node.entry, node.listing))
         return node.listing
 
     def _listed(self, node: Node) -> None:
@@ -691,7 +696,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         await self._settle()
-        generation = self._opens.attr_generation() if self._opens is not None else 0
+        generation = self.native.attr_generation() if self.native is not None else 0
         # (the kernel's adaptive readdirplus, unionfs.fuse.native: a plain READDIR comes with a flag in the
         # handle; the kernel takes no reference for its entries)
         fh, plain = self.native.readdir_handle(fh) if self.native is not None else (fh, False)
@@ -711,16 +716,21 @@ class Operations(pyfuse3.Operations):
         if start_id < 2 and not self._reply_dots(directory, start_id, token):
             return
         recipes: list[bytes] = []
-        self._reply_listing(directory, listing, start_id, token, ino is not None, plain, recipes)
+        end = self._reply_listing(directory, listing, start_id, token, ino is not None, plain, recipes)
         if recipes and self._opens is not None:  # (one call for the reply's files)
             self._opens.openable(generation, b"".join(recipes))
+        if end is not None and ino is not None and self._dir_attrs is not None:
+            # (the kernel asks once more, after the last entry it had: the shim answers that it is the end)
+            self._dir_attrs.listing_end(generation, ino, max(end, start_id, 2))
 
     def _reply_listing(self, directory: Node, listing: DirListing, start_id: int, token: pyfuse3.ReaddirToken,
-                       shared: bool, plain: bool, recipes: list[bytes]) -> None:
+                       shared: bool, plain: bool, recipes: list[bytes]) -> int | None:
         """The entries of ``listing`` after ``start_id``, as many as the reply holds; the recipes of the regular
         files among them are added to ``recipes`` (when the native part answers read-only opens). ``shared``: a
-        listing readers share; ``plain``: a READDIR, whose entries give the kernel no reference."""
+        listing readers share; ``plain``: a READDIR, whose entries give the kernel no reference. Returns None when
+        the reply is full, else (the listing's end reached) the position of the last entry sent, 0 for none."""
         opens = self._opens is not None
+        last = 0
         for index in range(listing.index_after(start_id), len(listing.names)):
             child = listing.child(directory.entry, index)
             if shared:
@@ -733,7 +743,8 @@ class Operations(pyfuse3.Operations):
             attrs = self._attrs(node, child[0].st) if child[1] else self._unreachable_attrs(node)
             if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, listing.positions[index]):
                 self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
-                return
+                return None
+            last = listing.positions[index]
             if plain:
                 self.inodes.forget(node.ino, 0)  # (likewise: a plain entry hands the kernel no reference)
             else:
@@ -742,6 +753,7 @@ class Operations(pyfuse3.Operations):
                 if record is not None:
                     recipes.append(record)
             listing.sent(index)
+        return last
 
     @boundary
     async def releasedir(self, fh: int) -> None:
