@@ -1267,12 +1267,12 @@ static int recipe_file(int dirfd, const char *path, uint64_t flags, uint64_t dev
  * layers only when the kernel asks for its listing. After Python merged a listing it names the directories its
  * subdirectories are made of (unionfs_native_prefetch: a layer and a path beneath it, as recipes do); two threads
  * open each (beneath the layer's directory, no symbolic link followed, O_NOATIME: the layer shows no access the
- * client did not make, and a directory that cannot be opened so is skipped), read its entries and stat up to
- * PF_STATS of them, so that their blocks are in the cache when the kernel asks. Advisory only: a full queue drops
+ * client did not make, and a directory that cannot be opened so is skipped; nor one on another mount), read its
+ * entries and stat up to PF_STATS of them, so that their blocks are in the cache when the kernel asks. Advisory only: a full queue drops
  * paths, a failure is ignored, nothing is kept but the kernel's caches. With OPT_PREFETCH (at once). */
 #define PF_QUEUE 4096
 #define PF_THREADS 2
-#define PF_STATS 1024
+#define PF_STATS 256
 
 static struct {
     pthread_mutex_t lock;
@@ -1286,6 +1286,7 @@ static struct {
     int stopping;
     pthread_t thread[PF_THREADS];
 } g_pf = {.lock = PTHREAD_MUTEX_INITIALIZER, .ready = PTHREAD_COND_INITIALIZER};
+static atomic_int g_pf_stop; /* pf_stop: a thread leaves the directory it is reading */
 
 struct pf_dirent {
     uint64_t ino;
@@ -1305,7 +1306,7 @@ static void pf_read(unsigned layer, const char *path)
     struct open_how how;
     memset(&how, 0, sizeof how);
     how.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NOATIME | O_CLOEXEC;
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
     int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
     close(dirfd);
     if (fd < 0)
@@ -1314,8 +1315,8 @@ static void pf_read(unsigned layer, const char *path)
     static __thread char buf[32768];
     unsigned stats = 0;
     long n;
-    while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0) {
-        for (long at = 0; at < n;) {
+    while (!atomic_load(&g_pf_stop) && (n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0) {
+        for (long at = 0; at < n && !atomic_load(&g_pf_stop);) {
             const struct pf_dirent *d = (const struct pf_dirent *)(buf + at);
             at += d->reclen;
             if (stats < PF_STATS && strcmp(d->name, ".") != 0 && strcmp(d->name, "..") != 0) {
@@ -1375,6 +1376,7 @@ static int pf_queue_locked(unsigned layer, const char *path, size_t len)
 /* The threads end (what is queued is dropped); a later prefetch starts them again. */
 static void pf_stop(void)
 {
+    atomic_store(&g_pf_stop, 1);
     pthread_mutex_lock(&g_pf.lock);
     g_pf.stopping = 1;
     pthread_cond_broadcast(&g_pf.ready);
@@ -1386,18 +1388,20 @@ static void pf_stop(void)
         free(g_pf.queue[g_pf.head].path);
     g_pf.threads = 0;
     g_pf.stopping = 0;
+    atomic_store(&g_pf_stop, 0);
     pthread_mutex_unlock(&g_pf.lock);
 }
 
-/* A forked child has none of the parent's threads. */
+/* A forked child has none of the parent's threads. (The forking thread holds the lock: rx_before_fork.) */
 static void pf_after_fork_child(void)
 {
-    pthread_mutex_init(&g_pf.lock, NULL);
+    pthread_mutex_unlock(&g_pf.lock);
     pthread_cond_init(&g_pf.ready, NULL);
     for (; g_pf.count > 0; g_pf.count--, g_pf.head = (g_pf.head + 1) % PF_QUEUE)
         free(g_pf.queue[g_pf.head].path);
     g_pf.threads = 0;
     g_pf.stopping = 0;
+    atomic_store(&g_pf_stop, 0);
 }
 
 /* Answer a read-only OPEN (``unique``) of ``ino`` with ``flags`` from its live recipe: open the file, register it
@@ -1811,23 +1815,28 @@ static void dump_to_environment(void)
  * its own (it may take long: neither the reader nor pyfuse3's loop waits for it), which replies. */
 
 struct fsync_job {
-    fuse_req_t req;  /* the request (a handler's), or NULL: the reader's, replied by ``unique`` */
+    fuse_req_t req;  /* the request (a handler's), or NULL: the reader's, replied by ``unique`` on ``devfd`` */
     uint64_t unique;
+    int devfd;       /* the reader's: a duplicate of its device descriptor, valid after the session ends */
     int fd;
     int datasync;
 };
 
 static void rx_reply_error(uint64_t unique, int err);
+static void dev_reply_error(int devfd, uint64_t unique, int err);
+static int rx_devfd(void);
 
 static void *fsync_main(void *arg)
 {
     struct fsync_job *job = arg;
     int err = (job->datasync ? fdatasync(job->fd) : fsync(job->fd)) < 0 ? errno : 0;
     close(job->fd);
-    if (job->req != NULL)
+    if (job->req != NULL) {
         real_reply_err(job->req, err);
-    else
-        rx_reply_error(job->unique, err);
+    } else {
+        dev_reply_error(job->devfd, job->unique, err);
+        close(job->devfd);
+    }
     free(job);
     return NULL;
 }
@@ -1843,18 +1852,21 @@ static int fsync_start(fuse_req_t req, uint64_t unique, uint64_t fh, int datasyn
     pthread_mutex_unlock(&g_fd_lock);
     if (copy < 0)
         return 0;
+    int devfd = req == NULL ? fcntl(rx_devfd(), F_DUPFD_CLOEXEC, 0) : -1;
     struct fsync_job *job = malloc(sizeof *job);
     pthread_attr_t attr;
     pthread_t thread;
     int started = 0;
-    if (job != NULL && pthread_attr_init(&attr) == 0) {
-        *job = (struct fsync_job){.req = req, .unique = unique, .fd = copy, .datasync = datasync};
+    if (job != NULL && (req != NULL || devfd >= 0) && pthread_attr_init(&attr) == 0) {
+        *job = (struct fsync_job){.req = req, .unique = unique, .devfd = devfd, .fd = copy, .datasync = datasync};
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         started = pthread_create(&thread, &attr, fsync_main, job) == 0;
         pthread_attr_destroy(&attr);
     }
     if (!started) {
         close(copy);
+        if (devfd >= 0)
+            close(devfd);
         free(job);
         return 0;
     }
@@ -1968,12 +1980,17 @@ static void rx_signal(void)
     }
 }
 
-static void rx_reply_error(uint64_t unique, int err)
+static void dev_reply_error(int devfd, uint64_t unique, int err)
 {
     struct fuse_out_header out = {.len = sizeof out, .error = -err, .unique = unique};
     /* ENOENT: the request was interrupted meanwhile; nothing to do */
-    while (write(g_rx.devfd, &out, sizeof out) < 0 && errno == EINTR) {
+    while (write(devfd, &out, sizeof out) < 0 && errno == EINTR) {
     }
+}
+
+static void rx_reply_error(uint64_t unique, int err)
+{
+    dev_reply_error(g_rx.devfd, unique, err);
 }
 
 /* pread ``size`` bytes at ``offset`` of ``fd`` into ``data``: how many, or -errno. */
@@ -2077,10 +2094,11 @@ static void pool_stop(void)
     g_pool.threads = 0;
 }
 
-/* A forked child has none of the parent's threads: it forgets their queue, closing its copies of the descriptors. */
+/* A forked child has none of the parent's threads: it forgets their queue, closing its copies of the descriptors.
+ * (The forking thread holds the lock: rx_before_fork.) */
 static void pool_after_fork_child(void)
 {
-    pthread_mutex_init(&g_pool.lock, NULL);
+    pthread_mutex_unlock(&g_pool.lock);
     pthread_cond_init(&g_pool.ready, NULL);
     for (unsigned i = 0; i < g_pool.count; i++)
         close(g_pool.queue[(g_pool.head + i) % RX_POOL_QUEUE].fd);
@@ -2358,24 +2376,33 @@ static void *rx_main(void *unused)
     return NULL;
 }
 
+/* The reader and the read threads use a descriptor of the device of their own: libfuse closes the session's at
+ * unmount (fuse_session_unmount), before fuse_session_destroy stops them, and its number may be another file's by
+ * the time they write a last reply. */
 static void rx_start(struct fuse_session *se)
 {
-    g_rx.devfd = real_session_fd(se);
+    g_rx.devfd = fcntl(real_session_fd(se), F_DUPFD_CLOEXEC, 3);
     g_rx.eventfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE);
     g_rx.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     g_rx.se = se;
     g_rx.head = g_rx.count = 0;
     g_rx.ended = 0;
-    if (g_rx.devfd < 0 || g_rx.eventfd < 0 || g_rx.stopfd < 0 || pthread_create(&g_rx.thread, NULL, rx_main, NULL)) {
-        if (g_rx.eventfd >= 0)
-            close(g_rx.eventfd);
-        if (g_rx.stopfd >= 0)
-            close(g_rx.stopfd);
-        g_rx.eventfd = g_rx.stopfd = -1;
-        return;
+    if (g_rx.devfd >= 0 && g_rx.eventfd >= 0 && g_rx.stopfd >= 0) {
+        pool_start(); /* (before the reader, which hands it READs) */
+        if (pthread_create(&g_rx.thread, NULL, rx_main, NULL) == 0) {
+            g_rx.active = 1;
+            return;
+        }
+        pool_stop();
     }
-    g_rx.active = 1;
-    pool_start();
+    if (g_rx.devfd >= 0)
+        close(g_rx.devfd);
+    if (g_rx.eventfd >= 0)
+        close(g_rx.eventfd);
+    if (g_rx.stopfd >= 0)
+        close(g_rx.stopfd);
+    g_rx.devfd = g_rx.eventfd = g_rx.stopfd = -1;
+    g_rx.se = NULL;
 }
 
 static void rx_stop(void)
@@ -2395,8 +2422,23 @@ static void rx_stop(void)
         free(g_rx.spare[--g_rx.spares]);
     close(g_rx.eventfd);
     close(g_rx.stopfd);
+    close(g_rx.devfd);
     g_rx.eventfd = g_rx.stopfd = g_rx.devfd = -1;
     g_rx.se = NULL;
+}
+
+/* The queues of the read and prefetch threads are whole at a fork: the forking thread holds their locks across it
+ * (neither is held across any I/O), so that the child finds every queued job intact to drop. */
+static void rx_before_fork(void)
+{
+    pthread_mutex_lock(&g_pool.lock);
+    pthread_mutex_lock(&g_pf.lock);
+}
+
+static void rx_after_fork_parent(void)
+{
+    pthread_mutex_unlock(&g_pf.lock);
+    pthread_mutex_unlock(&g_pool.lock);
 }
 
 /* A process forked from a server (unionfs's spares) has no reader thread: it forgets the parent's (without
@@ -2417,6 +2459,7 @@ static void rx_after_fork_child(void)
         return;
     close(g_rx.eventfd);
     close(g_rx.stopfd);
+    close(g_rx.devfd);
     g_rx.active = 0;
     g_rx.eventfd = g_rx.stopfd = g_rx.devfd = -1;
     g_rx.se = NULL;
@@ -2712,7 +2755,8 @@ EXPORT int unionfs_native_get(int option)
 
 /* Serve READ (modes & 1) and WRITE (modes & 2) requests on file handle ``fh`` on descriptor ``fd`` (pread,
  * pwrite, no Python); fd < 0 stops it. The caller keeps fd open until it has unregistered it (the shim holds its
- * lock across every use, so unregistering waits for a request of it under way). 0, or -ENOMEM. */
+ * lock across every use, so unregistering waits for a request of it under way; a READ handed to the read threads
+ * is made on a duplicate, which the caller's close leaves alone). 0, or -ENOMEM. */
 EXPORT int unionfs_native_set_fd(uint64_t fh, int fd, int modes)
 {
     return fd_register(fh, fd, modes);
@@ -2993,7 +3037,7 @@ __attribute__((constructor)) static void shim_start(void)
     py_gil_check = (gil_check_fn)dlsym(RTLD_DEFAULT, "PyGILState_Check");
     fd_table_clear();
     real_pkgversion = (pkgversion_fn)lookup("fuse_pkgversion");
-    pthread_atfork(NULL, NULL, rx_after_fork_child);
+    pthread_atfork(rx_before_fork, rx_after_fork_parent, rx_after_fork_child);
     read_environment();
     if (g_reason[0])
         return;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -49,6 +50,8 @@ _CACHED_DIRS_MAX = 1 << 16
 
 #: how many merged listings of directories opened without OPENDIR are kept ready to serve (unionfs.fuse.native)
 _OPENLESS_LISTINGS = 256
+#: how many layer directories one merged listing names to read ahead at most (Native.prefetch_dirs)
+_PREFETCH_DIRS = 512
 
 #: how many real objects the memory of missing xattr names covers before it starts again
 _ABSENT_MAX = 1 << 16
@@ -657,8 +660,9 @@ class Operations(pyfuse3.Operations):
         if node.listing is None:
             node.listing = shared_listing(self.union.listdir(node.entry))
             self._listed(node)
-            if self._prefetch is not None:
-                self._prefetch.prefetch_dirs(subdirectory_dirs(node.entry, node.listing))
+            if self._prefetch is not None:  # (a walk needs the first ones soonest; the rest wait for their turn)
+                self._prefetch.prefetch_dirs(itertools.islice(subdirectory_dirs(node.entry, node.listing),
+                                                              _PREFETCH_DIRS))
         return node.listing
 
     def _listed(self, node: Node) -> None:
