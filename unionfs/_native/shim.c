@@ -1373,6 +1373,13 @@ static int pf_queue_locked(unsigned layer, const char *path, size_t len)
     return 1;
 }
 
+/* Drop what is queued (the caller holds g_pf.lock). */
+static void pf_drop_queued_locked(void)
+{
+    for (; g_pf.count > 0; g_pf.count--, g_pf.head = (g_pf.head + 1) % PF_QUEUE)
+        free(g_pf.queue[g_pf.head].path);
+}
+
 /* The threads end (what is queued is dropped); a later prefetch starts them again. */
 static void pf_stop(void)
 {
@@ -1384,8 +1391,7 @@ static void pf_stop(void)
     for (int i = 0; i < g_pf.threads; i++)
         pthread_join(g_pf.thread[i], NULL);
     pthread_mutex_lock(&g_pf.lock);
-    for (; g_pf.count > 0; g_pf.count--, g_pf.head = (g_pf.head + 1) % PF_QUEUE)
-        free(g_pf.queue[g_pf.head].path);
+    pf_drop_queued_locked();
     g_pf.threads = 0;
     g_pf.stopping = 0;
     atomic_store(&g_pf_stop, 0);
@@ -1395,10 +1401,9 @@ static void pf_stop(void)
 /* A forked child has none of the parent's threads. (The forking thread holds the lock: rx_before_fork.) */
 static void pf_after_fork_child(void)
 {
+    pf_drop_queued_locked(); /* (before the unlock: the child is alone, but the order stays the rule's) */
     pthread_mutex_unlock(&g_pf.lock);
     pthread_cond_init(&g_pf.ready, NULL);
-    for (; g_pf.count > 0; g_pf.count--, g_pf.head = (g_pf.head + 1) % PF_QUEUE)
-        free(g_pf.queue[g_pf.head].path);
     g_pf.threads = 0;
     g_pf.stopping = 0;
     atomic_store(&g_pf_stop, 0);
