@@ -95,6 +95,28 @@ print(json.dumps({"before": before, "after": after, "plain": nat.readdir_handle(
     assert got == {"before": [False, False], "after": [True, True], "plain": [7, True], "plus": [7, False]}
 
 
+def test_regression_a_path_too_long_to_prefetch_is_skipped_not_the_end(tmp_path: Path, shim: Path) -> None:
+    """unionfs_native_prefetch queues nothing while off; on, a path of PATH_MAX bytes or more is skipped and the
+    records after it are still queued (it ended the list before), and the directories are read (counted)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    got = report(f"""
+import json, os, time, unionfs._native as n
+nat = n.load()
+fd = os.open({str(tmp_path)!r}, os.O_PATH | os.O_DIRECTORY)
+nat.layers([fd])
+dirs = [(0, b"a"), (0, b"x" * 5000), (0, b"b")]
+off = nat.prefetch_dirs(dirs)
+nat.set_prefetch(True)
+on = nat.prefetch_dirs(dirs)
+deadline = time.monotonic() + 10
+while nat.counters().dirs_prefetched < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({{"off": off, "on": on, "read": nat.counters().dirs_prefetched}}))
+""", shim_env(shim))
+    assert got == {"off": 0, "on": 2, "read": 2}
+
+
 def test_environment_turns_options_on(shim: Path) -> None:
     got = report("import json, unionfs._native as n; nat = n.load(); "
                  "print(json.dumps({'cached': nat.cached_listings, 'auto': nat.readdirplus_auto}))",

@@ -2897,9 +2897,9 @@ EXPORT int unionfs_native_prefetch(const char *buf, size_t len)
     for (size_t at = 0; at + 8 <= len;) {
         uint32_t head[2];
         memcpy(head, buf + at, sizeof head);
-        if (head[1] == 0 || head[1] >= PATH_MAX || at + 8 + head[1] > len)
+        if (head[1] == 0 || at + 8 + head[1] > len)
             break;
-        if (memchr(buf + at + 8, 0, head[1]) == NULL)
+        if (head[1] < PATH_MAX && memchr(buf + at + 8, 0, head[1]) == NULL) /* (a longer path is skipped) */
             queued += pf_queue_locked(head[0], buf + at + 8, head[1]);
         at += 8 + head[1];
     }
