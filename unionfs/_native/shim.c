@@ -420,6 +420,15 @@ static int attr_put(uint64_t gen, uint64_t ino, const struct fuse_attr *a, doubl
 }
 
 /* The kept attributes of ``ino`` and how many nanoseconds they remain valid; 0 when none are kept. */
+/* The live slot of ``ino`` in generation ``now``, or NULL; the caller holds g_attr_lock. */
+static struct attr_slot *attr_live_locked(uint64_t ino, uint64_t now)
+{
+    for (unsigned i = 0, at = attr_hash(ino); i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1))
+        if (g_attr[at].ino == ino && g_attr[at].gen == now)
+            return &g_attr[at];
+    return NULL;
+}
+
 static uint64_t attr_get(uint64_t ino, struct fuse_attr *out)
 {
     if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
@@ -427,16 +436,10 @@ static uint64_t attr_get(uint64_t ino, struct fuse_attr *out)
     uint64_t left = 0;
     uint64_t t = now_ns();
     pthread_mutex_lock(&g_attr_lock);
-    uint64_t now = atomic_load(&g_attr_gen);
-    for (unsigned i = 0, at = attr_hash(ino); i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
-        struct attr_slot *slot = &g_attr[at];
-        if (slot->ino == ino && slot->gen == now) {
-            if (slot->expires > t) {
-                *out = slot->attr;
-                left = slot->expires - t;
-            }
-            break;
-        }
+    struct attr_slot *slot = attr_live_locked(ino, atomic_load(&g_attr_gen));
+    if (slot != NULL && slot->expires > t) {
+        *out = slot->attr;
+        left = slot->expires - t;
     }
     pthread_mutex_unlock(&g_attr_lock);
     return left;
@@ -449,19 +452,13 @@ static int attr_listing_end(uint64_t gen, uint64_t ino, uint64_t offset)
 {
     if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
         return 0;
-    int kept = 0;
     pthread_mutex_lock(&g_attr_lock);
     uint64_t now = atomic_load(&g_attr_gen);
-    for (unsigned i = 0, at = attr_hash(ino); gen == now && i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
-        struct attr_slot *slot = &g_attr[at];
-        if (slot->ino == ino && slot->gen == now) {
-            slot->listing_end = offset + 1;
-            kept = 1;
-            break;
-        }
-    }
+    struct attr_slot *slot = gen == now ? attr_live_locked(ino, now) : NULL;
+    if (slot != NULL)
+        slot->listing_end = offset + 1;
     pthread_mutex_unlock(&g_attr_lock);
-    return kept;
+    return slot != NULL;
 }
 
 /* Whether a READDIR(PLUS) of ``ino`` at ``offset`` is known to find nothing (attr_listing_end). */
@@ -469,16 +466,9 @@ static int attr_listing_ended(uint64_t ino, uint64_t offset)
 {
     if (!atomic_load(&g_session_dir_attrs) || g_attr == NULL)
         return 0;
-    int ended = 0;
     pthread_mutex_lock(&g_attr_lock);
-    uint64_t now = atomic_load(&g_attr_gen);
-    for (unsigned i = 0, at = attr_hash(ino); i < ATTR_PROBE; i++, at = (at + 1) & (ATTR_SLOTS - 1)) {
-        struct attr_slot *slot = &g_attr[at];
-        if (slot->ino == ino && slot->gen == now) {
-            ended = slot->listing_end == offset + 1;
-            break;
-        }
-    }
+    struct attr_slot *slot = attr_live_locked(ino, atomic_load(&g_attr_gen));
+    int ended = slot != NULL && slot->listing_end == offset + 1;
     pthread_mutex_unlock(&g_attr_lock);
     return ended;
 }
@@ -2149,20 +2139,16 @@ static int rx_serve_read(const struct fuse_in_header *in, const struct fuse_read
         return 0;
     }
     size_t size = arg->size < RX_BUFSIZE ? arg->size : RX_BUFSIZE;
-    if (pool_offer_locked(in->unique, fd, size, arg->offset)) {
-        pthread_mutex_unlock(&g_fd_lock);
-        COUNT(read);
-        COUNT(read_native);
-        COUNT(read_pooled);
-        note_max(&g_counters.read_max, arg->size);
-        return 1;
-    }
-    ssize_t n = rx_pread(fd, data, size, arg->offset);
+    int pooled = pool_offer_locked(in->unique, fd, size, arg->offset);
+    ssize_t n = pooled ? 0 : rx_pread(fd, data, size, arg->offset);
     pthread_mutex_unlock(&g_fd_lock);
     COUNT(read);
     COUNT(read_native);
     note_max(&g_counters.read_max, arg->size);
-    rx_reply_read(in->unique, data, n);
+    if (pooled)
+        COUNT(read_pooled);
+    else
+        rx_reply_read(in->unique, data, n);
     return 1;
 }
 
