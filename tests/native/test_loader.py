@@ -148,3 +148,33 @@ def test_module_is_importable_without_side_effects() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.stdout.split() == ["True", "False", "not", "loaded", "yet"]
+
+
+SHOWN_NUMBERS = """
+import json, random
+import unionfs._native as n
+nat = n.load()
+rng = random.Random(SEED)
+model, bad = {}, []
+keys = [rng.randrange(1, 3000) for _ in range(600)]
+for step in range(6000):
+    ino = rng.choice(keys)
+    shown = 0 if rng.random() < 0.45 else rng.choice([ino, rng.randrange(1, 1 << 62)])
+    nat.show_numbers([(ino, shown)])
+    if shown in (0, ino):
+        model.pop(ino, None)
+    else:
+        model[ino] = shown
+    if step % 500 == 0 or step == 5999:
+        bad += [k for k in set(keys) if nat.shown_number(k) != model.get(k, k)]
+print(json.dumps({"bad": bad[:10], "left": len(model)}))
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_table_of_shown_numbers_keeps_what_it_was_told(shim: Path, seed: int) -> None:
+    """The shim's table of the numbers replies show in place of an inode's own (the other names of a hard-linked
+    lower file): set, changed and removed at random over a few hundred clashing numbers, it answers each as
+    a dictionary would (removal moves back the entries after the hole; growth rehashes)."""
+    got = report(SHOWN_NUMBERS.replace("SEED", str(seed)), shim_env(shim))
+    assert got["bad"] == [] and isinstance(got["left"], int) and got["left"] > 0

@@ -129,6 +129,46 @@ def test_hard_links_share_a_node(table: InodeTable, tmp_path: Path) -> None:
     assert first.unlinked and first.paths == [] and b"h/g" not in table.by_path
 
 
+def test_each_name_of_a_lower_hard_link_is_a_node_showing_the_files_number(table: InodeTable, tmp_path: Path) -> None:
+    """A change through one name of a hard-linked lower file copies up that name alone, so each name is a node
+    of its own (FUSE requests name the inode only); the others show the first one's number, and once that
+    one is copied up (it keeps its number) a new one."""
+    (f,) = make_files(tmp_path / "h", 1)
+    os.link(f, tmp_path / "h" / "g")
+    os.link(f, tmp_path / "h" / "k")
+    first = table.reference(Entry(b"h/f0", 1, os.lstat(f)))
+    second = table.reference(Entry(b"h/g", 1, os.lstat(tmp_path / "h" / "g")))
+    third = table.reference(Entry(b"h/k", 1, os.lstat(tmp_path / "h" / "k")))
+    assert len({first.ino, second.ino, third.ino}) == 3
+    assert second.paths == [b"h/g"] and first.paths == [b"h/f0"]
+    assert table.shown(first) is None and table.shown(second) == table.shown(third) == first.ino
+    # The first name copied up: it keeps its number; the names still naming the lower file show another.
+    upper = tmp_path / "upper"
+    upper.touch()
+    assert table.copied_up(CopiedUp(first.entry, Entry(b"h/f0", 0, os.lstat(upper)))) == [second, third]
+    renumbered = table.shown(second)
+    assert renumbered not in (None, first.ino) and table.shown(third) == renumbered
+    # Another name copied up shows its own number from then on; the last one keeps the lower file's.
+    upper2 = tmp_path / "upper2"
+    upper2.touch()
+    assert table.copied_up(CopiedUp(second.entry, Entry(b"h/g", 0, os.lstat(upper2)))) == [second]
+    assert table.shown(second) is None and table.shown(third) == renumbered
+    # A name looked up again once the kernel forgot it is a node of the lower file's (new) number.
+    table.forget(third.ino, 1)
+    assert table.take_dropped_names() == [third.ino] and table.take_dropped_names() == []
+    again = table.reference(Entry(b"h/k", 1, os.lstat(tmp_path / "h" / "k")))
+    assert again.ino == renumbered and table.shown(again) is None
+
+
+def test_names_of_a_lower_hard_link_are_one_node_where_nothing_is_copied_up(tmp_path: Path) -> None:
+    table = InodeTable([os.stat(tmp_path).st_dev], Entry(ROOT, 0, os.stat(tmp_path), (0,)), writable=False)
+    (f,) = make_files(tmp_path / "h", 1)
+    os.link(f, tmp_path / "h" / "g")
+    first = table.reference(Entry(b"h/f0", 1, os.lstat(f)))
+    assert table.reference(Entry(b"h/g", 1, os.lstat(tmp_path / "h" / "g"))) is first
+    assert first.paths == [b"h/f0", b"h/g"] and table.shown(first) is None
+
+
 def test_rename_moves_compacted_descendants(table: InodeTable, tmp_path: Path) -> None:
     (tmp_path / "r" / "sub").mkdir(parents=True)
     (tmp_path / "r" / "sub" / "x").touch()

@@ -180,6 +180,9 @@ class Native:
         lib.unionfs_native_openable.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
         lib.unionfs_native_adopt.argtypes = [ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64),
                                              ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint), ctypes.c_int]
+        lib.unionfs_native_show.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint]
+        lib.unionfs_native_shown.argtypes = [ctypes.c_uint64]
+        lib.unionfs_native_shown.restype = ctypes.c_uint64
         self._openable = lib.unionfs_native_openable
         self._plain_bit: int = lib.unionfs_native_plain_readdir_bit()
 
@@ -312,6 +315,18 @@ class Native:
         decision: the shim may answer its read-only opens itself while nothing may have changed (see
         :meth:`set_opens`). How many were kept."""
         return int(self._openable(generation, recipes, len(recipes)))
+
+    def show_numbers(self, numbers: list[tuple[int, int]]) -> None:
+        """Replies show the second number of each pair as the st_ino of the inode the first names (0: its own
+        number again), in place of the inode's own number, which pyfuse3 puts there."""
+        flat = [n for pair in numbers for n in pair]
+        err = self._lib.unionfs_native_show((ctypes.c_uint64 * len(flat))(*flat), len(numbers))
+        if err != 0:
+            raise OSError(-err, os.strerror(-err))
+
+    def shown_number(self, ino: int) -> int:
+        """The number replies show as the st_ino of inode ``ino`` (:meth:`show_numbers`)."""
+        return int(self._lib.unionfs_native_shown(ino))
 
     def open_count(self) -> int:
         """How many handles the shim opened (:meth:`set_opens`) and still owns."""

@@ -284,6 +284,116 @@ static uint64_t now_ns(void)
 static struct fuse_lowlevel_ops g_inner; /* pyfuse3's handlers */
 static struct fuse_lowlevel_ops g_outer; /* what libfuse gets */
 
+/* -- the inode numbers replies show -----------------------------------------------------------------------------
+ * Each name of a hard-linked lower file is an inode of its own, so that a change through one name copies up
+ * that name alone; all of them show the lower file's number all the same, as on the kernel's overlay. pyfuse3
+ * puts the node's number in every reply's st_ino; the shim puts there the number the shell named for that
+ * node (unionfs_native_show), where it named one. Few nodes have one: the table is empty nearly always. */
+struct shown_slot {
+    uint64_t ino; /* 0: a free slot */
+    uint64_t shown;
+};
+static struct shown_slot *g_shown;
+static unsigned g_shown_slots, g_shown_used;
+static atomic_int g_shown_count;
+static pthread_mutex_t g_shown_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static unsigned shown_home(uint64_t ino, unsigned n)
+{
+    return (unsigned)((ino * UINT64_C(0x9E3779B97F4A7C15)) >> 40) & (n - 1);
+}
+
+/* The slot of ``ino`` in ``slots`` (n a power of two), or the free one where it would go. */
+static struct shown_slot *shown_at(struct shown_slot *slots, unsigned n, uint64_t ino)
+{
+    unsigned at = shown_home(ino, n);
+    while (slots[at].ino && slots[at].ino != ino)
+        at = (at + 1) & (n - 1);
+    return &slots[at];
+}
+
+/* The number replies show for inode ``ino``: ``ino`` itself unless the shell named another. */
+static uint64_t shown_number(uint64_t ino)
+{
+    uint64_t shown = ino;
+    if (atomic_load(&g_shown_count) == 0)
+        return ino;
+    pthread_mutex_lock(&g_shown_lock);
+    if (g_shown != NULL) {
+        struct shown_slot *slot = shown_at(g_shown, g_shown_slots, ino);
+        if (slot->ino)
+            shown = slot->shown;
+    }
+    pthread_mutex_unlock(&g_shown_lock);
+    return shown;
+}
+
+/* A new session starts with no numbers named (a spare's server has its parent's table: fork). */
+static void shown_clear(void)
+{
+    pthread_mutex_lock(&g_shown_lock);
+    free(g_shown);
+    g_shown = NULL;
+    g_shown_slots = g_shown_used = 0;
+    atomic_store(&g_shown_count, 0);
+    pthread_mutex_unlock(&g_shown_lock);
+}
+
+/* Empty the slot ``at``, moving back the entries after it that would no longer be found (linear probing). */
+static void shown_remove_locked(unsigned at)
+{
+    unsigned n = g_shown_slots, hole = at, next = at;
+    for (;;) {
+        next = (next + 1) & (n - 1);
+        if (!g_shown[next].ino)
+            break;
+        unsigned home = shown_home(g_shown[next].ino, n);
+        /* (an entry may fill the hole unless its home lies cyclically in (hole, next]) */
+        int between = hole <= next ? (home > hole && home <= next) : (home > hole || home <= next);
+        if (!between) {
+            g_shown[hole] = g_shown[next];
+            hole = next;
+        }
+    }
+    g_shown[hole].ino = 0;
+    g_shown[hole].shown = 0;
+    g_shown_used--;
+}
+
+/* Replies show ``shown`` for inode ``ino`` from now on (0 or ``ino``: its own number): 0 or -ENOMEM. */
+static int shown_set_locked(uint64_t ino, uint64_t shown)
+{
+    if (ino == 0)
+        return 0;
+    if (shown == 0 || shown == ino) {
+        if (g_shown != NULL) {
+            struct shown_slot *slot = shown_at(g_shown, g_shown_slots, ino);
+            if (slot->ino)
+                shown_remove_locked((unsigned)(slot - g_shown));
+        }
+        return 0;
+    }
+    if ((g_shown_used + 1) * 2 > g_shown_slots) {
+        unsigned n = g_shown_slots ? g_shown_slots * 2 : 256;
+        struct shown_slot *slots = calloc(n, sizeof *slots);
+        if (slots == NULL)
+            return -ENOMEM;
+        for (unsigned i = 0; i < g_shown_slots; i++)
+            if (g_shown[i].ino)
+                *shown_at(slots, n, g_shown[i].ino) = g_shown[i];
+        free(g_shown);
+        g_shown = slots;
+        g_shown_slots = n;
+    }
+    struct shown_slot *slot = shown_at(g_shown, g_shown_slots, ino);
+    if (!slot->ino) {
+        slot->ino = ino;
+        g_shown_used++;
+    }
+    slot->shown = shown;
+    return 0;
+}
+
 /* -- attributes of directories, for GETATTR -------------------------------------------------------------------
  *
  * The kernel asks GETATTR of a directory again after each READDIR it could not serve from its cached listing (it
@@ -2444,6 +2554,7 @@ static void rx_after_fork_child(void)
     pthread_mutex_init(&g_obj_lock, NULL);
     pthread_mutex_init(&g_recipe_lock, NULL);
     pthread_mutex_init(&g_attr_lock, NULL);
+    pthread_mutex_init(&g_shown_lock, NULL);
     pool_after_fork_child();
     pf_after_fork_child();
     if (!g_rx.active)
@@ -2514,6 +2625,7 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args, const struc
     pending_clear();
     fd_table_clear();
     obj_clear();
+    shown_clear();
     memcpy(&g_inner, op, sizeof g_inner);
     g_outer = g_inner;
     g_outer.init = shim_init;
@@ -2619,23 +2731,29 @@ EXPORT int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
 EXPORT int fuse_reply_attr(fuse_req_t req, const struct stat *attr, double attr_timeout)
 {
     struct fuse_attr a;
-    attr_from_stat(&a, attr);
+    struct stat shown = *attr;
+    shown.st_ino = (ino_t)shown_number((uint64_t)attr->st_ino);
+    attr_from_stat(&a, &shown);
     reply_seen(req, &a, 0, attr_timeout);
-    return real_reply_attr(req, attr, attr_timeout);
+    return real_reply_attr(req, &shown, attr_timeout);
 }
 
 EXPORT int fuse_reply_entry(fuse_req_t req, const struct fuse_entry_param *e)
 {
     struct fuse_attr a;
-    attr_from_stat(&a, &e->attr);
+    struct fuse_entry_param shown = *e;
+    shown.attr.st_ino = (ino_t)shown_number(e->ino);
+    attr_from_stat(&a, &shown.attr);
     reply_seen(req, &a, e->ino, e->attr_timeout);
-    return real_reply_entry(req, e);
+    return real_reply_entry(req, &shown);
 }
 
 EXPORT int fuse_reply_create(fuse_req_t req, const struct fuse_entry_param *e, const struct fuse_file_info *fi)
 {
+    struct fuse_entry_param shown = *e;
+    shown.attr.st_ino = (ino_t)shown_number(e->ino);
     reply_seen(req, NULL, 0, 0);
-    return real_reply_create(req, e, fi);
+    return real_reply_create(req, &shown, fi);
 }
 
 EXPORT int fuse_reply_write(fuse_req_t req, size_t count)
@@ -2647,13 +2765,15 @@ EXPORT int fuse_reply_write(fuse_req_t req, size_t count)
 EXPORT size_t fuse_add_direntry_plus(fuse_req_t req, char *buf, size_t bufsize, const char *name,
                                      const struct fuse_entry_param *e, off_t off)
 {
+    struct fuse_entry_param shown = *e;
+    shown.attr.st_ino = (ino_t)shown_number(e->ino);
     if (pending_find(req, 0) == KIND_PLAIN_READDIR) {
-        size_t len = real_add_direntry(req, buf, bufsize, name, &e->attr, off);
+        size_t len = real_add_direntry(req, buf, bufsize, name, &shown.attr, off);
         if (len <= bufsize)
             COUNT(entries_plain);
         return len;
     }
-    return real_add_direntry_plus(req, buf, bufsize, name, e, off);
+    return real_add_direntry_plus(req, buf, bufsize, name, &shown, off);
 }
 
 /* -- what Python calls (ctypes) ----------------------------------------------------------------------------- */
@@ -2951,6 +3071,22 @@ EXPORT int unionfs_native_adopt(uint64_t ino, uint64_t *fhs, int *fds, unsigned 
 }
 
 /* How many handles the reader opened and still owns (not released, not adopted). */
+EXPORT int unionfs_native_show(const uint64_t *pairs, unsigned count)
+{
+    int ret = 0;
+    pthread_mutex_lock(&g_shown_lock);
+    for (unsigned i = 0; i < count && ret == 0; i++)
+        ret = shown_set_locked(pairs[2 * i], pairs[2 * i + 1]);
+    atomic_store(&g_shown_count, (int)g_shown_used);
+    pthread_mutex_unlock(&g_shown_lock);
+    return ret;
+}
+
+EXPORT uint64_t unionfs_native_shown(uint64_t ino)
+{
+    return shown_number(ino);
+}
+
 EXPORT int unionfs_native_open_count(void)
 {
     return atomic_load(&g_native_open_count);

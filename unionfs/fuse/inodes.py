@@ -4,6 +4,11 @@ Numbers are derived from the real (device, inode) of the object where it was fir
 same after a remount over unchanged layers, and a copied-up object keeps the number of its origin for the
 life of the mount.
 
+The names of a hard-linked upper file are one node. Each name of a hard-linked lower file is a node of its own,
+as on the kernel's overlay: FUSE requests name the inode only, and a change through one name must copy up that
+name alone (the others keep naming the lower file). Those names show one inode number all the same, as on the
+kernel, where a reply can show another number than the node's (:meth:`InodeTable.shown`; the native part).
+
 Memory follows what the kernel holds: a node lives exactly as long as the kernel references its inode (or a
 file of it is open), costs about 500 bytes with everything it holds (bench/memory.py: 492 B per inode over
 1,000,000 files, where a node keeping its Entry and os.stat_result cost 1,246 B), and once the kernel has
@@ -236,7 +241,16 @@ class InodeTable:
     """Every node the kernel holds: its number, its names, its current entry and its lookup count. Only this
     table changes a node's names and entry."""
 
-    def __init__(self, layer_devs: list[int], root: Entry) -> None:
+    def __init__(self, layer_devs: list[int], root: Entry, *, writable: bool = True) -> None:
+        #: whether objects may be copied up: else the names of a hard-linked lower file are one node too
+        self._writable = writable
+        #: the nodes of the second (third...) names of hard-linked lower files: number -> the lower object's
+        #: (st_dev, st_ino), whose number they show (InodeTable.shown)
+        self._names_of: dict[int, tuple[int, int]] = {}
+        #: the other way: (st_dev, st_ino) of such a lower object -> the numbers of those nodes
+        self._other_names: dict[tuple[int, int], set[int]] = {}
+        #: numbers of such nodes freed since the last take_dropped_names
+        self._dropped_names: list[int] = []
         self._dev_index: dict[int, int] = {}
         for dev in layer_devs:
             self._dev_index.setdefault(dev, len(self._dev_index))
@@ -255,16 +269,30 @@ class InodeTable:
 
     def number(self, st: os.stat_result) -> int:
         """Our inode number for a real object."""
-        key = (st.st_dev, st.st_ino)
+        return self._number((st.st_dev, st.st_ino))
+
+    def _number(self, key: tuple[int, int]) -> int:
         n = self._remap.get(key)
         if n is not None:
             return n
-        idx = self._dev_index.get(st.st_dev)
-        if idx is not None and st.st_ino < (1 << _DEV_SHIFT) and idx < (1 << 13):
-            n = (idx << _DEV_SHIFT) | st.st_ino
+        dev, ino = key
+        idx = self._dev_index.get(dev)
+        if idx is not None and ino < (1 << _DEV_SHIFT) and idx < (1 << 13):
+            n = (idx << _DEV_SHIFT) | ino
             if n > pyfuse3.ROOT_INODE:
                 return n
         return self._allocate(key)
+
+    def shown(self, node: Node) -> int | None:
+        """The inode number replies show for ``node`` where it is not the node's own: the second (third...)
+        name of a hard-linked lower file shows the number of the lower file, as its first name does."""
+        key = self._names_of.get(node.ino)
+        return None if key is None else self._number(key)
+
+    def take_dropped_names(self) -> list[int]:
+        """Numbers of the nodes freed since the last call that showed another number (:meth:`shown`)."""
+        dropped, self._dropped_names = self._dropped_names, []
+        return dropped
 
     def _allocate(self, key: tuple[int, int]) -> int:
         self._spare += 1
@@ -322,14 +350,25 @@ class InodeTable:
             return node
         ino = self.number(entry.st)
         node = self.nodes.get(ino)
+        key = (entry.st.st_dev, entry.st.st_ino)
         if (node is not None and not node.unlinked and not stat.S_ISDIR(entry.st.st_mode)
-                and node.identity()[1:] == (entry.st.st_dev, entry.st.st_ino)):
-            # Another name of a hard-linked file: one inode.
-            self.add_path(node, entry.path)
+                and node.identity()[1:] == key):
+            if entry.layer == 0 or not self._writable:
+                # Another name of a hard-linked file (one no copy-up can break): one inode.
+                self.add_path(node, entry.path)
+                return node
+            # Another name of a hard-linked lower file: a node of its own, which shows the file's number.
+            self._spare += 1
+            node = self._new_node(self._spare, entry)
+            self._names_of[node.ino] = key
+            self._other_names.setdefault(key, set()).add(node.ino)
             return node
         if node is not None:
             # The real inode number was reused by a new object while the old node is still referenced.
-            ino = self._allocate((entry.st.st_dev, entry.st.st_ino))
+            ino = self._allocate(key)
+        return self._new_node(ino, entry)
+
+    def _new_node(self, ino: int, entry: Entry) -> Node:
         node = Node(ino, entry)
         self.nodes[ino] = node
         self.by_path[entry.path] = node
@@ -355,28 +394,38 @@ class InodeTable:
     def opened(self, node: Node) -> None:
         node.opens += 1
 
-    def copied_up(self, copied: CopiedUp) -> list[tuple[int, bytes]]:
+    def copied_up(self, copied: CopiedUp) -> list[Node]:
         """An object moved to the upper layer: it keeps its number, now reached through the copy. Returns the
-        (directory inode, name) of every other name that must be looked up again: those of a lower hard link
-        the copy-up broke, which still name the lower file."""
+        nodes that show another number from now on (:meth:`shown`): where the copy broke a lower hard link,
+        the copy no longer shows the lower file's number, nor the other names the copy's own."""
         old, new = copied.old, copied.new
+        old_key, new_key = (old.st.st_dev, old.st.st_ino), (new.st.st_dev, new.st.st_ino)
         self.listing_changed(split(new.path)[0])
         node = self.by_path.get(new.path)
-        ino = node.ino if node is not None else self.number(old.st)
-        self._remap[(new.st.st_dev, new.st.st_ino)] = ino
         if node is None:
+            if not copied.breaks_hard_link:  # (else the lower file's number stays its other names')
+                self._remap[new_key] = self._number(old_key)
             return []
+        self._remap[new_key] = node.ino
         node.entry = new
         if not copied.breaks_hard_link:
             return []
-        stale = []
-        for path in [p for p in node.paths if p != new.path]:
-            self.unlinked(node, path, last_link=False)
-            parent_path, name = split(path)
-            parent = self.by_path.get(parent_path)
-            if parent is not None:
-                stale.append((parent.ino, name))
-        return stale
+        if self._names_of.pop(node.ino, None) is not None:
+            # Another name than the first: the copy shows its own number.
+            self._forget_other_name(old_key, node.ino)
+            return [node]
+        if self._number(old_key) != node.ino:
+            return []
+        # The first name, whose number the lower file had: the names still naming it show a new one.
+        self._allocate(old_key)
+        return [self.nodes[ino] for ino in sorted(self._other_names.get(old_key, ()))]
+
+    def _forget_other_name(self, key: tuple[int, int], ino: int) -> None:
+        others = self._other_names.get(key)
+        if others is not None:
+            others.discard(ino)
+            if not others:
+                del self._other_names[key]
 
     def _drop_path(self, node: Node, path: bytes) -> None:
         if self.by_path.get(path) is node:
@@ -500,6 +549,10 @@ class InodeTable:
             return
         if self.nodes.get(node.ino) is node:
             del self.nodes[node.ino]
+            key = self._names_of.pop(node.ino, None)
+            if key is not None:
+                self._forget_other_name(key, node.ino)
+                self._dropped_names.append(node.ino)
         for p in node.paths:
             if self.by_path.get(p) is node:
                 del self.by_path[p]

@@ -170,7 +170,7 @@ class Operations(pyfuse3.Operations):
         self.data_path = False
         self.union = union
         self.timeout = timeout
-        self.inodes = InodeTable(union.layer_devices(), union.root())
+        self.inodes = InodeTable(union.layer_devices(), union.root(), writable=union.stack.writable)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -222,8 +222,8 @@ class Operations(pyfuse3.Operations):
     def _apply_copied(self) -> None:
         for copied in self.union.take_copied():
             self._absent.forget(copied.new.st)
-            for parent_ino, name in self.inodes.copied_up(copied):
-                pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            for node in self.inodes.copied_up(copied):
+                self._renumbered(node)
             if self.data_path:
                 self._follow_copy_up(copied.new.path)
             if copied.breaks_hard_link:
@@ -232,6 +232,26 @@ class Operations(pyfuse3.Operations):
                 # may be names the table no longer knows (the kernel forgot them), so every listing the kernel
                 # may keep is dropped.
                 self._listings_changed_behind()
+
+    def _renumbered(self, node: Node) -> None:
+        """``node`` shows another inode number from now on (InodeTable.shown): the attributes the kernel keeps
+        of it are dropped (a reply of the current request may be one of them)."""
+        if self.native is None:  # (the pure mode shows each node's own number: it did not change)
+            return
+        self.native.show_numbers([(node.ino, self.inodes.shown(node) or 0)])
+        try:
+            pyfuse3.invalidate_inode(node.ino, attr_only=True)
+        except OSError as exc:  # (ENOENT: not known to the kernel, or it forgot it meanwhile)
+            if exc.errno not in (errno.ENOENT, errno.EBADF, errno.ENOTCONN):
+                log.warning("could not drop the kernel's attributes of inode %d: %s", node.ino, exc)
+
+    def _show(self, node: Node) -> None:
+        """Tell the native part which inode number replies show for ``node`` where that is not its own (the
+        other names of a hard-linked lower file; the pure mode cannot, and shows each node's own number)."""
+        if self.native is not None:
+            shown = self.inodes.shown(node)
+            if shown is not None:
+                self.native.show_numbers([(node.ino, shown)])
 
     def _follow_copy_up(self, path: bytes) -> None:
         """The handles open before a copy-up on the lower file read the copy from now on (as on the kernel):
@@ -338,6 +358,7 @@ class Operations(pyfuse3.Operations):
             st = node.entry.st
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
+        self._show(node)
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
@@ -427,6 +448,9 @@ class Operations(pyfuse3.Operations):
         try:
             for ino, nlookup in inode_list:
                 self.inodes.forget(ino, nlookup)
+            dropped = self.inodes.take_dropped_names()
+            if dropped and self.native is not None:
+                self.native.show_numbers([(ino, 0) for ino in dropped])
             if self.inodes.trim():
                 log.debug("inode table shrank to %d nodes: memory given back", len(self.inodes.nodes))
         except Exception:
@@ -684,6 +708,7 @@ class Operations(pyfuse3.Operations):
         it asks us again (and meets the EACCES the layer gives)."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
+        self._show(node)
         a.st_mode = stat.S_IFMT(node.entry.st.st_mode)
         a.entry_timeout = 0
         a.attr_timeout = 0
