@@ -102,14 +102,17 @@ def _in_user_namespace() -> bool:
 #: Whether this process runs in a user namespace (the kernel pass of tests/run-rootless.sh).
 IN_USER_NAMESPACE = _in_user_namespace()
 def _pure_unionfs() -> bool:
-    """Whether the implementation under test is unionfs served in the pure mode (no native part)."""
+    """Whether the implementation under test is unionfs served in the pure mode (``-o nonative``,
+    ``UNIONFS_NATIVE=off``, or no native library built), found without loading the library."""
     if IMPL != "unionfs":
         return False
-    if os.environ.get("UNIONFS_NATIVE", "").lower() in ("off", "0", "no", "pure"):
+    if "nonative" in EXTRA_OPTIONS.split(",") or os.environ.get("UNIONFS_NATIVE", "").lower() in (
+            "off", "0", "no", "pure"):
         return True
     from unionfs import _native
 
-    return not _native.available()
+    found = _native.library_path()
+    return found is None or not found.exists()
 
 
 #: Whether unionfs is served in the pure mode, where the names of a hard-linked lower file each show the number

@@ -160,6 +160,27 @@ def test_each_name_of_a_lower_hard_link_is_a_node_showing_the_files_number(table
     assert again.ino == renumbered and table.shown(again) is None
 
 
+def test_regression_removing_a_lower_name_keeps_the_number_its_other_names_show(table: InodeTable,
+                                                                               tmp_path: Path) -> None:
+    """(Regression: removing the name that held the lower file's new number, once its first name was copied up,
+    gave the other names the copy's number back.)"""
+    (f,) = make_files(tmp_path / "h", 1)
+    for n in ("g", "k"):
+        os.link(f, tmp_path / "h" / n)
+    first = table.reference(Entry(b"h/f0", 1, os.lstat(f)))
+    second = table.reference(Entry(b"h/g", 1, os.lstat(tmp_path / "h" / "g")))
+    upper = tmp_path / "upper"
+    upper.touch()
+    table.copied_up(CopiedUp(first.entry, Entry(b"h/f0", 0, os.lstat(upper))))
+    third = table.reference(Entry(b"h/k", 1, os.lstat(tmp_path / "h" / "k")))
+    shown = table.shown(second)
+    assert third.ino == shown and shown != first.ino
+    table.unlinked(third, b"h/k", last_link=True)  # (a whiteout; the kernel still holds the node)
+    assert table.shown(second) == shown
+    again = table.reference(Entry(b"h/k2", 1, os.lstat(tmp_path / "h" / "k")))
+    assert again is not third and table.shown(again) == shown == table.shown(second)
+
+
 def test_names_of_a_lower_hard_link_are_one_node_where_nothing_is_copied_up(tmp_path: Path) -> None:
     table = InodeTable([os.stat(tmp_path).st_dev], Entry(ROOT, 0, os.stat(tmp_path), (0,)), writable=False)
     (f,) = make_files(tmp_path / "h", 1)

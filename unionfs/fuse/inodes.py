@@ -351,13 +351,15 @@ class InodeTable:
         ino = self.number(entry.st)
         node = self.nodes.get(ino)
         key = (entry.st.st_dev, entry.st.st_ino)
-        if (node is not None and not node.unlinked and not stat.S_ISDIR(entry.st.st_mode)
-                and node.identity()[1:] == key):
-            if entry.layer == 0 or not self._writable:
+        same = node is not None and not stat.S_ISDIR(entry.st.st_mode) and node.identity()[1:] == key
+        if same and node is not None and (entry.layer == 0 or not self._writable):
+            if not node.unlinked:
                 # Another name of a hard-linked file (one no copy-up can break): one inode.
                 self.add_path(node, entry.path)
                 return node
-            # Another name of a hard-linked lower file: a node of its own, which shows the file's number.
+        elif same:
+            # Another name of a hard-linked lower file (the node may be a name of it removed since, still
+            # held): a node of its own, which shows the file's number.
             self._spare += 1
             node = self._new_node(self._spare, entry)
             self._names_of[node.ino] = key
@@ -410,9 +412,10 @@ class InodeTable:
         node.entry = new
         if not copied.breaks_hard_link:
             return []
-        if self._names_of.pop(node.ino, None) is not None:
+        key = self._names_of.pop(node.ino, None)
+        if key is not None:
             # Another name than the first: the copy shows its own number.
-            self._forget_other_name(old_key, node.ino)
+            self._forget_other_name(key, node.ino)
             return [node]
         if self._number(old_key) != node.ino:
             return []
@@ -455,7 +458,8 @@ class InodeTable:
                     del self.by_path[p]
             node.paths = []
             _mode, dev, ino = node.identity()
-            if self._remap.get((dev, ino)) == node.ino:
+            # (a lower file stays, with the number its other names show: only an upper one's may be reused)
+            if self._remap.get((dev, ino)) == node.ino and node.entry.layer == 0 and self._writable:
                 del self._remap[(dev, ino)]
         self._maybe_free(node)
 

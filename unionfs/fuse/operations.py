@@ -224,6 +224,11 @@ class Operations(pyfuse3.Operations):
             self._absent.forget(copied.new.st)
             for node in self.inodes.copied_up(copied):
                 self._renumbered(node)
+            if copied.breaks_hard_link:
+                # (the copy has one link: the kernel's attributes of the node still count the lower file's)
+                copy = self.inodes.by_path.get(copied.new.path)
+                if copy is not None:
+                    self._drop_attrs(copy.ino)
             if self.data_path:
                 self._follow_copy_up(copied.new.path)
             if copied.breaks_hard_link:
@@ -239,11 +244,22 @@ class Operations(pyfuse3.Operations):
         if self.native is None:  # (the pure mode shows each node's own number: it did not change)
             return
         self.native.show_numbers([(node.ino, self.inodes.shown(node) or 0)])
+        self._drop_attrs(node.ino)
+
+    @staticmethod
+    def _drop_attrs(ino: int) -> None:
+        """The kernel drops the attributes it keeps of inode ``ino`` (only those: no page, no lock waited for)."""
         try:
-            pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            pyfuse3.invalidate_inode(ino, attr_only=True)
         except OSError as exc:  # (ENOENT: not known to the kernel, or it forgot it meanwhile)
             if exc.errno not in (errno.ENOENT, errno.EBADF, errno.ENOTCONN):
-                log.warning("could not drop the kernel's attributes of inode %d: %s", node.ino, exc)
+                log.warning("could not drop the kernel's attributes of inode %d: %s", ino, exc)
+
+    def _unshow_dropped(self) -> None:
+        """The native part forgets the numbers it was told for nodes freed since (InodeTable.take_dropped_names)."""
+        dropped = self.inodes.take_dropped_names()
+        if dropped and self.native is not None:
+            self.native.show_numbers([(ino, 0) for ino in dropped])
 
     def _show(self, node: Node) -> None:
         """Tell the native part which inode number replies show for ``node`` where that is not its own (the
@@ -448,9 +464,7 @@ class Operations(pyfuse3.Operations):
         try:
             for ino, nlookup in inode_list:
                 self.inodes.forget(ino, nlookup)
-            dropped = self.inodes.take_dropped_names()
-            if dropped and self.native is not None:
-                self.native.show_numbers([(ino, 0) for ino in dropped])
+            self._unshow_dropped()
             if self.inodes.trim():
                 log.debug("inode table shrank to %d nodes: memory given back", len(self.inodes.nodes))
         except Exception:
@@ -644,6 +658,7 @@ class Operations(pyfuse3.Operations):
             self.native.stop(fh)  # (before the close: waits for a request of it under way in the shim)
         os.close(handle.fd)
         self.inodes.release_open(handle.node)
+        self._unshow_dropped()
 
     # -- directories --------------------------------------------------------------------------------------
 
@@ -772,6 +787,7 @@ class Operations(pyfuse3.Operations):
             attrs = self._attrs(node, child[0].st) if child[1] else self._unreachable_attrs(node)
             if not pyfuse3.readdir_reply(token, listing.names[index][0], attrs, listing.positions[index]):
                 self.inodes.forget(node.ino, 0)  # freed unless the kernel holds it
+                self._unshow_dropped()
                 return None
             last = listing.positions[index]
             if plain:
@@ -782,6 +798,7 @@ class Operations(pyfuse3.Operations):
                 if record is not None:
                     recipes.append(record)
             listing.sent(index)
+        self._unshow_dropped()
         return last
 
     @boundary
