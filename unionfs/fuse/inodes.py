@@ -352,12 +352,12 @@ class InodeTable:
         node = self.nodes.get(ino)
         key = (entry.st.st_dev, entry.st.st_ino)
         same = node is not None and not stat.S_ISDIR(entry.st.st_mode) and node.identity()[1:] == key
-        if same and node is not None and (entry.layer == 0 or not self._writable):
-            if not node.unlinked:
-                # Another name of a hard-linked file (one no copy-up can break): one inode.
-                self.add_path(node, entry.path)
-                return node
-        elif same:
+        shared = entry.layer == 0 or not self._writable  # (no copy-up can break this file's links)
+        if same and shared and node is not None and not node.unlinked:
+            # Another name of a hard-linked file: one inode.
+            self.add_path(node, entry.path)
+            return node
+        if same and not shared:
             # Another name of a hard-linked lower file (the node may be a name of it removed since, still
             # held): a node of its own, which shows the file's number.
             self._spare += 1
@@ -459,7 +459,7 @@ class InodeTable:
             node.paths = []
             _mode, dev, ino = node.identity()
             # (a lower file stays, with the number its other names show: only an upper one's may be reused)
-            if self._remap.get((dev, ino)) == node.ino and node.entry.layer == 0 and self._writable:
+            if self._remap.get((dev, ino)) == node.ino and node.entry.layer == 0:
                 del self._remap[(dev, ino)]
         self._maybe_free(node)
 
