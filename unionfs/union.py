@@ -1011,6 +1011,21 @@ class Union:
         disk = whiteout.xattr_to_disk(name, self.stack.private_prefixes)
         return (disk, kept_name(name)) if self._kept_aside(name) else (disk,)
 
+    def lacks_xattr(self, fd: int, name: bytes) -> bool:
+        """Whether :meth:`getxattr` of ``name`` fails ENODATA for the regular file of the upper layer open as
+        ``fd``, known from its object's xattrs alone (False when more decides, or the answer is not ENODATA)."""
+        disk = self.absence_names(name)
+        if disk is None:
+            return False
+        for on_disk in disk:
+            try:
+                os.getxattr(fd, on_disk)
+            except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    continue
+            return False
+        return True
+
     def _kept_aside(self, name: bytes) -> bool:
         """Whether an xattr ``name`` the store refused may be kept under :func:`kept_name` (an ordinary user's
         store with ``xattr_permissions``, for names outside ``user.*``)."""

@@ -330,6 +330,46 @@ def test_data_path_is_on_unless_switched_off(stack: tuple[str, Path], shim: Path
     assert (got["reader_served"] >= 1) == (not data)
 
 
+@pytest.mark.parametrize("handoff", ["", "0"], ids=["handed off", "UNIONFS_NATIVE_HANDOFF=0"])
+def test_copy_ups_hand_the_device_to_pyfuse3_and_a_burst_the_shim_answers_takes_it_back(
+        stack: tuple[str, Path], shim: Path, tmp_path: Path, handoff: str) -> None:
+    """Requests only Python answers, in a row (a copy-up's LOOKUP and OPEN), make the reader hand the device to
+    pyfuse3's thread, which reads each request itself and answers there those the shim answers (the WRITE, the
+    GETXATTR of security.capability before it); a burst of those (GETXATTR of a name a file lacks, again and
+    again) gives the device back to the reader. The answers are the same either way (UNIONFS_NATIVE_HANDOFF=0:
+    never handed off), and the server unmounts cleanly with the device handed off."""
+    opts, mnt = stack
+    lower = tmp_path / "l" / "d"
+    for i in range(60):
+        (lower / f"c{i}").write_text(f"{i}\n")
+    stats, log = tmp_path / "stats", tmp_path / "log"
+    extra = {"UNIONFS_NATIVE_HANDOFF": handoff} if handoff else {}
+    pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats), **extra)
+    for i in range(60):
+        if i == 30:  # the burst
+            for _ in range(100):
+                with pytest.raises(OSError) as lacking:
+                    os.getxattr(mnt / "d" / "c0", "user.lacking")
+                assert lacking.value.errno == errno.ENODATA
+        fd = os.open(mnt / "d" / f"c{i}", os.O_WRONLY | os.O_APPEND)
+        assert os.write(fd, b"+") == 1
+        os.close(fd)
+    assert [(mnt / "d" / f"c{i}").read_text() for i in range(60)] == [f"{i}\n+" for i in range(60)]
+    _unmount(mnt, pid)
+    assert not is_mounted(mnt) and not Path(f"/proc/{pid}").exists()
+    assert [(tmp_path / "u" / "d" / f"c{i}").read_text() for i in range(60)] == [f"{i}\n+" for i in range(60)]
+    assert [(lower / f"c{i}").read_text() for i in range(60)] == [f"{i}\n" for i in range(60)]
+    got = read_stats(stats)
+    assert got["write_native"] == 60 and got["xattr_absent"] >= 150, got
+    if handoff == "0":
+        assert got["handoffs"] == got["handoff_served"] == 0, got
+    else:
+        # handed off at the first copy-up and again after the burst; the writes (and their questions) answered in
+        # pyfuse3's thread, most of the burst by the reader
+        assert got["handoffs"] >= 2 and got["handoff_served"] >= 2 * 55, got
+        assert got["reader_served"] - got["handoff_served"] >= 90, got
+
+
 def test_regression_a_server_stopped_by_a_signal_amid_pooled_reads_ends_and_unmounts(stack: tuple[str, Path],
                                                                                       shim: Path,
                                                                                       tmp_path: Path) -> None:

@@ -54,7 +54,8 @@ _COUNTER_FIELDS = (
     "read_native", "xattr_absent", "reader_forwarded", "reader_served", "write_native", "fallocate", "lseek",
     "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
     "attr_served", "attr_untracked", "fsync_native", "open_native", "open_missed", "release_native", "adopted",
-    "recipes_kept", "xattr_checked", "read_pooled", "listing_ends", "dirs_prefetched")
+    "recipes_kept", "xattr_checked", "read_pooled", "listing_ends", "dirs_prefetched",
+    "handoffs", "handoff_served")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -114,6 +115,8 @@ class Counters:
     read_pooled: int
     listing_ends: int
     dirs_prefetched: int
+    handoffs: int
+    handoff_served: int
 
 
 @dataclasses.dataclass(frozen=True)

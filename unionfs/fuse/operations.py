@@ -56,6 +56,9 @@ _PREFETCH_DIRS = 512
 #: how many real objects the memory of missing xattr names covers before it starts again
 _ABSENT_MAX = 1 << 16
 
+#: the xattrs the kernel asks a FUSE file for before each write to it (whether the write must drop privileges)
+_ASKED_BEFORE_WRITES = (b"security.capability",)
+
 
 class AbsentXattrs:
     """xattr names a getxattr found missing, per real object (st_dev, st_ino), so that asking again needs no
@@ -545,7 +548,9 @@ class Operations(pyfuse3.Operations):
         fd, entry = await self._change_in(parent, self.union.create, name, mode, flags, ctx.uid, ctx.gid,
                                           _caller(ctx))
         attrs = self._reply_new(entry)
-        return self._open_handle(self.inodes.get(attrs.st_ino), fd, writable=True), attrs
+        node = self.inodes.get(attrs.st_ino)
+        self._absent_before_writes(node, fd)
+        return self._open_handle(node, fd, writable=True), attrs
 
     # -- removing and renaming ----------------------------------------------------------------------------
 
@@ -593,6 +598,20 @@ class Operations(pyfuse3.Operations):
         info.keep_cache = True
         return info
 
+    def _absent_before_writes(self, node: Node, fd: int) -> None:
+        """A file just opened for writing (its upper object, ``fd``): what it lacks of the xattrs the kernel asks
+        before each write is known from now on, so that in the native mode not even the first write waits for
+        Python to answer that question."""
+        if self._absent.mirror is None or node.unlinked:
+            return
+        st = os.fstat(fd)
+        if node.identity()[1:] != (st.st_dev, st.st_ino) or not stat.S_ISREG(st.st_mode):
+            return
+        for name in _ASKED_BEFORE_WRITES:
+            if self._absent.known(st, name) or self.union.lacks_xattr(fd, name):
+                self._absent.add(st, name)
+                self._absent.tell(node.ino, name)
+
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
         await self._settle()
@@ -600,6 +619,7 @@ class Operations(pyfuse3.Operations):
         writable = self.union.opens_for_writing(flags)
         if writable:
             fd = await self._change(self.union.open, node, flags, _caller(ctx))
+            self._absent_before_writes(node, fd)
         else:
             generation = self._opens.attr_generation() if self._opens is not None else 0
             fd = self.union.open(node.entry, flags, _caller(ctx))
