@@ -110,7 +110,7 @@ def test_sparse_file_copy_up_stays_sparse(pair: StackPair) -> None:
     pair.assert_same_upper(unmount=False)
 
 
-#: a file capability (VFS_CAP_REVISION_2, effective, CAP_NET_RAW permitted): the kernel removes it at a file's first write
+#: a file capability (VFS_CAP_REVISION_2, effective, CAP_NET_RAW permitted): a write to the file removes it
 _CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
 
 
