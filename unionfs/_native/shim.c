@@ -2543,6 +2543,18 @@ static void *rx_main(void *unused)
     return NULL;
 }
 
+/* Close the reader's descriptors (those it has) and forget its session. */
+static void rx_close(void)
+{
+    int *fds[] = {&g_rx.devfd, &g_rx.eventfd, &g_rx.stopfd, &g_rx.resumefd, &g_rx.epollfd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+    g_rx.se = NULL;
+}
+
 /* The reader and the read threads use a descriptor of the device of their own: libfuse closes the session's at
  * unmount (fuse_session_unmount), before fuse_session_destroy stops them, and its number may be another file's by
  * the time they write a last reply. */
@@ -2572,18 +2584,7 @@ static void rx_start(struct fuse_session *se)
         }
         pool_stop();
     }
-    if (g_rx.devfd >= 0)
-        close(g_rx.devfd);
-    if (g_rx.eventfd >= 0)
-        close(g_rx.eventfd);
-    if (g_rx.stopfd >= 0)
-        close(g_rx.stopfd);
-    if (g_rx.resumefd >= 0)
-        close(g_rx.resumefd);
-    if (g_rx.epollfd >= 0)
-        close(g_rx.epollfd);
-    g_rx.devfd = g_rx.eventfd = g_rx.stopfd = g_rx.resumefd = g_rx.epollfd = -1;
-    g_rx.se = NULL;
+    rx_close();
 }
 
 static void rx_stop(void)
@@ -2601,13 +2602,7 @@ static void rx_stop(void)
     g_rx.count = 0;
     while (g_rx.spares > 0)
         free(g_rx.spare[--g_rx.spares]);
-    close(g_rx.eventfd);
-    close(g_rx.stopfd);
-    close(g_rx.resumefd);
-    close(g_rx.epollfd);
-    close(g_rx.devfd);
-    g_rx.eventfd = g_rx.stopfd = g_rx.resumefd = g_rx.epollfd = g_rx.devfd = -1;
-    g_rx.se = NULL;
+    rx_close();
 }
 
 /* The queues of the read and prefetch threads are whole at a fork: the forking thread holds their locks across it
@@ -2641,14 +2636,8 @@ static void rx_after_fork_child(void)
     pf_after_fork_child();
     if (!g_rx.active)
         return;
-    close(g_rx.eventfd);
-    close(g_rx.stopfd);
-    close(g_rx.resumefd);
-    close(g_rx.epollfd);
-    close(g_rx.devfd);
+    rx_close();
     g_rx.active = 0;
-    g_rx.eventfd = g_rx.stopfd = g_rx.resumefd = g_rx.epollfd = g_rx.devfd = -1;
-    g_rx.se = NULL;
     g_rx.count = 0; /* the queued buffers are the parent's requests: never answered here */
 }
 
