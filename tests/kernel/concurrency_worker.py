@@ -105,10 +105,9 @@ class Worker:
 
     # -- operations
 
-    def recent(self, p: str) -> str:
-        """The operations that named ``p`` or a directory above it, the last ones."""
-        parts = p.split("/")
-        names = {"/".join(parts[:j]) for j in range(2, len(parts) + 1)}
+    def recent(self, *paths: str) -> str:
+        """The operations that named one of ``paths`` or a directory above one, the last ones."""
+        names = {"/".join(p.split("/")[:j]) for p in paths for j in range(2, len(p.split("/")) + 1)}
         hits = [h for h in self.history[:-1] if any(f"'{n}'" in h for n in names)]
         return "its history: " + "; ".join(hits[-12:])
 
@@ -126,9 +125,9 @@ class Worker:
         good = (outcome == "ok" and ok_allowed) or outcome in allowed
         if not good:
             expect = (["ok"] if ok_allowed else []) + sorted(allowed)
-            first = what.split("'")[1]
+            named = what.split("'")[1::2]
             self.violations.append(f"worker {self.wid}: {what}: got {outcome}, expected {' or '.join(expect)}; "
-                                   f"{self.recent(first)}")
+                                   f"{self.recent(*named)}")
         return outcome == "ok"
 
     def attempt(self, fn: Any) -> tuple[str, Any]:
