@@ -8,6 +8,7 @@ import ctypes
 import errno
 import os
 import platform
+import random
 import signal
 import struct
 import subprocess
@@ -432,6 +433,38 @@ def test_large_reads_are_answered_by_the_pool_of_read_threads(stack: tuple[str, 
         assert got["read_pooled"] == 0
     else:
         assert got["read_pooled"] > 0
+
+
+def test_the_reader_polls_after_small_reads_only_in_a_burst_of_them(stack: tuple[str, Path], shim: Path,
+                                                                     tmp_path: Path) -> None:
+    """Small READs in a row, each soon after the answer to the one before (random 4 KiB reads of a file not in the
+    kernel's cache), keep the reader polling the device after each; a READ between other requests (files read
+    one after the other, each opened and released) never does. The bytes read are the file's either way."""
+    opts, mnt = stack
+    data = os.urandom(1 << 20)
+    (tmp_path / "l" / "d" / "big").write_bytes(data)
+    for i in range(40):
+        (tmp_path / "l" / "d" / f"s{i}").write_text(f"small {i}\n")
+    spin = {"UNIONFS_NATIVE_SPIN_US": "5000"}  # (a window no scheduling delay of the test's closes)
+    got = {}
+    for case in ("files", "random"):
+        stats, log = tmp_path / f"stats-{case}", tmp_path / f"log-{case}"
+        pid = _mount(opts, mnt, log, UNIONFS_NATIVE_LIB=str(shim), UNIONFS_NATIVE_STATS=str(stats), **spin)
+        if case == "files":
+            assert [(mnt / "d" / f"s{i}").read_text() for i in range(40)] == [f"small {i}\n" for i in range(40)]
+        else:
+            pages = list(range(256))
+            random.Random(7).shuffle(pages)
+            with open(mnt / "d" / "big", "rb", buffering=0) as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                for page in pages:
+                    assert os.pread(f.fileno(), 4096, page * 4096) == data[page * 4096:(page + 1) * 4096]
+        _unmount(mnt, pid)
+        got[case] = read_stats(stats)
+    assert got["files"]["read_native"] >= 40 and got["files"]["read_spins"] == 0, got["files"]
+    random_reads = got["random"]
+    assert random_reads["read_native"] >= 128 and random_reads["read_max"] < 64 << 10, random_reads
+    assert random_reads["read_spins"] >= random_reads["read_native"] // 2, random_reads
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

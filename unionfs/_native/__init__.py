@@ -55,7 +55,7 @@ _COUNTER_FIELDS = (
     "copy_file_range", "copy_bytes", "data_unregistered", "opendir_enosys", "dir_openless", "attr_kept",
     "attr_served", "attr_untracked", "fsync_native", "open_native", "open_missed", "release_native", "adopted",
     "recipes_kept", "xattr_checked", "read_pooled", "listing_ends", "dirs_prefetched",
-    "handoffs", "handoff_served")
+    "handoffs", "handoff_served", "read_spins")
 _CONN_FIELDS = (
     "valid", "proto_major", "proto_minor", "capable", "offered_max_write", "offered_max_readahead",
     "offered_max_read", "want_libfuse", "want_pyfuse3", "want", "max_write", "max_readahead", "max_background",
@@ -117,6 +117,7 @@ class Counters:
     dirs_prefetched: int
     handoffs: int
     handoff_served: int
+    read_spins: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,6 +134,7 @@ struct unionfs_native_counters {
     uint64_t dirs_prefetched; /* layer directories the prefetch threads opened and read (unionfs_native_prefetch) */
     uint64_t handoffs;        /* times the reader let pyfuse3 read the device itself (a run of Python's requests) */
     uint64_t handoff_served;  /* requests pyfuse3's thread read from the device and the shim answered there */
+    uint64_t read_spins;      /* small READs in a burst, after which the reader polled for the next request */
 };
 
 /* Mirrored by unionfs/_native/__init__.py (Connection): append only. */
@@ -1896,7 +1897,7 @@ static int dump_stats(const char *path)
     C(opendir_enosys); C(dir_openless); C(attr_kept); C(attr_served); C(attr_untracked);
     C(fsync_native); C(open_native); C(open_missed); C(release_native); C(adopted); C(recipes_kept);
     C(xattr_checked); C(read_pooled); C(listing_ends); C(dirs_prefetched);
-    C(handoffs); C(handoff_served);
+    C(handoffs); C(handoff_served); C(read_spins);
     K(valid); K(proto_major); K(proto_minor); K(capable); K(offered_max_write); K(offered_max_readahead);
     K(offered_max_read); K(want_libfuse); K(want_pyfuse3); K(want); K(max_write); K(max_readahead);
     K(max_background); K(congestion_threshold); K(time_gran);
@@ -2416,15 +2417,31 @@ static int rx_serve(const char *mem, size_t size)
  * Python and the client (a cold `find` took 20% longer so on a 2-core machine). */
 #define SPIN_NS_DEFAULT 50000u
 
-/* Not after a file's OPEN, READ or RELEASE either: a client reading files (`cat` of every file of a tree) does
- * work of its own between them, often at the disk, and the spinning thread took a CPU from it (reading 10,000
- * small files took 1.77 s, median of 5, with polling after them and 1.50 s without; polling after GETXATTR and
- * GETATTR alone kept a warm `ls -lR` at 0.22 s, against 0.6-0.7 s without any). */
-static int rx_spins_after(uint32_t opcode)
-{
-    return opcode != FUSE_READ && opcode != FUSE_OPEN && opcode != FUSE_RELEASE;
-}
+/* Not after a file's OPEN or RELEASE either: a client reading files (`cat` of every file of a tree) does work of
+ * its own between them, often at the disk, and the spinning thread took a CPU from it (reading 10,000 small files
+ * took 1.77 s, median of 5, with polling after them and 1.50 s without; polling after GETXATTR and GETATTR alone
+ * kept a warm `ls -lR` at 0.22 s, against 0.6-0.7 s without any). After a READ only in a burst of small READs
+ * (under RX_POOL_MIN, which the reader answers itself): once READ_BURST of them in a row came each within the
+ * spinning time of the reader's answer to the one before (a client reading a file in small pieces, fio's random
+ * 4 KiB reads), whether it was spinning meanwhile or not. Any other request ends the burst. */
+#define READ_BURST 2u
 static uint64_t g_spin_ns = SPIN_NS_DEFAULT;
+
+static int rx_spins_after(uint32_t opcode, unsigned read_burst)
+{
+    if (opcode == FUSE_READ)
+        return read_burst >= READ_BURST;
+    return opcode != FUSE_OPEN && opcode != FUSE_RELEASE;
+}
+
+/* (the reader) The burst a READ that came at `arrived` makes, the last READ's answer having been at `answered` (0:
+ * the last request was not a READ the reader answered). */
+static unsigned rx_read_burst(unsigned burst, uint64_t answered, uint64_t arrived)
+{
+    if (answered == 0 || arrived - answered > g_spin_ns)
+        return 1;
+    return burst < READ_BURST ? burst + 1 : READ_BURST;
+}
 
 static int rx_wait(struct pollfd *fds, uint64_t last)
 {
@@ -2492,6 +2509,8 @@ static void *rx_main(void *unused)
     struct pollfd fds[2] = {{.fd = g_rx.devfd, .events = POLLIN}, {.fd = g_rx.stopfd, .events = POLLIN}};
     char *mem = NULL;
     uint64_t last = 0;
+    uint64_t read_at = 0;    /* when it answered the last request, a READ (0: the last was no READ it answered) */
+    unsigned read_burst = 0; /* READs in a row, each soon after the one before (up to READ_BURST) */
     unsigned forwarded = 0; /* Python's requests lately, less the reader's */
     const char *spin = getenv("UNIONFS_NATIVE_SPIN_US");
     g_spin_ns = spin && *spin ? (uint64_t)strtoul(spin, NULL, 10) * 1000u : SPIN_NS_DEFAULT;
@@ -2508,13 +2527,23 @@ static void *rx_main(void *unused)
             continue;
         if (n <= 0)
             break; /* ENODEV: unmounted */
+        uint32_t opcode = ((const struct fuse_in_header *)mem)->opcode;
+        const struct fuse_read_in *read_in = (const void *)(mem + sizeof(struct fuse_in_header));
+        int small_read = opcode == FUSE_READ && read_in->size < RX_POOL_MIN;
+        uint64_t arrived = small_read ? now_ns() : 0;
         if (rx_serve(mem, (size_t)n)) {
             COUNT(reader_served);
-            last = rx_spins_after(((const struct fuse_in_header *)mem)->opcode) ? now_ns() : 0;
+            uint64_t now = now_ns();
+            read_burst = small_read ? rx_read_burst(read_burst, read_at, arrived) : 0;
+            read_at = small_read ? now : 0;
+            last = rx_spins_after(opcode, read_burst) ? now : 0;
+            if (small_read && last)
+                COUNT(read_spins);
             forwarded = forwarded > 0 ? forwarded - 1 : 0;
             continue;
         }
-        last = 0;
+        last = read_at = 0;
+        read_burst = 0;
         pthread_mutex_lock(&g_rx.lock);
         while (g_rx.count == RX_QUEUE) { /* pyfuse3 is that far behind: wait for it */
             pthread_mutex_unlock(&g_rx.lock);
