@@ -1055,33 +1055,31 @@ def main(argv: list[str] | None = None) -> int:
     results: Results = {}
     status = 0
     progress(f"work directory {root}; file systems {', '.join(args.fs)}; {repeat} repetition(s)")
-    polling = contextlib.ExitStack()
-    polling.enter_context(halt_polling(args.halt_poll_ns))
-    info = machine_info()
-    try:
-        unavailable = {}
-        for fs in backends:
-            if reason := probe(fs, env):
-                unavailable[fs.name] = short_reason(reason)
-                env.notes.append(f"{fs.name} unavailable: {reason}")
-                progress(f"{fs.name} unavailable: {reason}")
-        for wl in WORKLOADS:
-            if wl.name in args.workloads:
-                progress(f"--- {wl.name}: {wl.title}")
-                run_workload(wl, backends, env, repeat, results, unavailable)
-    except KeyboardInterrupt:
-        progress("interrupted; unmounting and printing what was measured")
-        status = 130
-    finally:
-        polling.close()
-        if left := cleanup_mounts_under(root):
-            env.notes.append(f"had to lazily unmount: {', '.join(left)}")
-        if left := cleanup_mounts_under(root):
-            progress(f"still mounted, keeping {root}: {', '.join(left)}")
-        elif args.keep:
-            progress(f"test data kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    with halt_polling(args.halt_poll_ns):
+        info = machine_info()
+        try:
+            unavailable = {}
+            for fs in backends:
+                if reason := probe(fs, env):
+                    unavailable[fs.name] = short_reason(reason)
+                    env.notes.append(f"{fs.name} unavailable: {reason}")
+                    progress(f"{fs.name} unavailable: {reason}")
+            for wl in WORKLOADS:
+                if wl.name in args.workloads:
+                    progress(f"--- {wl.name}: {wl.title}")
+                    run_workload(wl, backends, env, repeat, results, unavailable)
+        except KeyboardInterrupt:
+            progress("interrupted; unmounting and printing what was measured")
+            status = 130
+        finally:
+            if left := cleanup_mounts_under(root):
+                env.notes.append(f"had to lazily unmount: {', '.join(left)}")
+            if left := cleanup_mounts_under(root):
+                progress(f"still mounted, keeping {root}: {', '.join(left)}")
+            elif args.keep:
+                progress(f"test data kept in {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
     out = [
         "# unionfs benchmark",

@@ -445,7 +445,7 @@ def test_the_reader_polls_after_small_reads_only_in_a_burst_of_them(stack: tuple
     (tmp_path / "l" / "d" / "big").write_bytes(data)
     for i in range(40):
         (tmp_path / "l" / "d" / f"s{i}").write_text(f"small {i}\n")
-    spin = {"UNIONFS_NATIVE_SPIN_US": "5000"}  # (a window no scheduling delay of the test's closes)
+    spin = {"UNIONFS_NATIVE_SPIN_US": "5000"}  # (a window wider than the test's own delays between reads)
     got = {}
     for case in ("files", "random"):
         stats, log = tmp_path / f"stats-{case}", tmp_path / f"log-{case}"
