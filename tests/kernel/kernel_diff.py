@@ -1379,8 +1379,10 @@ HARDLINK_LOWERS: tuple[dict[str, Entry], ...] = (
 OLD_NS = 978_307_200 * 10**9 + 123_456_789
 
 
-def run_ops_as(uid: int, gid: int, root: str | Path, ops: Sequence[Sequence[Any]]) -> list[Result]:
-    """Run ``ops`` under ``root`` in a forked child with the given (unprivileged) credentials."""
+def run_ops_as(uid: int, gid: int, root: str | Path, ops: Sequence[Sequence[Any]],
+               groups: Sequence[int] = ()) -> list[Result]:
+    """Run ``ops`` under ``root`` in a forked child with the given (unprivileged) credentials (``groups``: its
+    supplementary groups)."""
     import pickle
 
     r, w = os.pipe()
@@ -1388,7 +1390,7 @@ def run_ops_as(uid: int, gid: int, root: str | Path, ops: Sequence[Sequence[Any]
     if pid == 0:  # child: never return into the caller's code
         try:
             os.close(r)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             payload = pickle.dumps([run_op(root, op) for op in ops])

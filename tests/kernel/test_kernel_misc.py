@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from kernel_diff import (
     OTHER_OVL,
     OVL,
     REPO_ROOT,
+    File,
     Result,
     Side,
     StackPair,
@@ -183,6 +186,79 @@ def test_unprivileged_caller_gets_the_same_permission_errors(traversable_tmp: Pa
         raise AssertionError(f"as uid {NOBODY}, {len(mismatches)} of {len(AS_NOBODY)} operation(s) differ:\n"
                              + "\n".join(mismatches) + pair.context())
     pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+#: a group the writer of test_a_write_drops_the_set_id_bits_and_the_capability_as_on_the_kernel is in besides its own
+SUPPLEMENTARY = 4242
+#: a file capability (version 2, CAP_NET_RAW permitted), as setcap writes it
+_CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or IN_USER_NAMESPACE, reason="needs root outside a user namespace: the "
+                    "files belong to another user, who writes them")
+def test_a_write_drops_the_set_id_bits_and_the_capability_as_on_the_kernel(traversable_tmp: Path,
+                                                                           make_pair: Any) -> None:
+    """A write by a caller without CAP_FSETID drops a file's set-user-ID bit, and its set-group-ID bit where group
+    execution is on or the writer is not in the file's group (its own group or a supplementary one); root's
+    write keeps both; any write drops security.capability. (Natively, a handle opened write-only writes past the
+    page cache, and the kernel leaves all of this to the server.)"""
+    files = {
+        "both": File(b"both\n", mode=0o6775, uid=NOBODY, gid=NOBODY),
+        "sgid_in_group": File(b"in\n", mode=0o2664, uid=NOBODY, gid=NOBODY),
+        "sgid_other_group": File(b"other\n", mode=0o2666, uid=NOBODY, gid=0),
+        "sgid_supplementary": File(b"supplementary\n", mode=0o2666, uid=NOBODY, gid=SUPPLEMENTARY),
+        "roots": File(b"root\n", mode=0o6755),
+        "capped": File(b"capped\n", mode=0o755, uid=NOBODY, gid=NOBODY),
+    }
+    pair = make_pair([files], mount=False)
+    for side in (pair.kside, pair.uside):  # (the layers' clones leave security.* out)
+        os.setxattr(side.lowers[0] / "capped", "security.capability", _CAPABILITY)
+    pair.mount()
+    writes = [("write", "both", 0, b"B"), ("append", "sgid_in_group", b"+"), ("write", "sgid_other_group", 1, b"O"),
+              ("append", "capped", b"+")]
+    k = run_ops_as(NOBODY, NOBODY, pair.kernel.root, writes)
+    u = run_ops_as(NOBODY, NOBODY, pair.unionfs.root, writes)
+    assert k == u and all(r[0] == "ok" for r in k), (k, u)
+    supplementary = [("append", "sgid_supplementary", b"+")]
+    k = run_ops_as(NOBODY, NOBODY, pair.kernel.root, supplementary, groups=(SUPPLEMENTARY,))
+    u = run_ops_as(NOBODY, NOBODY, pair.unionfs.root, supplementary, groups=(SUPPLEMENTARY,))
+    assert k == u == [("ok", 1)], (k, u)
+    pair.assert_ops([("write", "roots", 0, b"R"), ("append", "roots", b"+")])
+    modes = {name: pair.op(("lstat", name)) for name in files}
+    kernel = {name: k[1].mode for name, (k, _u) in modes.items()}  # type: ignore[union-attr]
+    assert kernel == {"both": 0o775, "sgid_in_group": 0o2664, "sgid_other_group": 0o666,
+                      "sgid_supplementary": 0o2666, "roots": 0o6755, "capped": 0o755}, kernel  # premise: each rule
+    assert all(k == u for k, u in modes.values()), modes
+    pair.expect(("getxattr", "capped", "security.capability"), "ENODATA")
+    pair.assert_ops([("read", name) for name in files])
+    pair.assert_same_tree()
+    pair.assert_same_upper()
+
+
+def test_a_descriptor_open_for_reading_sees_what_a_write_only_one_writes(pair: StackPair) -> None:
+    """Pages a reader has in the cache (read through it, and mapped) show what a write-only descriptor writes
+    afterwards, at once, as on the kernel (natively, such a descriptor writes past the page cache). The file is an
+    upper one: a mapping made before a copy-up maps the lower file on the kernel too."""
+    pair.assert_ops([("create", "cached", b"old contents\n")])
+
+    def run(root: Path) -> list[bytes]:
+        path = root / "cached"
+        seen = []
+        with open(path, "rb", buffering=0) as reader:
+            before = os.pread(reader.fileno(), 64, 0)
+            with mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, b"NEW", 0)
+                finally:
+                    os.close(fd)
+                seen += [before, os.pread(reader.fileno(), 64, 0), mapped[:64]]
+        return seen
+
+    k, u = pair.both(run)
+    assert k[0] == "ok" and k[1][1][:3] == b"NEW" and k[1][2][:3] == b"NEW", k  # type: ignore[index]
+    assert u == k, (k, u)
     pair.assert_same_upper()
 
 

@@ -352,7 +352,8 @@ def test_copy_ups_hand_the_device_to_pyfuse3_and_a_burst_the_shim_answers_takes_
                 with pytest.raises(OSError) as lacking:
                     os.getxattr(mnt / "d" / "c0", "user.lacking")
                 assert lacking.value.errno == errno.ENODATA
-        fd = os.open(mnt / "d" / f"c{i}", os.O_WRONLY | os.O_APPEND)
+        # (read-write: a write-only handle writes past the page cache, and the kernel asks no GETXATTR before it)
+        fd = os.open(mnt / "d" / f"c{i}", os.O_RDWR | os.O_APPEND)
         assert os.write(fd, b"+") == 1
         os.close(fd)
     assert [(mnt / "d" / f"c{i}").read_text() for i in range(60)] == [f"{i}\n+" for i in range(60)]

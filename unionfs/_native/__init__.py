@@ -386,12 +386,15 @@ class Native:
     def readdirplus_auto(self) -> bool:
         return self._get(_OPT_READDIRPLUS_AUTO)
 
-    def serve(self, fh: int, fd: int, reads: bool = True, writes: bool = False) -> None:
+    def serve(self, fh: int, fd: int, reads: bool = True, writes: bool = False, direct: bool = False) -> None:
         """READ (and with ``writes`` WRITE) requests on file handle ``fh`` are answered on descriptor ``fd``
         without Python (pread, pwrite in the shim) until :meth:`stop`; ``fd`` must stay open until then. Register
         again when the handle must use another descriptor (a read-only handle after a copy-up); register a
-        descriptor for writes only once it is the upper file's."""
-        err = self._lib.unionfs_native_set_fd(fh, fd, (1 if reads else 0) | (2 if writes else 0))
+        descriptor for writes only once it is the upper file's. ``direct``: the handle was opened with
+        ``direct_io``, so the kernel leaves to each WRITE what it does itself before a cached one (dropping the
+        set-user-ID and set-group-ID bits and security.capability); the shim does it."""
+        err = self._lib.unionfs_native_set_fd(fh, fd, (1 if reads else 0) | (2 if writes else 0)
+                                              | (8 if direct and writes else 0))
         if err != 0:
             raise OSError(-err, os.strerror(-err))
 

@@ -1054,6 +1054,7 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, cons
 #define FD_READ 1
 #define FD_WRITE 2
 #define FD_HERE 4 /* opened by the reader (native opens): closed by it at RELEASE unless adopted */
+#define FD_DIRECT 8 /* a handle opened with FOPEN_DIRECT_IO: its WRITEs drop privileges here (direct_write_kill) */
 struct fd_slot {
     uint64_t fh;
     uint64_t ino;  /* FD_HERE: the inode it was opened for */
@@ -2273,6 +2274,59 @@ static int rx_serve_read(const struct fuse_in_header *in, const struct fuse_read
     return 1;
 }
 
+/* Whether process `pid` is in group `gid` (its supplementary groups, from /proc; 0 when it cannot be told). */
+static int pid_in_group(uint32_t pid, gid_t gid)
+{
+    char path[64], line[4096];
+    snprintf(path, sizeof path, "/proc/%u/status", (unsigned)pid);
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return 0;
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f) != NULL) {
+        if (strncmp(line, "Groups:", 7) != 0)
+            continue;
+        for (char *at = line + 7, *end; *at; at = end) {
+            unsigned long g = strtoul(at, &end, 10);
+            if (end == at || (found = g == (unsigned long)gid))
+                break;
+        }
+        break;
+    }
+    fclose(f);
+    return found;
+}
+
+/* A WRITE of a FOPEN_DIRECT_IO handle skips the kernel's file_remove_privs(): it only flags the request
+ * FUSE_WRITE_KILL_SUIDGID when the writer lacks CAP_FSETID. The server's own pwrite to the upper file does drop
+ * security.capability (which goes whoever writes), but not the set-ID bits (the server may keep them). So those
+ * go here on that flag, as overlayfs drops them before such a write: the set-user-ID bit, and the set-group-ID bit
+ * when group execution is on or the writer is not in the file's group (the kernel's rule). 1 when the mode
+ * changed (the kernel's attributes of the inode, which the write keeps but for size and times, must go). */
+static int direct_write_kill(int fd, const struct fuse_in_header *in, uint32_t write_flags)
+{
+    struct stat st;
+    if (!(write_flags & FUSE_WRITE_KILL_SUIDGID) || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+        !(st.st_mode & (S_ISUID | S_ISGID)))
+        return 0;
+    mode_t drop = st.st_mode & S_ISUID;
+    if ((st.st_mode & S_ISGID) &&
+        ((st.st_mode & S_IXGRP) || (in->gid != st.st_gid && !pid_in_group(in->pid, st.st_gid))))
+        drop |= S_ISGID;
+    return drop && fchmod(fd, st.st_mode & 07777 & ~drop) == 0;
+}
+
+/* Tell the kernel its attributes of inode `ino` are stale (FUSE_NOTIFY_INVAL_INODE, no page range). */
+static void rx_notify_attrs(uint64_t ino)
+{
+    struct {
+        struct fuse_out_header head;
+        struct fuse_notify_inval_inode_out body;
+    } msg = {{.len = sizeof msg, .error = FUSE_NOTIFY_INVAL_INODE, .unique = 0}, {.ino = ino, .off = -1, .len = 0}};
+    while (write(g_rx.devfd, &msg, sizeof msg) < 0 && errno == EINTR) {
+    }
+}
+
 /* Answer a WRITE on a registered descriptor; 0 when it is not one. */
 static int rx_serve_write(const struct fuse_in_header *in, const struct fuse_write_in *arg, const char *data,
                           size_t avail)
@@ -2280,17 +2334,21 @@ static int rx_serve_write(const struct fuse_in_header *in, const struct fuse_wri
     if (atomic_load(&g_fd_count) == 0 || arg->size > avail)
         return 0;
     pthread_mutex_lock(&g_fd_lock);
-    int fd = fd_find_locked(arg->fh, FD_WRITE);
+    struct fd_slot *slot = fd_slot_locked(arg->fh);
+    int fd = slot != NULL && (slot->modes & FD_WRITE) ? slot->fd : -1;
     if (fd < 0) {
         pthread_mutex_unlock(&g_fd_lock);
         return 0;
     }
+    int killed = (slot->modes & FD_DIRECT) && direct_write_kill(fd, in, arg->write_flags);
     ssize_t n;
     do
         n = pwrite(fd, data, arg->size, (off_t)arg->offset);
     while (n < 0 && errno == EINTR);
     int err = n < 0 ? errno : 0;
     pthread_mutex_unlock(&g_fd_lock);
+    if (killed) /* (before the reply: a stat right after the write must not show the old mode) */
+        rx_notify_attrs(in->nodeid);
     COUNT(write);
     COUNT(write_native);
     ADD(write_bytes, arg->size);
@@ -3014,13 +3072,14 @@ EXPORT int unionfs_native_get(int option)
     return flag == NULL ? -EINVAL : atomic_load(flag);
 }
 
-/* Serve READ (modes & 1) and WRITE (modes & 2) requests on file handle ``fh`` on descriptor ``fd`` (pread,
- * pwrite, no Python); fd < 0 stops it. The caller keeps fd open until it has unregistered it (the shim holds its
- * lock across every use, so unregistering waits for a request of it under way; a READ handed to the read threads
- * is made on a duplicate, which the caller's close leaves alone). 0, or -ENOMEM. */
+/* Serve READ (modes & 1) and WRITE (modes & 2; with 8, of a direct_io handle) requests on file handle ``fh`` on
+ * descriptor ``fd`` (pread, pwrite, no Python); fd < 0 stops it. The caller keeps fd open until it has
+ * unregistered it (the shim holds its lock across every use, so unregistering waits for a request of it under
+ * way; a READ handed to the read threads is made on a duplicate, which the caller's close leaves alone). 0, or
+ * -ENOMEM. */
 EXPORT int unionfs_native_set_fd(uint64_t fh, int fd, int modes)
 {
-    return fd_register(fh, fd, modes);
+    return fd_register(fh, fd, modes & (FD_READ | FD_WRITE | FD_DIRECT));
 }
 
 /* Declare (absent != 0) or withdraw that no file of the mount has the extended attribute ``name``: GETXATTR of

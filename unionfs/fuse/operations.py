@@ -550,7 +550,7 @@ class Operations(pyfuse3.Operations):
         attrs = self._reply_new(entry)
         node = self.inodes.get(attrs.st_ino)
         self._absent_before_writes(node, fd)
-        return self._open_handle(node, fd, writable=True), attrs
+        return self._open_handle(node, fd, writable=True, flags=flags), attrs
 
     # -- removing and renaming ----------------------------------------------------------------------------
 
@@ -587,15 +587,19 @@ class Operations(pyfuse3.Operations):
 
     # -- files --------------------------------------------------------------------------------------------
 
-    def _open_handle(self, node: Node, fd: int, writable: bool) -> pyfuse3.FileInfo:
+    def _open_handle(self, node: Node, fd: int, writable: bool, flags: int) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = FileHandle(node, fd, node.entry.layer, writable)
-        if self.data_path and self.native is not None:
-            # (a descriptor open for writing is the upper file's: the open copied up first)
-            self.native.serve(fh, fd, reads=True, writes=writable and node.entry.layer == 0)
-        self.inodes.opened(node)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True
+        if self.data_path and self.native is not None:
+            # (a descriptor open for writing is the upper file's: the open copied up first)
+            writes = writable and node.entry.layer == 0
+            # A write-only handle (which cannot be mapped) writes past the page cache, on the upper file at once:
+            # the shim's reader answers its WRITEs, dropping what the kernel would have before each.
+            info.direct_io = writes and flags & os.O_ACCMODE == os.O_WRONLY and self.native.own_reader
+            self.native.serve(fh, fd, reads=True, writes=writes, direct=info.direct_io)
+        self.inodes.opened(node)
         return info
 
     def _absent_before_writes(self, node: Node, fd: int) -> None:
@@ -625,7 +629,7 @@ class Operations(pyfuse3.Operations):
             fd = self.union.open(node.entry, flags, _caller(ctx))
             if self._opens is not None:  # (the next read-only open is the native part's, unless things change)
                 self._openable(generation, node)
-        return self._open_handle(node, fd, writable)
+        return self._open_handle(node, fd, writable, flags)
 
     def _current(self, handle: FileHandle, fh: int | None = None) -> int:
         """A read-only handle opened before a copy-up reads the copy afterwards, as on the kernel. (``fh``: the
