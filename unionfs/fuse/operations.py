@@ -57,7 +57,8 @@ _PREFETCH_DIRS = 512
 _ABSENT_MAX = 1 << 16
 
 #: the xattrs the kernel asks a FUSE file for before each write to it (whether the write must drop privileges)
-_ASKED_BEFORE_WRITES = (b"security.capability",)
+_CAPABILITY = b"security.capability"
+_ASKED_BEFORE_WRITES = (_CAPABILITY,)
 
 
 class AbsentXattrs:
@@ -596,8 +597,11 @@ class Operations(pyfuse3.Operations):
             # (a descriptor open for writing is the upper file's: the open copied up first)
             writes = writable and node.entry.layer == 0
             # A write-only handle (which cannot be mapped) writes past the page cache, on the upper file at once:
-            # the shim's reader answers its WRITEs, dropping what the kernel would have before each.
-            info.direct_io = writes and flags & os.O_ACCMODE == os.O_WRONLY and self.native.own_reader
+            # the shim's reader answers its WRITEs, dropping the set-ID bits as the kernel would before each. Not
+            # one of a file with a capability: the kernel asks no REMOVEXATTR before such a write, and the
+            # server's pwrite drops only a capability stored as itself (not one a store keeps aside).
+            info.direct_io = (writes and flags & os.O_ACCMODE == os.O_WRONLY and self.native.own_reader
+                              and self.union.lacks_xattr(fd, _CAPABILITY))
             self.native.serve(fh, fd, reads=True, writes=writes, direct=info.direct_io)
         self.inodes.opened(node)
         return info
