@@ -32,6 +32,7 @@ import re
 import shlex
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -1377,6 +1378,10 @@ HARDLINK_LOWERS: tuple[dict[str, Entry], ...] = (
 
 #: A time in the "stable" range for utime operations (2001-01-01T00:00:00.123456789Z).
 OLD_NS = 978_307_200 * 10**9 + 123_456_789
+
+#: A file capability as setcap writes it (VFS_CAP_REVISION_2, effective, CAP_NET_RAW permitted): a write to the
+#: file removes it. The layers' clones leave security.* out, so tests set it on each side's lower layer.
+CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
 
 
 def run_ops_as(uid: int, gid: int, root: str | Path, ops: Sequence[Sequence[Any]],

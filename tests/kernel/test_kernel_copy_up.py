@@ -4,11 +4,10 @@ nanosecond mtime, symlink target and xattrs, and its parents with their attribut
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any
 
 import pytest
-from kernel_diff import OLD_NS, File, StackPair, format_op, snapshot_upper
+from kernel_diff import CAPABILITY, OLD_NS, File, StackPair, format_op, snapshot_upper
 
 pytestmark = pytest.mark.kernel
 
@@ -110,31 +109,27 @@ def test_sparse_file_copy_up_stays_sparse(pair: StackPair) -> None:
     pair.assert_same_upper(unmount=False)
 
 
-#: a file capability (VFS_CAP_REVISION_2, effective, CAP_NET_RAW permitted): a write to the file removes it
-_CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
-
-
 def test_regression_files_opened_for_writing_show_the_capability_they_have_until_a_write_drops_it(
         make_pair: Any) -> None:
     # A file opened for writing has what it lacks of security.capability (the xattr the kernel asks before each
     # write) noted at the open; one that has it must go on showing it, until a write makes the kernel remove it.
     pair = make_pair([{"capped": File(b"capped\n", mode=0o755), "plain": File(b"plain\n")}], mount=False)
     for side in (pair.kside, pair.uside):  # (the layers' clones leave security.* out)
-        os.setxattr(side.lowers[0] / "capped", "security.capability", _CAPABILITY)
+        os.setxattr(side.lowers[0] / "capped", "security.capability", CAPABILITY)
     pair.mount()
-    pair.expect(("getxattr", "capped", "security.capability"), ("ok", _CAPABILITY))
+    pair.expect(("getxattr", "capped", "security.capability"), ("ok", CAPABILITY))
     pair.assert_ops([
         ("open", "capped", "O_WRONLY"), ("getxattr", "capped", "security.capability"),
         ("open", "plain", "O_WRONLY"), ("getxattr", "plain", "security.capability"),
         ("append", "plain", b"+"), ("getxattr", "plain", "security.capability"),
     ])
-    pair.expect(("getxattr", "capped", "security.capability"), ("ok", _CAPABILITY))
+    pair.expect(("getxattr", "capped", "security.capability"), ("ok", CAPABILITY))
     pair.expect(("append", "capped", b"+"), ("ok", 1))
     pair.expect(("getxattr", "capped", "security.capability"), "ENODATA")
     pair.assert_ops([
         ("read", "capped"),
         ("create", "new", b"new\n", 0o644), ("append", "new", b"+"), ("getxattr", "new", "security.capability"),
-        ("setxattr", "new", "security.capability", _CAPABILITY), ("getxattr", "new", "security.capability"),
+        ("setxattr", "new", "security.capability", CAPABILITY), ("getxattr", "new", "security.capability"),
         ("append", "new", b"+"), ("getxattr", "new", "security.capability"),
     ])
     pair.assert_same_tree()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from kernel_diff import (
+    CAPABILITY,
     IMPL,
     IN_USER_NAMESPACE,
     OLD_NS,
@@ -200,8 +201,6 @@ def _cached_writes() -> bool:
 
 #: a group the writer of test_a_write_drops_the_set_id_bits_and_the_capability_as_on_the_kernel is in besides its own
 SUPPLEMENTARY = 4242
-#: a file capability (version 2, CAP_NET_RAW permitted), as setcap writes it
-_CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or IN_USER_NAMESPACE, reason="needs root outside a user namespace: the "
@@ -222,7 +221,7 @@ def test_a_write_drops_the_set_id_bits_and_the_capability_as_on_the_kernel(trave
     }
     pair = make_pair([files], mount=False)
     for side in (pair.kside, pair.uside):  # (the layers' clones leave security.* out)
-        os.setxattr(side.lowers[0] / "capped", "security.capability", _CAPABILITY)
+        os.setxattr(side.lowers[0] / "capped", "security.capability", CAPABILITY)
     pair.mount()
     writes = [("write", "both", 0, b"B"), ("append", "sgid_in_group", b"+"), ("write", "sgid_other_group", 1, b"O"),
               ("append", "capped", b"+")]
@@ -280,7 +279,6 @@ def test_a_descriptor_open_for_reading_sees_what_a_write_only_one_writes(pair: S
 
 def _acl(*entries: tuple[int, int, int]) -> bytes:
     """A POSIX ACL in its xattr form: version 2, then (tag, permissions, id) entries."""
-    import struct
 
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries)
 
