@@ -391,8 +391,9 @@ class Native:
         without Python (pread, pwrite in the shim) until :meth:`stop`; ``fd`` must stay open until then. Register
         again when the handle must use another descriptor (a read-only handle after a copy-up); register a
         descriptor for writes only once it is the upper file's. ``direct``: the handle was opened with
-        ``direct_io``, so the kernel leaves to each WRITE what it does itself before a cached one (dropping the
-        set-user-ID and set-group-ID bits and security.capability); the shim does it."""
+        ``direct_io``, so the kernel leaves to each WRITE the dropping of the set-user-ID and set-group-ID bits it
+        does itself before a cached one; the shim does it (the pwrite drops a security.capability stored as
+        such)."""
         err = self._lib.unionfs_native_set_fd(fh, fd, (1 if reads else 0) | (2 if writes else 0)
                                               | (8 if direct and writes else 0))
         if err != 0:
